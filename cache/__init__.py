@@ -1,0 +1,35 @@
+"""Feature cache: SD-VAE latent moments and teacher patch tokens in a sharded zarr v3 store.
+
+    >>> import cache
+    >>> c = cache.open_cache("imagenet256.zarr")
+    >>> for batch in c.loader(256, seed=0, epoch=0):
+    ...     batch["latents"], batch["features"]["vit_base_patch14_dinov2.lvd142m"], batch["labels"]
+
+``cache.store`` defines the layout (and is the only code that knows it), ``cache.loader`` the
+batch order and the reads, ``python -m cache.inspect`` prints and verifies a cache.
+"""
+
+from .loader import CacheLoader, epoch_flips, epoch_order, rank_batches
+from .store import (
+    SCHEMA_VERSION,
+    Cache,
+    CacheError,
+    CacheMismatchError,
+    CacheWriter,
+    Layout,
+    open_cache,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Cache",
+    "CacheError",
+    "CacheLoader",
+    "CacheMismatchError",
+    "CacheWriter",
+    "Layout",
+    "epoch_flips",
+    "epoch_order",
+    "open_cache",
+    "rank_batches",
+]

@@ -1,0 +1,129 @@
+"""Config plumbing shared by every entry point: a frozen dataclass, named presets, CLI overrides.
+
+Each entry point (``pipeline.build``, ``trainer.train``, ``tools.*``) declares one frozen
+dataclass. :func:`parse_config` builds an argparse CLI from its fields (``--batch-size 64``,
+``--compile/--no-compile``), applies ``--preset NAME`` first and explicit flags on top, validates
+the result through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in
+``cache`` only because ``cache`` is the one package that every other package may import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["ConfigError", "parse_config", "config_to_dict", "config_diff"]
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    tp = hints[field.name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X] -> X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as a JSON-ready dict (what entry points write next to their outputs)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: Sequence[str] = ()) -> list[str]:
+    """Names of settings whose values differ between two config dicts, as 'name: old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in ignore:
+            continue
+        if old.get(key) != new.get(key):
+            out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return out
+
+
+def parse_config(
+    cls: type[T],
+    argv: Sequence[str] | None = None,
+    *,
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
+    positional: Sequence[str] = (),
+    description: str | None = None,
+    default_preset: str | None = None,
+) -> tuple[T, bool]:
+    """Parse ``argv`` into an instance of the frozen dataclass ``cls``.
+
+    Returns ``(config, dry_run)``. Fields named in ``positional`` become positional arguments.
+    Precedence: dataclass defaults < preset < explicit flags. Invalid values raise SystemExit
+    with argparse's usage message; ``__post_init__`` errors (ConfigError) are reported the same way.
+    """
+    presets = dict(presets or {})
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in positional:
+        parser.add_argument(name, help=_help(cls, name))
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                            help="named settings applied before explicit flags")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    for name, field in fields.items():
+        if name in positional:
+            continue
+        tp = _field_type(cls, field)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if tp is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{_help(cls, name)} (default: {default})")
+        else:
+            parser.add_argument(_flag(name), dest=name, type=tp, default=None, metavar=tp.__name__.upper(),
+                                help=f"{_help(cls, name)} (default: {default})")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        values.update(presets[preset])
+    for name in fields:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    unknown = set(values) - set(fields)
+    if unknown:
+        parser.error(f"preset sets unknown fields {sorted(unknown)}")
+    try:
+        cfg = cls(**values)
+    except ConfigError as e:
+        parser.error(str(e))
+    except TypeError as e:  # a required field left unset
+        parser.error(str(e))
+    if args.dry_run:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+    return cfg, bool(args.dry_run)
+
+
+def _help(cls: type, name: str) -> str:
+    """Per-field help text: the `#:` comment above or the inline comment is not introspectable,
+    so dataclasses here document fields in a ``FIELD_HELP`` class attribute."""
+    return getattr(cls, "FIELD_HELP", {}).get(name, "")
+
+
+def exit_on_config_error(msg: str) -> typing.NoReturn:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,123 @@
+"""Print a cache's manifest summary, counts and sizes; ``--verify`` reads every chunk.
+
+    python -m cache.inspect PATH [--verify] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from .store import Cache, CacheError, open_cache
+
+
+def summary(cache: Cache) -> dict[str, Any]:
+    m = cache.manifest
+    lay = cache.layout
+    sizes = cache.nbytes_stored()
+    return {
+        "path": cache.url,
+        "complete": bool(m.get("complete")),
+        "rows": lay.num_rows,
+        "data_rows": len(cache),
+        "skipped": len(m.get("skipped", [])),
+        "classes": len(m.get("classes", [])),
+        "resolution": lay.resolution,
+        "variants": lay.variants,
+        "latents": list(cache.latents.shape),
+        "features": {k: list(v.shape) for k, v in cache.features.items()},
+        "vae": {k: m["vae"].get(k) for k in ("spec", "weights_sha256", "random_weights")},
+        "teachers": {k: {kk: v.get(kk) for kk in ("spec", "weights_sha256", "random_weights")}
+                     for k, v in m["teachers"].items()},
+        "shard_rows": lay.shard_rows,
+        "chunk_rows": lay.chunk_rows,
+        "compressor": lay.compressor,
+        "bytes": sizes,
+        "total_bytes": sum(sizes.values()),
+        "source": {k: m["source"].get(k) for k in ("root", "num_files", "fingerprint")},
+        "stats": m.get("stats", {}),
+    }
+
+
+def verify(cache: Cache) -> list[str]:
+    """Every shard present and every value finite; returns a list of problems (empty when sound)."""
+    problems = []
+    recorded = {r["shard"] for r in cache.progress_records()}
+    missing = sorted(set(range(cache.layout.num_shards)) - recorded)
+    if missing:
+        problems.append(f"{len(missing)} shards have no progress record (first {missing[:5]})")
+    labels = cache.labels
+    ncls = len(cache.manifest.get("classes", []))
+    if labels.size and (labels.max() >= ncls or labels.min() < -1):
+        problems.append(f"labels outside [-1, {ncls})")
+    skipped_rows = {s["row"] for s in cache.manifest.get("skipped", [])}
+    if skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
+        problems.append("rows with label -1 differ from the manifest's skip list")
+    arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
+    for shard in range(cache.layout.num_shards):
+        lo, hi = cache.layout.shard_rows_range(shard)
+        data_rows = labels[lo:hi] >= 0
+        for name, arr in arrays.items():
+            block = arr[lo:hi]
+            if not np.isfinite(block).all():
+                problems.append(f"{name}: non-finite values in rows {lo}..{hi}")
+            flat = block.reshape(block.shape[0], -1)
+            empty = ~flat.any(axis=1)
+            if (empty & data_rows).any():
+                row = lo + int(np.flatnonzero(empty & data_rows)[0])
+                problems.append(f"{name}: row {row} is all zeros (missing chunk?)")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path")
+    p.add_argument("--verify", action="store_true", help="read every chunk and check it is present and finite")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(argv)
+    try:
+        cache = open_cache(args.path, allow_incomplete=True)
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = summary(cache)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print(info)
+    if args.verify:
+        problems = verify(cache)
+        for prob in problems:
+            print(f"PROBLEM: {prob}")
+        print("verify: OK" if not problems else f"verify: {len(problems)} problems")
+        return 1 if problems else 0
+    return 0
+
+
+def _print(info: dict[str, Any]) -> None:
+    gib = info["total_bytes"] / 2**30
+    print(f"cache      {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
+    print(f"rows       {info['data_rows']} with data, {info['skipped']} skipped, {info['rows']} in all; "
+          f"{info['classes']} classes")
+    print(f"images     {info['resolution']} px, {info['variants']} variant(s)")
+    print(f"latents    {info['latents']} float16  vae={info['vae']['spec']}"
+          f"{'  (random weights)' if info['vae'].get('random_weights') else ''}")
+    for name, shape in info["features"].items():
+        t = info["teachers"][name]
+        print(f"features   {name}: {shape} float16{'  (random weights)' if t.get('random_weights') else ''}")
+    print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
+          f"compressor {info['compressor']}, {gib:.3f} GiB")
+    src = info["source"]
+    print(f"source     {src['root']}  ({src['num_files']} files, fingerprint {str(src['fingerprint'])[:16]})")
+    st = info["stats"]
+    if st:
+        print(f"build      {st.get('seconds', 0):.1f} s, {st.get('img_per_s', 0):.1f} img/s, "
+              f"{st.get('world_size', 1)} process(es), device {st.get('device')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""Deterministic, resumable, distributed batches of matched latents, teacher tokens and labels.
+
+Order. An epoch is one permutation of the cache's data rows, a pure function of ``(seed, epoch)``
+(:func:`epoch_order`); the flip variant of each position is another (:func:`epoch_flips`). Global
+batch k is positions ``[start + k*B*W, start + (k+1)*B*W)`` of that order, and rank r takes the
+r-th slice of B positions (:func:`rank_batches`). So the samples of a global batch do not depend
+on the number of ranks, ranks are disjoint and together cover the epoch, and ``start`` (samples
+already consumed by all ranks in this epoch) resumes exactly where a run stopped.
+
+Reading. Rows come in a fully random order, so the loader reads each row by itself. For the
+default layout (uncompressed shards in a local folder) it reads the row's bytes straight from the
+shard file with ``os.preadv`` into the output batch, using the shard index that zarr writes at the
+end of every shard; ``num_workers`` threads read in parallel (preadv releases the GIL). Other
+stores and codecs fall back to zarr's own reads. Batches are prefetched ``prefetch`` deep and come
+back as CPU tensors, pinned when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .store import local_root
+
+if TYPE_CHECKING:
+    from .store import Cache
+
+__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
+
+_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The rows of one epoch in visiting order: a permutation drawn from (seed, epoch) alone."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not shuffle:
+        return rows.copy()
+    return np.random.default_rng([seed, epoch, 0]).permutation(rows)
+
+
+def epoch_flips(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Which variant (0 as is, 1 mirrored) each position of the epoch uses, from (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch, 1]).integers(0, 2, size=n, dtype=np.int64)
+
+
+def rank_batches(
+    num_samples: int, *, batch_size: int, world_size: int = 1, rank: int = 0, start: int = 0, drop_last: bool = True
+) -> list[tuple[int, int]]:
+    """Position ranges ``(lo, hi)`` of the epoch order that ``rank`` reads, one per batch.
+
+    Global batch k covers ``[start + k*G, start + (k+1)*G)`` with ``G = batch_size * world_size``;
+    rank r reads its r-th slice of ``batch_size``. Without ``drop_last`` the last, partial global
+    batch is split into ``world_size`` nearly equal slices (a rank whose slice is empty gets no
+    batch).
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch_size/world_size/rank: {batch_size}/{world_size}/{rank}")
+    if not 0 <= start <= num_samples:
+        raise ValueError(f"start={start} is outside the epoch of {num_samples} samples")
+    g = batch_size * world_size
+    full = (num_samples - start) // g
+    out = []
+    for k in range(full):
+        lo = start + k * g + rank * batch_size
+        out.append((lo, lo + batch_size))
+    rest = num_samples - start - full * g
+    if rest and not drop_last:
+        bounds = np.linspace(0, rest, world_size + 1).round().astype(int)
+        lo, hi = start + full * g + bounds[rank], start + full * g + bounds[rank + 1]
+        if hi > lo:
+            out.append((int(lo), int(hi)))
+    return out
+
+
+class _RowReader:
+    """Reads single rows (one variant each) of one zarr array into a preallocated batch."""
+
+    def __init__(self, array: Any, root: str | None) -> None:
+        self.array = array
+        self.row_shape = tuple(array.shape[1:])  # (F, ...)
+        self.variant_shape = self.row_shape[1:]
+        self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
+        self.row_nbytes = self.variant_nbytes * self.row_shape[0]
+        self.direct = root is not None and _plain_sharding(array)
+        if self.direct:
+            codec = array.metadata.codecs[0]
+            self.chunk_rows = codec.chunk_shape[0]
+            self.shard_rows = array.metadata.chunk_grid.chunk_shape[0]
+            self.chunks_per_shard = self.shard_rows // self.chunk_rows
+            self.base = os.path.join(root, array.path)
+        self._lock = threading.Lock()
+        self._index: dict[int, np.ndarray | None] = {}
+        self._fds: dict[int, int] = {}
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _shard(self, shard: int) -> tuple[int, np.ndarray | None]:
+        with self._lock:
+            if shard in self._fds:
+                return self._fds[shard], self._index[shard]
+            key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
+            path = os.path.join(self.base, key)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # an all-fill shard is not stored
+                fd, index = -1, None
+            else:
+                size = os.fstat(fd).st_size
+                nbytes = self.chunks_per_shard * 16
+                index = np.frombuffer(os.pread(fd, nbytes, size - nbytes - 4), dtype="<u8").reshape(-1, 2)
+            self._fds[shard], self._index[shard] = fd, index
+            return fd, index
+
+    def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = array[rows[i], variants[i]]."""
+        if not self.direct:
+            order = np.argsort(rows, kind="stable")
+            block = self.array.get_orthogonal_selection((rows[order],))
+            out[order] = block[np.arange(len(rows)), variants[order]]
+            return
+        for i, (row, var) in enumerate(zip(rows.tolist(), variants.tolist())):
+            shard, r = divmod(row, self.shard_rows)
+            chunk, k = divmod(r, self.chunk_rows)
+            fd, index = self._shard(shard)
+            view = memoryview(out[i]).cast("B")
+            if index is None or index[chunk, 0] == _EMPTY:
+                view[:] = b"\0" * len(view)  # fill value 0
+                continue
+            offset = int(index[chunk, 0]) + k * self.row_nbytes + var * self.variant_nbytes
+            got = os.preadv(fd, [view], offset)
+            while got < len(view):  # short read
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise OSError(f"unexpected end of shard {shard} of {self.array.path}")
+                got += n
+
+
+def _plain_sharding(array: Any) -> bool:
+    """True when rows can be read by byte range: one uncompressed little-endian sharding codec."""
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
+        return False
+    sh = codecs[0]
+    inner_ok = len(sh.codecs) == 1 and type(sh.codecs[0]).__name__ == "BytesCodec" and (
+        sh.codecs[0].endian is None or sh.codecs[0].endian.value == "little")
+    index_ok = [type(c).__name__ for c in sh.index_codecs] == ["BytesCodec", "Crc32cCodec"]
+    full_rows = tuple(sh.chunk_shape[1:]) == tuple(array.shape[1:])
+    return inner_ok and index_ok and full_rows and sh.index_location.value == "end" and array.dtype.byteorder in "<=|"
+
+
+class CacheLoader:
+    """Batches ``{"latents", "features", "labels", "index", "flip"}`` from a :class:`~cache.store.Cache`.
+
+    Args:
+        cache: an opened cache.
+        batch_size: samples per batch on this rank (the global batch is ``batch_size * world_size``).
+        shuffle: visit rows in the random order of (seed, epoch); otherwise in row order.
+        seed, epoch: the order is a pure function of these two.
+        rank, world_size: this process' share; ranks are disjoint and cover the epoch together.
+        start: samples of this epoch already consumed by all ranks together; resumes exactly.
+        flip: draw variant 0 or 1 per position (needs a cache built with ``--flip both``).
+        drop_last: drop the last partial global batch.
+        num_workers: reader threads.
+        prefetch: batches read ahead.
+        teachers: subset of teacher names to read (default all).
+        pin_memory: pin the batch tensors (default: when CUDA is available).
+
+    Each batch: ``latents`` float16 (B, 8, h, w) posterior mean and std; ``features`` dict name ->
+    float16 (B, T, D); ``labels`` int64 (B,); ``index`` int64 (B,) row ids; ``flip`` bool (B,).
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        flip: bool = False,
+        drop_last: bool = True,
+        num_workers: int = 4,
+        prefetch: int = 2,
+        teachers: Sequence[str] | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        if flip and cache.num_variants < 2:
+            raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
+        names = list(cache.features) if teachers is None else list(teachers)
+        unknown = set(names) - set(cache.features)
+        if unknown:
+            raise ValueError(f"unknown teachers {sorted(unknown)}; the cache has {sorted(cache.features)}")
+        self.cache = cache
+        self.batch_size = batch_size
+        self.flip = flip
+        self.num_workers = max(1, num_workers)
+        self.prefetch = max(1, prefetch)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.order = epoch_order(cache.rows, seed=seed, epoch=epoch, shuffle=shuffle)
+        self.variants = (epoch_flips(len(self.order), seed=seed, epoch=epoch) if flip
+                         else np.zeros(len(self.order), dtype=np.int64))
+        self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
+                                    start=start, drop_last=drop_last)
+        root = local_root(cache.url)
+        self._readers = {"latents": _RowReader(cache.latents, root)}
+        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root) for n in names})
+        self.teachers = names
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def direct_reads(self) -> bool:
+        """Whether every array is read by byte range (the fast path)."""
+        return all(r.direct for r in self._readers.values())
+
+    def _empty(self, n: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, reader in self._readers.items():
+            out[key] = torch.empty((n, *reader.variant_shape), dtype=torch.float16, pin_memory=self.pin_memory)
+        return out
+
+    def _submit(self, pool: ThreadPoolExecutor, lo: int, hi: int) -> tuple[dict[str, Any], list[Future]]:
+        rows, variants = self.order[lo:hi], self.variants[lo:hi]
+        tensors = self._empty(hi - lo)
+        futures = []
+        parts = np.array_split(np.arange(hi - lo), min(self.num_workers, hi - lo))
+        for key, reader in self._readers.items():
+            dst = tensors[key].numpy()
+            for part in parts:
+                if len(part):
+                    s = slice(part[0], part[-1] + 1)
+                    futures.append(pool.submit(reader.read, rows[s], variants[s], dst[s]))
+        labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64))
+        batch = {
+            "latents": tensors["latents"],
+            "features": {n: tensors[f"features/{n}"] for n in self.teachers},
+            "labels": labels.pin_memory() if self.pin_memory else labels,
+            "index": torch.from_numpy(rows.copy()),
+            "flip": torch.from_numpy(variants.astype(bool)),
+        }
+        return batch, futures
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending: deque[tuple[dict[str, Any], list[Future]]] = deque()
+        batches = iter(self.batches)
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="cache-read") as pool:
+            try:
+                for lo, hi in batches:
+                    pending.append(self._submit(pool, lo, hi))
+                    if len(pending) >= self.prefetch:
+                        break
+                while pending:
+                    batch, futures = pending.popleft()
+                    for f in futures:
+                        f.result()
+                    nxt = next(batches, None)
+                    if nxt is not None:
+                        pending.append(self._submit(pool, *nxt))
+                    yield batch
+            finally:
+                for _, futures in pending:
+                    for f in futures:
+                        f.cancel()
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

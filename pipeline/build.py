@@ -1,0 +1,468 @@
+"""Encode an ImageNet-style folder into a feature cache: SD-VAE moments + DINOv2 patch tokens.
+
+    python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
+        [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
+        [--flip none|both] [--precision fp32|bf16] [--compile] [--batch-size 128] [--workers 8]
+        [--limit N] [--classes K] [--overwrite] [--dry-run]
+
+    # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
+    accelerate launch --num_processes 8 -m pipeline.build SOURCE OUT
+    torchrun --nproc_per_node 8 -m pipeline.build SOURCE OUT
+
+Interrupted builds resume when the same command runs again; a changed source, encoder or setting
+is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache.config import ConfigError, config_to_dict, parse_config
+from cache.store import CacheError, CacheWriter, Layout, local_root
+
+from .decode import SkipImage, load_image
+from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, WeightsUnavailable, load_teacher, load_vae, teacher_name
+from .sources import list_image_folder
+
+_logger = logging.getLogger("pipeline.build")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Encode an ImageNet-style folder into a feature cache (zarr v3)."""
+
+    source: str = ""
+    out: str = ""
+    resolution: int = 256
+    vae: str = DEFAULT_VAE
+    teacher: str = DEFAULT_TEACHER
+    teacher_weights: str = ""
+    flip: str = "none"
+    precision: str = "fp32"
+    compile: bool = False
+    batch_size: int = 128
+    workers: int = 8
+    device: str = "auto"
+    limit: int = 0
+    classes: int = 0
+    shard_rows: int = 256
+    chunk_rows: int = 16
+    compressor: str = "none"
+    max_pixels: int = 1 << 28
+    seed: int = 0
+    overwrite: bool = False
+
+    FIELD_HELP = {
+        "source": "ImageNet-style folder SOURCE/<class_name>/<image>",
+        "out": "cache location: a folder or any store URL zarr accepts",
+        "resolution": "ADM center crop size (256 or 512; any multiple of 8)",
+        "vae": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights",
+        "teacher": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights",
+        "teacher_weights": "comma-separated local weight files, one per teacher (empty: timm/HF hub)",
+        "flip": "'both' also encodes the mirrored image (variant 1)",
+        "precision": "encoder precision: fp32 (TF32 matmuls on GPU) or bf16 autocast",
+        "compile": "torch.compile the encoders",
+        "batch_size": "images per encoder batch (batches never straddle a shard)",
+        "workers": "decoding processes",
+        "device": "auto, cpu, cuda or cuda:N",
+        "limit": "keep only the first N images (0: all)",
+        "classes": "keep only the first K classes (0: all)",
+        "shard_rows": "rows per shard (one object per array; the unit of work and of resume)",
+        "chunk_rows": "rows per inner chunk of a shard",
+        "compressor": "none (rows readable by byte range) or zstd",
+        "max_pixels": "skip images with more pixels than this",
+        "seed": "seed of random-weight encoders",
+        "overwrite": "delete an existing cache built with other settings",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.out:
+            raise ConfigError("SOURCE and OUT are required")
+        if self.resolution % 8 or self.resolution < 16:
+            raise ConfigError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
+        if self.flip not in ("none", "both"):
+            raise ConfigError(f"--flip must be none or both, got {self.flip!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.batch_size < 1 or self.workers < 0 or self.limit < 0 or self.classes < 0:
+            raise ConfigError("--batch-size must be >= 1; --workers, --limit, --classes >= 0")
+        if self.shard_rows < 1 or self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
+            raise ConfigError(f"--shard-rows ({self.shard_rows}) must be a multiple of --chunk-rows ({self.chunk_rows})")
+        if self.compressor not in ("none", "zstd"):
+            raise ConfigError(f"--compressor must be none or zstd, got {self.compressor!r}")
+        teachers = self.teacher_specs
+        if not teachers or len(set(map(teacher_name, teachers))) != len(teachers):
+            raise ConfigError(f"--teacher needs one or more distinct names, got {self.teacher!r}")
+        if self.teacher_weights and len(self.teacher_weights.split(",")) != len(teachers):
+            raise ConfigError("--teacher-weights needs one file per teacher (comma-separated, same order)")
+
+    @property
+    def teacher_specs(self) -> list[str]:
+        return [t.strip() for t in self.teacher.split(",") if t.strip()]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet256": dict(resolution=256),
+    "imagenet512": dict(resolution=512, batch_size=32, shard_rows=64),
+    "demo": dict(vae="tiny", teacher="tiny", batch_size=16, workers=2, shard_rows=64, device="cpu"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding in worker processes
+
+
+class _Decode(Dataset):
+    def __init__(self, root: str, sources: list[dict], resolution: int, max_pixels: int) -> None:
+        self.root, self.sources, self.resolution, self.max_pixels = root, sources, resolution, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, row: int) -> tuple[int, np.ndarray | None, str]:
+        path = os.path.join(self.root, self.sources[row]["path"])
+        try:
+            return row, load_image(path, self.resolution, max_pixels=self.max_pixels), ""
+        except SkipImage as e:
+            return row, None, str(e)
+
+
+def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
+    rows = np.array([r for r, _, _ in items], dtype=np.int64)
+    valid = np.array([a is not None for _, a, _ in items], dtype=bool)
+    arrays = [a for _, a, _ in items if a is not None]
+    images = torch.from_numpy(np.stack(arrays)) if arrays else None
+    return {"rows": rows, "valid": valid, "images": images, "reasons": [r for _, _, r in items]}
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding
+
+
+class Encoders(torch.nn.Module):
+    """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) and {teacher: (B, F, T, D)}, float16."""
+
+    def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool, bf16: bool):
+        super().__init__()
+        self.vae = vae
+        self.teachers = torch.nn.ModuleDict(dict(teachers))
+        self.flip = flip
+        self.bf16 = bf16
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        n = images.shape[0]
+        x = torch.cat([images, images.flip(2)]) if self.flip else images
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            lat = self.vae(x)
+            feats = {name: t(x) for name, t in self.teachers.items()}
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
+            return t.float().reshape(-1, n, *t.shape[1:]).transpose(0, 1).to(torch.float16)
+
+        return split(lat), {k: split(v) for k, v in feats.items()}
+
+
+def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, dict[str, torch.nn.Module], dict[str, Any]]:
+    vae = load_vae(cfg.vae, seed=cfg.seed)
+    weights = cfg.teacher_weights.split(",") if cfg.teacher_weights else [None] * len(cfg.teacher_specs)
+    teachers, infos = {}, {}
+    for spec, w in zip(cfg.teacher_specs, weights):
+        t = load_teacher(spec, resolution=cfg.resolution, weights=w, seed=cfg.seed)
+        teachers[teacher_name(spec)] = t.module
+        infos[teacher_name(spec)] = t.info
+    return vae.info, vae.module, teachers, infos
+
+
+def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict) -> dict[str, Any]:
+    import diffusers
+    import PIL
+    import timm
+    import zarr
+
+    return {
+        "source": {"root": listing.root, "num_files": len(listing.files), "fingerprint": listing.fingerprint,
+                   "classes_limit": cfg.classes, "limit": cfg.limit},
+        "source_root": listing.root,
+        "classes": listing.classes,
+        "preprocessing": {
+            "crop": "adm_center_crop (BOX halving while short side >= 2R, BICUBIC to R, center cut)",
+            "resolution": cfg.resolution,
+            "flip": cfg.flip,
+            "variants": ["as_is", "mirrored"] if cfg.flip == "both" else ["as_is"],
+            "max_pixels": cfg.max_pixels,
+        },
+        "vae": vae_info,
+        "teachers": teacher_infos,
+        "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile},
+        "software": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+                     "diffusers": diffusers.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
+                     "pillow": PIL.__version__},
+    }
+
+
+class _ShardAssembler:
+    """Collects encoded batches per shard; writes a shard once all its rows are in (own thread)."""
+
+    def __init__(self, writer: CacheWriter, sources: list[dict]) -> None:
+        self.writer, self.sources = writer, sources
+        self.layout = writer.layout
+        self.buffers: dict[int, dict[str, Any]] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.shards_written = 0
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: dict[str, Any] | None) -> None:
+        while True:
+            if self.error is not None:
+                raise RuntimeError("the shard writer failed") from self.error
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError("the shard writer failed") from self.error
+
+    def _run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                self._add(item)
+        except BaseException as e:
+            self.error = e
+            while True:  # drain so that the producer never blocks
+                try:
+                    if self.queue.get(timeout=0.1) is None:
+                        break
+                except queue.Empty:
+                    continue
+
+    def _buffer(self, shard: int) -> dict[str, Any]:
+        if shard not in self.buffers:
+            lo, hi = self.layout.shard_rows_range(shard)
+            n, lay = hi - lo, self.layout
+            h = lay.resolution // 8
+            self.buffers[shard] = {
+                "lo": lo, "n": n, "filled": 0, "skipped": [],
+                "latents": np.zeros((n, lay.variants, 8, h, h), np.float16),
+                "features": {k: np.zeros((n, lay.variants, t, d), np.float16) for k, (t, d) in lay.teachers.items()},
+                "labels": np.full(n, -1, np.int32),
+            }
+        return self.buffers[shard]
+
+    def _add(self, item: dict[str, Any]) -> None:
+        if item.get("event") is not None:
+            item["event"].synchronize()
+        rows, valid = item["rows"], item["valid"]
+        shard = int(rows[0]) // self.layout.shard_rows
+        buf = self._buffer(shard)
+        idx = rows - buf["lo"]
+        vidx = idx[valid]
+        if len(vidx):
+            buf["latents"][vidx] = item["latents"].numpy()
+            for k, v in item["features"].items():
+                buf["features"][k][vidx] = v.numpy()
+            buf["labels"][vidx] = [self.sources[r]["label"] for r in rows[valid]]
+        for r, ok, reason in zip(rows.tolist(), valid.tolist(), item["reasons"]):
+            if not ok:
+                buf["skipped"].append({"row": r, "path": self.sources[r]["path"], "reason": reason})
+        buf["filled"] += len(rows)
+        if buf["filled"] == buf["n"]:
+            self.writer.write_shard(shard, latents=buf["latents"], features=buf["features"],
+                                    labels=buf["labels"], skipped=buf["skipped"])
+            del self.buffers[shard]
+            self.shards_written += 1
+
+
+def _batches(layout: Layout, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches, each inside one shard, so that a shard's content never depends on others."""
+    out = []
+    for s in shards:
+        lo, hi = layout.shard_rows_range(s)
+        out += [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _setup_logging(rank: int, out: str) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    folder = local_root(out)
+    if rank == 0 and folder is not None:
+        os.makedirs(folder, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(os.path.dirname(os.path.abspath(folder)),
+                                              os.path.basename(os.path.abspath(folder)) + ".build.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def _broadcast(obj: Any, state: Any) -> Any:
+    if state.num_processes == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Run (or resume) a build; returns the final manifest. Every rank calls this."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    rank, world = state.process_index, state.num_processes
+    device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+    _setup_logging(rank, cfg.out)
+    t0 = time.time()
+
+    vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
+    result: tuple[str, Any] = ("ok", None)
+    if rank == 0:
+        try:
+            listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
+            manifest = make_manifest(cfg, listing, vae_info, teacher_infos)
+            layout = Layout(num_rows=len(listing.files), resolution=cfg.resolution,
+                            variants=2 if cfg.flip == "both" else 1,
+                            teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
+                            shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor)
+            writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
+                                                           sources=listing.files, overwrite=cfg.overwrite)
+            writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
+            _logger.info("%s cache %s: %d rows, %d classes, %d shards", "resuming" if resumed else "created",
+                         cfg.out, layout.num_rows, len(listing.classes), layout.num_shards)
+        except (CacheError, FileNotFoundError, ValueError) as e:
+            result = ("error", str(e))
+    result = _broadcast(result, state)
+    if result[0] == "error":
+        raise CacheError(result[1])
+    if rank != 0:
+        writer = CacheWriter.open(cfg.out)
+    if writer.manifest.get("complete"):
+        _logger.info("cache %s is already complete; nothing to do", cfg.out)
+        return writer.manifest
+
+    layout = writer.layout
+    sources = writer.sources()
+    todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
+    state.wait_for_everyone()  # every rank has read the same progress before anyone writes
+    mine = todo[rank::world]
+    rows_todo = sum(np.subtract(*layout.shard_rows_range(s)[::-1]) for s in todo)
+    my_rows = sum(np.subtract(*layout.shard_rows_range(s)[::-1]) for s in mine)
+    _logger.info("%d of %d shards to encode (%d rows) on %d process(es), device %s", len(todo),
+                 layout.num_shards, rows_todo, world, device)
+
+    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", bf16=cfg.precision == "bf16").to(device).eval()
+    if cfg.compile:
+        encoders.vae = torch.compile(encoders.vae)
+        for k in list(encoders.teachers):
+            encoders.teachers[k] = torch.compile(encoders.teachers[k])
+    root = writer.manifest["source_root"] if rank != 0 else listing.root
+    loader = DataLoader(_Decode(root, sources, cfg.resolution, cfg.max_pixels),
+                        batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers else None)
+    assembler = _ShardAssembler(writer, sources)
+    from tqdm import tqdm
+
+    bar = tqdm(total=int(my_rows), unit="img", disable=rank != 0, smoothing=0.05, dynamic_ncols=True,
+               desc=f"encode (rank 0 of {world})")
+    t_enc = time.time()
+    try:
+        for batch in _iterate(loader):
+            item = {"rows": batch["rows"], "valid": batch["valid"], "reasons": batch["reasons"], "event": None}
+            if batch["images"] is not None:
+                lat, feats = encoders(batch["images"].to(device, non_blocking=True))
+                item["latents"], item["features"] = _to_host(lat), {k: _to_host(v) for k, v in feats.items()}
+                if device.type == "cuda":
+                    item["event"] = torch.cuda.Event()
+                    item["event"].record()
+            assembler.put(item)
+            bar.update(len(batch["rows"]))
+    finally:
+        bar.close()
+    assembler.close()
+    t_done = time.time()
+    state.wait_for_everyone()
+    manifest = writer.manifest
+    if rank == 0:
+        seconds = t_done - t_enc
+        stats = {"seconds": round(time.time() - t0, 3), "encode_seconds": round(seconds, 3),
+                 "rows_this_run": int(rows_todo), "img_per_s": round(float(rows_todo) / max(seconds, 1e-9), 2),
+                 "world_size": world, "device": str(device)}
+        manifest = writer.finalize(stats)
+        total = sum(_nbytes(writer).values())
+        _logger.info("done: %d rows (%d skipped) in %d shards, %.3f GiB, %.1f s, %.1f img/s over %d process(es)",
+                     layout.num_rows, len(manifest["skipped"]), layout.num_shards, total / 2**30,
+                     stats["seconds"], stats["img_per_s"], world)
+        for s in manifest["skipped"][:20]:
+            _logger.info("skipped row %d %s: %s", s["row"], s["path"], s["reason"])
+    state.wait_for_everyone()
+    return manifest
+
+
+def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    yield from loader
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def _nbytes(writer: CacheWriter) -> dict[str, int]:
+    g = writer.group
+    out = {"latents": int(g["latents"].nbytes_stored())}
+    for name in writer.layout.teachers:
+        out[name] = int(g["features"][name].nbytes_stored())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry = parse_config(BuildConfig, argv, presets=PRESETS, positional=("source", "out"),
+                            description=__doc__.splitlines()[0])
+    if dry:
+        return 0
+    try:
+        build(cfg)
+    except (CacheError, WeightsUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Decoding one source file into the ADM-cropped RGB array, or a reason to skip it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .crop import adm_center_crop
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class SkipImage(Exception):
+    """The file cannot be encoded; the message is the reason recorded in the manifest."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit integer and float greyscale are rescaled, palette and
+    alpha images drop their alpha (as ``convert("RGB")`` in ADM), CMYK goes through PIL's transform."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if (mode.startswith("I;16") or arr.max() > 255) else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image).astype(np.float64)
+        peak = 1.0 if arr.max() <= 1.0 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
+    """Open, convert and crop one file: uint8 (resolution, resolution, 3). Raises SkipImage."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise SkipImage(f"too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+                im.load()
+                rgb = to_rgb(im)
+    except SkipImage:
+        raise
+    except IsADirectoryError:
+        raise SkipImage("is a directory") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipImage(f"too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise SkipImage("not an image (unidentified format or empty file)") from None
+    except Exception as e:  # truncated, corrupt, unreadable: never let one file stop a build
+        raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
+    if min(rgb.size) < 1:
+        raise SkipImage(f"empty image {rgb.size}")
+    return adm_center_crop(rgb, resolution)

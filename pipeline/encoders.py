@@ -1,0 +1,257 @@
+"""The two encoders of the build: SD-VAE posterior moments and DINOv2 patch tokens.
+
+Specs (``--vae`` / ``--teacher``):
+- a HF hub id or local folder for the VAE (``AutoencoderKL.from_pretrained``), a timm model name
+  for the teacher (with ``--teacher-weights FILE`` for a local weight file);
+- ``random:<id or name>``: the same architecture with seeded random weights (for benchmarks);
+- ``tiny``: a small configuration of the same classes with seeded random weights (tests, demo):
+  VAE = AutoencoderKL with block_out_channels (16, 32, 32, 32), one layer per block, 4 latent
+  channels (still 8x down); teacher = timm DINOv2 ViT with patch 14, width 96, depth 2, 3 heads.
+Random weights are for plumbing and speed only; the manifest records ``random_weights: true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_TEACHER = "vit_base_patch14_dinov2.lvd142m"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The SD-VAE architecture (stabilityai/sd-vae-ft-ema and ft-mse share it), for `random:` specs,
+# which cannot download a config.
+SD_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", sample_size=256, scaling_factor=0.18215,
+)
+TINY_VAE_CONFIG: dict[str, Any] = dict(
+    SD_VAE_CONFIG, layers_per_block=1, norm_num_groups=8, block_out_channels=(16, 32, 32, 32),
+)
+TINY_TEACHER = ("vit_small_patch14_dinov2", dict(embed_dim=96, depth=2, num_heads=3))
+
+MISSING_WEIGHTS_HELP = (
+    "Weights cannot be fetched from this machine. Either download them elsewhere and pass a local "
+    "path ({how}), or point HF_HOME / HF_HUB_CACHE at a cache that holds them; use `tiny` (or "
+    "`random:<name>`) for random-weight runs that test plumbing and speed only."
+)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Real encoder weights could not be loaded; the message says how to supply them."""
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the module's state dict (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# VAE
+
+
+def posterior_moments(moments: torch.Tensor) -> torch.Tensor:
+    """Mean and std of the diagonal Gaussian posterior from the encoder's (mean, logvar) output.
+
+    As diffusers' DiagonalGaussianDistribution: logvar clamped to [-30, 20], std = exp(logvar/2).
+    Returns (B, 2C, h, w): mean channels first, then std.
+    """
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return torch.cat([mean, std], dim=1)
+
+
+def vae_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class VaeMoments(nn.Module):
+    """uint8 images (B, H, W, 3) -> posterior mean and std (B, 8, H/8, W/8)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return posterior_moments(self.quant_conv(self.encoder(vae_input(images))))
+
+
+@dataclass
+class LoadedEncoder:
+    module: nn.Module
+    info: dict[str, Any]
+
+
+def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
+    """An AutoencoderKL from a spec (see module docstring), wrapped as :class:`VaeMoments`."""
+    from diffusers import AutoencoderKL
+
+    random_weights = spec == "tiny" or spec.startswith("random:")
+    if random_weights:
+        config = TINY_VAE_CONFIG if spec == "tiny" else SD_VAE_CONFIG
+        if spec.startswith("random:") and spec[7:] not in ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse", "sd-vae"):
+            raise ValueError(f"--vae {spec}: random weights are offered for the SD-VAE architecture only "
+                             "(random:stabilityai/sd-vae-ft-ema)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKL(**config)
+    else:
+        try:
+            vae = AutoencoderKL.from_pretrained(spec)
+        except Exception as e:  # OSError, EnvironmentError, HF hub errors, missing files
+            raise WeightsUnavailable(
+                f"could not load the VAE {spec!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                + MISSING_WEIGHTS_HELP.format(
+                    how="`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR`, then --vae DIR")
+            ) from None
+    vae.eval().requires_grad_(False)
+    info = {
+        "spec": spec,
+        "class": "diffusers.AutoencoderKL",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
+                   if not k.startswith("_")},
+        "weights_sha256": weights_sha256(vae),
+        "random_weights": random_weights,
+        "seed": seed if random_weights else None,
+        "moments": "channels 0-3 posterior mean, 4-7 posterior std (exp(logvar/2), logvar clamped to [-30, 20])",
+        "input": "RGB scaled to [-1, 1]",
+    }
+    return LoadedEncoder(VaeMoments(vae), info)
+
+
+# ------------------------------------------------------------------------------------------
+# Teacher
+
+
+def teacher_input_size(resolution: int) -> int:
+    """DINOv2 input side for an image of ``resolution`` px (REPA: 224 at 256, 448 at 512)."""
+    if resolution % 256 == 0:
+        return 224 * (resolution // 256)
+    return round(resolution * 224 / 256 / 14) * 14
+
+
+def teacher_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) as REPA: /255, ImageNet mean/std, bicubic resize."""
+    x = images.permute(0, 3, 1, 2).float().div(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x
+
+
+def dinov2_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int, *, offset: float = 0.1) -> torch.Tensor:
+    """Resample a (1, P + M*M, D) position table to a grid x grid one as DINOv2 does at run time
+    (bicubic, scale factor (grid + 0.1) / M, no antialiasing); the P prefix entries are kept."""
+    prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    m = int(math.isqrt(patch.shape[1]))
+    if m * m != patch.shape[1]:
+        raise ValueError(f"position table of {patch.shape[1]} entries is not square")
+    if m == grid:
+        return pos_embed
+    dim = patch.shape[-1]
+    x = patch.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    scale = (grid + offset) / m
+    x = F.interpolate(x, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if x.shape[-2:] != (grid, grid):
+        raise ValueError(f"resampled position grid is {tuple(x.shape[-2:])}, expected {grid}x{grid}")
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, x], dim=1)
+
+
+class TeacherTokens(nn.Module):
+    """uint8 images (B, H, W, 3) -> patch tokens after the final norm (B, T, D)."""
+
+    def __init__(self, vit: nn.Module, size: int) -> None:
+        super().__init__()
+        self.vit = vit
+        self.size = size
+        self.num_prefix = int(getattr(vit, "num_prefix_tokens", 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(teacher_input(images, self.size))
+        return tokens[:, self.num_prefix:]
+
+
+def teacher_name(spec: str) -> str:
+    """The name a teacher's features are stored under: its timm name (``tiny`` stays ``tiny``)."""
+    return spec[len("random:"):] if spec.startswith("random:") else spec
+
+
+def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0) -> LoadedEncoder:
+    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring)."""
+    import timm
+
+    size = teacher_input_size(resolution)
+    random_weights = spec == "tiny" or spec.startswith("random:")
+    name, kwargs = (TINY_TEACHER if spec == "tiny" else (teacher_name(spec), {}))
+    if "dinov2" not in name:
+        _logger.warning("teacher %s is not a DINOv2 model; the DINOv2 preprocessing is applied anyway", name)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if random_weights:
+                vit = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            elif weights:
+                vit = timm.create_model(name, pretrained=True, num_classes=0,
+                                        pretrained_cfg_overlay=dict(file=weights))
+            else:
+                vit = timm.create_model(name, pretrained=True, num_classes=0)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"--teacher {spec}: timm has no model {name!r}") from None
+        raise WeightsUnavailable(f"could not load the teacher {spec!r} ({e}). " + MISSING_WEIGHTS_HELP.format(
+            how="--teacher-weights FILE with the timm .safetensors/.bin of that model")) from None
+    except Exception as e:  # hub/network errors, missing local file
+        raise WeightsUnavailable(
+            f"could not load the teacher {spec!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            + MISSING_WEIGHTS_HELP.format(how="--teacher-weights FILE with the timm .safetensors/.bin of that model")
+        ) from None
+    patch = vit.patch_embed.patch_size[0]
+    if size % patch:
+        raise ValueError(f"teacher input {size} px is not a multiple of the patch size {patch}")
+    grid = size // patch
+    num_pos_prefix = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
+    original = vit.pos_embed.detach().clone()
+    vit.set_input_size(img_size=(size, size))
+    vit.pos_embed = nn.Parameter(dinov2_pos_embed(original, grid, num_pos_prefix))
+    vit.eval().requires_grad_(False)
+    module = TeacherTokens(vit, size)
+    info = {
+        "spec": spec,
+        "timm_name": name,
+        "timm_kwargs": kwargs,
+        "weights_file": weights,
+        "weights_sha256": weights_sha256(vit),
+        "random_weights": random_weights,
+        "seed": seed if random_weights else None,
+        "input_size": size,
+        "patch_size": patch,
+        "grid": grid,
+        "tokens": grid * grid,
+        "dim": int(vit.embed_dim),
+        "num_prefix_tokens": module.num_prefix,
+        "output": "patch tokens after the final norm (x_norm_patchtokens)",
+        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table resampled "
+                      "as DINOv2 (bicubic, scale (grid+0.1)/M)",
+    }
+    return LoadedEncoder(module, info)
