@@ -91,7 +91,8 @@ class VaeMoments(nn.Module):
         self.quant_conv = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return posterior_moments(self.quant_conv(self.encoder(vae_input(images))))
+        x = vae_input(images).to(self.encoder.conv_in.weight.dtype)
+        return posterior_moments(self.quant_conv(self.encoder(x)))
 
 
 @dataclass
@@ -188,7 +189,8 @@ class TeacherTokens(nn.Module):
         self.num_prefix = int(getattr(vit, "num_prefix_tokens", 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(teacher_input(images, self.size))
+        x = teacher_input(images, self.size).to(self.vit.patch_embed.proj.weight.dtype)
+        tokens = self.vit.forward_features(x)
         return tokens[:, self.num_prefix:]
 
 

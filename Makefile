@@ -1,0 +1,51 @@
+# Every target depends on `setup`, so on a fresh machine `make demo` and `make test` are all a user types.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The torch build this machine has on disk. Keep the pin on every pip line (else pip fetches another
+# build); a GPU machine with its own torch can run `make setup TORCH_PIN=` to keep that one.
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+SOURCE ?=
+OUT ?=
+CACHE ?= demo/cache.zarr
+ARGS ?=
+
+.PHONY: setup demo test test-fast cache inspect bench-cache lint clean help
+
+help:
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(VENV)/.setup-stamp: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.setup-stamp ## create .venv and install everything (torch pinned as above)
+
+demo: setup ## images -> tiny-encoder cache -> inspect (CPU, about a minute)
+	$(PY) -m tools.demo_images demo/images
+	$(PY) -m pipeline.build demo/images demo/cache.zarr --preset demo
+	$(PY) -m cache.inspect demo/cache.zarr --verify
+
+test: setup ## the whole test suite (CPU)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup ## the tests without the multi-process / subprocess ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+cache: setup ## build a cache: make cache SOURCE=/data/imagenet/train OUT=/data/in256.zarr ARGS="--flip both"
+	@test -n "$(SOURCE)" -a -n "$(OUT)" || (echo "usage: make cache SOURCE=folder OUT=cache.zarr [ARGS=...]"; exit 2)
+	$(PY) -m pipeline.build $(SOURCE) $(OUT) $(ARGS)
+
+inspect: setup ## summary and full check of a cache: make inspect CACHE=path
+	$(PY) -m cache.inspect $(CACHE) --verify
+
+bench-cache: setup ## build and loader throughput against their limits, measured in the same run
+	$(PY) -m tools.bench_cache $(ARGS)
+
+lint: setup ## ruff
+	$(PY) -m ruff check cache pipeline trainer tools tests
+
+clean: ## remove demo and benchmark outputs (keeps .venv)
+	rm -rf demo bench-out .pytest_cache

@@ -1,0 +1,125 @@
+"""Encoder wrappers against the libraries' own paths and float64 formulas."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.encoders import (
+    TINY_VAE_CONFIG,
+    WeightsUnavailable,
+    dinov2_pos_embed,
+    load_teacher,
+    load_vae,
+    posterior_moments,
+    teacher_input,
+    teacher_input_size,
+    vae_input,
+    weights_sha256,
+)
+
+
+def test_posterior_moments_match_diffusers():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    h = torch.randn(3, 8, 5, 5, dtype=torch.float64) * 20  # exercises the logvar clamp
+    dist = DiagonalGaussianDistribution(h)
+    out = posterior_moments(h)
+    torch.testing.assert_close(out[:, :4], dist.mean)
+    torch.testing.assert_close(out[:, 4:], dist.std)
+
+
+def test_vae_moments_equal_autoencoder_encode():
+    from diffusers import AutoencoderKL
+
+    loaded = load_vae("tiny", seed=0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    assert weights_sha256(vae) == loaded.info["weights_sha256"]
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    x = images.permute(0, 3, 1, 2).double() / 127.5 - 1
+    with torch.no_grad():
+        dist = vae.double().encode(x).latent_dist
+        out = loaded.module.double()(images)
+    assert out.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(out, torch.cat([dist.mean, dist.std], 1))
+
+
+def test_random_weights_are_seeded_and_recorded():
+    a, b, c = load_vae("tiny", seed=0), load_vae("tiny", seed=0), load_vae("tiny", seed=1)
+    assert a.info["weights_sha256"] == b.info["weights_sha256"] != c.info["weights_sha256"]
+    assert a.info["random_weights"] is True
+    t = load_teacher("tiny", resolution=64)
+    assert t.info["random_weights"] and t.info["tokens"] == 16 and t.info["grid"] == 4
+
+
+def test_vae_input_range():
+    x = torch.tensor([[[[0, 255, 128]]]], dtype=torch.uint8)
+    torch.testing.assert_close(vae_input(x).flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+
+
+def test_teacher_input_matches_float64_formula():
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    mean = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    ref = (images.permute(0, 3, 1, 2).double().numpy() / 255.0 - mean) / std
+    ref = F.interpolate(torch.from_numpy(ref), size=(56, 56), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(teacher_input(images, 56).double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_teacher_input_size():
+    assert teacher_input_size(256) == 224 and teacher_input_size(512) == 448 and teacher_input_size(64) == 56
+
+
+def test_teacher_tokens_are_normed_patch_tokens():
+    t = load_teacher("tiny", resolution=64)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        tokens = t.module(images)
+        full = t.module.vit.forward_features(teacher_input(images, 56))
+    assert tokens.shape == (2, 16, 96)
+    torch.testing.assert_close(tokens, full[:, 1:])
+
+
+def cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor(x), t = x - floor(x)."""
+    def k(d):
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d**3 - (a + 3) * d**2 + 1
+        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a if d < 2 else 0.0
+    return [k(t + 1), k(t), k(1 - t), k(2 - t)]
+
+
+def reference_resample(grid_in: np.ndarray, out: int, scale: float) -> np.ndarray:
+    """Bicubic resampling (A = -0.75, edge taps clamped), source = (dst + 0.5) / scale - 0.5, float64."""
+    m = grid_in.shape[0]
+    mat = np.zeros((out, m))
+    for i in range(out):
+        x = (i + 0.5) / scale - 0.5
+        x0 = int(np.floor(x))
+        for off, w in zip((-1, 0, 1, 2), cubic_weights(x - x0)):
+            mat[i, min(max(x0 + off, 0), m - 1)] += w
+    return np.einsum("ij,jkc,lk->ilc", mat, grid_in, mat)
+
+
+def test_dinov2_pos_embed_resampling():
+    grid_in, dim = 37, 5
+    table = torch.randn(1, 1 + grid_in * grid_in, dim, dtype=torch.float64)
+    out = dinov2_pos_embed(table, 16, 1)
+    assert out.shape == (1, 1 + 256, dim)
+    torch.testing.assert_close(out[:, :1], table[:, :1])
+    ref = reference_resample(table[0, 1:].reshape(grid_in, grid_in, dim).numpy(), 16, 16.1 / 37)
+    np.testing.assert_allclose(out[0, 1:].reshape(16, 16, dim).numpy(), ref, atol=1e-5)
+    assert dinov2_pos_embed(table, grid_in, 1) is table
+    no_prefix = dinov2_pos_embed(table[:, 1:], 16, 0)  # register variants keep no prefix entries
+    torch.testing.assert_close(no_prefix, out[:, 1:])
+
+
+def test_missing_weights_say_how_to_supply_them(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="local path"):
+        load_vae(str(tmp_path / "no-such-vae"))
+    with pytest.raises(WeightsUnavailable, match="--teacher-weights"):
+        load_teacher("vit_small_patch14_dinov2.lvd142m", resolution=64, weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="timm has no model"):
+        load_teacher("not_a_model_name", resolution=64)
