@@ -234,14 +234,16 @@ class CacheWriter:
         existing = _try_open_group(url)
         if existing is not None:
             old = existing.attrs.get(MANIFEST_KEY)
-            if old is None:
+            if old is None and _interrupted_creation(existing):
+                _logger.info("%s: finishing an interrupted creation", url)
+            elif old is None:
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{url} exists and is not a feature cache; choose another OUT or pass --overwrite")
             else:
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
-                    return cls(url, existing, dict(old)), True
+                    return cls(url, zarr.open_group(url, mode="r+"), dict(old)), True
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{url} holds a cache built with other settings; rerun with the same settings to "
@@ -325,6 +327,13 @@ class CacheWriter:
     def put_text(self, key: str, text: str) -> None:
         """Store a text record (resolved config) under ``build/``."""
         _put(self.group, f"build/{key}", text.encode())
+
+
+def _interrupted_creation(group: zarr.Group) -> bool:
+    """A group that a killed :meth:`CacheWriter.create_or_resume` left: our nodes only, no shard written."""
+    names = {k.split("/")[0] for k in _list(group, "")}
+    ours = {"zarr.json", "latents", "features", "labels", "build"}
+    return names <= ours and not _list(group, "build/progress/")
 
 
 def _try_open_group(url: str | os.PathLike) -> zarr.Group | None:

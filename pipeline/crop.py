@@ -22,4 +22,4 @@ def adm_center_crop(image: Image.Image, resolution: int) -> np.ndarray:
     arr = np.asarray(image)
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
-    return np.ascontiguousarray(arr[top:top + resolution, left:left + resolution])
+    return arr[top:top + resolution, left:left + resolution].copy()  # writable, contiguous
