@@ -428,6 +428,18 @@ class Cache:
             out[f"features/{name}"] = int(arr.nbytes_stored())
         return out
 
+    def shard_paths(self) -> dict[str, list[str]]:
+        """Local file of every stored shard, per array ('latents', 'features/<name>'); local caches only."""
+        root = local_root(self.url)
+        if root is None:
+            raise CacheError(f"{self.url} is not a local folder")
+        out = {}
+        for name, arr in {"latents": self.latents, **{f"features/{k}": v for k, v in self.features.items()}}.items():
+            paths = [os.path.join(root, arr.path, arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1)))
+                     for s in range(self.layout.num_shards)]
+            out[name] = [p for p in paths if os.path.exists(p)]
+        return out
+
     def loader(self, batch_size: int, **kwargs: Any):
         """A :class:`cache.loader.CacheLoader` over this cache; see its docstring for the options."""
         from .loader import CacheLoader

@@ -158,9 +158,15 @@ class Encoders(torch.nn.Module):
     def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool, bf16: bool):
         super().__init__()
         self.vae = vae
-        self.teachers = torch.nn.ModuleDict(dict(teachers))
+        self.names = list(teachers)  # timm names contain dots, which module names may not
+        self.teachers = torch.nn.ModuleList(teachers.values())
         self.flip = flip
         self.bf16 = bf16
+
+    def compile(self) -> None:
+        """torch.compile each encoder (one graph per encoder and batch shape)."""
+        self.vae = torch.compile(self.vae)
+        self.teachers = torch.nn.ModuleList(torch.compile(t) for t in self.teachers)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -168,7 +174,7 @@ class Encoders(torch.nn.Module):
         x = torch.cat([images, images.flip(2)]) if self.flip else images
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             lat = self.vae(x)
-            feats = {name: t(x) for name, t in self.teachers.items()}
+            feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
             return t.float().reshape(-1, n, *t.shape[1:]).transpose(0, 1).to(torch.float16)
@@ -384,9 +390,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
     encoders = Encoders(vae, teachers, flip=cfg.flip == "both", bf16=cfg.precision == "bf16").to(device).eval()
     if cfg.compile:
-        encoders.vae = torch.compile(encoders.vae)
-        for k in list(encoders.teachers):
-            encoders.teachers[k] = torch.compile(encoders.teachers[k])
+        encoders.compile()
     root = writer.manifest["source_root"] if rank != 0 else listing.root
     loader = DataLoader(_Decode(root, sources, cfg.resolution, cfg.max_pixels),
                         batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,

@@ -1,0 +1,327 @@
+"""Benchmark the build and the loader against their limits, measured in the same run.
+
+    python -m tools.bench_cache [--preset cpu|gpu] [--images N] [--precisions fp32,bf16] [--compile]
+
+Build: img/s of ``pipeline.build`` on synthetic JPEGs (ImageNet-like sizes) next to the encoders'
+forward-only img/s on device-resident batches of the same size, precision and compile setting
+(goal: ratio >= 0.9 on a GPU). The build rate is the steady state between the first and the last
+shard commit (model loading, worker start-up and compilation excluded).
+
+Loader: samples/s and MB/s of one shuffled epoch of a cache with DINOv2-B shapes next to a raw
+sequential read of the same shard files (goal: ratio >= 0.7), plus single-row ``pread`` in random
+order and zarr's own reads as further references.
+
+Random weights throughout: the figures are speed, never quality. Prints a table last and writes
+``OUT/bench_cache.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache import CacheWriter, Layout, open_cache
+from cache.config import ConfigError, config_to_dict, parse_config
+from pipeline.build import BuildConfig, Encoders, build, load_encoders
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark the feature-cache build and loader."""
+
+    out: str = "bench-out"
+    images: int = 192
+    resolution: int = 256
+    vae: str = "tiny"
+    teacher: str = "tiny"
+    batch_size: int = 16
+    precisions: str = "fp32"
+    compile: bool = False
+    workers: int = 2
+    device: str = "auto"
+    forward_iters: int = 5
+    loader_rows: int = 3072
+    loader_batch: int = 256
+    loader_workers: str = "1,2,4"
+    tokens: int = 256
+    dim: int = 768
+    skip_build: bool = False
+    skip_loader: bool = False
+
+    FIELD_HELP = {
+        "images": "synthetic JPEGs for the build benchmark",
+        "precisions": "comma-separated encoder precisions to measure (fp32, bf16)",
+        "compile": "also measure torch.compile'd encoders",
+        "loader_rows": "rows of the synthetic loader cache (DINOv2-B: 400 KiB a row)",
+        "loader_workers": "comma-separated reader thread counts to measure",
+    }
+
+    def __post_init__(self) -> None:
+        if any(p not in ("fp32", "bf16") for p in self.precisions.split(",")):
+            raise ConfigError(f"--precisions takes fp32 and/or bf16, got {self.precisions!r}")
+
+
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(images=3072, vae="random:stabilityai/sd-vae-ft-ema", teacher="random:vit_base_patch14_dinov2.lvd142m",
+                batch_size=128, precisions="fp32,bf16", workers=15, forward_iters=10, loader_rows=8192,
+                loader_workers="2,4,8"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic JPEGs
+
+
+def _write_jpeg(args: tuple[str, int]) -> None:
+    from PIL import Image
+
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    h, w = (375, 500) if seed % 3 else (500, 333)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    f = rng.uniform(5, 40, size=(3, 2))
+    img = np.stack([127 + 90 * np.sin(xx / f[c, 0] + c) * np.cos(yy / f[c, 1]) for c in range(3)], -1)
+    img += rng.normal(0, 12, img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def synthetic_folder(root: Path, n: int, classes: int = 10, procs: int | None = None) -> Path:
+    marker = root / f".n{n}"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    jobs = []
+    for i in range(n):
+        d = root / f"class{i % classes:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(d / f"img{i:06d}.JPEG"), i))
+    with Pool(procs or os.cpu_count()) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=16)
+    marker.touch()
+    return root
+
+
+# ------------------------------------------------------------------------------------------
+# Build against forward-only
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_only(cfg: BuildConfig, device: torch.device, iters: int) -> float:
+    """img/s of the encoders alone on a device-resident uint8 batch (no decode, no copies, no writes)."""
+    _, vae, teachers, _ = load_encoders(cfg)
+    enc = Encoders(vae, teachers, flip=False, bf16=cfg.precision == "bf16").to(device).eval()
+    if cfg.compile:
+        enc.compile()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randint(0, 256, (cfg.batch_size, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8, generator=gen).to(device)
+    for _ in range(2):
+        enc(x)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        enc(x)
+    _sync(device)
+    rate = iters * cfg.batch_size / (time.perf_counter() - t)
+    del enc, vae, teachers
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rate
+
+
+def steady_build_rate(path: str, skip_first: int = 2) -> float:
+    """img/s between the commits of the first ``skip_first`` shards and the last one."""
+    records = sorted(open_cache(path).progress_records(), key=lambda r: r["time"])
+    if len(records) <= skip_first + 1:
+        skip_first = 0
+    head, tail = records[skip_first], records[skip_first + 1:]
+    rows = sum(r["rows"][1] - r["rows"][0] for r in tail)
+    return rows / max(tail[-1]["time"] - head["time"], 1e-9)
+
+
+def bench_build(bc: BenchConfig, out: Path) -> list[dict[str, Any]]:
+    src = synthetic_folder(out / "jpegs", bc.images)
+    results = []
+    for precision in bc.precisions.split(","):
+        for compiled in ([False, True] if bc.compile else [False]):
+            cfg = BuildConfig(source=str(src), out=str(out / f"build-{precision}{'-compile' if compiled else ''}.zarr"),
+                              resolution=bc.resolution, vae=bc.vae, teacher=bc.teacher, precision=precision,
+                              compile=compiled, batch_size=bc.batch_size, workers=bc.workers, device=bc.device,
+                              shard_rows=bc.batch_size * 2 if bc.batch_size * 2 <= 512 else bc.batch_size,
+                              chunk_rows=16 if bc.batch_size % 16 == 0 else bc.batch_size, overwrite=True)
+            device = _device(bc.device)
+            fwd = forward_only(cfg, device, bc.forward_iters)
+            t = time.perf_counter()
+            build(cfg)
+            wall = time.perf_counter() - t
+            rate = steady_build_rate(cfg.out)
+            results.append({"precision": precision, "compile": compiled, "batch_size": bc.batch_size,
+                            "images": bc.images, "forward_img_s": round(fwd, 1), "build_img_s": round(rate, 1),
+                            "ratio": round(rate / fwd, 3), "build_wall_s": round(wall, 1)})
+            print(json.dumps(results[-1]), flush=True)
+            shutil.rmtree(cfg.out, ignore_errors=True)
+    return results
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+# ------------------------------------------------------------------------------------------
+# Loader against raw reads
+
+
+def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: int = 256, chunk_rows: int = 16) -> None:
+    layout = Layout(num_rows=rows, resolution=256, variants=1, teachers={"dinov2_b": (tokens, dim)},
+                    shard_rows=shard_rows, chunk_rows=chunk_rows)
+    writer, _ = CacheWriter.create_or_resume(path, layout=layout, manifest={"classes": [str(i) for i in range(10)]},
+                                             sources=[{"path": f"{i}", "size": 0, "label": i % 10} for i in range(rows)],
+                                             overwrite=True)
+    rng = np.random.default_rng(0)
+    feat = rng.standard_normal((shard_rows, 1, tokens, dim), dtype=np.float32).astype(np.float16)
+    lat = rng.standard_normal((shard_rows, 1, 8, 32, 32), dtype=np.float32).astype(np.float16)
+    for s in range(layout.num_shards):
+        lo, hi = layout.shard_rows_range(s)
+        feat[:, 0, 0, 0] = np.arange(lo, lo + shard_rows)  # rows differ
+        writer.write_shard(s, latents=lat[: hi - lo], features={"dinov2_b": feat[: hi - lo]},
+                           labels=np.arange(lo, hi, dtype=np.int32) % 10)
+    writer.finalize({})
+
+
+def raw_sequential(files: list[Path], block: int) -> tuple[float, int]:
+    """Seconds and bytes to read every file front to back into one buffer of ``block`` bytes (one
+    thread); with ``block`` = one loader batch, the bytes land in as much memory as a batch uses."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total = 0
+    t = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return time.perf_counter() - t, total
+
+
+def raw_random_rows(c: Any, threads: int, block: int) -> tuple[float, int]:
+    """Seconds and bytes to pread one row-sized block per row and array, in random order, from the
+    same files into batch-sized buffers (``block`` bytes in all): the loader's access pattern with
+    nothing else (no shard index, no batch assembly)."""
+    jobs = []
+    for name, paths in c.shard_paths().items():
+        arr = c.latents if name == "latents" else c.features[name.split("/", 1)[1]]
+        row_bytes = int(np.prod(arr.shape[1:])) * 2
+        for p in paths:
+            n = os.path.getsize(p) // row_bytes
+            jobs += [(p, k * row_bytes, row_bytes) for k in range(n)]
+    order = np.random.default_rng(1).permutation(len(jobs))
+    fds = {p: os.open(p, os.O_RDONLY) for p in {j[0] for j in jobs}}
+    bufs = [memoryview(bytearray(block // threads)) for _ in range(threads)]
+
+    def work(part: tuple[int, np.ndarray]) -> int:
+        t, idx = part
+        buf, pos, total = bufs[t], 0, 0
+        for i in idx:
+            p, off, size = jobs[i]
+            if pos + size > len(buf):
+                pos = 0
+            total += os.preadv(fds[p], [buf[pos:pos + size]], off)
+            pos += size
+        return total
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(work, enumerate(np.array_split(order, threads))))
+    seconds = time.perf_counter() - t
+    for fd in fds.values():
+        os.close(fd)
+    return seconds, total
+
+
+def bench_loader(bc: BenchConfig, out: Path) -> dict[str, Any]:
+    path = out / "loader.zarr"
+    synthetic_cache(path, bc.loader_rows, bc.tokens, bc.dim)
+    c = open_cache(path)
+    files = [Path(p) for paths in c.shard_paths().values() for p in paths]
+    block = bc.loader_batch * (bc.tokens * bc.dim + 8 * 32 * 32) * 2
+    raw_sequential(files, block)  # warm the page cache
+    seq_s, seq_bytes = min(raw_sequential(files, block) for _ in range(2))
+    res: dict[str, Any] = {"rows": bc.loader_rows, "row_kib": round(seq_bytes / bc.loader_rows / 1024, 1),
+                           "raw_seq_MBps": round(seq_bytes / seq_s / 1e6, 1)}
+    for threads in (1, 4):
+        s, b = raw_random_rows(c, threads, block)
+        res[f"raw_pread_rows_{threads}t_MBps"] = round(b / s / 1e6, 1)
+    best = 0.0
+    for workers in map(int, bc.loader_workers.split(",")):
+        loader = c.loader(bc.loader_batch, seed=0, epoch=0, num_workers=workers, prefetch=4)
+        t = time.perf_counter()
+        n = nbytes = 0
+        for batch in loader:
+            n += len(batch["index"])
+            nbytes += batch["latents"].nbytes + sum(f.nbytes for f in batch["features"].values())
+        s = time.perf_counter() - t
+        res[f"loader_{workers}w_samples_s"] = round(n / s, 1)
+        res[f"loader_{workers}w_MBps"] = round(nbytes / s / 1e6, 1)
+        best = max(best, nbytes / s / 1e6)
+    res["loader_best_MBps"] = round(best, 1)
+    res["ratio_vs_raw_seq"] = round(best / res["raw_seq_MBps"], 3)
+    # zarr's own reads of the same cache, whole shards in order (what other tools would do)
+    t = time.perf_counter()
+    for s in range(c.layout.num_shards):
+        lo, hi = c.layout.shard_rows_range(s)
+        c.features["dinov2_b"][lo:hi]
+        c.latents[lo:hi]
+    res["zarr_sequential_MBps"] = round(seq_bytes / (time.perf_counter() - t) / 1e6, 1)
+    print(json.dumps(res), flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    bc, dry = parse_config(BenchConfig, argv, presets=PRESETS, default_preset="cpu")
+    if dry:
+        return 0
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(bc.device)
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+    report: dict[str, Any] = {"config": config_to_dict(bc), "machine": machine}
+    if not bc.skip_build:
+        report["build"] = bench_build(bc, out)
+    if not bc.skip_loader:
+        report["loader"] = bench_loader(bc, out)
+    (out / "bench_cache.json").write_text(json.dumps(report, indent=2))
+    print(f"\nmachine: {machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}  (random weights: speed only)")
+    for r in report.get("build", []):
+        print(f"build  {r['precision']:4s} compile={str(r['compile']):5s} batch {r['batch_size']:4d}: "
+              f"build {r['build_img_s']:8.1f} img/s / encoders forward-only {r['forward_img_s']:8.1f} img/s "
+              f"= {r['ratio']:.3f}  (goal >= 0.9 on a GPU)")
+    if "loader" in report:
+        r = report["loader"]
+        print(f"loader {r['rows']} rows of {r['row_kib']} KiB: best {r['loader_best_MBps']:.0f} MB/s "
+              f"({max(v for k, v in r.items() if k.endswith('samples_s')):.0f} samples/s) / raw sequential "
+              f"{r['raw_seq_MBps']:.0f} MB/s = {r['ratio_vs_raw_seq']:.3f}  (goal >= 0.7); "
+              f"raw random pread 1t/4t {r['raw_pread_rows_1t_MBps']:.0f}/{r['raw_pread_rows_4t_MBps']:.0f} MB/s; "
+              f"zarr sequential {r['zarr_sequential_MBps']:.0f} MB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
