@@ -345,6 +345,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     if device.type == "cuda":
+        if device.index is None:  # accelerate's single-process device is a bare "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
