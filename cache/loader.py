@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .store import local_root
+from .store import local_root, plain_sharding
 
 if TYPE_CHECKING:
     from .store import Cache
@@ -89,7 +89,7 @@ class _RowReader:
         self.variant_shape = self.row_shape[1:]
         self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
         self.row_nbytes = self.variant_nbytes * self.row_shape[0]
-        self.direct = root is not None and _plain_sharding(array)
+        self.direct = root is not None and plain_sharding(array)
         if self.direct:
             codec = array.metadata.codecs[0]
             self.chunk_rows = codec.chunk_shape[0]
@@ -157,19 +157,6 @@ class _RowReader:
                 if n == 0:
                     raise OSError(f"unexpected end of shard {int(shards[i])} of {self.array.path}")
                 got += n
-
-
-def _plain_sharding(array: Any) -> bool:
-    """True when rows can be read by byte range: one uncompressed little-endian sharding codec."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
-        return False
-    sh = codecs[0]
-    inner_ok = len(sh.codecs) == 1 and type(sh.codecs[0]).__name__ == "BytesCodec" and (
-        sh.codecs[0].endian is None or sh.codecs[0].endian.value == "little")
-    index_ok = [type(c).__name__ for c in sh.index_codecs] == ["BytesCodec", "Crc32cCodec"]
-    full_rows = tuple(sh.chunk_shape[1:]) == tuple(array.shape[1:])
-    return inner_ok and index_ok and full_rows and sh.index_location.value == "end" and array.dtype.byteorder in "<=|"
 
 
 class _BufferPool:

@@ -189,6 +189,57 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
     )
 
 
+def plain_sharding(array: Any) -> bool:
+    """True when a shard is its rows' bytes plus the index: one uncompressed little-endian sharding codec
+    whose inner chunks span whole rows (then rows are read and shards written by byte range)."""
+    codecs = array.metadata.codecs
+    if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
+        return False
+    sh = codecs[0]
+    inner_ok = len(sh.codecs) == 1 and type(sh.codecs[0]).__name__ == "BytesCodec" and (
+        sh.codecs[0].endian is None or sh.codecs[0].endian.value == "little")
+    index_ok = [type(c).__name__ for c in sh.index_codecs] == ["BytesCodec", "Crc32cCodec"]
+    full_rows = tuple(sh.chunk_shape[1:]) == tuple(array.shape[1:])
+    return inner_ok and index_ok and full_rows and sh.index_location.value == "end" and array.dtype.byteorder in "<=|"
+
+
+def write_shard_file(path: str, data: np.ndarray, *, chunk_rows: int, shard_rows: int) -> None:
+    """Write one shard of a :func:`plain_sharding` array as zarr's sharding codec lays it out.
+
+    ``data`` holds the shard's rows (fewer than ``shard_rows`` for the last shard). The file is the
+    inner chunks in order (a partial last chunk padded with the fill value 0), then the index of
+    (offset, nbytes) little-endian uint64 pairs, empty chunks as 2**64 - 1, then its crc32c. It is
+    written to ``path + '.partial'`` and renamed, so a reader never sees half a shard. Byte-for-byte
+    what zarr writes with ``write_empty_chunks=True`` (tested), without its per-chunk copies.
+    """
+    import google_crc32c
+
+    data = np.ascontiguousarray(data)
+    n = data.shape[0]
+    present = -(-n // chunk_rows)
+    if n % chunk_rows:
+        padded = np.zeros((present * chunk_rows, *data.shape[1:]), dtype=data.dtype)
+        padded[:n] = data
+        data = padded
+    chunk_nbytes = data.nbytes // present
+    index = np.full((shard_rows // chunk_rows, 2), 0xFFFFFFFFFFFFFFFF, dtype="<u8")
+    index[:present, 0] = np.arange(present, dtype=np.uint64) * np.uint64(chunk_nbytes)
+    index[:present, 1] = chunk_nbytes
+    tail = index.tobytes() + int(google_crc32c.value(index.tobytes())).to_bytes(4, "little")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + (1 << 30)])
+        os.write(fd, tail)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _progress_key(shard: int) -> str:
     return f"build/progress/shard-{shard:06d}.json"
 
@@ -302,12 +353,23 @@ class CacheWriter:
             raise CacheError(f"shard {shard} holds rows {lo}..{hi}: expected {n} rows per array")
         if set(features) != set(self.layout.teachers):
             raise CacheError(f"shard {shard}: features for {sorted(features)}, cache has {sorted(self.layout.teachers)}")
-        self.group["latents"][lo:hi] = np.ascontiguousarray(latents, dtype=np.float16)
+        self._write_rows(self.group["latents"], shard, latents)
         for name, arr in features.items():
-            self.group["features"][name][lo:hi] = np.ascontiguousarray(arr, dtype=np.float16)
+            self._write_rows(self.group["features"][name], shard, arr)
         self.group["labels"][lo:hi] = labels.astype(np.int32)
         record = {"shard": shard, "rows": [lo, hi], "skipped": list(skipped), "time": time.time()}
         _put(self.group, _progress_key(shard), json.dumps(record).encode())
+
+    def _write_rows(self, array: Any, shard: int, data: np.ndarray) -> None:
+        data = np.asarray(data, dtype=np.float16)
+        lo, hi = self.layout.shard_rows_range(shard)
+        root = local_root(self.url)
+        if root is not None and plain_sharding(array):
+            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            write_shard_file(os.path.join(root, array.path, key), data, chunk_rows=self.layout.chunk_rows,
+                             shard_rows=self.layout.shard_rows)
+        else:
+            array[lo:hi] = data
 
     def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""

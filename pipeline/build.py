@@ -220,25 +220,38 @@ def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos:
     }
 
 
-class _ShardAssembler:
-    """Collects encoded batches per shard; writes a shard once all its rows are in (own thread)."""
+class _ShardBuffers:
+    """One shard being filled: encoder outputs land in place (pinned on CUDA, so the device copies
+    straight into it), then the whole shard goes to the writer thread."""
 
-    def __init__(self, writer: CacheWriter, sources: list[dict]) -> None:
-        self.writer, self.sources = writer, sources
-        self.layout = writer.layout
-        self.buffers: dict[int, dict[str, Any]] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=8)
+    def __init__(self, layout: Layout, shard: int, pin: bool) -> None:
+        self.shard = shard
+        self.lo, hi = layout.shard_rows_range(shard)
+        self.n, self.filled, self.skipped = hi - self.lo, 0, []
+        h = layout.resolution // 8
+        self.latents = torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
+        self.features = {k: torch.empty((self.n, layout.variants, t, d), dtype=torch.float16, pin_memory=pin)
+                         for k, (t, d) in layout.teachers.items()}
+        self.labels = np.full(self.n, -1, np.int32)
+        self.event: torch.cuda.Event | None = None
+
+
+class _ShardWriter:
+    """Writes finished shards on its own thread, so that encoding never waits for storage."""
+
+    def __init__(self, writer: CacheWriter, depth: int = 3) -> None:
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.shards_written = 0
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
-    def put(self, item: dict[str, Any] | None) -> None:
+    def put(self, buf: _ShardBuffers | None) -> None:
         while True:
             if self.error is not None:
                 raise RuntimeError("the shard writer failed") from self.error
             try:
-                self.queue.put(item, timeout=1.0)
+                self.queue.put(buf, timeout=1.0)
                 return
             except queue.Full:
                 continue
@@ -251,52 +264,16 @@ class _ShardAssembler:
 
     def _run(self) -> None:
         try:
-            while (item := self.queue.get()) is not None:
-                self._add(item)
+            while (buf := self.queue.get()) is not None:
+                if buf.event is not None:
+                    buf.event.synchronize()
+                self.writer.write_shard(buf.shard, latents=buf.latents.numpy(),
+                                        features={k: v.numpy() for k, v in buf.features.items()},
+                                        labels=buf.labels, skipped=buf.skipped)
         except BaseException as e:
             self.error = e
-            while True:  # drain so that the producer never blocks
-                try:
-                    if self.queue.get(timeout=0.1) is None:
-                        break
-                except queue.Empty:
-                    continue
-
-    def _buffer(self, shard: int) -> dict[str, Any]:
-        if shard not in self.buffers:
-            lo, hi = self.layout.shard_rows_range(shard)
-            n, lay = hi - lo, self.layout
-            h = lay.resolution // 8
-            self.buffers[shard] = {
-                "lo": lo, "n": n, "filled": 0, "skipped": [],
-                "latents": np.zeros((n, lay.variants, 8, h, h), np.float16),
-                "features": {k: np.zeros((n, lay.variants, t, d), np.float16) for k, (t, d) in lay.teachers.items()},
-                "labels": np.full(n, -1, np.int32),
-            }
-        return self.buffers[shard]
-
-    def _add(self, item: dict[str, Any]) -> None:
-        if item.get("event") is not None:
-            item["event"].synchronize()
-        rows, valid = item["rows"], item["valid"]
-        shard = int(rows[0]) // self.layout.shard_rows
-        buf = self._buffer(shard)
-        idx = rows - buf["lo"]
-        vidx = idx[valid]
-        if len(vidx):
-            buf["latents"][vidx] = item["latents"].numpy()
-            for k, v in item["features"].items():
-                buf["features"][k][vidx] = v.numpy()
-            buf["labels"][vidx] = [self.sources[r]["label"] for r in rows[valid]]
-        for r, ok, reason in zip(rows.tolist(), valid.tolist(), item["reasons"]):
-            if not ok:
-                buf["skipped"].append({"row": r, "path": self.sources[r]["path"], "reason": reason})
-        buf["filled"] += len(rows)
-        if buf["filled"] == buf["n"]:
-            self.writer.write_shard(shard, latents=buf["latents"], features=buf["features"],
-                                    labels=buf["labels"], skipped=buf["skipped"])
-            del self.buffers[shard]
-            self.shards_written += 1
+            while self.queue.get() is not None:  # drain so that the producer never blocks
+                pass
 
 
 def _batches(layout: Layout, shards: list[int], batch_size: int) -> list[list[int]]:
@@ -337,6 +314,18 @@ def _broadcast(obj: Any, state: Any) -> Any:
     return box[0]
 
 
+def configure_device(device: torch.device) -> torch.device:
+    """Give a bare 'cuda' its index (accelerate's single-process device) and allow TF32 matmuls and
+    convolutions, the fp32 setting of the build."""
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def build(cfg: BuildConfig) -> dict[str, Any]:
     """Run (or resume) a build; returns the final manifest. Every rank calls this."""
     from accelerate import PartialState
@@ -344,13 +333,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     state = PartialState(cpu=cfg.device == "cpu")
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:  # accelerate's single-process device is a bare "cuda"
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = False
+    device = configure_device(device)
     _setup_logging(rank, cfg.out)
     t0 = time.time()
 
@@ -398,26 +381,35 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                         batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None)
-    assembler = _ShardAssembler(writer, sources)
+    shard_writer = _ShardWriter(writer)
     from tqdm import tqdm
 
     bar = tqdm(total=int(my_rows), unit="img", disable=rank != 0, smoothing=0.05, dynamic_ncols=True,
                desc=f"encode (rank 0 of {world})")
     t_enc = time.time()
+    buffers: dict[int, _ShardBuffers] = {}
     try:
-        for batch in _iterate(loader):
-            item = {"rows": batch["rows"], "valid": batch["valid"], "reasons": batch["reasons"], "event": None}
-            if batch["images"] is not None:
-                lat, feats = encoders(batch["images"].to(device, non_blocking=True))
-                item["latents"], item["features"] = _to_host(lat), {k: _to_host(v) for k, v in feats.items()}
+        for batch in loader:
+            rows, valid = batch["rows"], batch["valid"]
+            shard = int(rows[0]) // layout.shard_rows
+            if shard not in buffers:
+                buffers[shard] = _ShardBuffers(layout, shard, pin=device.type == "cuda")
+            buf = buffers[shard]
+            a, b = int(rows[0]) - buf.lo, int(rows[-1]) + 1 - buf.lo  # a batch is a run of rows
+            _encode_into(encoders, batch["images"], valid, device, buf, a, b)
+            buf.labels[a:b][valid] = [sources[r]["label"] for r in rows[valid]]
+            buf.skipped += [{"row": int(r), "path": sources[r]["path"], "reason": why}
+                            for r, ok, why in zip(rows, valid, batch["reasons"]) if not ok]
+            buf.filled += len(rows)
+            if buf.filled == buf.n:
                 if device.type == "cuda":
-                    item["event"] = torch.cuda.Event()
-                    item["event"].record()
-            assembler.put(item)
-            bar.update(len(batch["rows"]))
+                    buf.event = torch.cuda.Event()
+                    buf.event.record()
+                shard_writer.put(buffers.pop(shard))
+            bar.update(len(rows))
     finally:
         bar.close()
-    assembler.close()
+    shard_writer.close()
     t_done = time.time()
     state.wait_for_everyone()
     manifest = writer.manifest
@@ -437,16 +429,25 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return manifest
 
 
-def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    yield from loader
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
+def _encode_into(encoders: Encoders, images: torch.Tensor | None, valid: np.ndarray, device: torch.device,
+                 buf: _ShardBuffers, a: int, b: int) -> None:
+    """Encode a batch and copy it into rows a..b of the shard buffers (zeros for skipped files)."""
+    targets = [buf.latents] + list(buf.features.values())
+    if images is None:
+        for t in targets:
+            t[a:b].zero_()
+        return
+    lat, feats = encoders(images.to(device, non_blocking=True))
+    outputs = [lat] + [feats[k] for k in buf.features]
+    all_valid = bool(valid.all())
+    if not all_valid:
+        idx = torch.from_numpy(np.flatnonzero(valid)).to(device)
+    for t, out in zip(targets, outputs):
+        if not all_valid:
+            full = out.new_zeros((b - a, *out.shape[1:]))
+            full[idx] = out
+            out = full
+        t[a:b].copy_(out, non_blocking=True)
 
 
 def _nbytes(writer: CacheWriter) -> dict[str, int]:

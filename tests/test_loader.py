@@ -207,3 +207,25 @@ def test_interrupted_creation_is_finished(tmp_path):
     layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
     writer, resumed = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, manifest={"classes": []}, sources=[])
     assert not resumed and writer.group["latents"].shape == (10, 1, 8, 2, 2)
+
+
+@pytest.mark.parametrize("rows", [32, 27, 5])
+def test_direct_shard_file_is_what_zarr_writes(tmp_path, rows):
+    """The build's direct shard writer produces zarr's own bytes (full, partial and tiny last shard)."""
+    import zarr
+
+    from cache.store import plain_sharding, write_shard_file
+
+    data = np.random.default_rng(rows).standard_normal((rows, 1, 3, 5)).astype(np.float16)
+    data[:4] = 0  # an all-zero chunk is still written (write_empty_chunks=True)
+    g = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    kw = dict(shape=(rows, 1, 3, 5), dtype="float16", chunks=(4, 1, 3, 5), shards=(16, 1, 3, 5), compressors=None,
+              fill_value=0, config={"write_empty_chunks": True})
+    ref, mine = g.create_array("ref", **kw), g.create_array("mine", **kw)
+    assert plain_sharding(mine)
+    ref[:] = data
+    for shard in range(-(-rows // 16)):
+        key = mine.metadata.encode_chunk_key((shard, 0, 0, 0))
+        write_shard_file(str(tmp_path / "g.zarr" / "mine" / key), data[shard * 16:(shard + 1) * 16], chunk_rows=4, shard_rows=16)
+        assert (tmp_path / "g.zarr" / "mine" / key).read_bytes() == (tmp_path / "g.zarr" / "ref" / key).read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr" / "mine")[:], data)

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, zarr, diffusers, timm, accelerate; print('torch', torch.__version__, 'zarr', zarr.__version__, 'diffusers', diffusers.__version__, 'timm', timm.__version__)"
 [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_loader.py tests/test_encoders.py 2>&1 | tail -3
-python3 -m tools.bench_cache --preset gpu --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_eager.log" | tail -6
+python3 -m tools.bench_cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_eager.log" | tail -6
 cp /tmp/bench/bench_cache.json "$OUT/bench_eager.json"
 timeout ${COMPILE_BUDGET:-240} python3 -m tools.bench_cache --preset gpu --precisions bf16 --compile --skip-loader \
   --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_compile.log" | tail -4
