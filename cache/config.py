@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -122,8 +121,3 @@ def _help(cls: type, name: str) -> str:
     """Per-field help text: the `#:` comment above or the inline comment is not introspectable,
     so dataclasses here document fields in a ``FIELD_HELP`` class attribute."""
     return getattr(cls, "FIELD_HELP", {}).get(name, "")
-
-
-def exit_on_config_error(msg: str) -> typing.NoReturn:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)

@@ -24,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -306,16 +307,28 @@ def bench_loader(bc: BenchConfig, out: Path) -> dict[str, Any]:
     res["loader_best_MBps"] = round(best, 1)
     res["ratio_vs_raw_seq"] = round(best / res["raw_seq_MBps"], 3)
     # zarr's own reads of the same cache, whole shards in order (what other tools would do)
-    def whole_shards() -> None:
-        for s in range(c.layout.num_shards):
-            lo, hi = c.layout.shard_rows_range(s)
-            c.features["dinov2_b"][lo:hi]
-            c.latents[lo:hi]
-
-    res["zarr_sequential_MBps"] = round(seq_bytes / _best_of(whole_shards, 2) / 1e6, 1)
+    res["zarr_sequential_MBps"] = round(seq_bytes / _best_of(partial(_zarr_whole_shards, c), 2) / 1e6, 1)
     print(json.dumps(res), flush=True)
     shutil.rmtree(path, ignore_errors=True)
     return res
+
+
+def _zarr_whole_shards(c: Any) -> None:
+    for s in range(c.layout.num_shards):
+        lo, hi = c.layout.shard_rows_range(s)
+        c.features["dinov2_b"][lo:hi]
+        c.latents[lo:hi]
+
+
+def _zarr_random_blocks(c: Any, block: int = 64) -> None:
+    for b in np.random.default_rng(0).permutation(c.layout.num_rows // block):
+        c.features["dinov2_b"][b * block:(b + 1) * block]
+        c.latents[b * block:(b + 1) * block]
+
+
+def _loader_epoch(c: Any) -> None:
+    for _ in c.loader(256, seed=0, num_workers=2):
+        pass
 
 
 def _best_of(fn: Any, times: int = 3) -> float:
@@ -337,22 +350,8 @@ def bench_chunks(bc: BenchConfig, out: Path) -> list[dict[str, Any]]:
         synthetic_cache(path, rows, bc.tokens, bc.dim, shard_rows=shard_rows, chunk_rows=chunk_rows)
         c = open_cache(path)
         nbytes = rows * (bc.tokens * bc.dim + 8 * 32 * 32) * 2
-        def whole_shards() -> None:
-            for s in range(c.layout.num_shards):
-                lo, hi = c.layout.shard_rows_range(s)
-                c.features["dinov2_b"][lo:hi]
-                c.latents[lo:hi]
-
-        def random_blocks() -> None:
-            for b in np.random.default_rng(0).permutation(rows // 64):
-                c.features["dinov2_b"][b * 64:(b + 1) * 64]
-                c.latents[b * 64:(b + 1) * 64]
-
-        def loader_epoch() -> None:
-            for _ in c.loader(256, seed=0, num_workers=2):
-                pass
-
-        zarr_seq, zarr_blocks, loader = (nbytes / _best_of(fn) / 1e6 for fn in (whole_shards, random_blocks, loader_epoch))
+        zarr_seq, zarr_blocks, loader = (nbytes / _best_of(partial(fn, c)) / 1e6
+                                         for fn in (_zarr_whole_shards, _zarr_random_blocks, _loader_epoch))
         results.append({"shard_rows": shard_rows, "chunk_rows": chunk_rows, "zarr_shards_MBps": round(zarr_seq),
                         "zarr_random_64row_blocks_MBps": round(zarr_blocks), "loader_random_rows_MBps": round(loader)})
         print(json.dumps(results[-1]), flush=True)
