@@ -38,7 +38,7 @@ def summary(cache: Cache) -> dict[str, Any]:
         "compressor": lay.compressor,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
-        "source": {k: m["source"].get(k) for k in ("root", "num_files", "fingerprint")},
+        "source": {"root": m.get("source_root"), **{k: m["source"].get(k) for k in ("num_files", "fingerprint")}},
         "stats": m.get("stats", {}),
     }
 

@@ -485,10 +485,7 @@ class Cache:
         return None if data is None else data.decode()
 
     def nbytes_stored(self) -> dict[str, int]:
-        out = {"latents": int(self.latents.nbytes_stored()), "labels": int(self.group["labels"].nbytes_stored())}
-        for name, arr in self.features.items():
-            out[f"features/{name}"] = int(arr.nbytes_stored())
-        return out
+        return stored_bytes(self.group)
 
     def shard_paths(self) -> dict[str, list[str]]:
         """Local file of every stored shard, per array ('latents', 'features/<name>'); local caches only."""
@@ -507,6 +504,14 @@ class Cache:
         from .loader import CacheLoader
 
         return CacheLoader(self, batch_size, **kwargs)
+
+
+def stored_bytes(group: zarr.Group) -> dict[str, int]:
+    """Bytes stored per array of a cache group ('latents', 'labels', 'features/<name>')."""
+    out = {"latents": int(group["latents"].nbytes_stored()), "labels": int(group["labels"].nbytes_stored())}
+    for name, arr in group["features"].arrays():
+        out[f"features/{name}"] = int(arr.nbytes_stored())
+    return out
 
 
 def open_cache(url: str | os.PathLike, *, allow_incomplete: bool = False) -> Cache:

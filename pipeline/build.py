@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.store import CacheError, CacheWriter, Layout, local_root
+from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import SkipImage, load_image
 from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, WeightsUnavailable, load_teacher, load_vae, teacher_name
@@ -200,7 +200,7 @@ def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos:
     import zarr
 
     return {
-        "source": {"root": listing.root, "num_files": len(listing.files), "fingerprint": listing.fingerprint,
+        "source": {"num_files": len(listing.files), "fingerprint": listing.fingerprint,
                    "classes_limit": cfg.classes, "limit": cfg.limit},
         "source_root": listing.root,
         "classes": listing.classes,
@@ -338,7 +338,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     t0 = time.time()
 
     vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
-    result: tuple[str, Any] = ("ok", None)
+    result: tuple[str, str] = ("ok", "")
     if rank == 0:
         try:
             listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
@@ -352,6 +352,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
             _logger.info("%s cache %s: %d rows, %d classes, %d shards", "resuming" if resumed else "created",
                          cfg.out, layout.num_rows, len(listing.classes), layout.num_shards)
+            result = ("ok", listing.root)
         except (CacheError, FileNotFoundError, ValueError) as e:
             result = ("error", str(e))
     result = _broadcast(result, state)
@@ -368,15 +369,15 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
-    rows_todo = sum(np.subtract(*layout.shard_rows_range(s)[::-1]) for s in todo)
-    my_rows = sum(np.subtract(*layout.shard_rows_range(s)[::-1]) for s in mine)
+    rows_todo = sum(hi - lo for lo, hi in map(layout.shard_rows_range, todo))
+    my_rows = sum(hi - lo for lo, hi in map(layout.shard_rows_range, mine))
     _logger.info("%d of %d shards to encode (%d rows) on %d process(es), device %s", len(todo),
                  layout.num_shards, rows_todo, world, device)
 
     encoders = Encoders(vae, teachers, flip=cfg.flip == "both", bf16=cfg.precision == "bf16").to(device).eval()
     if cfg.compile:
         encoders.compile()
-    root = writer.manifest["source_root"] if rank != 0 else listing.root
+    root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
     loader = DataLoader(_Decode(root, sources, cfg.resolution, cfg.max_pixels),
                         batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -419,7 +420,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                  "rows_this_run": int(rows_todo), "img_per_s": round(float(rows_todo) / max(seconds, 1e-9), 2),
                  "world_size": world, "device": str(device)}
         manifest = writer.finalize(stats)
-        total = sum(_nbytes(writer).values())
+        total = sum(stored_bytes(writer.group).values())
         _logger.info("done: %d rows (%d skipped) in %d shards, %.3f GiB, %.1f s, %.1f img/s over %d process(es)",
                      layout.num_rows, len(manifest["skipped"]), layout.num_shards, total / 2**30,
                      stats["seconds"], stats["img_per_s"], world)
@@ -448,14 +449,6 @@ def _encode_into(encoders: Encoders, images: torch.Tensor | None, valid: np.ndar
             full[idx] = out
             out = full
         t[a:b].copy_(out, non_blocking=True)
-
-
-def _nbytes(writer: CacheWriter) -> dict[str, int]:
-    g = writer.group
-    out = {"latents": int(g["latents"].nbytes_stored())}
-    for name in writer.layout.teachers:
-        out[name] = int(g["features"][name].nbytes_stored())
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,10 @@ def test_refuses_changed_source_or_encoder_then_overwrite(tmp_path, image_folder
     before = (out / "zarr.json").read_bytes()
     again = run_build(src, out)
     assert "already complete" in again.stderr
+    moved = tmp_path / "moved"
+    src.rename(moved)  # the same files elsewhere are the same source
+    assert "already complete" in run_build(moved, out).stderr
+    src = moved
     first_class = sorted(p for p in src.iterdir() if p.is_dir())[0]
     Image.open(next(first_class.iterdir())).convert("RGB").save(first_class / "new_one.png")
     refused = run_build(src, out, check=False)
