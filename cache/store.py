@@ -410,7 +410,8 @@ def _delete(url: str | os.PathLike, group: zarr.Group) -> None:
     if root is not None:
         shutil.rmtree(root)
     else:
-        sync(group.store.delete_dir(group.path))
+        writable = zarr.open_group(url, mode="r+")
+        sync(writable.store.delete_dir(writable.path))
 
 
 # ---------------------------------------------------------------------------------------------
