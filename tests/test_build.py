@@ -156,3 +156,13 @@ def test_dry_run_writes_nothing(tmp_path, image_folder):
     assert not (tmp_path / "c.zarr").exists()
     bad = run_build(image_folder, tmp_path / "c.zarr", "--flip", "sideways", check=False)
     assert bad.returncode == 2 and "--flip" in bad.stderr
+
+
+def test_several_teachers_in_one_build(tmp_path, image_folder):
+    run_build(image_folder, tmp_path / "c.zarr", "--teacher", "tiny,random:vit_small_patch14_dinov2.lvd142m", "--limit", "8")
+    c = cache.open_cache(tmp_path / "c.zarr")
+    assert c.features["tiny"].shape == (8, 1, 16, 96)
+    assert c.features["vit_small_patch14_dinov2.lvd142m"].shape == (8, 1, 16, 384)
+    assert c.manifest["teachers"]["vit_small_patch14_dinov2.lvd142m"]["random_weights"] is True
+    b = next(iter(c.loader(4)))
+    assert set(b["features"]) == {"tiny", "vit_small_patch14_dinov2.lvd142m"}
