@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "parse_config", "config_to_dict", "config_diff"]
+__all__ = ["ConfigError", "parse_config", "config_to_dict"]
 
 
 class ConfigError(ValueError):
@@ -43,17 +43,6 @@ def _field_type(cls: type, field: dataclasses.Field) -> Any:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (what entry points write next to their outputs)."""
     return dataclasses.asdict(cfg)
-
-
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: Sequence[str] = ()) -> list[str]:
-    """Names of settings whose values differ between two config dicts, as 'name: old -> new'."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if key in ignore:
-            continue
-        if old.get(key) != new.get(key):
-            out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return out
 
 
 def parse_config(

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .store import local_root, plain_sharding
+from .store import EMPTY_CHUNK, local_root, plain_sharding
 
 if TYPE_CHECKING:
     from .store import Cache
 
 __all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
 
-_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+_EMPTY = np.uint64(EMPTY_CHUNK)
 
 
 def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

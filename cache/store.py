@@ -54,6 +54,7 @@ MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
 VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root")
 COMPRESSORS = ("none", "zstd")
+EMPTY_CHUNK = 0xFFFFFFFFFFFFFFFF  # shard index entry of a chunk that is not stored
 
 
 class CacheError(RuntimeError):
@@ -222,7 +223,7 @@ def write_shard_file(path: str, data: np.ndarray, *, chunk_rows: int, shard_rows
         padded[:n] = data
         data = padded
     chunk_nbytes = data.nbytes // present
-    index = np.full((shard_rows // chunk_rows, 2), 0xFFFFFFFFFFFFFFFF, dtype="<u8")
+    index = np.full((shard_rows // chunk_rows, 2), EMPTY_CHUNK, dtype="<u8")
     index[:present, 0] = np.arange(present, dtype=np.uint64) * np.uint64(chunk_nbytes)
     index[:present, 1] = chunk_nbytes
     tail = index.tobytes() + int(google_crc32c.value(index.tobytes())).to_bytes(4, "little")
@@ -480,10 +481,6 @@ class Cache:
         for key in sorted(_list(self.group, "build/progress/")):
             out.append(json.loads(_get(self.group, key)))
         return out
-
-    def text_record(self, key: str) -> str | None:
-        data = _get(self.group, f"build/{key}")
-        return None if data is None else data.decode()
 
     def nbytes_stored(self) -> dict[str, int]:
         return stored_bytes(self.group)
