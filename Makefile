@@ -8,9 +8,10 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 SOURCE ?=
 OUT ?=
 CACHE ?= demo/cache.zarr
+RUN ?= runs/run
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache inspect bench-cache lint clean help
+.PHONY: setup demo test test-fast cache inspect train macs bench-cache bench-train lint clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -23,10 +24,11 @@ $(VENV)/.setup-stamp: pyproject.toml
 
 setup: $(VENV)/.setup-stamp ## create .venv and install everything (torch pinned as above)
 
-demo: setup ## images -> tiny-encoder cache -> inspect (CPU, about a minute)
+demo: setup ## images -> tiny-encoder cache -> inspect -> train the tiny model (CPU, about 3 minutes)
 	$(PY) -m tools.demo_images demo/images
 	$(PY) -m pipeline.build demo/images demo/cache.zarr --preset demo
 	$(PY) -m cache.inspect demo/cache.zarr --verify
+	$(PY) -m trainer.train --preset demo --cache demo/cache.zarr --out demo/run
 
 test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
@@ -41,8 +43,17 @@ cache: setup ## build a cache: make cache SOURCE=/data/imagenet/train OUT=/data/
 inspect: setup ## summary and full check of a cache: make inspect CACHE=path
 	$(PY) -m cache.inspect $(CACHE) --verify
 
+train: setup ## train from a cache: make train CACHE=in256.zarr RUN=runs/xl ARGS="--preset urepa-xl-256"
+	$(PY) -m trainer.train --cache $(CACHE) --out $(RUN) $(ARGS)
+
+macs: setup ## parameter counts and GMACs of every model preset against the paper
+	$(PY) -m tools.macs $(ARGS)
+
 bench-cache: setup ## build and loader throughput against their limits, measured in the same run
 	$(PY) -m tools.bench_cache $(ARGS)
+
+bench-train: setup ## training step: loop from the cache vs in-memory limit vs online teacher
+	$(PY) -m tools.bench_train $(ARGS)
 
 lint: setup ## ruff
 	$(PY) -m ruff check cache pipeline trainer tools tests

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.config import ConfigError, config_to_dict, parse_config
+from cache.runtime import configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import SkipImage, load_image
@@ -290,20 +291,12 @@ def _batches(layout: Layout, shards: list[int], batch_size: int) -> list[list[in
 
 
 def _setup_logging(rank: int, out: str) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
-    root.addHandler(stream)
     folder = local_root(out)
-    if rank == 0 and folder is not None:
-        os.makedirs(folder, exist_ok=True)
-        fh = logging.FileHandler(os.path.join(os.path.dirname(os.path.abspath(folder)),
-                                              os.path.basename(os.path.abspath(folder)) + ".build.log"))
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
+    log_file = None
+    if folder is not None:
+        folder = os.path.abspath(folder)
+        log_file = os.path.join(os.path.dirname(folder), os.path.basename(folder) + ".build.log")
+    setup_logging(rank, log_file)
 
 
 def _broadcast(obj: Any, state: Any) -> Any:
@@ -312,18 +305,6 @@ def _broadcast(obj: Any, state: Any) -> Any:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def configure_device(device: torch.device) -> torch.device:
-    """Give a bare 'cuda' its index (accelerate's single-process device) and allow TF32 matmuls and
-    convolutions, the fp32 setting of the build."""
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 def build(cfg: BuildConfig) -> dict[str, Any]:

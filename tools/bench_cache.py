@@ -34,7 +34,8 @@ import torch
 
 from cache import CacheWriter, Layout, open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
-from pipeline.build import BuildConfig, Encoders, build, configure_device, load_encoders
+from cache.runtime import configure_device
+from pipeline.build import BuildConfig, Encoders, build, load_encoders
 
 
 @dataclass(frozen=True)
@@ -210,20 +211,27 @@ def _device(spec: str) -> torch.device:
 # Loader against raw reads
 
 
-def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: int = 256, chunk_rows: int = 16) -> None:
-    layout = Layout(num_rows=rows, resolution=256, variants=1, teachers={"dinov2_b": (tokens, dim)},
+def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: int = 256, chunk_rows: int = 16,
+                    *, resolution: int = 256, teacher: str = "dinov2_b", classes: int = 10) -> None:
+    """A cache of random moments and tokens with the shapes of a real one (for speed measurements)."""
+    layout = Layout(num_rows=rows, resolution=resolution, variants=1, teachers={teacher: (tokens, dim)},
                     shard_rows=shard_rows, chunk_rows=chunk_rows)
-    writer, _ = CacheWriter.create_or_resume(path, layout=layout, manifest={"classes": [str(i) for i in range(10)]},
-                                             sources=[{"path": f"{i}", "size": 0, "label": i % 10} for i in range(rows)],
-                                             overwrite=True)
+    manifest = {"classes": [str(i) for i in range(classes)], "source": {"fingerprint": "synthetic"},
+                "vae": {"random_weights": True}, "teachers": {teacher: {"random_weights": True}},
+                "preprocessing": {"resolution": resolution}}
+    writer, _ = CacheWriter.create_or_resume(path, layout=layout, manifest=manifest,
+                                             sources=[{"path": f"{i}", "size": 0, "label": i % classes}
+                                                      for i in range(rows)], overwrite=True)
     rng = np.random.default_rng(0)
+    h = resolution // 8
     feat = rng.standard_normal((shard_rows, 1, tokens, dim), dtype=np.float32).astype(np.float16)
-    lat = rng.standard_normal((shard_rows, 1, 8, 32, 32), dtype=np.float32).astype(np.float16)
+    lat = rng.standard_normal((shard_rows, 1, 8, h, h), dtype=np.float32).astype(np.float16)
+    lat[:, :, 4:] = np.abs(lat[:, :, 4:])  # the std half of the moments
     for s in range(layout.num_shards):
         lo, hi = layout.shard_rows_range(s)
         feat[:, 0, 0, 0] = np.arange(lo, lo + shard_rows)  # rows differ
-        writer.write_shard(s, latents=lat[: hi - lo], features={"dinov2_b": feat[: hi - lo]},
-                           labels=np.arange(lo, hi, dtype=np.int32) % 10)
+        writer.write_shard(s, latents=lat[: hi - lo], features={teacher: feat[: hi - lo]},
+                           labels=np.arange(lo, hi, dtype=np.int32) % classes)
     writer.finalize({})
     os.sync()  # no write-back of the fresh files during the timed reads
 

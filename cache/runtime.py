@@ -1,0 +1,43 @@
+"""Process plumbing shared by the entry points (``pipeline.build``, ``trainer.train``, ``tools.*``).
+
+Like :mod:`cache.config`, it lives in ``cache`` only because ``cache`` is the one package every
+other package may import: the device fix-up for accelerate and the one-time logging setup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+__all__ = ["configure_device", "setup_logging"]
+
+
+def configure_device(device: torch.device) -> torch.device:
+    """Give a bare 'cuda' its index (accelerate's single-process device) and allow TF32 matmuls and
+    convolutions, the fp32 setting of every entry point."""
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def setup_logging(rank: int, log_file: str | None, *, stream: logging.Handler | None = None) -> None:
+    """Rank 0 logs INFO to stderr (or ``stream``) and to ``log_file``; other ranks only warnings."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = stream or logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if rank == 0 and log_file is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)

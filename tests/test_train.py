@@ -1,0 +1,230 @@
+"""Training loop: cache-only steps, resume (in-process and after SIGKILL), ranks, accumulation, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, _env, run_build
+from safetensors.torch import load_file
+from test_loader import synthetic_cache
+
+import cache
+from trainer.metrics import read_metrics
+from trainer.train import (
+    PRESETS,
+    SetupError,
+    TrainConfig,
+    main,
+    sample_latents,
+    step_noise,
+    step_seed,
+    train,
+)
+
+TINY = dict(model="tiny", batch_size=8, precision="fp32", device="cpu", log_every=1, ckpt_every=2,
+            loader_workers=2, tensorboard=False, lr=1e-3)
+TINY_ARGS = ["--model", "tiny", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--log-every", "1",
+             "--ckpt-every", "2", "--loader-workers", "2", "--no-tensorboard", "--lr", "1e-3"]
+
+
+def run(cache_path: Path, out: Path, **kw) -> dict:
+    return train(TrainConfig(cache=str(cache_path), out=str(out), **{**TINY, **kw}))
+
+
+def losses(out: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["loss_v"], r["loss_align"], r["loss_manifold"], r["grad_norm"])
+            for r in read_metrics(str(out / "metrics.jsonl"))]
+
+
+def weights(out: Path, kind: str = "model") -> dict[str, torch.Tensor]:
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    return load_file(str(ckpts[-1] / f"{kind}.safetensors"))
+
+
+def test_step_noise_is_a_pure_function_of_seed_and_step():
+    a = step_noise(0, 5, 6, (4, 2, 2), torch.device("cpu"))
+    b = step_noise(0, 5, 6, (4, 2, 2), torch.device("cpu"))
+    c = step_noise(0, 6, 6, (4, 2, 2), torch.device("cpu"))
+    for k in a:
+        assert torch.equal(a[k], b[k]) and not torch.equal(a[k], c[k])
+    assert step_seed(0, 1) != step_seed(1, 0) and 0 <= step_seed(3, 4) < 2**63
+    assert ((a["t"] >= 0) & (a["t"] < 1)).all()
+
+
+def test_sample_latents_against_formula():
+    g = torch.Generator().manual_seed(0)
+    moments = torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64)
+    moments[:, 4:] = moments[:, 4:].abs()
+    noise = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
+    x = sample_latents(moments.half(), noise.float(), scale=0.18215, shift=0.1)
+    m = moments.half().double()
+    ref = (m[:, :4] + m[:, 4:] * noise - 0.1) * 0.18215
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_resolve(preset, capsys):
+    assert main(["--preset", preset, "--cache", "c.zarr", "--out", "r", "--dry-run"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"] == PRESETS[preset]["model"]
+    if preset == "urepa-xl-256":
+        assert (printed["align_weight"], printed["manifold_weight"], printed["lr"], printed["ema_decay"],
+                printed["batch_size"], printed["class_dropout"], printed["grad_clip"]) == (0.5, 3.0, 1e-4, 0.9999,
+                                                                                          256, 0.1, 1.0)
+
+
+def test_bad_settings_are_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--cache", "c", "--out", "o", "--batch-size", "10", "--grad-accum", "3"])
+    assert "not divisible" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--cache", "c", "--out", "o", "--model", "nope"])
+
+
+def test_mismatched_cache_is_a_clear_error(tmp_path):
+    synth = tmp_path / "s.zarr"
+    synthetic_cache(synth, n=40, variants=1, skipped=())  # teachers: t_a 6 tokens, t_b 4 tokens; latents 2x2
+    with pytest.raises(SetupError, match="choose one with --teacher"):
+        run(synth, tmp_path / "r0")
+    with pytest.raises(SetupError, match="not a square grid"):
+        run(synth, tmp_path / "r1", teacher="t_a")
+    with pytest.raises(SetupError, match="does not fit the cache"):  # 2x2 latents: no room for a 2x down stage
+        run(synth, tmp_path / "r2", teacher="t_b")
+    with pytest.raises(SetupError, match="--flip needs"):
+        run(synth, tmp_path / "r3", teacher="t_b", flip=True)
+    with pytest.raises(SetupError, match="not in the cache"):
+        run(synth, tmp_path / "r4", teacher="dinov2")
+    assert main(["--cache", str(synth), "--out", str(tmp_path / "r5"), *TINY_ARGS, "--teacher", "t_a"]) == 2
+
+
+def test_training_never_constructs_an_encoder(built_cache, tmp_path, monkeypatch):
+    import diffusers
+    import timm
+    import timm.models.vision_transformer as vit
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder was constructed during training")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "__init__", refuse)
+    monkeypatch.setattr(vit.VisionTransformer, "__init__", refuse)
+    monkeypatch.setattr(timm, "create_model", refuse)
+    result = run(built_cache, tmp_path / "run", steps=2)
+    assert result["step"] == 2 and result["metrics"]["loss"] > 0
+
+
+def test_outputs_and_resume_extends_to_more_steps(built_cache, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(built_cache, full, steps=6, tensorboard=True)
+    run(built_cache, part, steps=3, tensorboard=True)
+    assert [r[0] for r in losses(part)] == [1, 2, 3]
+    run(built_cache, part, steps=6, tensorboard=True)  # continues from the checkpoint at step 3
+    assert losses(part) == losses(full)
+    for kind in ("model", "ema"):
+        a, b = weights(full, kind), weights(part, kind)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["train"]["steps"] == 6 and cfg["model"]["teacher_dim"] == 96 and cfg["cache"]["random_weights"]
+    assert (full / "losses.png").stat().st_size > 1000 and (full / "log.txt").exists()
+    assert any((full / "tensorboard").iterdir())
+    row = read_metrics(str(full / "metrics.jsonl"))[-1]
+    assert {"loss_v", "loss_align", "loss_manifold", "cos", "grad_norm", "img_per_s", "mem_gb"} <= set(row)
+    assert len(list((full / "checkpoints").glob("step-*"))) == 2  # keep_ckpts
+
+
+def test_a_changed_setting_is_refused_by_name(built_cache, tmp_path):
+    run(built_cache, tmp_path / "r", steps=2)
+    with pytest.raises(SetupError, match=r"train\.lr: 0\.001 -> 0\.002"):
+        run(built_cache, tmp_path / "r", steps=4, lr=2e-3)
+    assert losses(tmp_path / "r")[-1][0] == 2  # nothing was touched
+
+
+def test_gradient_accumulation_matches_one_big_batch(built_cache, tmp_path):
+    run(built_cache, tmp_path / "a1", steps=2, grad_accum=1)
+    run(built_cache, tmp_path / "a2", steps=2, grad_accum=2)
+    a, b = weights(tmp_path / "a1"), weights(tmp_path / "a2")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r[1:] for r in losses(tmp_path / "a1")], [r[1:] for r in losses(tmp_path / "a2")],
+                               rtol=1e-4)
+
+
+def test_repa_setting_and_no_alignment(built_cache, tmp_path):
+    r = run(built_cache, tmp_path / "repa", steps=1, manifold_weight=0.0, model="tiny")
+    assert r["metrics"]["loss"] == pytest.approx(r["metrics"]["loss_v"] + 0.5 * r["metrics"]["loss_align"], rel=1e-5)
+    r = run(built_cache, tmp_path / "plain", steps=1, align_weight=0.0)
+    assert r["metrics"]["loss"] == pytest.approx(r["metrics"]["loss_v"]) and r["metrics"]["loss_align"] == 0
+
+
+@pytest.fixture(scope="module")
+def few_samples(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("few") / "c.zarr"
+    run_build(image_folder, out, "--limit", "8")
+    assert len(cache.open_cache(out)) == 8
+    return out
+
+
+def test_tiny_model_overfits_a_few_samples(few_samples, tmp_path):
+    """8 samples, 400 steps: the total and the velocity loss fall by more than 2x, the token cosine
+    rises by more than 0.2. (The tiny model's 2x2 middle grid, bilinearly upsampled to the 4x4 teacher
+    grid, cannot match every token: the cosine plateaus near 0.4 at this size.)"""
+    run(few_samples, tmp_path / "o", steps=400, lr=2e-3, class_dropout=0.0, log_every=1, ckpt_every=400)
+    rows = read_metrics(str(tmp_path / "o" / "metrics.jsonl"))
+
+    def mean(key: str, part: slice) -> float:
+        return float(np.mean([r[key] for r in rows[part]]))
+
+    first, last = slice(0, 20), slice(-20, None)
+    assert mean("loss", last) < mean("loss", first) / 2
+    assert mean("loss_v", last) < mean("loss_v", first) / 2
+    assert mean("cos", last) > mean("cos", first) + 0.2
+
+
+def _cli(cache_path: Path, out: Path, *extra: str, launcher: list[str] | None = None) -> list[str]:
+    return (launcher or [sys.executable]) + ["-m", "trainer.train", "--cache", str(cache_path), "--out", str(out),
+                                              *TINY_ARGS, *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_resume_repeats_the_same_losses(built_cache, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cli(built_cache, ref, "--steps", "12"), cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    for kill_after in (3, 8):  # kill twice: between checkpoints, then again later
+        proc = subprocess.Popen(_cli(built_cache, killed, "--steps", "12"), cwd=ROOT, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and len(read_metrics(str(killed / "metrics.jsonl"))) < kill_after:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert len(losses(killed)) < 12
+    subprocess.run(_cli(built_cache, killed, "--steps", "12"), cwd=ROOT, env=_env(), check=True,
+                   capture_output=True, timeout=600)
+    assert losses(killed) == losses(ref) and len(losses(ref)) == 12
+    a, b = weights(ref, "ema"), weights(killed, "ema")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_at_the_same_global_batch(built_cache, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(built_cache, one, "--steps", "4"), cwd=ROOT, env=_env(), check=True, capture_output=True,
+                   timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631"]
+    proc = subprocess.run(_cli(built_cache, two, "--steps", "4", launcher=torchrun), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([r[1:] for r in losses(one)], [r[1:] for r in losses(two)], rtol=1e-4)

@@ -1,0 +1,237 @@
+"""Benchmark the training step: from the cache, against its in-memory limit and an online teacher.
+
+    python -m tools.bench_train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
+        [--compile-modes off,on] [--steps 5] [--warmup 2]
+
+For each model, batch size and compile setting, three ways to run the same training step
+(``trainer.train.Trainer.train_step``, U-REPA losses, AdamW, EMA):
+
+(a) loop   the full loop: batches read by the cache loader (a cache with the real shapes, random
+           values), copied to the device, the step;
+(b) limit  the same step on device-resident in-memory tensors (no reads, no copies);
+(c) online what REPA-style training must do: the SD-VAE encoder and DINOv2 run on the step's
+           images (device-resident uint8, so decoding is not even counted) before the same step.
+
+Prints ms/step, img/s and peak memory for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
+a GPU) and (c)/(a) (how much slower an online teacher is). Random weights: speed only. Writes
+``OUT/bench_train.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache import open_cache
+from cache.config import ConfigError, config_to_dict, parse_config
+from pipeline.build import Encoders
+from pipeline.encoders import load_teacher, load_vae
+from tools.bench_cache import synthetic_cache
+from trainer.train import TrainConfig, Trainer, _make_accelerator, micro_batches
+
+
+@dataclass(frozen=True)
+class BenchTrainConfig:
+    """Benchmark the training step against its limit and an online teacher."""
+
+    out: str = "bench-out"
+    models: str = "tiny,sitdown-b"
+    batch_sizes: str = "8,2"
+    compile_modes: str = "off"
+    precision: str = "fp32"
+    device: str = "auto"
+    steps: int = 4
+    warmup: int = 2
+    resolution: int = 256
+    vae: str = "tiny,random:stabilityai/sd-vae-ft-ema"
+    teacher: str = "tiny,random:vit_base_patch14_dinov2.lvd142m"
+    loader_workers: int = 4
+    skip_online: bool = False
+
+    FIELD_HELP = {
+        "out": "folder for the synthetic caches and bench_train.json",
+        "models": "comma-separated model presets",
+        "batch_sizes": "global batch per model (same order), or one for all",
+        "compile_modes": "off, on, or off,on",
+        "precision": "bf16 or fp32",
+        "device": "auto, cpu or cuda",
+        "steps": "timed steps per measurement",
+        "warmup": "untimed steps first (compilation happens here)",
+        "resolution": "image side; latents are resolution/8",
+        "vae": "online VAE spec per model (same order), or one for all",
+        "teacher": "online and cached teacher spec per model (same order), or one for all",
+        "loader_workers": "cache reader threads",
+        "skip_online": "skip (c)",
+    }
+
+    def __post_init__(self) -> None:
+        n = len(self.model_list)
+        for name in ("batch_sizes", "vae", "teacher"):
+            if len(getattr(self, name).split(",")) not in (1, n):
+                raise ConfigError(f"--{name.replace('_', '-')} needs 1 or {n} comma-separated values")
+        if set(self.compile_modes.split(",")) - {"off", "on"}:
+            raise ConfigError("--compile-modes takes off, on or off,on")
+        if self.steps < 1 or self.warmup < 1:
+            raise ConfigError("--steps and --warmup must be >= 1")
+
+    @property
+    def model_list(self) -> list[str]:
+        return self.models.split(",")
+
+    def per_model(self, name: str, i: int) -> str:
+        values = getattr(self, name).split(",")
+        return values[i] if len(values) > 1 else values[0]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(models="tiny,sitdown-b", batch_sizes="8,2", compile_modes="off", precision="fp32", steps=4,
+                warmup=2),
+    "gpu": dict(models="sitdown-b,sitdown-xl", batch_sizes="256,64", compile_modes="off,on", precision="bf16",
+                steps=20, warmup=5, loader_workers=8, vae="random:stabilityai/sd-vae-ft-ema",
+                teacher="random:vit_base_patch14_dinov2.lvd142m"),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _memory_gb(device: torch.device) -> float:
+    """Peak device memory since the last reset (GPU), or the current resident set (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _timed(device: torch.device, steps: int, warmup: int, step_fn) -> tuple[float, float]:
+    """Median seconds per call of ``step_fn(i)`` after ``warmup`` calls, and memory."""
+    for i in range(warmup):
+        step_fn(i)
+    _sync(device)
+    _reset_memory(device)
+    times = []
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        step_fn(i)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), _memory_gb(device)
+
+
+def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, device: torch.device,
+              out: Path) -> dict[str, Any]:
+    model, batch = bc.model_list[i], int(bc.per_model("batch_sizes", i))
+    vae_spec, teacher_spec = bc.per_model("vae", i), bc.per_model("teacher", i)
+    teacher = load_teacher(teacher_spec, resolution=bc.resolution)
+    tokens, dim = teacher.info["tokens"], teacher.info["dim"]
+    path = out / f"train-cache-{model}.zarr"
+    rows = batch * (bc.steps + bc.warmup + 1)
+    if not path.exists():
+        synthetic_cache(path, rows, tokens, dim, shard_rows=64, chunk_rows=16, resolution=bc.resolution,
+                        teacher="teacher", classes=1000)
+    c = open_cache(path)
+    cfg = TrainConfig(cache=str(path), out=str(out / "unused"), model=model, batch_size=batch,
+                      steps=bc.steps + bc.warmup, precision=bc.precision, compile=compiled,
+                      loader_workers=bc.loader_workers)
+    trainer = Trainer(cfg, c, accelerator, device)
+    steps_per_epoch = len(c) // batch
+    row: dict[str, Any] = {"model": model, "batch_size": batch, "compile": compiled, "precision": bc.precision,
+                           "params_M": round(sum(p.numel() for p in trainer.params) / 1e6, 2)}
+
+    # (a) the full loop from the cache
+    data = micro_batches(c, cfg, micro=trainer.micro, rank=0, world=1, step=0, steps_per_epoch=steps_per_epoch)
+    row["loop_s"], row["loop_mem_gb"] = _timed(device, bc.steps, bc.warmup,
+                                               lambda k: trainer.train_step(next(data)[1], k))
+    data.close()
+
+    # (b) the limit: the same step on device-resident tensors
+    first = next(iter(c.loader(batch, num_workers=bc.loader_workers)))
+    resident = [{"latents": first["latents"].to(device), "labels": first["labels"].to(device),
+                 "features": {k: v.to(device) for k, v in first["features"].items()}}]
+    row["limit_s"], row["limit_mem_gb"] = _timed(device, bc.steps, bc.warmup,
+                                                 lambda k: trainer.train_step(resident, k))
+
+    # (c) online teacher: encode the step's images first, as REPA-style training must
+    if not bc.skip_online:
+        vae = load_vae(vae_spec)
+        enc = Encoders(vae.module, {"teacher": teacher.module}, flip=False, bf16=bc.precision == "bf16")
+        enc = enc.to(device).eval()
+        if compiled:
+            enc.compile()
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (batch, bc.resolution, bc.resolution, 3), dtype=torch.uint8,
+                               generator=gen).to(device)
+        labels = first["labels"].to(device)
+
+        def online(k: int) -> None:
+            lat, feats = enc(images)
+            trainer.train_step([{"latents": lat[:, 0], "labels": labels,
+                                 "features": {"teacher": feats["teacher"][:, 0]}}], k)
+
+        row["online_s"], row["online_mem_gb"] = _timed(device, bc.steps, bc.warmup, online)
+    for key in ("loop", "limit", "online"):
+        if f"{key}_s" in row:
+            row[f"{key}_img_s"] = batch / row[f"{key}_s"]
+    row["loop_vs_limit"] = row["limit_s"] / row["loop_s"]
+    if "online_s" in row:
+        row["online_vs_loop"] = row["loop_s"] / row["online_s"]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    bc, dry = parse_config(BenchTrainConfig, argv, presets=PRESETS, default_preset="cpu")
+    if dry:
+        return 0
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_cfg = TrainConfig(cache="-", out="-", device="cpu" if bc.device == "cpu" else "auto")
+    accelerator, device = _make_accelerator(run_cfg)
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+    rows = []
+    for i in range(len(bc.model_list)):
+        for mode in bc.compile_modes.split(","):
+            rows.append(bench_one(bc, i, mode == "on", accelerator, device, out))
+            r = rows[-1]
+            print(f"{r['model']:11s} batch {r['batch_size']:4d} compile={mode:3s}: loop {r['loop_s'] * 1e3:9.1f} ms, "
+                  f"limit {r['limit_s'] * 1e3:9.1f} ms, online {r.get('online_s', float('nan')) * 1e3:9.1f} ms",
+                  flush=True)
+    for i in range(len(bc.model_list)):
+        shutil.rmtree(out / f"train-cache-{bc.model_list[i]}.zarr", ignore_errors=True)
+    (out / "bench_train.json").write_text(json.dumps({"config": config_to_dict(bc), "machine": machine,
+                                                      "results": rows}, indent=2))
+    print(f"\nmachine: {machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, {bc.precision}  "
+          "(random weights: speed only)")
+    print(f"{'model':11s} {'batch':>5s} {'compile':>7s} {'(a) loop':>16s} {'(b) limit':>16s} {'(c) online':>16s} "
+          f"{'mem a/b/c GB':>16s} {'(a)/(b)':>8s} {'(c)/(a)':>8s}")
+    for r in rows:
+        online = f"{r['online_img_s']:8.1f} img/s" if "online_s" in r else f"{'-':>14s}"
+        mem = "/".join(f"{r[k]:.1f}" for k in ("loop_mem_gb", "limit_mem_gb", "online_mem_gb") if k in r)
+        print(f"{r['model']:11s} {r['batch_size']:5d} {str(r['compile']):>7s} {r['loop_img_s']:10.1f} img/s "
+              f"{r['limit_img_s']:10.1f} img/s {online:>16s} {mem:>16s} {r['loop_vs_limit']:8.3f} "
+              f"{r.get('online_vs_loop', float('nan')):8.3f}")
+    print("(a)/(b): loop throughput over the in-memory limit (goal >= 0.97 on a GPU); "
+          "(c)/(a): online-teacher throughput over the cached loop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""Train SiT-down with U-REPA alignment (or SiT with REPA) from a feature cache; never runs an encoder.
+
+    python -m trainer.train --cache in256.zarr --out runs/urepa-xl --preset urepa-xl-256
+    python -m trainer.train --cache in256.zarr --out runs/repa --preset repa-sit-xl-256 --steps 400000
+    python -m trainer.train --cache demo/cache.zarr --out demo/run --preset demo --dry-run
+
+    # several GPUs or nodes: the global --batch-size is split over the ranks; results do not
+    # depend on how many there are (same samples, same noise per global batch position)
+    accelerate launch --num_processes 8 -m trainer.train --cache ... --out ... --preset urepa-xl-256
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 -m trainer.train ...
+
+Resume by running the same command again: the latest checkpoint in OUT/checkpoints restores the
+weights, EMA, optimizer and step; the data order and every random draw are pure functions of
+(seed, step), so nothing else needs saving. Only ``--steps`` may change on a rerun; any other
+changed setting is refused with its name.
+
+Outputs in OUT: config.json (the resolved config, model and cache identity), log.txt,
+metrics.jsonl, tensorboard/, losses.png, checkpoints/step-XXXXXXXX/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import cache as cache_lib
+from cache.config import ConfigError, config_to_dict, parse_config
+from cache.runtime import configure_device, setup_logging
+
+from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
+from .metrics import MetricsLog, plot_losses, read_metrics
+from .models import MODEL_PRESETS, create_model
+
+_logger = logging.getLogger("trainer.train")
+
+#: Settings a rerun may change: everything else must match the run it resumes.
+RESUMABLE_CHANGES = frozenset({"steps"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train SiT-down + U-REPA (or SiT + REPA) from a feature cache."""
+
+    cache: str = ""
+    out: str = ""
+    model: str = "sitdown-xl"
+    teacher: str = ""
+    align_block: int = 0
+    upsample: str = "bilinear"
+    batch_size: int = 256
+    grad_accum: int = 1
+    steps: int = 1_000_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    class_dropout: float = 0.1
+    align_weight: float = 0.5
+    manifold_weight: float = 3.0
+    cross_sample: bool = False
+    latent_scale: float = 0.18215
+    latent_shift: float = 0.0
+    flip: bool = False
+    precision: str = "bf16"
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_ckpts: int = 2
+    loader_workers: int = 4
+    device: str = "auto"
+    tensorboard: bool = True
+
+    FIELD_HELP = {
+        "cache": "feature cache built by pipeline.build",
+        "out": "run folder (created; rerun the same command to resume)",
+        "model": f"model preset: {', '.join(MODEL_PRESETS)}",
+        "teacher": "cached teacher to align to (default: the cache's only teacher)",
+        "align_block": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)",
+        "upsample": "projected tokens -> teacher grid: bilinear or nearest",
+        "batch_size": "global batch (all ranks and accumulation steps together)",
+        "grad_accum": "micro-batches per optimizer step",
+        "steps": "optimizer steps in total (the one setting a rerun may change)",
+        "lr": "AdamW learning rate (constant)",
+        "beta1": "AdamW beta1",
+        "beta2": "AdamW beta2",
+        "weight_decay": "AdamW weight decay",
+        "grad_clip": "max global grad norm (0: no clipping)",
+        "ema_decay": "EMA decay per step (fp32 copy)",
+        "class_dropout": "probability of the null label (for classifier-free guidance)",
+        "align_weight": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head",
+        "manifold_weight": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA",
+        "cross_sample": "manifold loss across the samples of a batch instead of across tokens",
+        "latent_scale": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments",
+        "latent_shift": "see latent_scale",
+        "flip": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)",
+        "precision": "bf16 (autocast) or fp32 (TF32 on GPU)",
+        "compile": "torch.compile the training step (model and losses; fused AdamW on GPU)",
+        "seed": "model init, data order and every random draw",
+        "log_every": "steps per metrics line",
+        "ckpt_every": "steps per checkpoint (one is also written at the end)",
+        "keep_ckpts": "checkpoints kept (0: all)",
+        "loader_workers": "cache reader threads per rank",
+        "device": "auto (accelerate), cpu, cuda",
+        "tensorboard": "write tensorboard events to OUT/tensorboard",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.cache or not self.out:
+            raise ConfigError("--cache and --out are required")
+        if self.model not in MODEL_PRESETS:
+            raise ConfigError(f"--model {self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError("--precision must be bf16 or fp32")
+        if self.upsample not in ("bilinear", "nearest"):
+            raise ConfigError("--upsample must be bilinear or nearest")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("--device must be auto, cpu or cuda")
+        positive = ("batch_size", "grad_accum", "steps", "log_every", "ckpt_every", "loader_workers")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if not 0 <= self.class_dropout < 1 or not 0 <= self.ema_decay < 1:
+            raise ConfigError("--class-dropout and --ema-decay must be in [0, 1)")
+        if self.lr <= 0 or self.align_weight < 0 or self.manifold_weight < 0 or self.grad_clip < 0:
+            raise ConfigError("--lr must be > 0 and the loss weights and --grad-clip >= 0")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # U-REPA's main ImageNet 256 setting: SiT-down-XL/2, block 18, lambda 0.5, w 3 (FID 1.48 at 1M, CFG).
+    "urepa-xl-256": dict(model="sitdown-xl", batch_size=256, steps=1_000_000, precision="bf16", compile=True),
+    # REPA's SiT-XL/2 at block 8 with the token loss only (FID 1.42 at 4M, CFG).
+    "repa-sit-xl-256": dict(model="sit-xl", manifold_weight=0.0, batch_size=256, steps=4_000_000,
+                            precision="bf16", compile=True),
+    # The tiny model on the demo cache, a few CPU minutes. A higher learning rate and a shorter EMA
+    # than the paper so that the losses visibly fall in that time.
+    "demo": dict(model="tiny", batch_size=32, steps=300, lr=5e-4, ema_decay=0.99, precision="fp32",
+                 log_every=10, ckpt_every=100, loader_workers=2, device="cpu"),
+}
+
+
+class SetupError(RuntimeError):
+    """The run cannot start (cache/model mismatch, changed settings on a rerun); says why."""
+
+
+# ------------------------------------------------------------------------------------------
+# Small pure pieces
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of one step, from (seed, step) alone: resumed runs repeat every draw."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def step_noise(seed: int, step: int, n: int, latent_shape: tuple[int, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every random draw of one optimizer step, for all ``n`` samples of the global batch.
+
+    ``t`` ~ U[0, 1), ``z_noise`` (the posterior sample), ``eps`` (the interpolant noise) ~ N(0, I) and
+    ``drop`` ~ U[0, 1) (class dropout). Each rank takes the slice of its own global positions, so the
+    draws of a sample depend on its position in the global batch, not on the number of ranks.
+    """
+    g = torch.Generator(device=device).manual_seed(step_seed(seed, step))
+    return {
+        "t": torch.rand(n, generator=g, device=device),
+        "z_noise": torch.randn(n, *latent_shape, generator=g, device=device),
+        "eps": torch.randn(n, *latent_shape, generator=g, device=device),
+        "drop": torch.rand(n, generator=g, device=device),
+    }
+
+
+def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, shift: float) -> torch.Tensor:
+    """x = (z - shift) * scale with z = mean + std * noise; moments (B, 2C, h, w) = [mean, std]."""
+    mean, std = moments.float().chunk(2, dim=1)
+    return (mean + std * noise - shift) * scale
+
+
+def cache_identity(cache: cache_lib.Cache, teacher: str) -> dict[str, Any]:
+    """What makes a cache the same data for a resumed run: source, encoders, rows."""
+    m = cache.manifest
+    return {
+        "source_fingerprint": m["source"]["fingerprint"],
+        "vae_sha256": m["vae"].get("weights_sha256"),
+        "teacher": teacher,
+        "teacher_sha256": m["teachers"].get(teacher, {}).get("weights_sha256"),
+        "rows": len(cache),
+        "resolution": m["preprocessing"]["resolution"],
+        "random_weights": bool(m["vae"].get("random_weights") or m["teachers"].get(teacher, {}).get("random_weights")),
+    }
+
+
+def model_overrides(cfg: TrainConfig, cache: cache_lib.Cache) -> tuple[str, dict[str, Any]]:
+    """(teacher name, create_model overrides) that fit ``cache``; a mismatch is a SetupError."""
+    _, variants, channels, h, w = cache.latents.shape
+    if h != w or channels % 2:
+        raise SetupError(f"cache latents {tuple(cache.latents.shape)} are not square [mean, std] moments")
+    teachers = sorted(cache.features)
+    teacher = cfg.teacher
+    if not teacher:
+        if len(teachers) != 1:
+            raise SetupError(f"the cache holds teachers {teachers}: choose one with --teacher")
+        teacher = teachers[0]
+    if teacher not in cache.features:
+        raise SetupError(f"--teacher {teacher!r} is not in the cache, which holds {teachers}")
+    _, _, tokens, dim = cache.features[teacher].shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise SetupError(f"teacher {teacher!r} has {tokens} tokens per image: not a square grid")
+    if cfg.flip and variants < 2:
+        raise SetupError("--flip needs a cache built with --flip both (this one stores 1 variant)")
+    if cache.num_classes < 1:
+        raise SetupError("the cache has no classes")
+    overrides: dict[str, Any] = dict(input_size=h, in_channels=channels // 2, num_classes=cache.num_classes,
+                                     upsample=cfg.upsample)
+    if cfg.align_weight > 0:
+        overrides.update(teacher_dim=dim, teacher_grid=grid)
+    else:
+        overrides.update(teacher_dim=0)
+    if cfg.align_block:
+        overrides["align_block"] = cfg.align_block
+    return teacher, overrides
+
+
+def build_model(cfg: TrainConfig, overrides: dict[str, Any]) -> torch.nn.Module:
+    try:
+        return create_model(cfg.model, **overrides)
+    except ValueError as e:
+        raise SetupError(f"model {cfg.model!r} does not fit the cache: {e}") from e
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Names and values of settings that differ between two resolved run configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Model, EMA, optimizer and one compiled step; the loop lives in :func:`train`.
+
+    ``train_step(micro_batches, step)`` consumes the ``grad_accum`` micro-batches this rank reads for
+    ``step`` and returns the step's [loss, loss_v, loss_align, loss_manifold, grad_norm] on device
+    (this rank's means, not yet reduced over ranks).
+    """
+
+    def __init__(self, cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.device = device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise SetupError(f"--batch-size {cfg.batch_size} is not divisible by {self.world} ranks x "
+                             f"{cfg.grad_accum} accumulation steps")
+        self.micro = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank, per micro-batch
+        self.teacher, overrides = model_overrides(cfg, cache)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank and device
+        model = build_model(cfg, overrides)
+        self.model_config = model.config
+        self.num_classes = model.config.num_classes
+        self.latent_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
+        model.to(device)
+        self.raw = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone().float() for p in self.params]
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
+        self.model = accelerator.prepare_model(model) if self.world > 1 else model
+        self.autocast = cfg.precision == "bf16"
+        self.loss_fn = torch.compile(self.losses) if cfg.compile else self.losses
+
+    # -- the step ----------------------------------------------------------------------------
+    def losses(self, moments: torch.Tensor, features: torch.Tensor | None, labels: torch.Tensor,
+               t: torch.Tensor, z_noise: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total loss and the detached [loss, loss_v, loss_align, loss_manifold] of one micro-batch."""
+        cfg = self.cfg
+        x = sample_latents(moments, z_noise, scale=cfg.latent_scale, shift=cfg.latent_shift)
+        xt = interpolate(x, eps, t)
+        target = velocity_target(x, eps)
+        y = torch.where(drop < cfg.class_dropout, self.num_classes, labels)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            v, proj = self.model(xt, t, y)
+        loss_v = velocity_loss(v, target)
+        if proj is None:
+            loss_align = loss_manifold = torch.zeros((), device=loss_v.device)
+        else:
+            loss_align, loss_manifold = urepa_alignment(proj, features, cross_sample=cfg.cross_sample)
+        loss = total_loss(loss_v, loss_align, loss_manifold, lam=cfg.align_weight, w=cfg.manifold_weight)
+        return loss, torch.stack([loss, loss_v, loss_align, loss_manifold]).detach()
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {
+            "moments": batch["latents"].to(self.device, non_blocking=True),
+            "labels": batch["labels"].to(self.device, non_blocking=True),
+            "features": None,
+        }
+        if self.cfg.align_weight > 0:
+            out["features"] = batch["features"][self.teacher].to(self.device, non_blocking=True)
+        return out
+
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> torch.Tensor:
+        cfg, b = self.cfg, self.micro
+        noise = step_noise(cfg.seed, step, cfg.batch_size, self.latent_shape, self.device)
+        totals = torch.zeros(4, device=self.device)
+        for k, batch in enumerate(micro_batches):
+            lo = (k * self.world + self.rank) * b  # this rank's global positions in micro-batch k
+            d = self.to_device(batch)
+            last = k == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                loss, stats = self.loss_fn(d["moments"], d["features"], d["labels"],
+                                           *(noise[key][lo:lo + b] for key in ("t", "z_noise", "eps", "drop")))
+                (loss / len(micro_batches)).backward()
+            totals += stats / len(micro_batches)
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, self.params, 1.0 - cfg.ema_decay)
+        return torch.cat([totals, grad_norm.detach().float().view(1)])
+
+    # -- state -------------------------------------------------------------------------------
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = dict(self.raw.state_dict())
+        names = {id(p): n for n, p in self.raw.named_parameters()}
+        for p, e in zip(self.params, self.ema):
+            sd[names[id(p)]] = e
+        return sd
+
+    def save(self, folder: str, step: int, state: dict[str, Any]) -> str:
+        return save_checkpoint(folder, step, model=self.raw.state_dict(), ema=self.ema_state_dict(),
+                               optimizer=self.optimizer, state=state)
+
+    def load(self, path: str) -> int:
+        ck = load_checkpoint(path, device=self.device)
+        self.raw.load_state_dict(ck["model"])
+        names = {id(p): n for n, p in self.raw.named_parameters()}
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                e.copy_(ck["ema"][names[id(p)]])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        return int(ck["state"]["step"])
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+
+
+def micro_batches(cache: cache_lib.Cache, cfg: TrainConfig, *, micro: int, rank: int, world: int, step: int,
+                  steps_per_epoch: int):
+    """Yield (step, [grad_accum micro-batches of this rank]) from ``step`` on, epoch after epoch.
+
+    Step s reads positions [s' G, (s' + 1) G) of epoch s // steps_per_epoch (s' = s mod steps_per_epoch,
+    G the global batch): the same samples whatever the number of ranks or accumulation steps.
+    """
+    while True:
+        epoch, s = divmod(step, steps_per_epoch)
+        loader = cache.loader(micro, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
+                              start=s * cfg.batch_size, flip=cfg.flip, drop_last=True,
+                              num_workers=cfg.loader_workers, teachers=[] if cfg.align_weight == 0 else None)
+        it = iter(loader)
+        try:
+            for _ in range(s, steps_per_epoch):
+                yield step, [next(it) for _ in range(cfg.grad_accum)]
+                step += 1
+        finally:
+            it.close()
+            loader.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+
+
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        gb = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return gb
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+def _make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    device = configure_device(accelerator.device)
+    return accelerator, device
+
+
+def _check_run_dir(cfg: TrainConfig, run_config: dict[str, Any]) -> None:
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    ignore = {f"train.{k}" for k in RESUMABLE_CHANGES}
+    changes = [c for c in config_changes(old, run_config) if c.split(":")[0] not in ignore]
+    if changes:
+        raise SetupError(f"{cfg.out} holds a run with other settings; rerun with the same ones, or choose "
+                         "another --out. Changed: " + "; ".join(changes))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
+    accelerator, device = _make_accelerator(cfg)
+    rank = accelerator.process_index
+    setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
+    if cfg.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cache = cache_lib.open_cache(cfg.cache)
+    trainer = Trainer(cfg, cache, accelerator, device)
+    run_config = {"train": config_to_dict(cfg), "model": dataclasses.asdict(trainer.model_config),
+                  "cache": cache_identity(cache, trainer.teacher)}  # not the world size: results do not depend on it
+    run_config = json.loads(json.dumps(run_config))  # as it reads back (tuples -> lists)
+    _check_run_dir(cfg, run_config)
+    steps_per_epoch = len(cache) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise SetupError(f"the cache holds {len(cache)} samples, fewer than one global batch of {cfg.batch_size}")
+
+    ckpt_dir = os.path.join(cfg.out, "checkpoints")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        clean_partial(ckpt_dir)
+        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
+            json.dump(run_config, f, indent=2)
+        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
+    accelerator.wait_for_everyone()
+    latest = latest_checkpoint(ckpt_dir)
+    step = trainer.load(latest) if latest else 0
+    n_params = sum(p.numel() for p in trainer.params)
+    _logger.info("model %s: %.2fM parameters, %s; cache %s: %d samples, teacher %s; %d rank(s) x %d samples x %d "
+                 "accumulation = global batch %d; %d steps per epoch; %s", cfg.model, n_params / 1e6,
+                 trainer.model_config, cfg.cache, len(cache), trainer.teacher, accelerator.num_processes,
+                 trainer.micro, cfg.grad_accum, cfg.batch_size, steps_per_epoch,
+                 f"resumed from {latest}" if latest else "starting from scratch")
+    if run_config["cache"]["random_weights"]:
+        _logger.warning("the cache was encoded with random-weight encoders: fine for plumbing and speed, "
+                        "meaningless for sample quality")
+
+    log = MetricsLog(cfg.out, resume_step=step, tensorboard=cfg.tensorboard) if rank == 0 else None
+    png = os.path.join(cfg.out, "losses.png")
+    last: dict[str, Any] = {}
+    if step >= cfg.steps:
+        _logger.info("already trained for %d steps (--steps %d); nothing to do", step, cfg.steps)
+    else:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
+                   smoothing=0.1, desc=cfg.model)
+        data = micro_batches(cache, cfg, micro=trainer.micro, rank=rank, world=accelerator.num_processes,
+                             step=step, steps_per_epoch=steps_per_epoch)
+        window = torch.zeros(5, device=device)
+        t_window, n_window = time.perf_counter(), 0
+        try:
+            for s, batches in data:
+                window += trainer.train_step(batches, s)
+                n_window += 1
+                step = s + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    stats = accelerator.reduce(window / n_window, reduction="mean").tolist()
+                    elapsed = time.perf_counter() - t_window
+                    last = {"step": step, "epoch": step / steps_per_epoch,
+                            **dict(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats)),
+                            "cos": -stats[2], "img_per_s": n_window * cfg.batch_size / elapsed,
+                            "mem_gb": _memory_gb(device)}
+                    if log is not None:
+                        log.write(last)
+                    bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
+                                    img_s=f"{last['img_per_s']:.1f}")
+                    window.zero_()
+                    t_window, n_window = time.perf_counter(), 0
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    t_ckpt = time.perf_counter()
+                    if rank == 0:
+                        path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch})
+                        prune_checkpoints(ckpt_dir, cfg.keep_ckpts)
+                        plot_losses(read_metrics(log.path), png, title=f"{cfg.model} on {os.path.basename(cfg.cache)}")
+                        _logger.info("step %d: checkpoint %s", step, path)
+                    accelerator.wait_for_everyone()
+                    t_window += time.perf_counter() - t_ckpt  # img/s counts training only
+                if step >= cfg.steps:
+                    break
+        finally:
+            data.close()
+            bar.close()
+    if log is not None:
+        rows = read_metrics(log.path)
+        plot_losses(rows, png, title=f"{cfg.model} on {os.path.basename(cfg.cache)}")
+        log.close()
+        if len(rows) >= 2:
+            a, b = rows[0], rows[-1]
+            _logger.info("step %d -> %d: loss %.4f -> %.4f, loss_v %.4f -> %.4f, loss_manifold %.4f -> %.4f, "
+                         "token cosine %.3f -> %.3f", a["step"], b["step"], a["loss"], b["loss"], a["loss_v"],
+                         b["loss_v"], a["loss_manifold"], b["loss_manifold"], a["cos"], b["cos"])
+        _logger.info("done: %d steps; metrics %s; loss curves %s", step, log.path, png)
+    accelerator.wait_for_everyone()
+    return {"step": step, "metrics": last, "run": cfg.out, "losses_png": png}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry_run = parse_config(TrainConfig, argv, presets=PRESETS)
+    if dry_run:
+        return 0
+    try:
+        train(cfg)
+    except (SetupError, cache_lib.CacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
