@@ -33,7 +33,7 @@ demo: setup ## images -> tiny-encoder cache -> inspect -> train the tiny model (
 test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: setup ## the tests without the multi-process / subprocess ones
+test-fast: setup ## the tests without the multi-process / subprocess / compile ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 cache: setup ## build a cache: make cache SOURCE=/data/imagenet/train OUT=/data/in256.zarr ARGS="--flip both"

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_loader import synthetic_cache
 
 import cache
+from trainer.checkpoint import load_run_model
 from trainer.metrics import read_metrics
 from trainer.train import (
     PRESETS,
@@ -139,6 +140,11 @@ def test_outputs_and_resume_extends_to_more_steps(built_cache, tmp_path):
     row = read_metrics(str(full / "metrics.jsonl"))[-1]
     assert {"loss_v", "loss_align", "loss_manifold", "cos", "grad_norm", "img_per_s", "mem_gb"} <= set(row)
     assert len(list((full / "checkpoints").glob("step-*"))) == 2  # keep_ckpts
+    model, run_cfg = load_run_model(str(full))
+    ema = weights(full, "ema")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    v, proj = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4]))
+    assert v.shape == (2, 4, 8, 8) and proj.shape == (2, 16, 96) and run_cfg["train"]["steps"] == 6
 
 
 def test_a_changed_setting_is_refused_by_name(built_cache, tmp_path):
@@ -163,6 +169,11 @@ def test_repa_setting_and_no_alignment(built_cache, tmp_path):
     assert r["metrics"]["loss"] == pytest.approx(r["metrics"]["loss_v"] + 0.5 * r["metrics"]["loss_align"], rel=1e-5)
     r = run(built_cache, tmp_path / "plain", steps=1, align_weight=0.0)
     assert r["metrics"]["loss"] == pytest.approx(r["metrics"]["loss_v"]) and r["metrics"]["loss_align"] == 0
+
+
+def test_flip_and_cross_sample_options(built_cache, tmp_path):
+    r = run(built_cache, tmp_path / "f", steps=2, flip=True, cross_sample=True, upsample="nearest")
+    assert r["step"] == 2 and np.isfinite(r["metrics"]["loss_manifold"])
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +239,15 @@ def test_two_processes_equal_one_at_the_same_global_batch(built_cache, tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose([r[1:] for r in losses(one)], [r[1:] for r in losses(two)], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(built_cache, tmp_path):
+    """--compile (inductor, CPU here) runs the same step: same losses and weights to float32 rounding."""
+    run(built_cache, tmp_path / "eager", steps=2)
+    run(built_cache, tmp_path / "compiled", steps=2, compile=True)
+    np.testing.assert_allclose([r[1:] for r in losses(tmp_path / "eager")],
+                               [r[1:] for r in losses(tmp_path / "compiled")], rtol=1e-3)
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)

@@ -12,7 +12,8 @@ For each model, batch size and compile setting, three ways to run the same train
 (c) online what REPA-style training must do: the SD-VAE encoder and DINOv2 run on the step's
            images (device-resident uint8, so decoding is not even counted) before the same step.
 
-Prints ms/step, img/s and peak memory for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
+The three take turns in blocks of consecutive steps (see ``_timed``), each reports its median. Prints ms/step, img/s and
+peak memory (GPU; the resident set on CPU) for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
 a GPU) and (c)/(a) (how much slower an online teacher is). Random weights: speed only. Writes
 ``OUT/bench_train.json``.
 """
@@ -51,6 +52,7 @@ class BenchTrainConfig:
     device: str = "auto"
     steps: int = 4
     warmup: int = 2
+    rounds: int = 2
     resolution: int = 256
     vae: str = "tiny,random:stabilityai/sd-vae-ft-ema"
     teacher: str = "tiny,random:vit_base_patch14_dinov2.lvd142m"
@@ -64,7 +66,8 @@ class BenchTrainConfig:
         "compile_modes": "off, on, or off,on",
         "precision": "bf16 or fp32",
         "device": "auto, cpu or cuda",
-        "steps": "timed steps per measurement",
+        "steps": "timed steps per block (each variant runs rounds blocks, in turns)",
+        "rounds": "blocks per variant",
         "warmup": "untimed steps first (compilation happens here)",
         "resolution": "image side; latents are resolution/8",
         "vae": "online VAE spec per model (same order), or one for all",
@@ -80,8 +83,8 @@ class BenchTrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} needs 1 or {n} comma-separated values")
         if set(self.compile_modes.split(",")) - {"off", "on"}:
             raise ConfigError("--compile-modes takes off, on or off,on")
-        if self.steps < 1 or self.warmup < 1:
-            raise ConfigError("--steps and --warmup must be >= 1")
+        if self.steps < 1 or self.warmup < 1 or self.rounds < 1:
+            raise ConfigError("--steps, --warmup and --rounds must be >= 1")
 
     @property
     def model_list(self) -> list[str]:
@@ -93,10 +96,10 @@ class BenchTrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(models="tiny,sitdown-b", batch_sizes="8,2", compile_modes="off", precision="fp32", steps=4,
-                warmup=2),
+    "cpu": dict(models="tiny,sitdown-b", batch_sizes="8,2", compile_modes="off", precision="fp32", steps=3,
+                warmup=2, rounds=2),
     "gpu": dict(models="sitdown-b,sitdown-xl", batch_sizes="256,64", compile_modes="off,on", precision="bf16",
-                steps=20, warmup=5, loader_workers=8, vae="random:stabilityai/sd-vae-ft-ema",
+                steps=10, warmup=5, rounds=3, loader_workers=8, vae="random:stabilityai/sd-vae-ft-ema",
                 teacher="random:vit_base_patch14_dinov2.lvd142m"),
 }
 
@@ -119,19 +122,37 @@ def _memory_gb(device: torch.device) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def _timed(device: torch.device, steps: int, warmup: int, step_fn) -> tuple[float, float]:
-    """Median seconds per call of ``step_fn(i)`` after ``warmup`` calls, and memory."""
-    for i in range(warmup):
-        step_fn(i)
-    _sync(device)
-    _reset_memory(device)
-    times = []
-    for i in range(warmup, warmup + steps):
-        t = time.perf_counter()
-        step_fn(i)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), _memory_gb(device)
+def _timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict[str, Any]) -> dict[str, float]:
+    """Median seconds per call and peak memory of each ``fns[name](i)``.
+
+    After ``warmup`` calls of each, the variants take turns in blocks of ``steps + 1`` consecutive
+    calls, ``rounds`` times, so that drift of the machine reaches all of them alike. The first call
+    of a block is not timed: the loader's prefetch had the other variants' time to read ahead.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    memory = dict.fromkeys(fns, 0.0)
+    calls = dict.fromkeys(fns, 0)
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn(calls[name])
+            calls[name] += 1
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for j in range(steps + 1):
+                _sync(device)
+                _reset_memory(device)
+                t = time.perf_counter()
+                fn(calls[name])
+                _sync(device)
+                calls[name] += 1
+                if j:
+                    times[name].append(time.perf_counter() - t)
+                    memory[name] = max(memory[name], _memory_gb(device))
+    out = {}
+    for name in fns:
+        out[f"{name}_s"] = statistics.median(times[name])
+        out[f"{name}_mem_gb"] = memory[name]
+    return out
 
 
 def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, device: torch.device,
@@ -141,7 +162,7 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
     teacher = load_teacher(teacher_spec, resolution=bc.resolution)
     tokens, dim = teacher.info["tokens"], teacher.info["dim"]
     path = out / f"train-cache-{model}.zarr"
-    rows = batch * (bc.steps + bc.warmup + 1)
+    rows = batch * (bc.warmup + bc.rounds * (bc.steps + 1) + 2)
     if not path.exists():
         synthetic_cache(path, rows, tokens, dim, shard_rows=64, chunk_rows=16, resolution=bc.resolution,
                         teacher="teacher", classes=1000)
@@ -156,16 +177,13 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
 
     # (a) the full loop from the cache
     data = micro_batches(c, cfg, micro=trainer.micro, rank=0, world=1, step=0, steps_per_epoch=steps_per_epoch)
-    row["loop_s"], row["loop_mem_gb"] = _timed(device, bc.steps, bc.warmup,
-                                               lambda k: trainer.train_step(next(data)[1], k))
-    data.close()
+    fns = {"loop": lambda k: trainer.train_step(next(data)[1], k)}
 
     # (b) the limit: the same step on device-resident tensors
     first = next(iter(c.loader(batch, num_workers=bc.loader_workers)))
     resident = [{"latents": first["latents"].to(device), "labels": first["labels"].to(device),
                  "features": {k: v.to(device) for k, v in first["features"].items()}}]
-    row["limit_s"], row["limit_mem_gb"] = _timed(device, bc.steps, bc.warmup,
-                                                 lambda k: trainer.train_step(resident, k))
+    fns["limit"] = lambda k: trainer.train_step(resident, k)
 
     # (c) online teacher: encode the step's images first, as REPA-style training must
     if not bc.skip_online:
@@ -184,7 +202,9 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
             trainer.train_step([{"latents": lat[:, 0], "labels": labels,
                                  "features": {"teacher": feats["teacher"][:, 0]}}], k)
 
-        row["online_s"], row["online_mem_gb"] = _timed(device, bc.steps, bc.warmup, online)
+        fns["online"] = online
+    row.update(_timed(device, bc.steps, bc.warmup, bc.rounds, fns))
+    data.close()
     for key in ("loop", "limit", "online"):
         if f"{key}_s" in row:
             row[f"{key}_img_s"] = batch / row[f"{key}_s"]

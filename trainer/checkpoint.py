@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "clean_partial"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "clean_partial", "load_run_model"]
 
 _logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -121,3 +121,24 @@ def load_checkpoint(path: str, *, device: torch.device | str = "cpu") -> dict[st
         "optimizer": {"state": per_param, "param_groups": state.pop("param_groups")},
         "state": state,
     }
+
+
+def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = None,
+                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a training run with its ``weights`` ("ema" or "raw") from the latest checkpoint
+    (or ``step``), in eval mode, and the run's resolved config (``config.json``)."""
+    from .models import create_model
+
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run = json.load(f)
+    folder = os.path.join(run_dir, "checkpoints")
+    path = latest_checkpoint(folder) if step is None else os.path.join(folder, f"step-{step:08d}")
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {folder}")
+    model = create_model(run["train"]["model"], **run["model"])
+    state = load_file(os.path.join(path, "ema.safetensors" if weights == "ema" else "model.safetensors"),
+                      device=str(device))
+    model.load_state_dict(state)
+    return model.to(device).eval(), run

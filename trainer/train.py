@@ -417,9 +417,13 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def _make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # Precision and compilation are this config's to decide, whatever `accelerate config` says;
+    # the RoPE and position tables are constants, so DDP need not broadcast buffers every step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", dynamo_backend="no",
+                              kwargs_handlers=[ddp])
     device = configure_device(accelerator.device)
     return accelerator, device
 
