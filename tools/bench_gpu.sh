@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of the cache issue, as one script for a lent GPU machine (no internet there).
-# Installs the wheels carried in .whl (zarr, numcodecs, diffusers, ...) beside the machine's torch,
-# runs the loader tests, then `tools.bench_cache --preset gpu` (SD-VAE + DINOv2-B architectures,
-# random weights, 3072 synthetic JPEGs): eager fp32 and bf16, then bf16 compiled if time allows.
-# Usage there: bash tools/bench_gpu.sh  (writes $OUT/*.json and logs)
+# The GPU checks, as one script for a lent GPU machine (no internet there). Installs the wheels
+# carried in .whl (zarr, numcodecs, diffusers, ...) beside the machine's torch, then
+#   WHAT=cache (default): the loader and encoder tests, then `tools.bench_cache --preset gpu` (SD-VAE +
+#     DINOv2-B architectures, random weights, 3072 synthetic JPEGs): eager fp32 and bf16, then bf16
+#     compiled if time allows;
+#   WHAT=train: the model and loss tests (the CUDA loss test among them), then `tools.bench_train
+#     --preset gpu` (SiT-down-B at 256 and -XL at 64, loop vs in-memory step vs online teacher),
+#     eager, then compiled within COMPILE_BUDGET seconds.
+# Usage there: [WHAT=train] bash tools/bench_gpu.sh  (writes $OUT/*.json and logs)
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -14,6 +18,15 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, zarr, diffusers, timm, accelerate; print('torch', torch.__version__, 'zarr', zarr.__version__, 'diffusers', diffusers.__version__, 'timm', timm.__version__)"
+if [ "${WHAT:-cache}" = train ]; then
+  [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_losses.py 2>&1 | tail -3
+  python3 -m tools.bench_train --preset gpu --compile-modes off ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | tee "$OUT/train_eager.log" | tail -6
+  cp /tmp/bench/bench_train.json "$OUT/train_eager.json"
+  timeout ${COMPILE_BUDGET:-300} python3 -m tools.bench_train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
+    --out /tmp/bench 2>&1 | tee "$OUT/train_compile.log" | tail -6
+  cp /tmp/bench/bench_train.json "$OUT/train_compile.json" 2>/dev/null
+  exit 0
+fi
 [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_loader.py tests/test_encoders.py 2>&1 | tail -3
 python3 -m tools.bench_cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_eager.log" | tail -6
 cp /tmp/bench/bench_cache.json "$OUT/bench_eager.json"

@@ -54,8 +54,8 @@ class BenchTrainConfig:
     warmup: int = 2
     rounds: int = 2
     resolution: int = 256
-    vae: str = "tiny,random:stabilityai/sd-vae-ft-ema"
-    teacher: str = "tiny,random:vit_base_patch14_dinov2.lvd142m"
+    vae: str = ""
+    teacher: str = ""
     loader_workers: int = 4
     skip_online: bool = False
 
@@ -70,8 +70,10 @@ class BenchTrainConfig:
         "rounds": "blocks per variant",
         "warmup": "untimed steps first (compilation happens here)",
         "resolution": "image side; latents are resolution/8",
-        "vae": "online VAE spec per model (same order), or one for all",
-        "teacher": "online and cached teacher spec per model (same order), or one for all",
+        "vae": "online VAE spec per model (same order), or one for all; default: tiny for the tiny model, "
+               "else the SD-VAE architecture with random weights",
+        "teacher": "online and cached teacher spec per model (same order), or one for all; default: tiny for "
+                   "the tiny model, else DINOv2-B with random weights",
         "loader_workers": "cache reader threads",
         "skip_online": "skip (c)",
     }
@@ -79,7 +81,7 @@ class BenchTrainConfig:
     def __post_init__(self) -> None:
         n = len(self.model_list)
         for name in ("batch_sizes", "vae", "teacher"):
-            if len(getattr(self, name).split(",")) not in (1, n):
+            if getattr(self, name) and len(getattr(self, name).split(",")) not in (1, n):
                 raise ConfigError(f"--{name.replace('_', '-')} needs 1 or {n} comma-separated values")
         if set(self.compile_modes.split(",")) - {"off", "on"}:
             raise ConfigError("--compile-modes takes off, on or off,on")
@@ -91,16 +93,20 @@ class BenchTrainConfig:
         return self.models.split(",")
 
     def per_model(self, name: str, i: int) -> str:
+        if not getattr(self, name):
+            tiny = self.model_list[i] == "tiny"
+            return "tiny" if tiny else DEFAULT_RANDOM[name]
         values = getattr(self, name).split(",")
         return values[i] if len(values) > 1 else values[0]
 
 
+DEFAULT_RANDOM = {"vae": "random:stabilityai/sd-vae-ft-ema", "teacher": "random:vit_base_patch14_dinov2.lvd142m"}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(models="tiny,sitdown-b", batch_sizes="8,2", compile_modes="off", precision="fp32", steps=3,
+    "cpu": dict(models="tiny,sitdown-b", batch_sizes="8,2", compile_modes="off", precision="fp32", steps=4,
                 warmup=2, rounds=2),
     "gpu": dict(models="sitdown-b,sitdown-xl", batch_sizes="256,64", compile_modes="off,on", precision="bf16",
-                steps=10, warmup=5, rounds=3, loader_workers=8, vae="random:stabilityai/sd-vae-ft-ema",
-                teacher="random:vit_base_patch14_dinov2.lvd142m"),
+                steps=10, warmup=5, rounds=3, loader_workers=8),
 }
 
 
