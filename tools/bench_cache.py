@@ -121,9 +121,16 @@ def synthetic_folder(root: Path, n: int, classes: int = 10, procs: int | None = 
 # Build against forward-only
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing boundaries)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What a benchmark ran on, for its JSON and its printed table."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
 def forward_only(cfg: BuildConfig, device: torch.device, iters: int) -> tuple[float, Encoders]:
@@ -136,11 +143,11 @@ def forward_only(cfg: BuildConfig, device: torch.device, iters: int) -> tuple[fl
     x = torch.randint(0, 256, (cfg.batch_size, cfg.resolution, cfg.resolution, 3), dtype=torch.uint8, generator=gen).to(device)
     for _ in range(2):
         enc(x)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     for _ in range(iters):
         enc(x)
-    _sync(device)
+    sync(device)
     rate = iters * cfg.batch_size / (time.perf_counter() - t)
     return rate, enc
 
@@ -374,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(bc.device)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+    machine = machine_info(device)
     report: dict[str, Any] = {"config": config_to_dict(bc), "machine": machine}
     if not bc.skip_build:
         report["build"] = bench_build(bc, out)

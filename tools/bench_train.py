@@ -36,8 +36,8 @@ from cache import open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
-from tools.bench_cache import synthetic_cache
-from trainer.train import TrainConfig, Trainer, _make_accelerator, micro_batches
+from tools.bench_cache import machine_info, sync, synthetic_cache
+from trainer.train import TrainConfig, Trainer, make_accelerator, micro_batches
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,11 +140,11 @@ def _timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict
     for _ in range(rounds):
         for name, fn in fns.items():
             for j in range(steps + 1):
-                _sync(device)
+                sync(device)
                 _reset_memory(device)
                 t = time.perf_counter()
                 fn(calls[name])
-                _sync(device)
+                sync(device)
                 calls[name] += 1
                 if j:
                     times[name].append(time.perf_counter() - t)
@@ -229,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = TrainConfig(cache="-", out="-", device="cpu" if bc.device == "cpu" else "auto")
-    accelerator, device = _make_accelerator(run_cfg)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]}
+    accelerator, device = make_accelerator(run_cfg)
+    machine = machine_info(device)
     rows = []
     for i in range(len(bc.model_list)):
         for mode in bc.compile_modes.split(","):

@@ -416,7 +416,8 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def _make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
+def make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
+    """The Accelerator for ``cfg.device`` (one process or a launched group) and its configured device."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # Precision and compilation are this config's to decide, whatever `accelerate config` says;
@@ -443,7 +444,7 @@ def _check_run_dir(cfg: TrainConfig, run_config: dict[str, Any]) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
-    accelerator, device = _make_accelerator(cfg)
+    accelerator, device = make_accelerator(cfg)
     rank = accelerator.process_index
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     if cfg.precision == "fp32":
