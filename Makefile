@@ -24,7 +24,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 
 setup: $(VENV)/.setup-stamp ## create .venv and install everything (torch pinned as above)
 
-demo: setup ## images -> tiny-encoder cache -> inspect -> train the tiny model (CPU, about 3 minutes)
+demo: setup ## images -> tiny-encoder cache -> inspect -> train the tiny model (CPU, under 3 minutes)
 	$(PY) -m tools.demo_images demo/images
 	$(PY) -m pipeline.build demo/images demo/cache.zarr --preset demo
 	$(PY) -m cache.inspect demo/cache.zarr --verify
