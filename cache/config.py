@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "parse_config", "config_to_dict"]
+__all__ = ["ConfigError", "parse_config", "config_to_dict", "nested_diff"]
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,23 @@ def _field_type(cls: type, field: dataclasses.Field) -> Any:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-ready dict (what entry points write next to their outputs)."""
     return dataclasses.asdict(cfg)
+
+
+def nested_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: frozenset[str] = frozenset(),
+                _prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted name, old value, new value)`` of every leaf that differs between two nested dicts,
+    sorted by name; names in ``skip`` (dotted, at any depth) are left out with all below them."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{_prefix}{key}"
+        if name in skip:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += nested_diff(a, b, skip=skip, _prefix=name + ".")
+        elif a != b:
+            out.append((name, a, b))
+    return out
 
 
 def parse_config(

@@ -35,6 +35,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .config import nested_diff
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -121,19 +123,10 @@ class Layout:
         )
 
 
-def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Dotted names of the manifest entries that differ, ignoring bookkeeping (time, versions, skips)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if not prefix and key in VOLATILE_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += manifest_diff(a, b, prefix=name + ".")
-        elif a != b:
-            out.append(f"{name}: cache has {_short(a)}, this run has {_short(b)}")
-    return out
+    return [f"{name}: cache has {_short(a)}, this run has {_short(b)}"
+            for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
 
 
 def _short(v: Any) -> str:

@@ -177,7 +177,8 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
                            "params_M": round(sum(p.numel() for p in trainer.params) / 1e6, 2)}
 
     # (a) the full loop from the cache
-    data = micro_batches(c, cfg, micro=trainer.micro, rank=0, world=1, step=0, steps_per_epoch=steps_per_epoch)
+    data = micro_batches(c, cfg, micro=trainer.micro, rank=0, world=1, step=0, steps_per_epoch=steps_per_epoch,
+                         teachers=trainer.teachers_read)
     fns = {"loop": lambda k: trainer.train_step(next(data)[1], k)}
 
     # (b) the limit: the same step on device-resident tensors

@@ -100,6 +100,12 @@ def manifold_loss(student: Tensor, teacher: Tensor, *, cross_sample: bool = Fals
     return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).square().mean()
 
 
+def _cosine_difference(s_hat: Tensor, t_hat: Tensor) -> Tensor:
+    """D = s_hat s_hat^T - t_hat t_hat^T, built in one (B, N, N) buffer."""
+    d = torch.bmm(s_hat, s_hat.transpose(1, 2))
+    return d.baddbmm_(t_hat, t_hat.transpose(1, 2), alpha=-1)
+
+
 class _URepaAlignment(torch.autograd.Function):
     """Equations (5) and (6) with one shared normalisation and one B x N x N matrix at a time.
 
@@ -124,9 +130,7 @@ class _URepaAlignment(torch.autograd.Function):
             s_hat = s / norm.clamp_min(EPS)
             t_hat = _normalize(teacher.to(dtype))
             loss_align = -(s_hat * t_hat).sum(-1).mean()
-            d = torch.bmm(s_hat, s_hat.transpose(1, 2))
-            d.baddbmm_(t_hat, t_hat.transpose(1, 2), alpha=-1)
-            flat = d.view(-1)
+            flat = _cosine_difference(s_hat, t_hat).view(-1)
             loss_manifold = torch.dot(flat, flat) / flat.numel()
         ctx.save_for_backward(s_hat, t_hat, norm)
         ctx.student_dtype = student.dtype
@@ -138,8 +142,7 @@ class _URepaAlignment(torch.autograd.Function):
         s_hat, t_hat, norm = ctx.saved_tensors
         b, n, _ = s_hat.shape
         with torch.autocast(s_hat.device.type, enabled=False):
-            d = torch.bmm(s_hat, s_hat.transpose(1, 2))
-            d.baddbmm_(t_hat, t_hat.transpose(1, 2), alpha=-1)
+            d = _cosine_difference(s_hat, t_hat)
             d.mul_(g_manifold.to(d.dtype) * (4.0 / (b * n * n)))
             g = torch.baddbmm(t_hat * (g_align.to(d.dtype) * (-1.0 / (b * n))), d, s_hat)
             del d

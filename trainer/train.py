@@ -15,7 +15,7 @@ weights, EMA, optimizer and step; the data order and every random draw are pure 
 changed setting is refused with its name.
 
 Outputs in OUT: config.json (the resolved config, model and cache identity), log.txt,
-metrics.jsonl, tensorboard/, losses.png, checkpoints/step-XXXXXXXX/.
+metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
 from cache.runtime import configure_device, setup_logging
 
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -244,18 +244,6 @@ def build_model(cfg: TrainConfig, overrides: dict[str, Any]) -> torch.nn.Module:
         raise SetupError(f"model {cfg.model!r} does not fit the cache: {e}") from e
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Names and values of settings that differ between two resolved run configs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # The trainer
 
@@ -278,6 +266,7 @@ class Trainer:
                              f"{cfg.grad_accum} accumulation steps")
         self.micro = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank, per micro-batch
         self.teacher, overrides = model_overrides(cfg, cache)
+        self.teachers_read = [self.teacher] if cfg.align_weight > 0 else []  # what the loader reads
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and device
         model = build_model(cfg, overrides)
         self.model_config = model.config
@@ -285,6 +274,7 @@ class Trainer:
         self.latent_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
         model.to(device)
         self.raw = model
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema = [p.detach().clone().float() for p in self.params]
         fused = device.type == "cuda"
@@ -338,10 +328,8 @@ class Trainer:
                                            *(noise[key][lo:lo + b] for key in ("t", "z_noise", "eps", "drop")))
                 (loss / len(micro_batches)).backward()
             totals += stats / len(micro_batches)
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # the norm is logged either way
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -350,11 +338,7 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = dict(self.raw.state_dict())
-        names = {id(p): n for n, p in self.raw.named_parameters()}
-        for p, e in zip(self.params, self.ema):
-            sd[names[id(p)]] = e
-        return sd
+        return {**self.raw.state_dict(), **dict(zip(self.param_names, self.ema))}
 
     def save(self, folder: str, step: int, state: dict[str, Any]) -> str:
         return save_checkpoint(folder, step, model=self.raw.state_dict(), ema=self.ema_state_dict(),
@@ -363,10 +347,9 @@ class Trainer:
     def load(self, path: str) -> int:
         ck = load_checkpoint(path, device=self.device)
         self.raw.load_state_dict(ck["model"])
-        names = {id(p): n for n, p in self.raw.named_parameters()}
         with torch.no_grad():
-            for p, e in zip(self.params, self.ema):
-                e.copy_(ck["ema"][names[id(p)]])
+            for name, e in zip(self.param_names, self.ema):
+                e.copy_(ck["ema"][name])
         self.optimizer.load_state_dict(ck["optimizer"])
         return int(ck["state"]["step"])
 
@@ -376,8 +359,9 @@ class Trainer:
 
 
 def micro_batches(cache: cache_lib.Cache, cfg: TrainConfig, *, micro: int, rank: int, world: int, step: int,
-                  steps_per_epoch: int):
-    """Yield (step, [grad_accum micro-batches of this rank]) from ``step`` on, epoch after epoch.
+                  steps_per_epoch: int, teachers: list[str]):
+    """Yield (step, [grad_accum micro-batches of this rank]) from ``step`` on, epoch after epoch,
+    reading the tokens of ``teachers`` only.
 
     Step s reads positions [s' G, (s' + 1) G) of epoch s // steps_per_epoch (s' = s mod steps_per_epoch,
     G the global batch): the same samples whatever the number of ranks or accumulation steps.
@@ -386,7 +370,7 @@ def micro_batches(cache: cache_lib.Cache, cfg: TrainConfig, *, micro: int, rank:
         epoch, s = divmod(step, steps_per_epoch)
         loader = cache.loader(micro, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
                               start=s * cfg.batch_size, flip=cfg.flip, drop_last=True,
-                              num_workers=cfg.loader_workers, teachers=[] if cfg.align_weight == 0 else None)
+                              num_workers=cfg.loader_workers, teachers=teachers)
         it = iter(loader)
         try:
             for _ in range(s, steps_per_epoch):
@@ -435,8 +419,8 @@ def _check_run_dir(cfg: TrainConfig, run_config: dict[str, Any]) -> None:
         return
     with open(path) as f:
         old = json.load(f)
-    ignore = {f"train.{k}" for k in RESUMABLE_CHANGES}
-    changes = [c for c in config_changes(old, run_config) if c.split(":")[0] not in ignore]
+    skip = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES)
+    changes = [f"{name}: {a!r} -> {b!r}" for name, a, b in nested_diff(old, run_config, skip=skip)]
     if changes:
         raise SetupError(f"{cfg.out} holds a run with other settings; rerun with the same ones, or choose "
                          "another --out. Changed: " + "; ".join(changes))
@@ -490,7 +474,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True, mininterval=1.0,
                    smoothing=0.1, desc=cfg.model)
         data = micro_batches(cache, cfg, micro=trainer.micro, rank=rank, world=accelerator.num_processes,
-                             step=step, steps_per_epoch=steps_per_epoch)
+                             step=step, steps_per_epoch=steps_per_epoch, teachers=trainer.teachers_read)
         window = torch.zeros(5, device=device)
         t_window, n_window = time.perf_counter(), 0
         try:
