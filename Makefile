@@ -9,9 +9,12 @@ SOURCE ?=
 OUT ?=
 CACHE ?= demo/cache.zarr
 RUN ?= runs/run
+SAMPLES ?= $(RUN)/samples/samples.npz
+REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache inspect train macs bench-cache bench-train lint clean help
+.PHONY: setup demo test test-fast cache inspect train sample eval report macs bench-cache bench-train bench-sample \
+	lint clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -27,11 +30,17 @@ $(VENV)/.setup-stamp: pyproject.toml
 
 setup: $(VENV)/.setup-stamp ## create .venv and install everything (torch pinned as above)
 
-demo: setup ## images -> tiny-encoder cache -> inspect -> train the tiny model (CPU, under 3 minutes)
+demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -> FID -> report (CPU)
 	$(PY) -m tools.demo_images demo/images
 	$(PY) -m pipeline.build demo/images demo/cache.zarr --preset demo
 	$(PY) -m cache.inspect demo/cache.zarr --verify
 	$(PY) -m trainer.train --preset demo --cache demo/cache.zarr --out demo/run
+	$(PY) -m tools.sample --preset demo --run demo/run --out demo/run/samples
+	$(PY) -m tools.evaluate demo/run/samples/samples.npz demo/cache.zarr --json demo/run/samples/metrics.json
+	$(PY) -m tools.report demo/run
+	@echo "demo: sample grid demo/run/samples/grid.png, report demo/run/report/report.md."
+	@echo "demo: the encoders have RANDOM weights: the FID above shows that the pipeline runs end to end;"
+	@echo "      it says nothing about sample quality."
 
 test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
@@ -49,6 +58,16 @@ inspect: setup ## summary and full check of a cache: make inspect CACHE=path
 train: setup ## train from a cache: make train CACHE=in256.zarr RUN=runs/xl ARGS="--preset urepa-xl-256"
 	$(PY) -m trainer.train --cache $(CACHE) --out $(RUN) $(ARGS)
 
+sample: setup ## sample a run: make sample RUN=runs/xl ARGS="--preset paper-cfg --num 50000" (OUT=RUN/samples)
+	$(PY) -m tools.sample --run $(RUN) --out $(or $(OUT),$(RUN)/samples) $(ARGS)
+
+eval: setup ## metrics of samples: make eval SAMPLES=runs/xl/samples/samples.npz REF=VIRTUAL_imagenet256_labeled.npz
+	@test -n "$(REF)" || (echo "usage: make eval SAMPLES=out/samples.npz REF=reference.npz|folder|cache.zarr"; exit 2)
+	$(PY) -m tools.evaluate $(SAMPLES) $(REF) --json $(dir $(SAMPLES))metrics.json $(ARGS)
+
+report: setup ## one page (markdown + PNGs) on a run: make report RUN=runs/xl
+	$(PY) -m tools.report $(RUN) $(ARGS)
+
 macs: setup ## parameter counts and GMACs of every model preset against the paper
 	$(PY) -m tools.macs $(ARGS)
 
@@ -57,6 +76,9 @@ bench-cache: setup ## build and loader throughput against their limits, measured
 
 bench-train: setup ## training step: loop from the cache vs in-memory limit vs online teacher
 	$(PY) -m tools.bench_train $(ARGS)
+
+bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Inception throughput
+	$(PY) -m tools.bench_sample $(ARGS)
 
 lint: setup ## ruff
 	$(PY) -m ruff check cache pipeline trainer tools tests

@@ -2,9 +2,10 @@
 
 Each entry point (``pipeline.build``, ``trainer.train``, ``tools.*``) declares one frozen
 dataclass. :func:`parse_config` builds an argparse CLI from its fields (``--batch-size 64``,
-``--compile/--no-compile``), applies ``--preset NAME`` first and explicit flags on top, validates
-the result through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in
-``cache`` only because ``cache`` is the one package that every other package may import.
+``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field), applies
+``--preset NAME`` first and explicit flags on top, validates the result through the dataclass'
+``__post_init__``, and handles ``--dry-run``. It lives in ``cache`` only because ``cache`` is the
+one package that every other package may import.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def parse_config(
         if tp is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=f"{_help(cls, name)} (default: {default})")
+        elif typing.get_origin(tp) is tuple:  # tuple[float, float]: --name A B
+            items = typing.get_args(tp)
+            parser.add_argument(_flag(name), dest=name, type=items[0], nargs=len(items), default=None,
+                                metavar=items[0].__name__.upper(), help=f"{_help(cls, name)} (default: {default})")
         else:
             parser.add_argument(_flag(name), dest=name, type=tp, default=None, metavar=tp.__name__.upper(),
                                 help=f"{_help(cls, name)} (default: {default})")
@@ -108,7 +113,7 @@ def parse_config(
     for name in fields:
         v = getattr(args, name, None)
         if v is not None:
-            values[name] = v
+            values[name] = tuple(v) if isinstance(v, list) else v
     unknown = set(values) - set(fields)
     if unknown:
         parser.error(f"preset sets unknown fields {sorted(unknown)}")

@@ -12,12 +12,15 @@ import sys
 
 import torch
 
-__all__ = ["configure_device", "setup_logging"]
+__all__ = ["configure_device", "resolve_device", "setup_logging"]
 
 
 def configure_device(device: torch.device) -> torch.device:
     """Give a bare 'cuda' its index (accelerate's single-process device) and allow TF32 matmuls and
-    convolutions, the fp32 setting of every entry point."""
+    convolutions, the fp32 setting of every entry point; a launched CPU rank's "cpu:0" becomes "cpu"
+    (safetensors refuses an indexed CPU device)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -25,6 +28,14 @@ def configure_device(device: torch.device) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def resolve_device(spec: str) -> torch.device:
+    """A single-process entry point's ``--device``: "auto" (CUDA if there is one), "cpu", "cuda", "cuda:N";
+    configured by :func:`configure_device`."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    return configure_device(torch.device(spec))
 
 
 def setup_logging(rank: int, log_file: str | None, *, stream: logging.Handler | None = None) -> None:

@@ -38,8 +38,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
-    """Open, convert and crop one file: uint8 (resolution, resolution, 3). Raises SkipImage."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    """Open, convert and crop one file: uint8 (resolution, resolution, 3). Raises SkipImage.
+
+    Sets PIL's process-wide pixel limit and warning filters while it runs: call it from one thread
+    per process (the build's and the evaluator's loaders use worker processes)."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # restored below: callers share PIL
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -59,6 +62,8 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
         raise SkipImage("not an image (unidentified format or empty file)") from None
     except Exception as e:  # truncated, corrupt, unreadable: never let one file stop a build
         raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if min(rgb.size) < 1:
         raise SkipImage(f"empty image {rgb.size}")
     return adm_center_crop(rgb, resolution)

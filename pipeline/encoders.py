@@ -1,4 +1,5 @@
-"""The two encoders of the build: SD-VAE posterior moments and DINOv2 patch tokens.
+"""The two encoders of the build: SD-VAE posterior moments and DINOv2 patch tokens; and the VAE's
+decoder for sampling (``load_vae_decoder``, same specs as ``load_vae``).
 
 Specs (``--vae`` / ``--teacher``):
 - a HF hub id or local folder for the VAE (``AutoencoderKL.from_pretrained``), a timm model name
@@ -101,8 +102,9 @@ class LoadedEncoder:
     info: dict[str, Any]
 
 
-def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
-    """An AutoencoderKL from a spec (see module docstring), wrapped as :class:`VaeMoments`."""
+def _autoencoder_kl(spec: str, seed: int) -> tuple[nn.Module, bool]:
+    """The AutoencoderKL of a spec (see module docstring) in eval mode without gradients, and whether
+    its weights are random (``tiny`` / ``random:<id>``, seeded with ``seed``)."""
     from diffusers import AutoencoderKL
 
     random_weights = spec == "tiny" or spec.startswith("random:")
@@ -124,7 +126,12 @@ def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
                     how="`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR`, then --vae DIR")
             ) from None
     vae.eval().requires_grad_(False)
-    info = {
+    return vae, random_weights
+
+
+def _vae_info(spec: str, vae: nn.Module, random_weights: bool, seed: int) -> dict[str, Any]:
+    """What identifies a VAE: spec, config, sha256 of the whole AutoencoderKL, random-weights flag."""
+    return {
         "spec": spec,
         "class": "diffusers.AutoencoderKL",
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
@@ -132,10 +139,51 @@ def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
         "weights_sha256": weights_sha256(vae),
         "random_weights": random_weights,
         "seed": seed if random_weights else None,
+    }
+
+
+def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
+    """An AutoencoderKL from a spec (see module docstring), wrapped as :class:`VaeMoments`."""
+    vae, random_weights = _autoencoder_kl(spec, seed)
+    info = {
+        **_vae_info(spec, vae, random_weights, seed),
         "moments": "channels 0-3 posterior mean, 4-7 posterior std (exp(logvar/2), logvar clamped to [-30, 20])",
         "input": "RGB scaled to [-1, 1]",
     }
     return LoadedEncoder(VaeMoments(vae), info)
+
+
+def vae_output(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) as DiT's sample_ddp.py:
+    clamp(127.5 x + 128, 0, 255), truncated to uint8 (= 127.5 (x + 1) rounded half up; REPA's
+    generate.py truncates 127.5 (x + 1) instead, at most one level lower)."""
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class VaeDecoder(nn.Module):
+    """Latents z (B, C, h, w) in the VAE's own latent space (not scaled) -> uint8 images (B, 8h, 8w, 3)."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae.decoder.conv_in.weight.dtype
+        return vae_output(self.vae.decode(z.to(dtype)).sample)
+
+
+def load_vae_decoder(spec: str, *, seed: int = 0) -> LoadedEncoder:
+    """The decoder of the AutoencoderKL of a spec (as :func:`load_vae`), wrapped as :class:`VaeDecoder`.
+
+    ``info["weights_sha256"]`` is over the whole AutoencoderKL, the number :func:`load_vae` records in
+    a cache manifest, so a sampler can check that it decodes with the VAE the latents came from.
+    """
+    vae, random_weights = _autoencoder_kl(spec, seed)
+    info = {
+        **_vae_info(spec, vae, random_weights, seed),
+        "output": "uint8 RGB (B, H, W, 3) = clamp(127.5 x + 128, 0, 255) truncated, x = vae.decode(z).sample",
+    }
+    return LoadedEncoder(VaeDecoder(vae), info)
 
 
 # ------------------------------------------------------------------------------------------

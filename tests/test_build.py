@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from common.bad_files import MAX_PIXELS, write_bad_files
+from conftest import ROOT, TINY_BUILD, _env, run_build
 from PIL import Image
 
 import cache
 from pipeline.decode import load_image
 from pipeline.encoders import load_teacher, load_vae
-from tests.common.bad_files import MAX_PIXELS, write_bad_files
-from tests.conftest import ROOT, TINY_BUILD, _env, run_build
 
 pytestmark = pytest.mark.slow
 

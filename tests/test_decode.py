@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from common.bad_files import MAX_PIXELS, write_bad_files
 from PIL import Image
 
 from pipeline.decode import SkipImage, load_image, to_rgb
 from pipeline.sources import list_image_folder
-from tests.common.bad_files import MAX_PIXELS, write_bad_files
 
 
 def test_every_bad_file_kind(tmp_path):

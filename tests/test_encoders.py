@@ -11,10 +11,12 @@ from pipeline.encoders import (
     dinov2_pos_embed,
     load_teacher,
     load_vae,
+    load_vae_decoder,
     posterior_moments,
     teacher_input,
     teacher_input_size,
     vae_input,
+    vae_output,
     weights_sha256,
 )
 
@@ -56,6 +58,30 @@ def test_random_weights_are_seeded_and_recorded():
 def test_vae_input_range():
     x = torch.tensor([[[[0, 255, 128]]]], dtype=torch.uint8)
     torch.testing.assert_close(vae_input(x).flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+
+
+def test_vae_output_is_dits_truncation():
+    x = torch.tensor([-1.5, -1.0, -0.99, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    out = vae_output(x)
+    assert out.dtype == torch.uint8 and out.shape == (1, 1, 7, 3)
+    assert out[0, 0, :, 0].tolist() == [0, 0, 1, 128, 191, 255, 255]  # floor(127.5 x + 128), clamped
+
+
+def test_vae_decoder_is_autoencoder_decode_with_load_vaes_hash():
+    from diffusers import AutoencoderKL
+
+    dec = load_vae_decoder("tiny", seed=0)
+    assert dec.info["weights_sha256"] == load_vae("tiny", seed=0).info["weights_sha256"]
+    assert dec.info["weights_sha256"] != load_vae_decoder("tiny", seed=1).info["weights_sha256"]
+    assert dec.info["random_weights"] and dec.info["seed"] == 0
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        images = dec.module(z)
+        ref = vae.decode(z).sample
+    assert images.dtype == torch.uint8 and images.shape == (2, 64, 64, 3)
+    assert torch.equal(images, vae_output(ref))
 
 
 def test_teacher_input_matches_float64_formula():
@@ -119,6 +145,8 @@ def test_dinov2_pos_embed_resampling():
 def test_missing_weights_say_how_to_supply_them(tmp_path):
     with pytest.raises(WeightsUnavailable, match="local path"):
         load_vae(str(tmp_path / "no-such-vae"))
+    with pytest.raises(WeightsUnavailable, match="local path"):
+        load_vae_decoder(str(tmp_path / "no-such-vae"))
     with pytest.raises(WeightsUnavailable, match="--teacher-weights"):
         load_teacher("vit_small_patch14_dinov2.lvd142m", resolution=64, weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="timm has no model"):

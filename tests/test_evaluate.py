@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, _env
+
 from pipeline.decode import load_image
 from tools import inception as inc
 from tools.evaluate import list_images, main

@@ -121,3 +121,12 @@ def test_truncated_legacy_files_yield_their_complete_tensors(tmp_path):
     assert set(result["equal"]) == set(cut) and set(result["absent"]) == set(state) - set(cut)
     changed = {**cut, next(iter(cut)): next(iter(cut.values())) + 1}
     assert inc.compare_weights(state, changed)["different"] == [next(iter(cut))]
+
+
+def test_random_inception_is_seeded_and_complete():
+    a, b, c = inc.random_inception(0), inc.random_inception(0), inc.random_inception(1)
+    out = a(torch.full((1, 40, 40, 3), 90, dtype=torch.uint8))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (1, 2048), "spatial": (1, 2023), "logits": (1, 1008)}
+    key = "net.Mixed_7c.branch_pool.conv.weight"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key]) and not torch.equal(a.state_dict()[key],
+                                                                                      c.state_dict()[key])

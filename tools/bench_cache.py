@@ -34,7 +34,7 @@ import torch
 
 from cache import CacheWriter, Layout, open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import configure_device
+from cache.runtime import resolve_device
 from pipeline.build import BuildConfig, Encoders, build, load_encoders
 
 
@@ -189,7 +189,7 @@ def bench_build(bc: BenchConfig, out: Path) -> list[dict[str, Any]]:
                               compile=compiled, batch_size=bc.batch_size, workers=bc.workers, device=bc.device,
                               shard_rows=bc.batch_size * 2 if bc.batch_size * 2 <= 512 else bc.batch_size,
                               chunk_rows=16 if bc.batch_size % 16 == 0 else bc.batch_size, overwrite=True)
-            device = _device(bc.device)
+            device = resolve_device(bc.device)
             fwd, enc = forward_only(cfg, device, bc.forward_iters)
             t = time.perf_counter()
             build(cfg)
@@ -206,12 +206,6 @@ def bench_build(bc: BenchConfig, out: Path) -> list[dict[str, Any]]:
             print(json.dumps(results[-1]), flush=True)
             shutil.rmtree(cfg.out, ignore_errors=True)
     return results
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    return configure_device(torch.device(spec))
 
 
 # ------------------------------------------------------------------------------------------
@@ -380,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(bc.device)
+    device = resolve_device(bc.device)
     machine = machine_info(device)
     report: dict[str, Any] = {"config": config_to_dict(bc), "machine": machine}
     if not bc.skip_build:

@@ -17,7 +17,6 @@ Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import configure_device, setup_logging
+from cache.runtime import resolve_device, setup_logging
 from pipeline.decode import SkipImage, load_image
 from pipeline.sources import IMAGE_EXTENSIONS
 
@@ -67,15 +66,15 @@ class EvalConfig:
         "log": "log file ('' = evaluate.log next to --json, else next to SAMPLES)",
         "batch_size": "images per Inception forward",
         "num": "evaluate the first NUM samples only (0 = all)",
-        "workers": "threads decoding reference image files",
+        "workers": "processes decoding reference image files (0 = in this process)",
         "device": "auto | cpu | cuda | cuda:N",
     }
 
     def __post_init__(self) -> None:
         if not self.samples or not self.reference:
             raise ConfigError("give SAMPLES.npz and REFERENCE")
-        if self.batch_size < 1 or self.num < 0 or self.workers < 1:
-            raise ConfigError("--batch-size and --workers must be >= 1, --num >= 0")
+        if self.batch_size < 1 or self.num < 0 or self.workers < 0:
+            raise ConfigError("--batch-size must be >= 1, --num and --workers >= 0")
 
 
 class EvalError(RuntimeError):
@@ -127,8 +126,23 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(f)
 
 
+class _DecodeFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], resolution: int, max_pixels: int) -> None:
+        self.paths, self.resolution, self.max_pixels = paths, resolution, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray | None, str]:
+        try:
+            return self.paths[i], load_image(self.paths[i], self.resolution, max_pixels=self.max_pixels), ""
+        except SkipImage as e:
+            return self.paths[i], None, str(e)
+
+
 class FileImages:
-    """Image files, each ADM-center-cropped to ``resolution``; unreadable files are skipped and counted."""
+    """Image files, each ADM-center-cropped to ``resolution`` in worker processes (as the build decodes);
+    unreadable files are skipped and listed in ``skipped``."""
 
     def __init__(self, paths: list[str], resolution: int, *, workers: int, max_pixels: int = 1 << 28,
                  what: str = "") -> None:
@@ -140,19 +154,15 @@ class FileImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, path: str) -> np.ndarray | None:
-        try:
-            return load_image(path, self.resolution, max_pixels=self.max_pixels)
-        except SkipImage as e:
-            self.skipped.append(f"{path}: {e}")
-            return None
-
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            for start in range(0, len(self.paths), batch_size):
-                images = [a for a in pool.map(self._load, self.paths[start:start + batch_size]) if a is not None]
-                if images:
-                    yield np.stack(images)
+        loader = torch.utils.data.DataLoader(_DecodeFiles(self.paths, self.resolution, self.max_pixels),
+                                             batch_size=batch_size, num_workers=min(self.workers, os.cpu_count() or 1),
+                                             collate_fn=list)
+        for items in loader:
+            self.skipped += [f"{path}: {reason}" for path, image, reason in items if image is None]
+            images = [image for _, image, _ in items if image is not None]
+            if images:
+                yield np.stack(images)
 
 
 def list_images(folder: str) -> list[str]:
@@ -301,8 +311,7 @@ def _check_stats(reference: Reference) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns the JSON-ready result."""
-    device = configure_device(torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                                           else "cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     samples = NpzImages(cfg.samples, limit=cfg.num)
     reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
     _check_stats(reference)
@@ -319,6 +328,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if skipped:
         _logger.warning("skipped %d unreadable reference files, e.g. %s", len(skipped), skipped[0])
     metrics, notes = compute_metrics(sample_features, reference, ref_features)
+    if _random_weight_samples(cfg.samples):
+        notes.insert(0, "these samples come from random-weight encoders (see the config.json beside them): the "
+                        "numbers show that the pipeline runs, they say nothing about sample quality")
     if cfg.save_reference:
         save_reference(cfg.save_reference, reference, ref_features, model.info.as_dict())
     for note in notes:
@@ -337,6 +349,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "notes": notes,
         "config": config_to_dict(cfg),
     }
+
+
+def _random_weight_samples(samples: str) -> bool:
+    """Whether the tools.sample record beside ``samples`` says its VAE or the run's cache has random weights."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(samples)), "config.json")) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(record.get("vae", {}).get("random_weights") or record.get("model", {}).get("random_weights"))
 
 
 def save_reference(path: str, reference: Reference, features: dict[str, np.ndarray] | None,

@@ -274,6 +274,23 @@ def _strict_fp32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
+def random_inception(seed: int = 0) -> InceptionFeatures:
+    """The same network with seeded random weights (PyTorch's default initialisation): speed benchmarks only."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the fresh initialisation
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = _Unloaded("inception-v3-random", ["2048"], feature_extractor_weights_path=empty).state_dict()
+    return InceptionFeatures(state, WeightsInfo(path="random", format="random", sha256="", has_logits=True)).eval()
+
+
 def load_inception(path: str | None = None, *, device: torch.device | str = "cpu") -> InceptionFeatures:
     """The feature extractor with the first weights :func:`find_weights` finds; InceptionUnavailable if none."""
     found = find_weights(path)

@@ -1,0 +1,193 @@
+"""Benchmark sampling and evaluation: the sampler loop against the bare model, the VAE decoder, Inception.
+
+    python -m tools.bench_sample [--preset cpu|gpu] [--model sitdown-xl] [--batch-size 256] [--steps 25]
+
+(a) loop   REPA's Euler-Maruyama sampler (``tools.sampling``) with guidance over the interval [0, 0.7],
+           per-sample CPU noise streams and float64 state, as ``tools.sample`` runs it, for ``--steps``
+           steps of a grid spaced like the 250-step one (the same share of guided steps);
+(b) limit  the model forwards alone that (a) makes: batch 2B on guided steps, B elsewhere, on resident
+           inputs (no noise, no sampler arithmetic).
+(a)/(b) is the sampler's efficiency. Then the SD-VAE decoder (random weights) and Inception-v3 feature
+extraction (random weights) in img/s, and the time 50,000 samples of the paper's setting (250 SDE steps,
+CFG) take on this device: model + decoder + features. Optionally (``--compile``) (b) again with the model
+compiled. Random weights: speed only. Writes ``OUT/bench_sample.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache.config import ConfigError, config_to_dict, parse_config
+from cache.runtime import resolve_device
+from pipeline.encoders import load_vae_decoder
+from tools.bench_cache import machine_info, sync
+from tools.inception import random_inception
+from tools.sampling import PerSampleNoise, euler_maruyama, model_velocity, sde_time_grid, with_guidance
+from trainer.models import create_model
+
+
+@dataclass(frozen=True)
+class BenchSampleConfig:
+    """Benchmark the sampler against the bare model, the VAE decoder and Inception features."""
+
+    out: str = "bench-out"
+    model: str = "tiny"
+    batch_size: int = 16
+    steps: int = 10
+    cfg: float = 1.65
+    precision: str = "fp32"
+    device: str = "auto"
+    repeats: int = 3
+    decode_batch: int = 8
+    inception_batch: int = 16
+    resolution: int = 256
+    compile: bool = False
+    skip_decode: bool = False
+    skip_inception: bool = False
+
+    FIELD_HELP = {
+        "model": "trainer.models preset (random weights)",
+        "batch_size": "samples per sampler batch (guided steps run 2x this)",
+        "steps": "SDE steps timed; the grid keeps the 250-step grid's share of guided steps",
+        "precision": "fp32 | tf32 | bf16 (autocast) for the model",
+        "repeats": "timed repetitions; medians are reported",
+        "compile": "also time (b) with torch.compile",
+    }
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ConfigError(f"--precision must be fp32, tf32 or bf16, got {self.precision!r}")
+        if self.steps < 2 or self.batch_size < 1 or self.repeats < 1:
+            raise ConfigError("--steps >= 2, --batch-size >= 1, --repeats >= 1")
+
+
+PRESETS = {
+    "cpu": dict(model="tiny", batch_size=16, steps=10, precision="fp32", device="cpu", decode_batch=4,
+                inception_batch=16, resolution=64),
+    "gpu": dict(model="sitdown-xl", batch_size=256, steps=25, precision="bf16", device="cuda", decode_batch=64,
+                inception_batch=250, compile=True),
+}
+PAPER_STEPS, INTERVAL, PAPER_SAMPLES = 250, (0.0, 0.7), 50_000
+
+
+def _median_time(fn: Any, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def guided_steps(steps: int) -> tuple[int, int]:
+    """(guided, plain) model calls of an SDE run of ``steps`` steps with guidance on [0, 0.7]."""
+    ts = sde_time_grid(steps).tolist()[:-1]  # the times at which the velocity is evaluated
+    guided = sum(INTERVAL[0] <= t <= INTERVAL[1] for t in ts)
+    return guided, len(ts) - guided
+
+
+def main(argv: list[str] | None = None) -> int:
+    bc, dry = parse_config(BenchSampleConfig, argv, presets=PRESETS, default_preset="cpu")
+    if dry:
+        return 0
+    device = resolve_device(bc.device)
+    if bc.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out = Path(bc.out)
+    out.mkdir(parents=True, exist_ok=True)
+    latent = bc.resolution // 8
+    torch.manual_seed(0)
+    model = create_model(bc.model, input_size=latent).to(device).eval().requires_grad_(False)
+    autocast = torch.bfloat16 if bc.precision == "bf16" else None
+    null = model.config.num_classes
+    b = bc.batch_size
+    shape = (model.config.in_channels, latent, latent)
+    y = torch.randint(0, null, (b,), device=device)
+    result: dict[str, Any] = {"model": bc.model, "batch_size": b, "steps": bc.steps, "precision": bc.precision}
+
+    # (a) the sampler loop
+    velocity = with_guidance(model_velocity(model, autocast=autocast), null=null, scale=bc.cfg, interval=INTERVAL)
+
+    def loop() -> None:
+        noise = PerSampleNoise(0, range(b), shape, device=device)
+        with torch.no_grad():
+            euler_maruyama(velocity, noise(), y, noise=noise, steps=bc.steps)
+
+    result["loop_s"] = _median_time(loop, device, bc.repeats)
+
+    # (b) the forwards alone
+    guided, plain = guided_steps(bc.steps)
+
+    def forwards(net: torch.nn.Module) -> Any:
+        x2, y2 = torch.randn(2 * b, *shape, device=device), torch.cat([y, torch.full_like(y, null)])
+        t2 = torch.full((2 * b,), 0.5, device=device)
+
+        def run() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None):
+                for _ in range(guided):
+                    net(x2, t2, y2)
+                for _ in range(plain):
+                    net(x2[:b], t2[:b], y2[:b])
+        return run
+
+    result["limit_s"] = _median_time(forwards(model), device, bc.repeats)
+    result["guided_calls"], result["plain_calls"] = guided, plain
+    if bc.compile:
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        forwards(compiled)()
+        sync(device)
+        result["compile_warmup_s"] = time.perf_counter() - t0
+        result["limit_compiled_s"] = _median_time(forwards(compiled), device, bc.repeats)
+    per_step = result["loop_s"] / bc.steps
+    g250, p250 = guided_steps(PAPER_STEPS)
+    scale = (g250 + p250) / (guided + plain)  # the same mix of guided and plain calls
+    result["paper_img_s"] = b / (result["loop_s"] * scale)
+    result["loop_vs_limit"] = result["limit_s"] / result["loop_s"]
+    print(f"{bc.model} batch {b}: {bc.steps} SDE steps ({guided} guided, {plain} plain) loop "
+          f"{result['loop_s']:.3f} s ({per_step * 1e3:.1f} ms/step), forwards alone {result['limit_s']:.3f} s: "
+          f"(a)/(b) throughput {result['loop_vs_limit']:.3f}", flush=True)
+
+    # the decoder and Inception
+    if not bc.skip_decode:
+        decoder = load_vae_decoder("random:stabilityai/sd-vae-ft-ema").module.to(device).eval()
+        z = torch.randn(bc.decode_batch, 4, latent, latent, device=device)
+        with torch.no_grad():
+            result["decode_img_s"] = bc.decode_batch / _median_time(lambda: decoder(z), device, bc.repeats)
+        del decoder
+    if not bc.skip_inception:
+        net = random_inception().to(device)
+        images = torch.randint(0, 256, (bc.inception_batch, bc.resolution, bc.resolution, 3), dtype=torch.uint8,
+                               device=device)
+        result["inception_img_s"] = bc.inception_batch / _median_time(lambda: net(images), device, bc.repeats)
+    per_image = 1 / result["paper_img_s"] + 1 / result.get("decode_img_s", float("inf")) + \
+        1 / result.get("inception_img_s", float("inf"))
+    result["paper_50k_hours"] = PAPER_SAMPLES * per_image / 3600
+    machine = machine_info(device)
+    (out / "bench_sample.json").write_text(json.dumps({"config": config_to_dict(bc), "machine": machine,
+                                                       "results": result}, indent=2))
+    print(f"\nmachine: {machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, {bc.precision} "
+          "(random weights: speed only)")
+    print(f"sampler loop vs forwards alone: {result['loop_vs_limit']:.3f}")
+    if "limit_compiled_s" in result:
+        print(f"forwards compiled: {result['limit_compiled_s']:.3f} s vs eager {result['limit_s']:.3f} s "
+              f"({result['limit_s'] / result['limit_compiled_s']:.2f}x; compile warm-up {result['compile_warmup_s']:.0f} s)")
+    print(f"250-step SDE with CFG: {result['paper_img_s']:.2f} img/s; decoder {result.get('decode_img_s', 0):.1f} "
+          f"img/s; Inception {result.get('inception_img_s', 0):.1f} img/s")
+    print(f"50,000 samples of the paper's setting on this device: {result['paper_50k_hours']:.2f} h")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""One page on a training run: its settings, loss curves, sample grids and metrics (markdown + PNGs).
+
+    python -m tools.report RUN [--samples DIR,DIR] [--out RUN/report]
+    make report RUN=runs/xl
+
+Reads what the other entry points wrote: ``RUN/config.json`` and ``RUN/metrics.jsonl``
+(``trainer.train``), and, for every sample folder (each folder under RUN holding a ``tools.sample``
+``config.json``, plus any given with ``--samples``), its ``grid.png`` and the ``metrics.json``
+that ``tools.evaluate --json`` wrote there. Writes ``OUT/report.md`` with the PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from cache.config import ConfigError, parse_config
+from trainer.checkpoint import latest_checkpoint
+from trainer.metrics import plot_losses, read_metrics
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Write a one-page report (markdown + PNGs) on a training run."""
+
+    run: str = ""
+    samples: str = ""
+    out: str = ""
+
+    FIELD_HELP = {
+        "run": "training run folder (trainer.train --out)",
+        "samples": "comma-separated sample folders (tools.sample --out) besides those found under RUN",
+        "out": "report folder ('' = RUN/report)",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise ConfigError("give the RUN folder")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def sample_folders(run: str, extra: list[str]) -> list[str]:
+    """Folders under ``run`` (one level) whose config.json a sampler wrote, then ``extra``, without repeats."""
+    found = []
+    for name in sorted(os.listdir(run)):
+        path = os.path.join(run, name)
+        if os.path.isdir(path) and "samples" in (_read_json(os.path.join(path, "config.json")) or {}):
+            found.append(path)
+    for path in extra:
+        if os.path.abspath(path) not in map(os.path.abspath, found):
+            found.append(path)
+    return found
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def training_section(run: str, out: str, run_config: dict[str, Any]) -> list[str]:
+    train, model, cache = run_config["train"], run_config.get("model", {}), run_config.get("cache", {})
+    rows = read_metrics(os.path.join(run, "metrics.jsonl")) if os.path.exists(os.path.join(run, "metrics.jsonl")) else []
+    ckpt = latest_checkpoint(os.path.join(run, "checkpoints"))
+    lines = ["## Training", ""]
+    lines += _table(["setting", "value"], [
+        ["model", f"{train['model']} (width {model.get('width')}, blocks {model.get('blocks', model.get('depth'))})"],
+        ["cache", f"{train['cache']}: {cache.get('rows')} images at {cache.get('resolution')} px, teacher "
+                  f"{cache.get('teacher')}"],
+        ["global batch, lr", f"{train['batch_size']}, {train['lr']}"],
+        ["losses", f"velocity + {train['align_weight']} x (align + {train['manifold_weight']} x manifold)"],
+        ["latest checkpoint", os.path.basename(ckpt) if ckpt else "none"],
+    ])
+    lines.append("")
+    if rows:
+        plot_losses(rows, os.path.join(out, "losses.png"), title=f"{train['model']} on {os.path.basename(train['cache'])}")
+        lines += ["![loss curves](losses.png)", ""]
+        picks = sorted({0, len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4, len(rows) - 1})
+        keys = ["step", "loss", "loss_v", "loss_align", "loss_manifold", "cos", "grad_norm", "img_per_s"]
+        lines += _table(keys, [[rows[i].get(k) for k in keys] for i in picks]) + [""]
+    else:
+        lines += ["No metrics logged yet.", ""]
+    return lines
+
+
+def samples_section(folder: str, out: str, index: int) -> list[str]:
+    record = _read_json(os.path.join(folder, "config.json")) or {}
+    settings, model = record.get("samples", {}), record.get("model", {})
+    lines = [f"## Samples: {folder}", ""]
+    guidance = (f"CFG {settings.get('cfg')} on t in {settings.get('interval')}" if settings.get("cfg", 1.0) != 1.0
+                else "no guidance")
+    lines += [f"{settings.get('sampler', '?').upper()}, {settings.get('steps')} steps, {guidance}; labels "
+              f"{settings.get('labels')}, seed {settings.get('seed')}; {model.get('weights')} weights of step "
+              f"{model.get('step')}; VAE {record.get('vae', {}).get('spec')}.", ""]
+    grid = os.path.join(folder, "grid.png")
+    if os.path.exists(grid):
+        name = f"grid-{index}.png"
+        shutil.copyfile(grid, os.path.join(out, name))
+        lines += [f"![sample grid]({name})", ""]
+    metrics = _read_json(os.path.join(folder, "metrics.json"))
+    if metrics:
+        lines += _table(["FID", "sFID", "IS", "precision", "recall", "samples", "reference"],
+                        [[metrics.get("fid"), metrics.get("sfid"), metrics.get("inception_score"),
+                          metrics.get("precision"), metrics.get("recall"), metrics.get("num_samples"),
+                          f"{metrics.get('reference_kind')}: {metrics.get('reference')}"]])
+        lines += [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
+    else:
+        lines += [f"Not evaluated: run `python -m tools.evaluate {folder}/samples.npz REFERENCE "
+                  f"--json {folder}/metrics.json`.", ""]
+    return lines
+
+
+def write_report(cfg: ReportConfig) -> str:
+    run_config = _read_json(os.path.join(cfg.run, "config.json"))
+    if run_config is None or "train" not in run_config:
+        raise FileNotFoundError(f"{cfg.run}: no config.json of a training run")
+    out = cfg.out or os.path.join(cfg.run, "report")
+    os.makedirs(out, exist_ok=True)
+    lines = [f"# Run report: {os.path.abspath(cfg.run)}", ""]
+    if run_config.get("cache", {}).get("random_weights"):
+        lines += ["> **Random-weight encoders.** This run's cache was encoded with random-weight VAE and teacher "
+                  "(plumbing and speed only): its losses, samples and metrics say nothing about quality.", ""]
+    lines += training_section(cfg.run, out, run_config)
+    extra = [s for s in cfg.samples.split(",") if s]
+    for i, folder in enumerate(sample_folders(cfg.run, extra)):
+        lines += samples_section(folder, out, i)
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry_run = parse_config(ReportConfig, argv, positional=("run",))
+    if dry_run:
+        return 0
+    try:
+        print(write_report(cfg))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

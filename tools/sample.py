@@ -1,0 +1,516 @@
+"""Sample a trained run (SDE or ODE, guidance on a time interval) into PNGs and ADM's samples.npz.
+
+    python -m tools.sample --run runs/urepa-xl --out samples/urepa-xl-cfg --preset paper-cfg
+    python -m tools.sample --run RUN --num N --out OUT [--sampler sde|ode --steps K --cfg S --interval LO HI --seed S]
+    python -m tools.sample --run demo/run --out demo/samples --preset demo
+    python -m tools.sample --run RUN --out OUT --preset paper-cfg --dry-run     # print the resolved config
+
+    # several GPUs: batches are dealt to the ranks; every image is the same whatever their number
+    accelerate launch --num_processes 8 -m tools.sample --run RUN --out OUT --preset paper-cfg
+    torchrun --nproc_per_node 8 -m -- tools.sample --run RUN ...   # `--`: else torchrun reads --run as its --run-path
+
+Image i is a pure function of (--seed, i, the settings): its label (``--labels``) and its noise
+come from generators seeded by (seed, i), never by its batch or rank (``tools.sampling``). Batch k
+(images k*B ... (k+1)*B - 1, B = --batch-size per rank) is sampled by rank k % world; each finished
+batch is written atomically to OUT/parts/<first>-<last>.npz (uint8 images, labels, indices) after
+its PNGs (OUT/images/<index>.png). Resume by running the same command again: images already in a
+part are skipped (a changed --batch-size or --num only changes which images are left to do); a
+changed setting that changes images (sampler, steps, guidance, labels, seed, weights, checkpoint,
+VAE, precision) is refused with its name. At the end rank 0 streams the parts into
+OUT/samples.npz (``arr_0`` uint8 (N, H, W, 3), ``labels`` (N,), as ADM's evaluator reads it),
+writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the resolved config and
+the identity of the model (run, checkpoint step, weights sha256) and of the VAE; OUT/log.txt the log.
+
+Latents: the model samples x = (z - shift) * scale (the run's --latent-scale/--latent-shift), the
+VAE recorded in the run's cache manifest (or --vae) decodes z = x / scale + shift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import cache as cache_lib
+from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
+from cache.runtime import configure_device, setup_logging
+from pipeline.encoders import LoadedEncoder, WeightsUnavailable, load_vae_decoder, weights_sha256
+from trainer.checkpoint import latest_checkpoint, load_run_model
+
+from .sampling import (
+    PerSampleNoise,
+    Velocity,
+    class_labels,
+    euler_maruyama,
+    model_velocity,
+    ode_euler,
+    ode_heun,
+    with_guidance,
+)
+
+_logger = logging.getLogger("tools.sample")
+
+#: ``--steps 0`` means these (REPA's defaults).
+DEFAULT_STEPS = {"sde": 250, "ode": 50}
+_PART = re.compile(r"^(\d+)-(\d+)\.npz$")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample images from a training run into PNGs and an ADM-style samples.npz."""
+
+    run: str = ""
+    out: str = ""
+    num: int = 50_000
+    batch_size: int = 64
+    sampler: str = "sde"
+    solver: str = "heun"
+    steps: int = 0
+    t_last: float = 0.04
+    cfg: float = 1.0
+    interval: tuple[float, float] = (0.0, 0.7)
+    labels: str = "uniform"
+    weights: str = "ema"
+    step: int = 0
+    vae: str = ""
+    seed: int = 0
+    precision: str = "tf32"
+    png: bool = True
+    grid: int = 64
+    device: str = "auto"
+
+    FIELD_HELP = {
+        "run": "training run folder (trainer.train --out)",
+        "out": "output folder (created; rerun the same command to resume)",
+        "num": "number of images (indices 0 .. num-1)",
+        "batch_size": "images per batch per rank (guided steps run 2x this through the model)",
+        "sampler": "sde (Euler-Maruyama, REPA) or ode",
+        "solver": "ode solver: heun (2nd order, NFE 2 steps - 1) or euler",
+        "steps": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)",
+        "t_last": "sde: last time of the stochastic steps before the final drift step to 0",
+        "cfg": "classifier-free guidance scale (1: no guidance)",
+        "interval": "guidance only for LO <= t <= HI (t = 1 is noise)",
+        "labels": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled",
+        "weights": "ema or raw",
+        "step": "checkpoint step (0: the latest)",
+        "vae": "VAE spec for decoding (default: the one recorded in the run's cache manifest)",
+        "seed": "labels and noise of image i come from (seed, i)",
+        "precision": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)",
+        "png": "also write OUT/images/<index>.png (for the images this call samples)",
+        "grid": "images in OUT/grid.png (0: none)",
+        "device": "auto (accelerate), cpu, cuda",
+    }
+
+    def __post_init__(self) -> None:
+        if not self.run or not self.out:
+            raise ConfigError("--run and --out are required")
+        choices = {"sampler": ("sde", "ode"), "solver": ("heun", "euler"), "weights": ("ema", "raw"),
+                   "precision": ("fp32", "tf32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.num < 1 or self.batch_size < 1:
+            raise ConfigError("--num and --batch-size must be >= 1")
+        if self.steps < 0 or self.step < 0 or self.seed < 0 or self.grid < 0:
+            raise ConfigError("--steps, --step, --seed and --grid must be >= 0")
+        if not 0 < self.t_last < 1:
+            raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
+        if self.cfg < 0:
+            raise ConfigError(f"--cfg must be >= 0, got {self.cfg}")
+        lo, hi = self.interval
+        if not 0 <= lo <= hi <= 1:
+            raise ConfigError(f"--interval needs 0 <= LO <= HI <= 1, got {lo} {hi}")
+        labels = self.labels.replace(" ", "")
+        if labels not in ("uniform", "balanced") and not re.fullmatch(r"\d+(,\d+)*", labels):
+            raise ConfigError(f"--labels must be uniform, balanced or class ids like 3,7; got {self.labels!r}")
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "interval", (float(lo), float(hi)))
+        if self.steps == 0:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's main numbers: SDE, 250 steps, CFG 1.65 on t in [0, 0.7], 50K images, EMA weights.
+    "paper-cfg": dict(sampler="sde", steps=250, cfg=1.65, interval=(0.0, 0.7), num=50_000),
+    # The same without guidance.
+    "paper-nocfg": dict(sampler="sde", steps=250, cfg=1.0, num=50_000),
+    # The ablation: ODE (Heun, 50 steps), CFG 1.8 on the same interval.
+    "ode": dict(sampler="ode", solver="heun", steps=50, cfg=1.8, interval=(0.0, 0.7), num=50_000),
+    # About 10 CPU seconds on the demo run (random-weight encoders: plumbing only).
+    "demo": dict(sampler="sde", steps=25, cfg=1.65, num=16, batch_size=16, grid=16, precision="fp32",
+                 device="cpu"),
+}
+
+
+class SetupError(RuntimeError):
+    """Sampling cannot start (no run, no VAE, changed settings on a rerun); says why."""
+
+
+# ------------------------------------------------------------------------------------------
+# Parts: which images are done, which are left
+
+
+def part_name(first: int, last: int) -> str:
+    """File name of the part holding images first..last (inclusive)."""
+    return f"{first:06d}-{last:06d}.npz"
+
+
+def list_parts(folder: str) -> list[tuple[int, int, str]]:
+    """(first, last, path) of every finished part in ``folder``, by first index."""
+    if not os.path.isdir(folder):
+        return []
+    parts = [(int(m.group(1)), int(m.group(2)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := _PART.match(name))]
+    return sorted(parts)
+
+
+def pending_chunks(done: Iterable[tuple[int, int]], num: int, batch_size: int) -> list[list[int]]:
+    """The images of [0, num) not in ``done`` (inclusive index ranges), as runs of consecutive
+    indices inside the batches [k B, (k + 1) B): whole batches on a fresh start, the gaps otherwise."""
+    have = np.zeros(num, dtype=bool)
+    for first, last in done:
+        have[first:last + 1] = True
+    chunks = []
+    for start in range(0, num, batch_size):
+        todo = np.flatnonzero(~have[start:start + batch_size]) + start
+        for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
+            if run.size:
+                chunks.append(run.tolist())
+    return chunks
+
+
+def write_npz(path: str, arrays: Mapping[str, tuple[Sequence[int], np.dtype, Iterable[np.ndarray]]]) -> None:
+    """An uncompressed .npz whose arrays arrive as pieces along axis 0 (``name: (shape, dtype,
+    pieces)``), so no array is ever whole in memory; fixed zip timestamps make the bytes a function
+    of the data alone. ``np.load`` and ADM's evaluator read it."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, (shape, dtype, pieces) in arrays.items():
+            dtype = np.dtype(dtype)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                          "shape": tuple(int(s) for s in shape)}
+                np.lib.format.write_array_header_1_0(f, header)
+                written = 0
+                for piece in pieces:
+                    piece = np.ascontiguousarray(piece, dtype=dtype)
+                    f.write(piece.data)
+                    written += piece.nbytes
+            if written != math.prod(header["shape"]) * dtype.itemsize:
+                raise ValueError(f"{path}: {name} got {written} bytes for shape {header['shape']} {dtype}")
+
+
+def write_part(folder: str, indices: Sequence[int], images: np.ndarray, labels: np.ndarray) -> str:
+    """Write one finished batch atomically (temporary file, then rename); returns its path."""
+    path = os.path.join(folder, part_name(indices[0], indices[-1]))
+    tmp = path + ".tmp"
+    idx = np.asarray(indices, dtype=np.int64)
+    write_npz(tmp, {"images": (images.shape, images.dtype, [images]), "labels": (labels.shape, np.int64, [labels]),
+                    "indices": (idx.shape, np.int64, [idx])})
+    os.replace(tmp, path)
+    return path
+
+
+def _part_slices(parts: list[tuple[int, int, str]], num: int, key: str) -> Iterator[np.ndarray]:
+    """``key`` of images 0..num-1 from the parts, in order; raises if one is missing."""
+    expected = 0
+    for first, last, path in parts:
+        if first >= num:
+            break
+        if first != expected:
+            raise SetupError(f"images {expected}..{first - 1} are missing from {os.path.dirname(path)}")
+        with np.load(path) as data:
+            yield data[key][: num - first]
+        expected = last + 1
+    if expected < num:
+        raise SetupError(f"images {expected}..{num - 1} are missing")
+
+
+def assemble_npz(out: str, num: int) -> str:
+    """OUT/samples.npz from the parts: ``arr_0`` uint8 (num, H, W, 3) and ``labels`` (num,)."""
+    parts = list_parts(os.path.join(out, "parts"))
+    if not parts:
+        raise SetupError(f"no parts in {out}/parts")
+    with np.load(parts[0][2]) as first:
+        height, width, channels = first["images"].shape[1:]
+    path = os.path.join(out, "samples.npz")
+    tmp = path + ".tmp"
+    write_npz(tmp, {"arr_0": ((num, height, width, channels), np.uint8, _part_slices(parts, num, "images")),
+                    "labels": ((num,), np.int64, _part_slices(parts, num, "labels"))})
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) -> one (rows H, cols W, 3) image, cols = ceil(sqrt(n)), row-major, black padding."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * cols, h, w, c), dtype=images.dtype)
+    grid[:n] = images
+    return grid.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def write_grid(out: str, count: int) -> str:
+    """OUT/grid.png of the first ``count`` images."""
+    from PIL import Image
+
+    images = np.concatenate(list(_part_slices(list_parts(os.path.join(out, "parts")), count, "images")))
+    path = os.path.join(out, "grid.png")
+    Image.fromarray(image_grid(images)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Setup: model, VAE, identity
+
+
+def resolve_checkpoint(run: str, step: int) -> tuple[str, int]:
+    """(folder, step) of checkpoint ``step`` of ``run`` (0: the latest); SetupError if absent."""
+    if not os.path.isfile(os.path.join(run, "config.json")):
+        raise SetupError(f"--run {run}: not a training run (no {os.path.join(run, 'config.json')})")
+    folder = os.path.join(run, "checkpoints")
+    path = latest_checkpoint(folder) if step == 0 else os.path.join(folder, f"step-{step:08d}")
+    if path is None or not os.path.isdir(path):
+        have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        raise SetupError(f"--run {run}: no checkpoint{f' at step {step}' if step else ''} in {folder} "
+                         f"(found: {', '.join(have) or 'none'})")
+    with open(os.path.join(path, "state.json")) as f:
+        return path, int(json.load(f)["step"])
+
+
+def resolve_vae(cfg: SampleConfig, run_config: Mapping[str, Any]) -> tuple[str, int, str | None]:
+    """(spec, seed, sha256 the latents were encoded with or None) of the VAE to decode with:
+    ``--vae``, else the one in the run's cache manifest; SetupError if neither can be had."""
+    cache_path = run_config["train"]["cache"]
+    try:
+        recorded: dict[str, Any] | None = dict(cache_lib.open_cache(cache_path).manifest["vae"])
+        reason = ""
+    except cache_lib.CacheError as e:
+        recorded, reason = None, str(e)
+    expected = recorded["weights_sha256"] if recorded else run_config.get("cache", {}).get("vae_sha256")
+    seed = int((recorded or {}).get("seed") or 0)
+    if cfg.vae:
+        return cfg.vae, seed, expected
+    if recorded is None:
+        raise SetupError(f"the run's cache {cache_path!r} cannot be read ({reason}), so its VAE is unknown: "
+                         "pass the one its latents were encoded with, --vae SPEC (HF id or local folder)")
+    return recorded["spec"], seed, expected
+
+
+def load_decoder(cfg: SampleConfig, run_config: Mapping[str, Any]) -> LoadedEncoder:
+    """The VAE decoder of :func:`resolve_vae`, checked against the weights the latents came from:
+    a mismatch is an error for the recorded spec, a warning for an explicit ``--vae``."""
+    spec, seed, expected = resolve_vae(cfg, run_config)
+    try:
+        loaded = load_vae_decoder(spec, seed=seed)
+    except ValueError as e:  # a malformed spec
+        raise SetupError(str(e)) from None
+    sha = loaded.info["weights_sha256"]
+    if expected and sha != expected:
+        if not cfg.vae:
+            raise SetupError(f"the VAE {spec!r} now has weights {sha[:12]}..., not the {expected[:12]}... the cache "
+                             "was encoded with; pass --vae SPEC to decode with it anyway")
+        _logger.warning("--vae %s (weights %s...) is not the VAE the cache was encoded with (%s...)", spec, sha[:12],
+                        expected[:12])
+    return loaded
+
+
+def sample_identity(cfg: SampleConfig) -> dict[str, Any]:
+    """The settings that decide the images (what a rerun must not change)."""
+    return {
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "solver": cfg.solver if cfg.sampler == "ode" else None,
+        "t_last": cfg.t_last if cfg.sampler == "sde" else None,
+        "cfg": cfg.cfg,
+        "interval": list(cfg.interval) if cfg.cfg != 1.0 else None,
+        "labels": cfg.labels,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+    }
+
+
+#: Entries of OUT/config.json a rerun may change: they do not change any image.
+FREE_ENTRIES = frozenset({"config", "model.run", "vae.spec"})
+
+
+def check_out_dir(out: str, record: Mapping[str, Any]) -> None:
+    """Refuse an OUT written with settings that give other images, naming them."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    changes = [f"{name}: {a!r} -> {b!r}" for name, a, b in nested_diff(old, record, skip=FREE_ENTRIES)]
+    if changes:
+        raise SetupError(f"{out} holds samples made with other settings; rerun with the same ones, or choose "
+                         "another --out. Changed: " + "; ".join(changes))
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def make_accelerator(cfg: SampleConfig) -> tuple[Any, torch.device]:
+    """The Accelerator for ``cfg.device`` (one process or a launched group) and its configured device,
+    with TF32 off for ``--precision fp32``."""
+    from accelerate import Accelerator
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda, but no CUDA device is available")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", dynamo_backend="no")
+    device = configure_device(accelerator.device)
+    if cfg.precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return accelerator, device
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Sampler:
+    """Everything one batch needs: the guided velocity, the decoder and the latent bookkeeping."""
+
+    cfg: SampleConfig
+    velocity: Velocity
+    decoder: torch.nn.Module
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+    latent_scale: float
+    latent_shift: float
+    device: torch.device
+
+    def __call__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (B, H, W, 3) and labels (B,) of images ``indices``."""
+        cfg = self.cfg
+        y = class_labels(indices, mode=cfg.labels, num_classes=self.num_classes, seed=cfg.seed)
+        noise = PerSampleNoise(cfg.seed, indices, self.latent_shape, device=self.device)
+        x1, yd = noise(), y.to(self.device)
+        if cfg.sampler == "sde":
+            x0 = euler_maruyama(self.velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
+        else:
+            x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(self.velocity, x1, yd, steps=cfg.steps)
+        z = (x0 / self.latent_scale + self.latent_shift).float()
+        return self.decoder(z).cpu().numpy(), y.numpy()
+
+
+def save_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
+    from PIL import Image
+
+    for i, image in zip(indices, images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def sample(cfg: SampleConfig) -> dict[str, Any]:
+    """Sample (or finish sampling) ``cfg.num`` images into ``cfg.out``; every rank calls this.
+    Returns the npz path, the number of images sampled by this call and the throughput."""
+    ckpt_path, ckpt_step = resolve_checkpoint(cfg.run, cfg.step)
+    accelerator, device = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    setup_logging(rank, os.path.join(cfg.out, "log.txt"))
+
+    model, run_config = load_run_model(cfg.run, weights=cfg.weights, step=ckpt_step, device=device)
+    num_classes = model.config.num_classes
+    if cfg.labels not in ("uniform", "balanced"):
+        bad = [c for c in cfg.labels.split(",") if not 0 <= int(c) < num_classes]
+        if bad:
+            raise SetupError(f"--labels {cfg.labels}: class ids {', '.join(bad)} are not in [0, {num_classes})")
+    loaded = load_decoder(cfg, run_config)
+    train = run_config["train"]
+    record = json.loads(json.dumps({
+        "samples": sample_identity(cfg),
+        "model": {"run": os.path.abspath(cfg.run), "step": ckpt_step, "weights": cfg.weights,
+                  "weights_sha256": weights_sha256(model), "model": train["model"], "num_classes": num_classes,
+                  "latent_scale": train["latent_scale"], "latent_shift": train["latent_shift"]},
+        "vae": {key: loaded.info[key] for key in ("spec", "seed", "weights_sha256", "random_weights")},
+        "config": config_to_dict(cfg),
+    }))
+    check_out_dir(cfg.out, record)
+
+    parts_dir, images_dir = os.path.join(cfg.out, "parts"), os.path.join(cfg.out, "images")
+    if rank == 0:
+        os.makedirs(parts_dir, exist_ok=True)
+        if cfg.png:
+            os.makedirs(images_dir, exist_ok=True)
+        for name in os.listdir(parts_dir):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(parts_dir, name))
+        _write_json(os.path.join(cfg.out, "config.json"), record)
+    accelerator.wait_for_everyone()
+    chunks = pending_chunks([(a, b) for a, b, _ in list_parts(parts_dir)], cfg.num, cfg.batch_size)
+    accelerator.wait_for_everyone()  # every rank has the same plan before any part is written
+    todo = sum(len(c) for c in chunks)
+
+    nfe = cfg.steps if cfg.sampler == "sde" or cfg.solver == "euler" else 2 * cfg.steps - 1
+    guidance = f"cfg {cfg.cfg} on t in [{cfg.interval[0]}, {cfg.interval[1]}]" if cfg.cfg != 1.0 else "no guidance"
+    _logger.info("run %s, checkpoint %s (%s weights); %s %s, %d steps (NFE %d), %s; labels %s, seed %d; VAE %s; "
+                 "%d of %d images left, %d rank(s) x batch %d, %s on %s", cfg.run, ckpt_path, cfg.weights,
+                 cfg.sampler, cfg.solver if cfg.sampler == "ode" else f"t_last {cfg.t_last}", cfg.steps, nfe,
+                 guidance, cfg.labels, cfg.seed, loaded.info["spec"], todo, cfg.num, world, cfg.batch_size, cfg.precision, device)
+    if run_config["cache"].get("random_weights") or loaded.info["random_weights"]:
+        _logger.warning("the run's cache (or this VAE) has random-weight encoders: the samples show the plumbing, "
+                        "they mean nothing about quality")
+
+    in_ch, size = model.config.in_channels, model.config.input_size
+    velocity = model_velocity(model, autocast=torch.bfloat16 if cfg.precision == "bf16" else None)
+    sampler = Sampler(cfg, with_guidance(velocity, null=num_classes, scale=cfg.cfg, interval=cfg.interval),
+                      loaded.module.to(device), (in_ch, size, size), num_classes, float(train["latent_scale"]),
+                      float(train["latent_shift"]), device)
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    start = time.perf_counter()
+    with logging_redirect_tqdm(), torch.inference_mode():
+        bar = tqdm(total=todo, unit="img", disable=rank != 0, dynamic_ncols=True, desc="sampling")
+        for chunk in chunks[rank::world]:
+            images, labels = sampler(chunk)
+            if cfg.png:
+                save_pngs(images_dir, chunk, images)
+            write_part(parts_dir, chunk, images, labels)
+            bar.update(min(len(chunk) * world, todo - bar.n))  # rank 0's progress stands for all ranks
+        bar.close()
+    accelerator.wait_for_everyone()
+    elapsed = time.perf_counter() - start
+    npz = os.path.join(cfg.out, "samples.npz")
+    if rank == 0:
+        npz = assemble_npz(cfg.out, cfg.num)
+        grid = write_grid(cfg.out, min(cfg.grid, cfg.num)) if cfg.grid else None
+        _logger.info("%d images sampled in %.1f s (%.2f img/s); %s%s", todo, elapsed, todo / max(elapsed, 1e-9),
+                     npz, f", grid {grid}" if grid else "")
+    accelerator.wait_for_everyone()
+    return {"npz": npz, "rank": rank, "sampled": todo, "seconds": elapsed, "img_per_s": todo / max(elapsed, 1e-9)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry_run = parse_config(SampleConfig, argv, presets=PRESETS)
+    if dry_run:
+        return 0
+    try:
+        result = sample(cfg)
+    except (SetupError, cache_lib.CacheError, WeightsUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["rank"] == 0:
+        print(result["npz"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
