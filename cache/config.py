@@ -81,8 +81,7 @@ def parse_config(
     presets = dict(presets or {})
     parser = argparse.ArgumentParser(
         description=description or (cls.__doc__ or "").strip().splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    )  # each option's help names its dataclass default itself (argparse's own default here is None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in positional:
         parser.add_argument(name, help=_help(cls, name))

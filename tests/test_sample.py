@@ -30,6 +30,14 @@ def arrays(out: Path) -> tuple[np.ndarray, np.ndarray]:
         return f["arr_0"], f["labels"]
 
 
+def assert_same_images(images: np.ndarray, ref: np.ndarray) -> None:
+    """Equal to float rounding: matmuls round differently for other batch sizes or thread counts (the
+    subprocesses run one thread, pytest maybe more), which moves at most one level on a few values."""
+    assert images.shape == ref.shape
+    diff = np.abs(images.astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def part_names(out: Path) -> list[str]:
     return sorted(os.listdir(out / "parts"))
 
@@ -110,14 +118,12 @@ def test_more_images_and_another_batch_size(sampled, tmp_path, capsys):
     images, labels = arrays(out)
     ref, ref_labels = arrays(sampled)
     assert images.shape[0] == 8 and np.array_equal(images[:6], ref) and np.array_equal(labels[:6], ref_labels)
-    # from scratch with batch size 3: every image is that of its index, to float rounding (the matmuls of a
-    # batch of 3 and one of 4 or 2 round differently), i.e. at most one level on a few values
+    # from scratch with batch size 3: every image is that of its index, to float rounding
     fresh = tmp_path / "fresh"
     assert run_sample(_run_of(sampled), fresh, "--batch-size", "3") == 0
     images, labels = arrays(fresh)
     assert np.array_equal(labels, ref_labels)
-    diff = np.abs(images.astype(int) - ref)
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert_same_images(images, ref)
 
 
 def test_a_changed_setting_is_refused_by_name(sampled, tmp_path, capsys):
@@ -193,4 +199,5 @@ def test_two_processes_give_the_same_images(sampled, tmp_path):
     assert proc.stdout.strip().splitlines() == [str(out / "samples.npz")]  # printed once, by rank 0
     images, labels = arrays(out)
     ref, ref_labels = arrays(sampled)
-    assert np.array_equal(images, ref) and np.array_equal(labels, ref_labels)  # the same batches, other ranks
+    assert np.array_equal(labels, ref_labels)
+    assert_same_images(images, ref)  # the same batches on other ranks (one thread each there)
