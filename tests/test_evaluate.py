@@ -98,3 +98,19 @@ def test_cli_without_weights_exits_with_the_help(samples, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "No Inception-v3 weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weights_with_a_softmax_layer_give_an_inception_score(samples, tmp_path, capsys):
+    """A torch-fidelity-layout file (as the ported .pth) passed with --inception: IS is computed, from the
+    unbiased logits, and the JSON names the file."""
+    import torch
+
+    state, _ = inc.read_weights(inc._fid_helper_file())
+    state["fc.weight"] = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    state["fc.bias"] = torch.zeros(1008)
+    torch.save(state, tmp_path / "ported.pth")
+    path, _ = samples
+    code, m, _ = _run(capsys, path, path, "--inception", tmp_path / "ported.pth", "--num", 8)
+    assert code == 0 and m["inception"]["format"] == "state_dict" and m["inception"]["logits"]
+    assert isinstance(m["inception_score"], float) and 1.0 <= m["inception_score"] <= 8.0  # at most N for N samples
+    assert not any("softmax" in n for n in m["notes"])
