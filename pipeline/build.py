@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cache.config import ConfigError, config_to_dict, parse_config
 from cache.runtime import configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
-from .decode import SkipImage, load_image
+from .decode import DecodedImages
 from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, WeightsUnavailable, load_teacher, load_vae, teacher_name
 from .sources import list_image_folder
 
@@ -124,21 +124,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ------------------------------------------------------------------------------------------
 # Decoding in worker processes
-
-
-class _Decode(Dataset):
-    def __init__(self, root: str, sources: list[dict], resolution: int, max_pixels: int) -> None:
-        self.root, self.sources, self.resolution, self.max_pixels = root, sources, resolution, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, row: int) -> tuple[int, np.ndarray | None, str]:
-        path = os.path.join(self.root, self.sources[row]["path"])
-        try:
-            return row, load_image(path, self.resolution, max_pixels=self.max_pixels), ""
-        except SkipImage as e:
-            return row, None, str(e)
 
 
 def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
@@ -359,7 +344,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     if cfg.compile:
         encoders.compile()
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
-    loader = DataLoader(_Decode(root, sources, cfg.resolution, cfg.max_pixels),
+    loader = DataLoader(DecodedImages([s["path"] for s in sources], cfg.resolution, max_pixels=cfg.max_pixels,
+                                      root=root),
                         batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
+from torch.utils.data import Dataset
 
 from .crop import adm_center_crop
 
@@ -67,3 +70,21 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
     if min(rgb.size) < 1:
         raise SkipImage(f"empty image {rgb.size}")
     return adm_center_crop(rgb, resolution)
+
+
+class DecodedImages(Dataset):
+    """Image files by index for a DataLoader: ``(index, uint8 (R, R, 3) or None, skip reason)``, each file
+    through :func:`load_image` (in the loader's worker processes, one thread each)."""
+
+    def __init__(self, paths: Sequence[str], resolution: int, *, max_pixels: int, root: str = "") -> None:
+        self.paths, self.resolution, self.max_pixels, self.root = paths, resolution, max_pixels, root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        path = os.path.join(self.root, self.paths[index])
+        try:
+            return index, load_image(path, self.resolution, max_pixels=self.max_pixels), ""
+        except SkipImage as e:
+            return index, None, str(e)

@@ -33,7 +33,7 @@ import torch
 
 from cache.config import ConfigError, config_to_dict, parse_config
 from cache.runtime import resolve_device, setup_logging
-from pipeline.decode import SkipImage, load_image
+from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS
 
 from .fidelity import feature_statistics, frechet_distance, inception_score, precision_recall
@@ -126,20 +126,6 @@ def _npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(f)
 
 
-class _DecodeFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], resolution: int, max_pixels: int) -> None:
-        self.paths, self.resolution, self.max_pixels = paths, resolution, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[str, np.ndarray | None, str]:
-        try:
-            return self.paths[i], load_image(self.paths[i], self.resolution, max_pixels=self.max_pixels), ""
-        except SkipImage as e:
-            return self.paths[i], None, str(e)
-
-
 class FileImages:
     """Image files, each ADM-center-cropped to ``resolution`` in worker processes (as the build decodes);
     unreadable files are skipped and listed in ``skipped``."""
@@ -155,11 +141,11 @@ class FileImages:
         return len(self.paths)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        loader = torch.utils.data.DataLoader(_DecodeFiles(self.paths, self.resolution, self.max_pixels),
+        loader = torch.utils.data.DataLoader(DecodedImages(self.paths, self.resolution, max_pixels=self.max_pixels),
                                              batch_size=batch_size, num_workers=min(self.workers, os.cpu_count() or 1),
                                              collate_fn=list)
         for items in loader:
-            self.skipped += [f"{path}: {reason}" for path, image, reason in items if image is None]
+            self.skipped += [f"{self.paths[i]}: {reason}" for i, image, reason in items if image is None]
             images = [image for _, image, _ in items if image is not None]
             if images:
                 yield np.stack(images)
