@@ -1,18 +1,20 @@
 """Process plumbing shared by the entry points (``pipeline.build``, ``trainer.train``, ``tools.*``).
 
 Like :mod:`cache.config`, it lives in ``cache`` only because ``cache`` is the one package every
-other package may import: the device fix-up for accelerate and the one-time logging setup.
+other package may import: the device fix-up for accelerate, the one-time logging setup and atomic JSON records.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from typing import Any
 
 import torch
 
-__all__ = ["configure_device", "resolve_device", "setup_logging"]
+__all__ = ["configure_device", "resolve_device", "setup_logging", "write_json"]
 
 
 def configure_device(device: torch.device) -> torch.device:
@@ -52,3 +54,11 @@ def setup_logging(rank: int, log_file: str | None, *, stream: logging.Handler | 
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+def write_json(path: str, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, atomically (a temporary file, then a rename): the records
+    entry points leave next to their outputs are never half-written."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)

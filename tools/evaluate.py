@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import resolve_device, setup_logging
+from cache.runtime import resolve_device, setup_logging, write_json
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS
 
@@ -373,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if cfg.json:
-        tmp = cfg.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, cfg.json)
+        write_json(cfg.json, result)
     print(json.dumps(_rounded(result)))
     return 0
 

@@ -44,7 +44,7 @@ import torch
 
 import cache as cache_lib
 from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
-from cache.runtime import configure_device, setup_logging
+from cache.runtime import configure_device, setup_logging, write_json
 from pipeline.encoders import LoadedEncoder, WeightsUnavailable, load_vae_decoder, weights_sha256
 from trainer.checkpoint import latest_checkpoint, load_run_model
 
@@ -359,12 +359,6 @@ def check_out_dir(out: str, record: Mapping[str, Any]) -> None:
                          "another --out. Changed: " + "; ".join(changes))
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def make_accelerator(cfg: SampleConfig) -> tuple[Any, torch.device]:
     """The Accelerator for ``cfg.device`` (one process or a launched group) and its configured device,
     with TF32 off for ``--precision fp32``."""
@@ -452,7 +446,7 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
         for name in os.listdir(parts_dir):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(parts_dir, name))
-        _write_json(os.path.join(cfg.out, "config.json"), record)
+        write_json(os.path.join(cfg.out, "config.json"), record)
     accelerator.wait_for_everyone()
     chunks = pending_chunks([(a, b) for a, b, _ in list_parts(parts_dir)], cfg.num, cfg.batch_size)
     accelerator.wait_for_everyone()  # every rank has the same plan before any part is written

@@ -37,7 +37,7 @@ import torch
 
 import cache as cache_lib
 from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
-from cache.runtime import configure_device, setup_logging
+from cache.runtime import configure_device, setup_logging, write_json
 
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
@@ -447,9 +447,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
         clean_partial(ckpt_dir)
-        with open(os.path.join(cfg.out, "config.json.tmp"), "w") as f:
-            json.dump(run_config, f, indent=2)
-        os.replace(os.path.join(cfg.out, "config.json.tmp"), os.path.join(cfg.out, "config.json"))
+        write_json(os.path.join(cfg.out, "config.json"), run_config)
     accelerator.wait_for_everyone()
     latest = latest_checkpoint(ckpt_dir)
     step = trainer.load(latest) if latest else 0
