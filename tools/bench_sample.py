@@ -16,7 +16,6 @@ compiled. Random weights: speed only. Writes ``OUT/bench_sample.json``.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cache.config import ConfigError, config_to_dict, parse_config
 from cache.runtime import resolve_device
 from pipeline.encoders import load_vae_decoder
 from tools.bench_cache import machine_info, sync
+from tools.bench_train import timed
 from tools.inception import random_inception
 from tools.sampling import PerSampleNoise, euler_maruyama, model_velocity, sde_time_grid, with_guidance
 from trainer.models import create_model
@@ -78,18 +78,6 @@ PRESETS = {
 PAPER_STEPS, INTERVAL, PAPER_SAMPLES = 250, (0.0, 0.7), 50_000
 
 
-def _median_time(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def guided_steps(steps: int) -> tuple[int, int]:
     """(guided, plain) model calls of an SDE run of ``steps`` steps with guidance on [0, 0.7]."""
     ts = sde_time_grid(steps).tolist()[:-1]  # the times at which the velocity is evaluated
@@ -124,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             euler_maruyama(velocity, noise(), y, noise=noise, steps=bc.steps)
 
-    result["loop_s"] = _median_time(loop, device, bc.repeats)
-
     # (b) the forwards alone
     guided, plain = guided_steps(bc.steps)
 
@@ -141,15 +127,17 @@ def main(argv: list[str] | None = None) -> int:
                     net(x2[:b], t2[:b], y2[:b])
         return run
 
-    result["limit_s"] = _median_time(forwards(model), device, bc.repeats)
+    # the two take turns (tools.bench_train.timed), so drift of the machine reaches both alike
+    limit = forwards(model)
+    result.update(timed(device, bc.repeats, 1, 1, {"loop": lambda i: loop(), "limit": lambda i: limit()}))
     result["guided_calls"], result["plain_calls"] = guided, plain
     if bc.compile:
-        compiled = torch.compile(model)
+        limit_compiled = forwards(torch.compile(model))
         t0 = time.perf_counter()
-        forwards(compiled)()
+        limit_compiled()
         sync(device)
         result["compile_warmup_s"] = time.perf_counter() - t0
-        result["limit_compiled_s"] = _median_time(forwards(compiled), device, bc.repeats)
+        result.update(timed(device, bc.repeats, 0, 1, {"limit_compiled": lambda i: limit_compiled()}))
     per_step = result["loop_s"] / bc.steps
     g250, p250 = guided_steps(PAPER_STEPS)
     scale = (g250 + p250) / (guided + plain)  # the same mix of guided and plain calls
@@ -164,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         decoder = load_vae_decoder("random:stabilityai/sd-vae-ft-ema").module.to(device).eval()
         z = torch.randn(bc.decode_batch, 4, latent, latent, device=device)
         with torch.no_grad():
-            result["decode_img_s"] = bc.decode_batch / _median_time(lambda: decoder(z), device, bc.repeats)
+            result["decode_img_s"] = bc.decode_batch / timed(device, bc.repeats, 1, 1,
+                                                             {"decode": lambda i: decoder(z)})["decode_s"]
         del decoder
     if not bc.skip_inception:
         net = random_inception().to(device)
         images = torch.randint(0, 256, (bc.inception_batch, bc.resolution, bc.resolution, 3), dtype=torch.uint8,
                                device=device)
-        result["inception_img_s"] = bc.inception_batch / _median_time(lambda: net(images), device, bc.repeats)
+        result["inception_img_s"] = bc.inception_batch / timed(device, bc.repeats, 1, 1,
+                                                               {"inception": lambda i: net(images)})["inception_s"]
     per_image = 1 / result["paper_img_s"] + 1 / result.get("decode_img_s", float("inf")) + \
         1 / result.get("inception_img_s", float("inf"))
     result["paper_50k_hours"] = PAPER_SAMPLES * per_image / 3600

@@ -12,7 +12,7 @@ For each model, batch size and compile setting, three ways to run the same train
 (c) online what REPA-style training must do: the SD-VAE encoder and DINOv2 run on the step's
            images (device-resident uint8, so decoding is not even counted) before the same step.
 
-The three take turns in blocks of consecutive steps (see ``_timed``), each reports its median. Prints ms/step, img/s and
+The three take turns in blocks of consecutive steps (see ``timed``), each reports its median. Prints ms/step, img/s and
 peak memory (GPU; the resident set on CPU) for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
 a GPU) and (c)/(a) (how much slower an online teacher is). Random weights: speed only. Writes
 ``OUT/bench_train.json``.
@@ -123,7 +123,7 @@ def _memory_gb(device: torch.device) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def _timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict[str, Any]) -> dict[str, float]:
+def timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict[str, Any]) -> dict[str, float]:
     """Median seconds per call and peak memory of each ``fns[name](i)``.
 
     After ``warmup`` calls of each, the variants take turns in blocks of ``steps + 1`` consecutive
@@ -205,7 +205,7 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
                                  "features": {"teacher": feats["teacher"][:, 0]}}], k)
 
         fns["online"] = online
-    row.update(_timed(device, bc.steps, bc.warmup, bc.rounds, fns))
+    row.update(timed(device, bc.steps, bc.warmup, bc.rounds, fns))
     data.close()
     for key in ("loop", "limit", "online"):
         if f"{key}_s" in row:
