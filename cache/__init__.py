@@ -5,11 +5,12 @@
     >>> for batch in c.loader(256, seed=0, epoch=0):
     ...     batch["latents"], batch["features"]["vit_base_patch14_dinov2.lvd142m"], batch["labels"]
 
-``cache.store`` defines the layout (and is the only code that knows it), ``cache.loader`` the
-batch order and the reads, ``python -m cache.inspect`` prints and verifies a cache.
+``cache.store`` defines the layout of a cache, ``cache.shardfile`` alone knows zarr's shard byte
+format (for direct byte-range reads and writes), ``cache.loader`` the batch order and the reads,
+``python -m cache.inspect`` prints and verifies a cache.
 """
 
-from .loader import CacheLoader, epoch_flips, epoch_order, rank_batches
+from .loader import CacheLoader, ShardReadError, epoch_flips, epoch_order, rank_batches
 from .store import (
     SCHEMA_VERSION,
     Cache,
@@ -28,6 +29,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheWriter",
     "Layout",
+    "ShardReadError",
     "epoch_flips",
     "epoch_order",
     "open_cache",

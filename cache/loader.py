@@ -7,12 +7,14 @@ r-th slice of B positions (:func:`rank_batches`). So the samples of a global bat
 on the number of ranks, ranks are disjoint and together cover the epoch, and ``start`` (samples
 already consumed by all ranks in this epoch) resumes exactly where a run stopped.
 
-Reading. Rows come in a fully random order, so the loader reads each row by itself. For the
-default layout (uncompressed shards in a local folder) it reads the row's bytes straight from the
-shard file with ``os.preadv`` into the output batch, using the shard index that zarr writes at the
-end of every shard; ``num_workers`` threads read in parallel (preadv releases the GIL). Other
-stores and codecs fall back to zarr's own reads. Batches are prefetched ``prefetch`` deep and come
-back as CPU tensors, pinned when CUDA is available.
+Reading. Rows come in a fully random order, so the loader reads each row by itself. Where
+:mod:`cache.shardfile` confirms the layout (uncompressed shards in a local folder), it reads the
+row's bytes straight from the shard file with ``os.preadv`` into the output batch, after checking
+the shard's index (its crc32c) once; ``num_workers`` threads read in parallel (preadv releases the
+GIL). Other stores and codecs, ``UREPA_ZARR_IO=zarr``, and any direct read that fails for a reason
+other than damage go through zarr's own reads. A missing shard file or a damaged index of a
+finished cache is an error (:class:`ShardReadError`), never rows of zeros. Batches are prefetched
+``prefetch`` deep and come back as CPU tensors, pinned when CUDA is available.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .store import EMPTY_CHUNK, local_root, plain_sharding
+from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice
 
 if TYPE_CHECKING:
     from .store import Cache
 
-__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
+__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError"]
 
 _EMPTY = np.uint64(EMPTY_CHUNK)
+
+
+class ShardReadError(RuntimeError):
+    """A shard of a finished cache is damaged or missing; the message names the file and what to do."""
 
 
 def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -81,24 +87,30 @@ def rank_batches(
 
 
 class _RowReader:
-    """Reads single rows (one variant each) of one zarr array into a preallocated batch."""
+    """Reads single rows (one variant each) of one zarr array into a preallocated batch: by byte range
+    where :func:`cache.shardfile.choose_io` allows it, else through zarr. A direct read that fails for
+    any reason but damage switches this array to zarr's path for good (logged once)."""
 
-    def __init__(self, array: Any, root: str | None) -> None:
+    def __init__(self, array: Any, root: str | None, url: str) -> None:
         self.array = array
+        self.url = url
         self.row_shape = tuple(array.shape[1:])  # (F, ...)
         self.variant_shape = self.row_shape[1:]
         self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
         self.row_nbytes = self.variant_nbytes * self.row_shape[0]
-        self.direct = root is not None and plain_sharding(array)
-        if self.direct:
-            codec = array.metadata.codecs[0]
-            self.chunk_rows = codec.chunk_shape[0]
-            self.shard_rows = array.metadata.chunk_grid.chunk_shape[0]
-            self.chunks_per_shard = self.shard_rows // self.chunk_rows
+        self.fmt, reason = choose_io(root, array)
+        if self.fmt is not None and self.fmt.row_nbytes != self.row_nbytes:
+            self.fmt, reason = None, f"rows of {self.fmt.row_nbytes} bytes in the metadata, {self.row_nbytes} in the array"
+        log_io_choice("reads", url, array.path, self.fmt, reason)
+        if self.fmt is not None:
             self.base = os.path.join(root, array.path)
         self._lock = threading.Lock()
-        self._index: dict[int, np.ndarray | None] = {}
+        self._index: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
+
+    @property
+    def direct(self) -> bool:
+        return self.fmt is not None
 
     def close(self) -> None:
         with self._lock:
@@ -106,41 +118,57 @@ class _RowReader:
                 os.close(fd)
             self._fds.clear()
 
-    def _shard(self, shard: int) -> tuple[int, np.ndarray | None]:
+    def _shard(self, shard: int) -> tuple[int, np.ndarray]:
         with self._lock:
             if shard in self._fds:
                 return self._fds[shard], self._index[shard]
-            key = self.array.metadata.encode_chunk_key((shard,) + (0,) * (self.array.ndim - 1))
-            path = os.path.join(self.base, key)
+            path = os.path.join(self.base, self.fmt.shard_key(shard))
             try:
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # an all-fill shard is not stored
-                fd, index = -1, None
-            else:
+            except FileNotFoundError:
+                raise ShardReadError(
+                    f"{path} is missing from the finished cache {self.url}: the cache is damaged; run "
+                    f"`python -m cache.inspect {self.url} --verify` and rebuild the shards it names") from None
+            try:
                 size = os.fstat(fd).st_size
-                nbytes = self.chunks_per_shard * 16
-                index = np.frombuffer(os.pread(fd, nbytes, size - nbytes - 4), dtype="<u8").reshape(-1, 2)
+                n = self.fmt.index_nbytes
+                index = decode_index(self.fmt, os.pread(fd, n, max(size - n, 0)), file_size=size, what=path)
+            except ShardIndexError as e:
+                os.close(fd)
+                raise ShardReadError(f"{e}: the cache is damaged; run `python -m cache.inspect {self.url} --verify` "
+                                     "and rebuild the shards it names") from None
+            except BaseException:
+                os.close(fd)
+                raise
             self._fds[shard], self._index[shard] = fd, index
             return fd, index
 
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """out[i] = array[rows[i], variants[i]]."""
-        if not self.direct:
-            order = np.argsort(rows, kind="stable")
-            block = self.array.get_orthogonal_selection((rows[order],))
-            out[order] = block[np.arange(len(rows)), variants[order]]
-            return
-        shards, within = np.divmod(rows, self.shard_rows)
-        chunks, k = np.divmod(within, self.chunk_rows)
+        if self.fmt is not None:
+            try:
+                self._read_direct(rows, variants, out)
+                return
+            except ShardReadError:
+                raise
+            except Exception as e:  # not damage: a layout or platform this code does not know; zarr is correct
+                self.fmt = None
+                log_io_choice("reads", self.url, self.array.path, None,
+                              f"a direct read failed ({type(e).__name__}: {e})", fell_back=True)
+        order = np.argsort(rows, kind="stable")
+        block = self.array.get_orthogonal_selection((rows[order],))
+        out[order] = block[np.arange(len(rows)), variants[order]]
+
+    def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        fmt = self.fmt
+        shards, within = np.divmod(rows, fmt.shard_rows)
+        chunks, k = np.divmod(within, fmt.chunk_rows)
         fds = np.empty(len(rows), dtype=np.int64)
         offsets = np.empty(len(rows), dtype=np.int64)
         for shard in np.unique(shards).tolist():
             sel = shards == shard
             fd, index = self._shard(shard)
             fds[sel] = fd
-            if index is None:
-                offsets[sel] = -1
-                continue
             starts = index[chunks[sel], 0]
             offsets[sel] = np.where(starts == _EMPTY, -1, starts.astype(np.int64) + k[sel] * self.row_nbytes
                                     + variants[sel] * self.variant_nbytes)
@@ -148,14 +176,15 @@ class _RowReader:
         size = self.variant_nbytes
         for i, (fd, offset) in enumerate(zip(fds.tolist(), offsets.tolist())):
             dst = view[i * size:(i + 1) * size]
-            if offset < 0:  # chunk or shard never stored: all fill value (0)
+            if offset < 0:  # a chunk never stored: all fill value (0)
                 out[i] = 0
                 continue
             got = os.preadv(fd, [dst], offset)
             while got < size:  # short read
                 n = os.preadv(fd, [dst[got:]], offset + got)
                 if n == 0:
-                    raise OSError(f"unexpected end of shard {int(shards[i])} of {self.array.path}")
+                    raise ShardReadError(f"{self.base}: shard {int(shards[i])} ends early: the cache is damaged; run "
+                                         f"`python -m cache.inspect {self.url} --verify`")
                 got += n
 
 
@@ -240,9 +269,9 @@ class CacheLoader:
                          else np.zeros(len(self.order), dtype=np.int64))
         self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
                                     start=start, drop_last=drop_last)
-        root = local_root(cache.url)
-        self._readers = {"latents": _RowReader(cache.latents, root)}
-        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root) for n in names})
+        root, url = cache.root, cache.url
+        self._readers = {"latents": _RowReader(cache.latents, root, url)}
+        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root, url) for n in names})
         self.teachers = names
         self._pool = _BufferPool(keep=self.prefetch + 4)
 

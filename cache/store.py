@@ -36,6 +36,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
+from .shardfile import ShardFormat, choose_io, log_io_choice, shard_key, write_shard_file
 
 _logger = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
 VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root")
 COMPRESSORS = ("none", "zstd")
-EMPTY_CHUNK = 0xFFFFFFFFFFFFFFFF  # shard index entry of a chunk that is not stored
 
 
 class CacheError(RuntimeError):
@@ -183,57 +183,6 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
     )
 
 
-def plain_sharding(array: Any) -> bool:
-    """True when a shard is its rows' bytes plus the index: one uncompressed little-endian sharding codec
-    whose inner chunks span whole rows (then rows are read and shards written by byte range)."""
-    codecs = array.metadata.codecs
-    if len(codecs) != 1 or type(codecs[0]).__name__ != "ShardingCodec":
-        return False
-    sh = codecs[0]
-    inner_ok = len(sh.codecs) == 1 and type(sh.codecs[0]).__name__ == "BytesCodec" and (
-        sh.codecs[0].endian is None or sh.codecs[0].endian.value == "little")
-    index_ok = [type(c).__name__ for c in sh.index_codecs] == ["BytesCodec", "Crc32cCodec"]
-    full_rows = tuple(sh.chunk_shape[1:]) == tuple(array.shape[1:])
-    return inner_ok and index_ok and full_rows and sh.index_location.value == "end" and array.dtype.byteorder in "<=|"
-
-
-def write_shard_file(path: str, data: np.ndarray, *, chunk_rows: int, shard_rows: int) -> None:
-    """Write one shard of a :func:`plain_sharding` array as zarr's sharding codec lays it out.
-
-    ``data`` holds the shard's rows (fewer than ``shard_rows`` for the last shard). The file is the
-    inner chunks in order (a partial last chunk padded with the fill value 0), then the index of
-    (offset, nbytes) little-endian uint64 pairs, empty chunks as 2**64 - 1, then its crc32c. It is
-    written to ``path + '.partial'`` and renamed, so a reader never sees half a shard. Byte-for-byte
-    what zarr writes with ``write_empty_chunks=True`` (tested), without its per-chunk copies.
-    """
-    import google_crc32c
-
-    data = np.ascontiguousarray(data)
-    n = data.shape[0]
-    present = -(-n // chunk_rows)
-    if n % chunk_rows:
-        padded = np.zeros((present * chunk_rows, *data.shape[1:]), dtype=data.dtype)
-        padded[:n] = data
-        data = padded
-    chunk_nbytes = data.nbytes // present
-    index = np.full((shard_rows // chunk_rows, 2), EMPTY_CHUNK, dtype="<u8")
-    index[:present, 0] = np.arange(present, dtype=np.uint64) * np.uint64(chunk_nbytes)
-    index[:present, 1] = chunk_nbytes
-    tail = index.tobytes() + int(google_crc32c.value(index.tobytes())).to_bytes(4, "little")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".partial"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:done + (1 << 30)])
-        os.write(fd, tail)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _progress_key(shard: int) -> str:
     return f"build/progress/shard-{shard:06d}.json"
 
@@ -255,6 +204,7 @@ class CacheWriter:
         self.group = group
         self.manifest = manifest
         self.layout = Layout.from_dict(manifest["layout"])
+        self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
 
     # -- creation -------------------------------------------------------------------------
     @classmethod
@@ -355,15 +305,23 @@ class CacheWriter:
         _put(self.group, _progress_key(shard), json.dumps(record).encode())
 
     def _write_rows(self, array: Any, shard: int, data: np.ndarray) -> None:
-        data = np.asarray(data, dtype=np.float16)
+        data = np.asarray(data, dtype=array.dtype)
         lo, hi = self.layout.shard_rows_range(shard)
-        root = local_root(self.url)
-        if root is not None and plain_sharding(array):
-            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-            write_shard_file(os.path.join(root, array.path, key), data, chunk_rows=self.layout.chunk_rows,
-                             shard_rows=self.layout.shard_rows)
-        else:
-            array[lo:hi] = data
+        fmt = self._direct.get(array.path)
+        if array.path not in self._direct:
+            fmt, reason = choose_io(local_root(self.url), array)
+            self._direct[array.path] = fmt
+            log_io_choice("writes", self.url, array.path, fmt, reason)
+        if fmt is not None:
+            try:
+                write_shard_file(os.path.join(local_root(self.url), array.path, fmt.shard_key(shard)), data, fmt)
+                return
+            except Exception as e:  # a layout this code does not know after all: zarr's own path is correct
+                self._direct[array.path] = None
+                log_io_choice("writes", self.url, array.path, None, f"a direct write failed ({type(e).__name__}: {e})",
+                              fell_back=True)
+        # zarr's own write; empty chunks stored too, so its shard bytes equal the direct writer's
+        array.with_config({"write_empty_chunks": True})[lo:hi] = data
 
     def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""
@@ -436,6 +394,7 @@ class Cache:
         if not manifest.get("complete") and not allow_incomplete:
             raise CacheError(f"{self.url} is incomplete: rerun the build command to finish it")
         self.group = group
+        self.root = local_root(self.url)  # the local folder, None for other stores
         self.manifest: dict[str, Any] = dict(manifest)
         self.layout = Layout.from_dict(manifest["layout"])
         self.latents = group["latents"]
@@ -485,8 +444,7 @@ class Cache:
             raise CacheError(f"{self.url} is not a local folder")
         out = {}
         for name, arr in {"latents": self.latents, **{f"features/{k}": v for k, v in self.features.items()}}.items():
-            paths = [os.path.join(root, arr.path, arr.metadata.encode_chunk_key((s,) + (0,) * (arr.ndim - 1)))
-                     for s in range(self.layout.num_shards)]
+            paths = [os.path.join(root, arr.path, shard_key(arr, s)) for s in range(self.layout.num_shards)]
             out[name] = [p for p in paths if os.path.exists(p)]
         return out
 

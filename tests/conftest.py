@@ -37,6 +37,18 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
+@pytest.fixture(scope="module", params=["direct", "zarr"])
+def io_mode(request):
+    """Run a module's tests twice: with direct byte-range shard I/O where it applies, and with zarr's
+    own I/O forced everywhere (UREPA_ZARR_IO=zarr), so that neither path can rot."""
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "zarr":
+            mp.setenv("UREPA_ZARR_IO", "zarr")
+        else:
+            mp.delenv("UREPA_ZARR_IO", raising=False)
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """4 classes x 6 photo crops (JPEG, PNG, L, CMYK among them)."""

@@ -89,7 +89,10 @@ def test_bad_files_are_skipped_and_recorded(tmp_path, image_folder):
         assert not c.latents[s["row"]].any()
 
 
-def test_sigkill_then_rerun_is_bit_identical(tmp_path, image_folder):
+@pytest.mark.parametrize("rerun_io", ["direct", "zarr"])
+def test_sigkill_then_rerun_is_bit_identical(tmp_path, image_folder, rerun_io):
+    """Killed twice with direct shard writes, finished with direct writes or with zarr's own (as after a
+    zarr upgrade that the direct path does not know): the same arrays as an uninterrupted build."""
     ref = tmp_path / "ref.zarr"
     run_build(image_folder, ref, "--resolution", "128", "--shard-rows", "4")
     out = tmp_path / "killed.zarr"
@@ -112,8 +115,37 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, image_folder):
     done = len(os.listdir(progress))
     assert 0 < done < 6
     assert cache.store.Cache(out, allow_incomplete=True).manifest["complete"] is False
-    run_build(image_folder, out, "--resolution", "128", "--shard-rows", "4")
+    run_build(image_folder, out, "--resolution", "128", "--shard-rows", "4",
+              env={"UREPA_ZARR_IO": "zarr"} if rerun_io == "zarr" else None)
     assert_identical(ref, out)
+
+
+def test_zarr_path_build_is_byte_identical(tmp_path, image_folder, built_cache, monkeypatch):
+    """A build through zarr's own writes stores the same shard bytes as the direct writer, and the loader
+    yields the same batches from either cache through either read path."""
+    out = tmp_path / "zarr-path.zarr"
+    proc = run_build(image_folder, out, "--flip", "both", env={"UREPA_ZARR_IO": "zarr"})
+    assert "latents writes through zarr: forced by UREPA_ZARR_IO=zarr" in proc.stderr
+    direct, via_zarr = cache.open_cache(built_cache), cache.open_cache(out)
+    for name in ["latents", "labels", "features/tiny"]:
+        for s in range(direct.layout.num_shards):
+            key = cache.shardfile.shard_key(direct.group[name], s)
+            assert (built_cache / name / key).read_bytes() == (out / name / key).read_bytes(), (name, s)
+    batches = {}
+    for mode in ("direct", "zarr"):
+        if mode == "zarr":
+            monkeypatch.setenv("UREPA_ZARR_IO", "zarr")
+        for which, c in (("direct", direct), ("zarr", via_zarr)):
+            loader = c.loader(5, seed=3, epoch=1, flip=True, drop_last=False)
+            assert loader.direct_reads == (mode == "direct")
+            batches[mode, which] = list(loader)
+    ref = batches["direct", "direct"]
+    for got in batches.values():
+        assert len(got) == len(ref) == 5
+        for a, b in zip(ref, got):
+            for key in ("index", "flip", "labels", "latents"):
+                assert torch.equal(a[key], b[key])
+            assert torch.equal(a["features"]["tiny"], b["features"]["tiny"])
 
 
 def test_two_process_build_equals_one_process(tmp_path, image_folder):

