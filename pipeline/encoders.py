@@ -153,37 +153,65 @@ def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
     return LoadedEncoder(VaeMoments(vae), info)
 
 
-def vae_output(x: torch.Tensor) -> torch.Tensor:
-    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) as DiT's sample_ddp.py:
-    clamp(127.5 x + 128, 0, 255), truncated to uint8 (= 127.5 (x + 1) rounded half up; REPA's
-    generate.py truncates 127.5 (x + 1) instead, at most one level lower)."""
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+#: How decoder output in [-1, 1] becomes uint8 (``--quantize`` of tools.sample).
+QUANTIZE_MODES = ("truncate", "round")
+
+
+def vae_output(x: torch.Tensor, *, quantize: str = "truncate") -> torch.Tensor:
+    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3).
+
+    ``truncate`` (REPA's generate.py, the default): clamp(255 (x + 1) / 2, 0, 255) truncated to uint8,
+    i.e. floor(127.5 (x + 1)); x = 0 gives 127.
+    ``round`` (DiT's sample_ddp.py): clamp(127.5 x + 128, 0, 255) truncated, i.e. 127.5 (x + 1)
+    rounded half up; x = 0 gives 128. The two differ by at most one level.
+    """
+    x = x.float()
+    if quantize == "truncate":
+        y = torch.clamp(255.0 * ((x + 1.0) / 2.0), 0, 255)
+    elif quantize == "round":
+        y = torch.clamp(127.5 * x + 128.0, 0, 255)
+    else:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    return y.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+_QUANTIZE_TEXT = {
+    "truncate": "clamp(255 (x + 1) / 2, 0, 255) truncated (REPA generate.py)",
+    "round": "clamp(127.5 x + 128, 0, 255) truncated = rounded half up (DiT sample_ddp.py)",
+}
 
 
 class VaeDecoder(nn.Module):
     """Latents z (B, C, h, w) in the VAE's own latent space (not scaled) -> uint8 images (B, 8h, 8w, 3)."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, *, quantize: str = "truncate") -> None:
         super().__init__()
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         self.vae = vae
+        self.quantize = quantize
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.decoder.conv_in.weight.dtype
-        return vae_output(self.vae.decode(z.to(dtype)).sample)
+        return vae_output(self.vae.decode(z.to(dtype)).sample, quantize=self.quantize)
 
 
-def load_vae_decoder(spec: str, *, seed: int = 0) -> LoadedEncoder:
-    """The decoder of the AutoencoderKL of a spec (as :func:`load_vae`), wrapped as :class:`VaeDecoder`.
+def load_vae_decoder(spec: str, *, seed: int = 0, quantize: str = "truncate") -> LoadedEncoder:
+    """The decoder of the AutoencoderKL of a spec (as :func:`load_vae`), wrapped as :class:`VaeDecoder`
+    with the uint8 conversion ``quantize`` (see :func:`vae_output`).
 
     ``info["weights_sha256"]`` is over the whole AutoencoderKL, the number :func:`load_vae` records in
     a cache manifest, so a sampler can check that it decodes with the VAE the latents came from.
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     vae, random_weights = _autoencoder_kl(spec, seed)
     info = {
         **_vae_info(spec, vae, random_weights, seed),
-        "output": "uint8 RGB (B, H, W, 3) = clamp(127.5 x + 128, 0, 255) truncated, x = vae.decode(z).sample",
+        "quantize": quantize,
+        "output": f"uint8 RGB (B, H, W, 3) = {_QUANTIZE_TEXT[quantize]}, x = vae.decode(z).sample",
     }
-    return LoadedEncoder(VaeDecoder(vae), info)
+    return LoadedEncoder(VaeDecoder(vae, quantize=quantize), info)
 
 
 # ------------------------------------------------------------------------------------------

@@ -60,11 +60,36 @@ def test_vae_input_range():
     torch.testing.assert_close(vae_input(x).flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
 
 
-def test_vae_output_is_dits_truncation():
-    x = torch.tensor([-1.5, -1.0, -0.99, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+QUANT_X = [-1.5, -1.0, -0.99, 0.0, 0.01, 0.5, 1.0, 1.2]
+
+
+def test_vae_output_truncates_as_repa_by_default():
+    """REPA's generate.py: clamp(255 (x + 1) / 2, 0, 255).to(uint8); by hand: 255 * 0.005 = 1.275 -> 1,
+    127.5 -> 127, 128.775 -> 128, 191.25 -> 191."""
+    x = torch.tensor(QUANT_X).view(1, 1, 1, -1).expand(1, 3, 1, -1)
     out = vae_output(x)
-    assert out.dtype == torch.uint8 and out.shape == (1, 1, 7, 3)
-    assert out[0, 0, :, 0].tolist() == [0, 0, 1, 128, 191, 255, 255]  # floor(127.5 x + 128), clamped
+    assert out.dtype == torch.uint8 and out.shape == (1, 1, len(QUANT_X), 3)
+    assert out[0, 0, :, 0].tolist() == [0, 0, 1, 127, 128, 191, 255, 255]
+    assert torch.equal(vae_output(x, quantize="truncate"), out)
+
+
+def test_vae_output_round_option_is_dits():
+    """DiT's sample_ddp.py: clamp(127.5 x + 128, 0, 255) truncated = 127.5 (x + 1) rounded half up:
+    1.775 -> 1, 128 -> 128, 129.275 -> 129, 191.75 -> 191."""
+    x = torch.tensor(QUANT_X).view(1, 1, 1, -1).expand(1, 3, 1, -1)
+    out = vae_output(x, quantize="round")
+    assert out[0, 0, :, 0].tolist() == [0, 0, 1, 128, 129, 191, 255, 255]
+    # over a fine grid: truncate = floor(127.5 (x + 1)), round = floor(127.5 (x + 1) + 0.5), float64 references
+    grid = torch.linspace(-1, 1, 100_001, dtype=torch.float64)[1:-1]
+    v = 127.5 * (grid + 1)
+    near_edge = ((v - v.floor()).abs() < 1e-4) | ((v - v.floor() - 0.5).abs() < 1e-4)  # float32 may fall either side
+    xs = grid.float().view(1, 1, 1, -1)
+    trunc, rnd = vae_output(xs)[0, 0, :, 0].long(), vae_output(xs, quantize="round")[0, 0, :, 0].long()
+    assert torch.equal(trunc[~near_edge], v.floor().long()[~near_edge])
+    assert torch.equal(rnd[~near_edge], (v + 0.5).floor().long()[~near_edge])
+    assert set((rnd - trunc).unique().tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="quantize"):
+        vae_output(xs, quantize="nearest")
 
 
 def test_vae_decoder_is_autoencoder_decode_with_load_vaes_hash():
@@ -82,6 +107,11 @@ def test_vae_decoder_is_autoencoder_decode_with_load_vaes_hash():
         ref = vae.decode(z).sample
     assert images.dtype == torch.uint8 and images.shape == (2, 64, 64, 3)
     assert torch.equal(images, vae_output(ref))
+    assert dec.info["quantize"] == "truncate" and "REPA" in dec.info["output"]
+    rounded = load_vae_decoder("tiny", seed=0, quantize="round")
+    assert rounded.info["quantize"] == "round" and rounded.info["weights_sha256"] == dec.info["weights_sha256"]
+    with torch.no_grad():
+        assert torch.equal(rounded.module(z), vae_output(ref, quantize="round"))
 
 
 def test_teacher_input_matches_float64_formula():
