@@ -236,23 +236,55 @@ def teacher_input(images: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def dinov2_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int, *, offset: float = 0.1) -> torch.Tensor:
-    """Resample a (1, P + M*M, D) position table to a grid x grid one as DINOv2 does at run time
-    (bicubic, scale factor (grid + 0.1) / M, no antialiasing); the P prefix entries are kept."""
+#: How the teacher's position table is brought to the token grid (``--pos-embed`` of pipeline.build).
+POS_EMBED_MODES = ("repa", "dinov2")
+
+
+def _split_table(pos_embed: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(prefix entries, patch grid (1, D, M, M) in float32, M) of a (1, P + M*M, D) position table."""
     prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     m = int(math.isqrt(patch.shape[1]))
     if m * m != patch.shape[1]:
         raise ValueError(f"position table of {patch.shape[1]} entries is not square")
+    return prefix, patch.float().reshape(1, m, m, patch.shape[-1]).permute(0, 3, 1, 2), m
+
+
+def _join_table(prefix: torch.Tensor, grid_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    dim, h, w = grid_table.shape[1:]
+    return torch.cat([prefix, grid_table.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(dtype)], dim=1)
+
+
+def repa_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int) -> torch.Tensor:
+    """Resample a (1, P + M*M, D) position table to grid x grid as REPA's utils.py ``load_encoders`` does once,
+    with timm's ``resample_abs_pos_embed`` defaults: bicubic to the target size (not a scale factor),
+    ``antialias=True``, ``align_corners=False``, in float32; the P prefix entries kept. DINOv2 then uses
+    the table as it is."""
+    prefix, x, m = _split_table(pos_embed, num_prefix)
     if m == grid:
         return pos_embed
-    dim = patch.shape[-1]
-    x = patch.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return _join_table(prefix, x, pos_embed.dtype)
+
+
+def dinov2_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int, *, offset: float = 0.1) -> torch.Tensor:
+    """Resample a (1, P + M*M, D) position table to a grid x grid one as DINOv2's own
+    ``interpolate_pos_encoding`` does at run time (bicubic, scale factor (grid + 0.1) / M, no antialiasing);
+    the P prefix entries are kept."""
+    prefix, x, m = _split_table(pos_embed, num_prefix)
+    if m == grid:
+        return pos_embed
     scale = (grid + offset) / m
     x = F.interpolate(x, scale_factor=(scale, scale), mode="bicubic", antialias=False)
     if x.shape[-2:] != (grid, grid):
         raise ValueError(f"resampled position grid is {tuple(x.shape[-2:])}, expected {grid}x{grid}")
-    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, x], dim=1)
+    return _join_table(prefix, x, pos_embed.dtype)
+
+
+_POS_EMBED = {"repa": repa_pos_embed, "dinov2": dinov2_pos_embed}
+_POS_EMBED_TEXT = {
+    "repa": "resampled once as REPA (timm resample_abs_pos_embed: bicubic to the grid, antialias)",
+    "dinov2": "resampled as DINOv2 at run time (bicubic, scale (grid+0.1)/M, no antialias)",
+}
 
 
 class TeacherTokens(nn.Module):
@@ -275,9 +307,14 @@ def teacher_name(spec: str) -> str:
     return spec[len("random:"):] if spec.startswith("random:") else spec
 
 
-def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0) -> LoadedEncoder:
-    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring)."""
+def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0,
+                 pos_embed: str = "repa") -> LoadedEncoder:
+    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring), its
+    position table resampled to the token grid by ``pos_embed`` (:data:`POS_EMBED_MODES`)."""
     import timm
+
+    if pos_embed not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
 
     size = teacher_input_size(resolution)
     random_weights = spec == "tiny" or spec.startswith("random:")
@@ -311,7 +348,7 @@ def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed
     num_pos_prefix = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
     original = vit.pos_embed.detach().clone()
     vit.set_input_size(img_size=(size, size))
-    vit.pos_embed = nn.Parameter(dinov2_pos_embed(original, grid, num_pos_prefix))
+    vit.pos_embed = nn.Parameter(_POS_EMBED[pos_embed](original, grid, num_pos_prefix))
     vit.eval().requires_grad_(False)
     module = TeacherTokens(vit, size)
     info = {
@@ -328,8 +365,10 @@ def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed
         "tokens": grid * grid,
         "dim": int(vit.embed_dim),
         "num_prefix_tokens": module.num_prefix,
+        "pos_embed": pos_embed,
+        "pos_embed_source_grid": int(math.isqrt(original.shape[1] - num_pos_prefix)),
         "output": "patch tokens after the final norm (x_norm_patchtokens)",
-        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table resampled "
-                      "as DINOv2 (bicubic, scale (grid+0.1)/M)",
+        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table "
+                      f"{_POS_EMBED_TEXT[pos_embed]}",
     }
     return LoadedEncoder(module, info)

@@ -13,6 +13,7 @@ from pipeline.encoders import (
     load_vae,
     load_vae_decoder,
     posterior_moments,
+    repa_pos_embed,
     teacher_input,
     teacher_input_size,
     vae_input,
@@ -170,6 +171,69 @@ def test_dinov2_pos_embed_resampling():
     assert dinov2_pos_embed(table, grid_in, 1) is table
     no_prefix = dinov2_pos_embed(table[:, 1:], 16, 0)  # register variants keep no prefix entries
     torch.testing.assert_close(no_prefix, out[:, 1:])
+
+
+def test_repa_pos_embed_is_timms_resample_abs_pos_embed():
+    """REPA's utils.py: timm.layers.resample_abs_pos_embed(pos_embed, [16, 16]) with its defaults (one prefix
+    entry, bicubic, antialias); and, independently of torch, PIL's antialiased bicubic on a float image."""
+    import timm.layers
+    from PIL import Image
+
+    grid_in, dim = 37, 6
+    table = torch.randn(1, 1 + grid_in * grid_in, dim, generator=torch.Generator().manual_seed(0))
+    out = repa_pos_embed(table, 16, 1)
+    assert out.shape == (1, 1 + 256, dim)
+    torch.testing.assert_close(out, timm.layers.resample_abs_pos_embed(table, [16, 16]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, :1], table[:, :1])
+    patch = table[0, 1:].reshape(grid_in, grid_in, dim).numpy()
+    pil = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(patch[..., c]), mode="F")
+                               .resize((16, 16), Image.BICUBIC)) for c in range(dim)], -1)
+    np.testing.assert_allclose(out[0, 1:].reshape(16, 16, dim).numpy(), pil, atol=1e-5)
+    assert repa_pos_embed(table, grid_in, 1) is table
+    half = repa_pos_embed(table.double(), 16, 1)  # resampled in float32, returned in the table's dtype
+    assert half.dtype == torch.float64
+    torch.testing.assert_close(half.float(), out)
+
+
+def test_repa_and_dinov2_tables_differ_on_a_smooth_table():
+    """A smooth table (low-frequency sines): the antialiased size-based resampling and DINOv2's scale-factor
+    one land on slightly different sample positions and kernels, so the teacher targets differ."""
+    grid_in = 37
+    u = (torch.arange(grid_in, dtype=torch.float64) + 0.5) / grid_in
+    fy, fx = torch.meshgrid(u, u, indexing="ij")
+    smooth = torch.stack([torch.sin(2 * torch.pi * (a * fx + b * fy)) for a, b in [(1, 0), (0, 1), (1, 1), (2, 1)]], -1)
+    table = torch.cat([torch.zeros(1, 4, dtype=torch.float64), smooth.reshape(-1, 4)])[None].float()
+    repa, dino = repa_pos_embed(table, 16, 1), dinov2_pos_embed(table, 16, 1)
+    diff = (repa - dino).abs().max().item()
+    assert 1e-2 < diff < 0.5  # different tables, both still resamplings of the same smooth function
+    # both against the function itself at the output pixel centres: each is a fair resampling
+    v = (torch.arange(16, dtype=torch.float64) + 0.5) / 16
+    gy, gx = torch.meshgrid(v, v, indexing="ij")
+    exact = torch.stack([torch.sin(2 * torch.pi * (a * gx + b * gy)) for a, b in [(1, 0), (0, 1), (1, 1), (2, 1)]], -1)
+    assert (repa[0, 1:].double() - exact.reshape(-1, 4)).abs().max() < 0.1
+
+
+def test_load_teacher_resamples_the_table_as_asked():
+    import timm
+    import timm.layers
+
+    from pipeline.encoders import TINY_TEACHER
+
+    name, kwargs = TINY_TEACHER
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        original = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).pos_embed.detach()
+    repa, dino = load_teacher("tiny", resolution=64), load_teacher("tiny", resolution=64, pos_embed="dinov2")
+    assert repa.info["pos_embed"] == "repa" and dino.info["pos_embed"] == "dinov2"
+    assert repa.info["pos_embed_source_grid"] == 37 and "antialias" in repa.info["preprocess"]
+    torch.testing.assert_close(repa.module.vit.pos_embed.data, timm.layers.resample_abs_pos_embed(original, [4, 4]))
+    torch.testing.assert_close(dino.module.vit.pos_embed.data, dinov2_pos_embed(original, 4, 1))
+    assert repa.info["weights_sha256"] != dino.info["weights_sha256"]  # the table is part of the weights
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert not torch.allclose(repa.module(images), dino.module(images))
+    with pytest.raises(ValueError, match="pos_embed"):
+        load_teacher("tiny", resolution=64, pos_embed="nearest")
 
 
 def test_missing_weights_say_how_to_supply_them(tmp_path):
