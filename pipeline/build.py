@@ -2,8 +2,8 @@
 
     python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
         [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
-        [--flip none|both] [--precision fp32|bf16] [--compile] [--batch-size 128] [--workers 8]
-        [--limit N] [--classes K] [--overwrite] [--dry-run]
+        [--pos-embed repa|dinov2] [--flip none|both] [--precision fp32|bf16] [--compile] [--batch-size 128]
+        [--workers 8] [--limit N] [--classes K] [--overwrite] [--dry-run]
 
     # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
     accelerate launch --num_processes 8 -m pipeline.build SOURCE OUT
@@ -35,7 +35,15 @@ from cache.runtime import configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import DecodedImages
-from .encoders import DEFAULT_TEACHER, DEFAULT_VAE, WeightsUnavailable, load_teacher, load_vae, teacher_name
+from .encoders import (
+    DEFAULT_TEACHER,
+    DEFAULT_VAE,
+    POS_EMBED_MODES,
+    WeightsUnavailable,
+    load_teacher,
+    load_vae,
+    teacher_name,
+)
 from .sources import list_image_folder
 
 _logger = logging.getLogger("pipeline.build")
@@ -51,6 +59,7 @@ class BuildConfig:
     vae: str = DEFAULT_VAE
     teacher: str = DEFAULT_TEACHER
     teacher_weights: str = ""
+    pos_embed: str = "repa"
     flip: str = "none"
     precision: str = "fp32"
     compile: bool = False
@@ -73,6 +82,8 @@ class BuildConfig:
         "vae": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights",
         "teacher": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights",
         "teacher_weights": "comma-separated local weight files, one per teacher (empty: timm/HF hub)",
+        "pos_embed": "teacher position table at the token grid: repa (resampled once as REPA's utils.py, timm "
+                     "resample_abs_pos_embed with antialias) or dinov2 (DINOv2's run-time bicubic, scale (grid+0.1)/M)",
         "flip": "'both' also encodes the mirrored image (variant 1)",
         "precision": "encoder precision: fp32 (TF32 matmuls on GPU) or bf16 autocast",
         "compile": "torch.compile the encoders",
@@ -94,6 +105,8 @@ class BuildConfig:
             raise ConfigError("SOURCE and OUT are required")
         if self.resolution % 8 or self.resolution < 16:
             raise ConfigError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
+        if self.pos_embed not in POS_EMBED_MODES:
+            raise ConfigError(f"--pos-embed must be one of {', '.join(POS_EMBED_MODES)}, got {self.pos_embed!r}")
         if self.flip not in ("none", "both"):
             raise ConfigError(f"--flip must be none or both, got {self.flip!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -173,7 +186,7 @@ def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, di
     weights = cfg.teacher_weights.split(",") if cfg.teacher_weights else [None] * len(cfg.teacher_specs)
     teachers, infos = {}, {}
     for spec, w in zip(cfg.teacher_specs, weights):
-        t = load_teacher(spec, resolution=cfg.resolution, weights=w, seed=cfg.seed)
+        t = load_teacher(spec, resolution=cfg.resolution, weights=w, seed=cfg.seed, pos_embed=cfg.pos_embed)
         teachers[teacher_name(spec)] = t.module
         infos[teacher_name(spec)] = t.info
     return vae.info, vae.module, teachers, infos
@@ -193,6 +206,7 @@ def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos:
         "preprocessing": {
             "crop": "adm_center_crop (BOX halving while short side >= 2R, BICUBIC to R, center cut)",
             "resolution": cfg.resolution,
+            "teacher_pos_embed": cfg.pos_embed,
             "flip": cfg.flip,
             "variants": ["as_is", "mirrored"] if cfg.flip == "both" else ["as_is"],
             "max_pixels": cfg.max_pixels,

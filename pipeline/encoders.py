@@ -153,37 +153,65 @@ def load_vae(spec: str, *, seed: int = 0) -> LoadedEncoder:
     return LoadedEncoder(VaeMoments(vae), info)
 
 
-def vae_output(x: torch.Tensor) -> torch.Tensor:
-    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) as DiT's sample_ddp.py:
-    clamp(127.5 x + 128, 0, 255), truncated to uint8 (= 127.5 (x + 1) rounded half up; REPA's
-    generate.py truncates 127.5 (x + 1) instead, at most one level lower)."""
-    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+#: How decoder output in [-1, 1] becomes uint8 (``--quantize`` of tools.sample).
+QUANTIZE_MODES = ("truncate", "round")
+
+
+def vae_output(x: torch.Tensor, *, quantize: str = "truncate") -> torch.Tensor:
+    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3).
+
+    ``truncate`` (REPA's generate.py, the default): clamp(255 (x + 1) / 2, 0, 255) truncated to uint8,
+    i.e. floor(127.5 (x + 1)); x = 0 gives 127.
+    ``round`` (DiT's sample_ddp.py): clamp(127.5 x + 128, 0, 255) truncated, i.e. 127.5 (x + 1)
+    rounded half up; x = 0 gives 128. The two differ by at most one level.
+    """
+    x = x.float()
+    if quantize == "truncate":
+        y = torch.clamp(255.0 * ((x + 1.0) / 2.0), 0, 255)
+    elif quantize == "round":
+        y = torch.clamp(127.5 * x + 128.0, 0, 255)
+    else:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    return y.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+_QUANTIZE_TEXT = {
+    "truncate": "clamp(255 (x + 1) / 2, 0, 255) truncated (REPA generate.py)",
+    "round": "clamp(127.5 x + 128, 0, 255) truncated = rounded half up (DiT sample_ddp.py)",
+}
 
 
 class VaeDecoder(nn.Module):
     """Latents z (B, C, h, w) in the VAE's own latent space (not scaled) -> uint8 images (B, 8h, 8w, 3)."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, *, quantize: str = "truncate") -> None:
         super().__init__()
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
         self.vae = vae
+        self.quantize = quantize
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.decoder.conv_in.weight.dtype
-        return vae_output(self.vae.decode(z.to(dtype)).sample)
+        return vae_output(self.vae.decode(z.to(dtype)).sample, quantize=self.quantize)
 
 
-def load_vae_decoder(spec: str, *, seed: int = 0) -> LoadedEncoder:
-    """The decoder of the AutoencoderKL of a spec (as :func:`load_vae`), wrapped as :class:`VaeDecoder`.
+def load_vae_decoder(spec: str, *, seed: int = 0, quantize: str = "truncate") -> LoadedEncoder:
+    """The decoder of the AutoencoderKL of a spec (as :func:`load_vae`), wrapped as :class:`VaeDecoder`
+    with the uint8 conversion ``quantize`` (see :func:`vae_output`).
 
     ``info["weights_sha256"]`` is over the whole AutoencoderKL, the number :func:`load_vae` records in
     a cache manifest, so a sampler can check that it decodes with the VAE the latents came from.
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     vae, random_weights = _autoencoder_kl(spec, seed)
     info = {
         **_vae_info(spec, vae, random_weights, seed),
-        "output": "uint8 RGB (B, H, W, 3) = clamp(127.5 x + 128, 0, 255) truncated, x = vae.decode(z).sample",
+        "quantize": quantize,
+        "output": f"uint8 RGB (B, H, W, 3) = {_QUANTIZE_TEXT[quantize]}, x = vae.decode(z).sample",
     }
-    return LoadedEncoder(VaeDecoder(vae), info)
+    return LoadedEncoder(VaeDecoder(vae, quantize=quantize), info)
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,23 +236,55 @@ def teacher_input(images: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-def dinov2_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int, *, offset: float = 0.1) -> torch.Tensor:
-    """Resample a (1, P + M*M, D) position table to a grid x grid one as DINOv2 does at run time
-    (bicubic, scale factor (grid + 0.1) / M, no antialiasing); the P prefix entries are kept."""
+#: How the teacher's position table is brought to the token grid (``--pos-embed`` of pipeline.build).
+POS_EMBED_MODES = ("repa", "dinov2")
+
+
+def _split_table(pos_embed: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(prefix entries, patch grid (1, D, M, M) in float32, M) of a (1, P + M*M, D) position table."""
     prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     m = int(math.isqrt(patch.shape[1]))
     if m * m != patch.shape[1]:
         raise ValueError(f"position table of {patch.shape[1]} entries is not square")
+    return prefix, patch.float().reshape(1, m, m, patch.shape[-1]).permute(0, 3, 1, 2), m
+
+
+def _join_table(prefix: torch.Tensor, grid_table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    dim, h, w = grid_table.shape[1:]
+    return torch.cat([prefix, grid_table.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(dtype)], dim=1)
+
+
+def repa_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int) -> torch.Tensor:
+    """Resample a (1, P + M*M, D) position table to grid x grid as REPA's utils.py ``load_encoders`` does once,
+    with timm's ``resample_abs_pos_embed`` defaults: bicubic to the target size (not a scale factor),
+    ``antialias=True``, ``align_corners=False``, in float32; the P prefix entries kept. DINOv2 then uses
+    the table as it is."""
+    prefix, x, m = _split_table(pos_embed, num_prefix)
     if m == grid:
         return pos_embed
-    dim = patch.shape[-1]
-    x = patch.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return _join_table(prefix, x, pos_embed.dtype)
+
+
+def dinov2_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int, *, offset: float = 0.1) -> torch.Tensor:
+    """Resample a (1, P + M*M, D) position table to a grid x grid one as DINOv2's own
+    ``interpolate_pos_encoding`` does at run time (bicubic, scale factor (grid + 0.1) / M, no antialiasing);
+    the P prefix entries are kept."""
+    prefix, x, m = _split_table(pos_embed, num_prefix)
+    if m == grid:
+        return pos_embed
     scale = (grid + offset) / m
     x = F.interpolate(x, scale_factor=(scale, scale), mode="bicubic", antialias=False)
     if x.shape[-2:] != (grid, grid):
         raise ValueError(f"resampled position grid is {tuple(x.shape[-2:])}, expected {grid}x{grid}")
-    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, x], dim=1)
+    return _join_table(prefix, x, pos_embed.dtype)
+
+
+_POS_EMBED = {"repa": repa_pos_embed, "dinov2": dinov2_pos_embed}
+_POS_EMBED_TEXT = {
+    "repa": "resampled once as REPA (timm resample_abs_pos_embed: bicubic to the grid, antialias)",
+    "dinov2": "resampled as DINOv2 at run time (bicubic, scale (grid+0.1)/M, no antialias)",
+}
 
 
 class TeacherTokens(nn.Module):
@@ -247,9 +307,14 @@ def teacher_name(spec: str) -> str:
     return spec[len("random:"):] if spec.startswith("random:") else spec
 
 
-def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0) -> LoadedEncoder:
-    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring)."""
+def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0,
+                 pos_embed: str = "repa") -> LoadedEncoder:
+    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring), its
+    position table resampled to the token grid by ``pos_embed`` (:data:`POS_EMBED_MODES`)."""
     import timm
+
+    if pos_embed not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
 
     size = teacher_input_size(resolution)
     random_weights = spec == "tiny" or spec.startswith("random:")
@@ -283,7 +348,7 @@ def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed
     num_pos_prefix = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
     original = vit.pos_embed.detach().clone()
     vit.set_input_size(img_size=(size, size))
-    vit.pos_embed = nn.Parameter(dinov2_pos_embed(original, grid, num_pos_prefix))
+    vit.pos_embed = nn.Parameter(_POS_EMBED[pos_embed](original, grid, num_pos_prefix))
     vit.eval().requires_grad_(False)
     module = TeacherTokens(vit, size)
     info = {
@@ -300,8 +365,10 @@ def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed
         "tokens": grid * grid,
         "dim": int(vit.embed_dim),
         "num_prefix_tokens": module.num_prefix,
+        "pos_embed": pos_embed,
+        "pos_embed_source_grid": int(math.isqrt(original.shape[1] - num_pos_prefix)),
         "output": "patch tokens after the final norm (x_norm_patchtokens)",
-        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table resampled "
-                      "as DINOv2 (bicubic, scale (grid+0.1)/M)",
+        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table "
+                      f"{_POS_EMBED_TEXT[pos_embed]}",
     }
     return LoadedEncoder(module, info)

@@ -198,3 +198,23 @@ def test_several_teachers_in_one_build(tmp_path, image_folder):
     assert c.manifest["teachers"]["vit_small_patch14_dinov2.lvd142m"]["random_weights"] is True
     b = next(iter(c.loader(4)))
     assert set(b["features"]) == {"tiny", "vit_small_patch14_dinov2.lvd142m"}
+
+
+def test_position_table_choice_is_recorded_and_a_resume_with_the_other_is_refused(tmp_path, image_folder):
+    out = tmp_path / "c.zarr"
+    run_build(image_folder, out, "--limit", "8")
+    m = cache.open_cache(out).manifest
+    assert m["preprocessing"]["teacher_pos_embed"] == "repa" and m["teachers"]["tiny"]["pos_embed"] == "repa"
+    before = (out / "zarr.json").read_bytes()
+    refused = run_build(image_folder, out, "--limit", "8", "--pos-embed", "dinov2", check=False)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert "preprocessing.teacher_pos_embed" in refused.stderr and "teachers.tiny.pos_embed" in refused.stderr
+    assert (out / "zarr.json").read_bytes() == before
+    run_build(image_folder, out, "--limit", "8", "--pos-embed", "dinov2", "--overwrite")
+    c = cache.open_cache(out)
+    assert c.manifest["teachers"]["tiny"]["pos_embed"] == "dinov2"
+    dino = load_teacher("tiny", resolution=64, pos_embed="dinov2").module
+    image = torch.from_numpy(load_image(str(image_folder / c.source_path(0)), 64, max_pixels=1 << 28))[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(c.features["tiny"][0, 0].astype(np.float32), dino(image)[0].half().float().numpy(),
+                                   rtol=2e-3, atol=2e-3)

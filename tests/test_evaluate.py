@@ -41,6 +41,8 @@ def test_a_set_against_its_own_folder_scores_zero(samples, image_folder, tmp_pat
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["inception_score"] is None and any("softmax" in n for n in m["notes"])
     assert m["num_samples"] == m["num_reference"] == 24 and m["reference_kind"] == "folder"
+    assert m["protocol"]["inception_score"]["splits"] == "adm" and m["config"]["is_splits"] == "adm"
+    assert m["protocol"]["precision_recall"]["distances"] == "float16" and m["protocol"]["precision_recall"]["k"] == 3
     assert json.loads((tmp_path / "m.json").read_text())["fid"] == pytest.approx(m["fid"], abs=1e-5)
     assert (tmp_path / "evaluate.log").exists()
     # the saved statistics reproduce the numbers without re-encoding the reference
@@ -114,3 +116,17 @@ def test_weights_with_a_softmax_layer_give_an_inception_score(samples, tmp_path,
     assert code == 0 and m["inception"]["format"] == "state_dict" and m["inception"]["logits"]
     assert isinstance(m["inception_score"], float) and 1.0 <= m["inception_score"] <= 8.0  # at most N for N samples
     assert not any("softmax" in n for n in m["notes"])
+    # the other protocol choices run and are recorded (one split either way at N = 8: the same IS)
+    code, other, _ = _run(capsys, path, path, "--inception", tmp_path / "ported.pth", "--num", 8,
+                          "--is-splits", "equal", "--pr-distances", "float32")
+    assert code == 0 and other["protocol"]["inception_score"]["splits"] == "equal"
+    assert other["protocol"]["precision_recall"]["distances"] == "float32"
+    assert other["inception_score"] == pytest.approx(m["inception_score"], rel=1e-9)
+    assert (other["precision"], other["recall"]) == (m["precision"], m["recall"])
+
+
+@pytest.mark.parametrize("flag", ["--is-splits", "--pr-distances"])
+def test_unknown_protocol_choices_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["a.npz", "b.npz", flag, "other"])
+    assert flag in capsys.readouterr().err

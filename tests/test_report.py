@@ -32,10 +32,12 @@ def test_report_collects_losses_grids_and_metrics(tmp_path, capsys):
     run, samples = _run_folder(tmp_path)
     (samples / "metrics.json").write_text(json.dumps({
         "fid": 123.456789, "sfid": 45.6, "inception_score": None, "precision": 0.5, "recall": 0.25,
-        "num_samples": 64, "reference_kind": "cache", "reference": "/data/c.zarr", "notes": ["no IS here"]}))
+        "num_samples": 64, "reference_kind": "cache", "reference": "/data/c.zarr", "notes": ["no IS here"],
+        "protocol": {"inception_score": {"splits": "adm"}, "precision_recall": {"distances": "float16"}}}))
     other = tmp_path / "elsewhere"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"samples": {"sampler": "ode", "steps": 50, "cfg": 1.0}}))
+    (other / "config.json").write_text(json.dumps({"samples": {"sampler": "ode", "solver": "euler", "nfe": 50,
+                                                               "steps": 50, "cfg": 1.0, "quantize": "truncate"}}))
     assert main([str(run), "--samples", str(other)]) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     text = open(path).read()
@@ -45,6 +47,8 @@ def test_report_collects_losses_grids_and_metrics(tmp_path, capsys):
     assert "| 123.5 | 45.6 | n/a | 0.5 | 0.25 | 64 |" in text and "- no IS here" in text
     assert "CFG 1.65 on t in [0.0, 0.7]" in text and "step-00000020" in text
     assert f"## Samples: {other}" in text and "Not evaluated" in text  # the extra folder, without metrics
+    assert "ODE (euler), 50 steps (NFE 50), no guidance" in text and "uint8 by truncate" in text
+    assert "IS splits: adm; precision/recall distances: float16." in text
 
 
 def test_report_of_a_folder_without_a_run_is_an_error(tmp_path, capsys):

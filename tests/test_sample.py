@@ -74,6 +74,7 @@ def test_outputs(sampled):
     assert np.array_equal(np.asarray(Image.open(sampled / "grid.png")), image_grid(images[:4]))
     record = json.loads((sampled / "config.json").read_text())
     assert record["samples"]["cfg"] == 1.5 and record["samples"]["steps"] == 4 and record["model"]["step"] == 2
+    assert record["samples"]["quantize"] == "truncate" and "REPA" in record["vae"]["output"]
     assert record["vae"]["spec"] == "tiny" and record["vae"]["random_weights"]
     assert "random-weight" in (sampled / "log.txt").read_text()
 
@@ -135,7 +136,20 @@ def test_a_changed_setting_is_refused_by_name(sampled, tmp_path, capsys):
     assert run_sample(_run_of(sampled), out, "--weights", "raw", "--seed", "1") == 2
     err = capsys.readouterr().err
     assert "model.weights: 'ema' -> 'raw'" in err and "samples.seed: 0 -> 1" in err
+    assert run_sample(_run_of(sampled), out, "--quantize", "round") == 2  # other uint8 images
+    assert "samples.quantize: 'truncate' -> 'round'" in capsys.readouterr().err
     assert part_names(out) == before
+
+
+def test_round_option_moves_pixels_by_at_most_one_level(sampled, tmp_path):
+    out = tmp_path / "round"
+    assert run_sample(_run_of(sampled), out, "--quantize", "round") == 0
+    images, labels = arrays(out)
+    ref, ref_labels = arrays(sampled)
+    assert np.array_equal(labels, ref_labels)
+    diff = images.astype(int) - ref  # truncate = floor(127.5 (x + 1)) <= round = floor(127.5 (x + 1) + 0.5)
+    assert set(np.unique(diff).tolist()) == {0, 1} and (diff == 1).mean() > 0.3  # about half move one level up
+    assert json.loads((out / "config.json").read_text())["samples"]["quantize"] == "round"
 
 
 def test_dry_run_writes_nothing_and_presets_resolve(tmp_path, capsys):
@@ -143,6 +157,7 @@ def test_dry_run_writes_nothing_and_presets_resolve(tmp_path, capsys):
     assert main(["--run", "r", "--out", str(out), "--dry-run", "--interval", "0.1", "0.6"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["interval"] == [0.1, 0.6] and printed["steps"] == 250 and not out.exists()
+    assert printed["quantize"] == "truncate"  # REPA's generate.py
     for preset, expected in [("paper-cfg", ("sde", 250, 1.65, [0.0, 0.7], 50_000)),
                              ("paper-nocfg", ("sde", 250, 1.0, [0.0, 0.7], 50_000)),
                              ("ode", ("ode", 50, 1.8, [0.0, 0.7], 50_000))]:
@@ -150,6 +165,13 @@ def test_dry_run_writes_nothing_and_presets_resolve(tmp_path, capsys):
         p = json.loads(capsys.readouterr().out)
         assert (p["sampler"], p["steps"], p["cfg"], p["interval"], p["num"]) == expected and p["weights"] == "ema"
     assert SampleConfig(run="r", out="o", sampler="ode").steps == 50 and set(PRESETS) >= {"demo"}
+    # the ode preset is REPA generate.py's default ODE: Euler, 50 steps, 50 evaluations; Heun is an option
+    ode = SampleConfig(run="r", out="o", **PRESETS["ode"])
+    assert (ode.solver, ode.steps, ode.nfe) == ("euler", 50, 50)
+    assert SampleConfig(run="r", out="o", **{**PRESETS["ode"], "solver": "heun"}).nfe == 99
+    assert main(["--run", "r", "--out", str(out), "--preset", "ode", "--solver", "heun", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["solver"] == "heun"
+    assert SampleConfig(run="r", out="o").nfe == 250
     assert not out.exists()
 
 
@@ -158,6 +180,8 @@ def test_dry_run_writes_nothing_and_presets_resolve(tmp_path, capsys):
     (["--labels", "a,b"], "--labels"),
     (["--sampler", "ddim"], "--sampler"),
     (["--t-last", "0"], "--t-last"),
+    (["--quantize", "nearest"], "--quantize"),
+    (["--solver", "rk4"], "--solver"),
 ])
 def test_bad_settings_are_refused_before_anything_runs(args, message, capsys):
     with pytest.raises(SystemExit):

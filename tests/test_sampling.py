@@ -194,6 +194,42 @@ def counting(calls: list) -> Velocity:
     return velocity
 
 
+def repa_euler_sampler(velocity, x1, y, *, num_steps, cfg_scale, guidance_low, guidance_high, null):
+    """REPA samplers.py euler_sampler with heun=False (generate.py's ODE default), restated: grid
+    linspace(1, 0, num_steps + 1) in float64; guided iff cfg_scale > 1 and low <= t_cur <= high; the
+    guided velocity uncond + s (cond - uncond); x_next = x_cur + (t_next - t_cur) d_cur."""
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x_next = x1.to(torch.float64)
+    for t_cur, t_next in zip(t_steps[:-1].tolist(), t_steps[1:].tolist()):
+        x_cur = x_next
+        if cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high:
+            cond = velocity(x_cur, t_cur, y).to(torch.float64)
+            uncond = velocity(x_cur, t_cur, torch.full_like(y, null)).to(torch.float64)
+            d_cur = uncond + cfg_scale * (cond - uncond)
+        else:
+            d_cur = velocity(x_cur, t_cur, y).to(torch.float64)
+        x_next = x_cur + (t_next - t_cur) * d_cur
+    return x_next
+
+
+def test_ode_euler_is_repas_euler_sampler():
+    """Same grid, same inclusive guidance interval decided by t_cur, same update (the ODE preset's solver)."""
+    x, y = initial_noise(3), torch.tensor([0, 4, 2])
+    for steps, interval in [(50, (0.0, 0.7)), (7, (0.25, 0.5)), (4, (0.25, 0.5))]:
+        ours = ode_euler(with_guidance(fake_velocity([]), null=NULL, scale=1.8, interval=interval), x, y, steps=steps)
+        ref = repa_euler_sampler(fake_velocity([]), x, y, num_steps=steps, cfg_scale=1.8, guidance_low=interval[0],
+                                 guidance_high=interval[1], null=NULL)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ode_time_grid(50).tolist() == torch.linspace(1, 0, 51, dtype=torch.float64).tolist()
+
+
+def test_euler_steps_by_hand():
+    """v(x, t) = 2 x + t, x_1 = 3, two steps: v = 7 at t = 1 -> x = 3 - 0.5 * 7 = -0.5;
+    v = -1 + 0.5 = -0.5 at t = 0.5 -> x_0 = -0.5 + 0.25 = -0.25."""
+    out = ode_euler(lambda x, t, y: 2 * x + t, torch.tensor([[3.0]]), no_labels(1), steps=2)
+    assert out.item() == -0.25
+
+
 def test_function_evaluations():
     z, y = initial_noise(3), no_labels(3)
     for sampler, kwargs, nfe in [(euler_maruyama, dict(noise=lambda: torch.zeros(3, D)), 7),

@@ -249,5 +249,9 @@ def test_compiled_step_matches_eager(built_cache, tmp_path):
     np.testing.assert_allclose([r[1:] for r in losses(tmp_path / "eager")],
                                [r[1:] for r in losses(tmp_path / "compiled")], rtol=1e-3)
     a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    # Adam divides by sqrt(v) + 1e-8: where a gradient is near that scale, float rounding moves the update by a
+    # fraction of lr (1e-3). So: all but a few elements to rtol 1e-3 / atol 1e-5, and those few within 0.1 lr.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+        close = torch.isclose(a[k], b[k], rtol=1e-3, atol=1e-5)
+        assert (~close).float().mean() < 1e-3, k
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)

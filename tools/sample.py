@@ -1,7 +1,8 @@
 """Sample a trained run (SDE or ODE, guidance on a time interval) into PNGs and ADM's samples.npz.
 
     python -m tools.sample --run runs/urepa-xl --out samples/urepa-xl-cfg --preset paper-cfg
-    python -m tools.sample --run RUN --num N --out OUT [--sampler sde|ode --steps K --cfg S --interval LO HI --seed S]
+    python -m tools.sample --run RUN --num N --out OUT [--sampler sde|ode --solver euler|heun --steps K --cfg S
+        --interval LO HI --seed S --quantize truncate|round]
     python -m tools.sample --run demo/run --out demo/samples --preset demo
     python -m tools.sample --run RUN --out OUT --preset paper-cfg --dry-run     # print the resolved config
 
@@ -15,14 +16,16 @@ come from generators seeded by (seed, i), never by its batch or rank (``tools.sa
 batch is written atomically to OUT/parts/<first>-<last>.npz (uint8 images, labels, indices) after
 its PNGs (OUT/images/<index>.png). Resume by running the same command again: images already in a
 part are skipped (a changed --batch-size or --num only changes which images are left to do); a
-changed setting that changes images (sampler, steps, guidance, labels, seed, weights, checkpoint,
-VAE, precision) is refused with its name. At the end rank 0 streams the parts into
+changed setting that changes images (sampler, solver, steps, guidance, labels, seed, weights, checkpoint,
+VAE, precision, quantisation) is refused with its name. At the end rank 0 streams the parts into
 OUT/samples.npz (``arr_0`` uint8 (N, H, W, 3), ``labels`` (N,), as ADM's evaluator reads it),
 writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the resolved config and
 the identity of the model (run, checkpoint step, weights sha256) and of the VAE; OUT/log.txt the log.
 
 Latents: the model samples x = (z - shift) * scale (the run's --latent-scale/--latent-shift), the
-VAE recorded in the run's cache manifest (or --vae) decodes z = x / scale + shift.
+VAE recorded in the run's cache manifest (or --vae) decodes z = x / scale + shift, and its output x in
+[-1, 1] becomes uint8 as REPA's generate.py does, floor(127.5 (x + 1)) (``--quantize round``: DiT's
+rounding).
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ import torch
 import cache as cache_lib
 from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
 from cache.runtime import configure_device, setup_logging, write_json
-from pipeline.encoders import LoadedEncoder, WeightsUnavailable, load_vae_decoder, weights_sha256
+from pipeline.encoders import (
+    QUANTIZE_MODES,
+    LoadedEncoder,
+    WeightsUnavailable,
+    load_vae_decoder,
+    weights_sha256,
+)
 from trainer.checkpoint import latest_checkpoint, load_run_model
 
 from .sampling import (
@@ -75,7 +84,7 @@ class SampleConfig:
     num: int = 50_000
     batch_size: int = 64
     sampler: str = "sde"
-    solver: str = "heun"
+    solver: str = "euler"
     steps: int = 0
     t_last: float = 0.04
     cfg: float = 1.0
@@ -86,6 +95,7 @@ class SampleConfig:
     vae: str = ""
     seed: int = 0
     precision: str = "tf32"
+    quantize: str = "truncate"
     png: bool = True
     grid: int = 64
     device: str = "auto"
@@ -96,7 +106,7 @@ class SampleConfig:
         "num": "number of images (indices 0 .. num-1)",
         "batch_size": "images per batch per rank (guided steps run 2x this through the model)",
         "sampler": "sde (Euler-Maruyama, REPA) or ode",
-        "solver": "ode solver: heun (2nd order, NFE 2 steps - 1) or euler",
+        "solver": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)",
         "steps": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)",
         "t_last": "sde: last time of the stochastic steps before the final drift step to 0",
         "cfg": "classifier-free guidance scale (1: no guidance)",
@@ -107,6 +117,8 @@ class SampleConfig:
         "vae": "VAE spec for decoding (default: the one recorded in the run's cache manifest)",
         "seed": "labels and noise of image i come from (seed, i)",
         "precision": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)",
+        "quantize": "decoder output x in [-1, 1] to uint8: truncate (REPA generate.py, floor(127.5 (x + 1))) or "
+                    "round (DiT, 127.5 (x + 1) rounded half up)",
         "png": "also write OUT/images/<index>.png (for the images this call samples)",
         "grid": "images in OUT/grid.png (0: none)",
         "device": "auto (accelerate), cpu, cuda",
@@ -115,8 +127,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not self.run or not self.out:
             raise ConfigError("--run and --out are required")
-        choices = {"sampler": ("sde", "ode"), "solver": ("heun", "euler"), "weights": ("ema", "raw"),
-                   "precision": ("fp32", "tf32", "bf16"), "device": ("auto", "cpu", "cuda")}
+        choices = {"sampler": ("sde", "ode"), "solver": ("euler", "heun"), "weights": ("ema", "raw"),
+                   "precision": ("fp32", "tf32", "bf16"), "quantize": QUANTIZE_MODES,
+                   "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -139,14 +152,20 @@ class SampleConfig:
         if self.steps == 0:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
 
+    @property
+    def nfe(self) -> int:
+        """Velocity evaluations per image (a guided one counts once): steps, or 2 steps - 1 for Heun."""
+        return 2 * self.steps - 1 if self.sampler == "ode" and self.solver == "heun" else self.steps
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's main numbers: SDE, 250 steps, CFG 1.65 on t in [0, 0.7], 50K images, EMA weights.
     "paper-cfg": dict(sampler="sde", steps=250, cfg=1.65, interval=(0.0, 0.7), num=50_000),
     # The same without guidance.
     "paper-nocfg": dict(sampler="sde", steps=250, cfg=1.0, num=50_000),
-    # The ablation: ODE (Heun, 50 steps), CFG 1.8 on the same interval.
-    "ode": dict(sampler="ode", solver="heun", steps=50, cfg=1.8, interval=(0.0, 0.7), num=50_000),
+    # The ablation: ODE, CFG 1.8 on the same interval; Euler with 50 steps (NFE 50), REPA generate.py's
+    # defaults (--mode ode --num-steps 50, no --heun). Heun: --solver heun.
+    "ode": dict(sampler="ode", solver="euler", steps=50, cfg=1.8, interval=(0.0, 0.7), num=50_000),
     # About 10 CPU seconds on the demo run (random-weight encoders: plumbing only).
     "demo": dict(sampler="sde", steps=25, cfg=1.65, num=16, batch_size=16, grid=16, precision="fp32",
                  device="cpu"),
@@ -314,7 +333,7 @@ def load_decoder(cfg: SampleConfig, run_config: Mapping[str, Any]) -> LoadedEnco
     a mismatch is an error for the recorded spec, a warning for an explicit ``--vae``."""
     spec, seed, expected = resolve_vae(cfg, run_config)
     try:
-        loaded = load_vae_decoder(spec, seed=seed)
+        loaded = load_vae_decoder(spec, seed=seed, quantize=cfg.quantize)
     except ValueError as e:  # a malformed spec
         raise SetupError(str(e)) from None
     sha = loaded.info["weights_sha256"]
@@ -333,12 +352,14 @@ def sample_identity(cfg: SampleConfig) -> dict[str, Any]:
         "sampler": cfg.sampler,
         "steps": cfg.steps,
         "solver": cfg.solver if cfg.sampler == "ode" else None,
+        "nfe": cfg.nfe,
         "t_last": cfg.t_last if cfg.sampler == "sde" else None,
         "cfg": cfg.cfg,
         "interval": list(cfg.interval) if cfg.cfg != 1.0 else None,
         "labels": cfg.labels,
         "seed": cfg.seed,
         "precision": cfg.precision,
+        "quantize": cfg.quantize,
     }
 
 
@@ -433,7 +454,7 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
         "model": {"run": os.path.abspath(cfg.run), "step": ckpt_step, "weights": cfg.weights,
                   "weights_sha256": weights_sha256(model), "model": train["model"], "num_classes": num_classes,
                   "latent_scale": train["latent_scale"], "latent_shift": train["latent_shift"]},
-        "vae": {key: loaded.info[key] for key in ("spec", "seed", "weights_sha256", "random_weights")},
+        "vae": {key: loaded.info[key] for key in ("spec", "seed", "weights_sha256", "random_weights", "output")},
         "config": config_to_dict(cfg),
     }))
     check_out_dir(cfg.out, record)
@@ -452,12 +473,12 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()  # every rank has the same plan before any part is written
     todo = sum(len(c) for c in chunks)
 
-    nfe = cfg.steps if cfg.sampler == "sde" or cfg.solver == "euler" else 2 * cfg.steps - 1
     guidance = f"cfg {cfg.cfg} on t in [{cfg.interval[0]}, {cfg.interval[1]}]" if cfg.cfg != 1.0 else "no guidance"
     _logger.info("run %s, checkpoint %s (%s weights); %s %s, %d steps (NFE %d), %s; labels %s, seed %d; VAE %s; "
                  "%d of %d images left, %d rank(s) x batch %d, %s on %s", cfg.run, ckpt_path, cfg.weights,
-                 cfg.sampler, cfg.solver if cfg.sampler == "ode" else f"t_last {cfg.t_last}", cfg.steps, nfe,
+                 cfg.sampler, cfg.solver if cfg.sampler == "ode" else f"t_last {cfg.t_last}", cfg.steps, cfg.nfe,
                  guidance, cfg.labels, cfg.seed, loaded.info["spec"], todo, cfg.num, world, cfg.batch_size, cfg.precision, device)
+    _logger.info("uint8 conversion: %s", loaded.info["output"])
     if run_config["cache"].get("random_weights") or loaded.info["random_weights"]:
         _logger.warning("the run's cache (or this VAE) has random-weight encoders: the samples show the plumbing, "
                         "they mean nothing about quality")

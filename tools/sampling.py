@@ -35,7 +35,9 @@ t_{i+1})) / 2, without the correction on the last step to t = 0: NFE = 2 steps -
 
 Guidance (:func:`guided_velocity`): v = v_u + s (v_c - v_u) for lo <= t <= hi (inclusive, as
 REPA), conditional and null labels in one batched call; the plain conditional velocity elsewhere
-and whenever s = 1. With (3) affine in v, guiding v is the same as guiding REPA's drift. Heun's
+and whenever s = 1 (REPA guides only for s > 1; a scale below 1 is guided here, unguided there).
+Euler is REPA's ``euler_sampler`` with ``heun=False`` step for step (tests/test_sampling.py restates
+it). With (3) affine in v, guiding v is the same as guiding REPA's drift. Heun's
 correction is the guided field at t_{i+1}, so it is guided when t_{i+1} is in the interval (REPA's
 ``euler_sampler`` decides both halves of a step by t_i; the two differ only on the one step that
 crosses an end of the interval).
