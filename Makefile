@@ -14,7 +14,7 @@ REF ?=
 ARGS ?=
 
 .PHONY: setup demo test test-fast cache inspect train sample eval report macs bench-cache bench-train bench-sample \
-	gpu-wheels lint clean help
+	gpu-wheels test-newest lint clean help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -44,6 +44,9 @@ demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -
 
 test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
+
+test-newest: setup ## the whole suite on Python 3.13 with the newest zarr, in a Debian 13 folder (root; ~3 GB of wheels)
+	bash tools/test_newest.sh $(ARGS)
 
 test-fast: setup ## the tests without the multi-process / subprocess / compile ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
