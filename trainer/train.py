@@ -582,20 +582,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     _logger.warning("%s; skipped (%d of --skip-nonfinite %d)", what, skipped, cfg.skip_nonfinite)
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    stats = accelerator.reduce(window / max(n_taken, 1), reduction="mean").tolist()
-                    if not all(map(math.isfinite, stats)):
-                        raise NonFiniteError(f"steps {step - n_window + 1}..{step}: the mean losses over the ranks "
-                                             f"are not finite ({stats}); training stops. Check the cache for NaN "
-                                             "values (python -m cache.inspect CACHE --verify) or lower --lr")
                     elapsed = time.perf_counter() - t_window
-                    last = {"step": step, "epoch": step / steps_per_epoch,
-                            **dict(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats)),
-                            "cos": -stats[2], "img_per_s": n_window * cfg.batch_size / elapsed,
-                            "mem_gb": _memory_gb(device), "skipped_nonfinite": skipped}
+                    last = {"step": step, "epoch": step / steps_per_epoch}
+                    if n_taken:  # the same on every rank (see train_step); a window of skipped steps has no losses
+                        stats = accelerator.reduce(window / n_taken, reduction="mean").tolist()
+                        if not all(map(math.isfinite, stats)):
+                            raise NonFiniteError(f"steps {step - n_window + 1}..{step}: the mean losses over the "
+                                                 f"ranks are not finite ({stats}); training stops. Check the cache "
+                                                 "for NaN values (python -m cache.inspect CACHE --verify) or lower --lr")
+                        last.update(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats))
+                        last["cos"] = -stats[2]
+                        bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
+                                        img_s=f"{n_window * cfg.batch_size / elapsed:.1f}")
+                    last.update(img_per_s=n_window * cfg.batch_size / elapsed, mem_gb=_memory_gb(device),
+                                skipped_nonfinite=skipped)
                     if log is not None:
                         log.write(last)
-                    bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
-                                    img_s=f"{last['img_per_s']:.1f}")
                     window.zero_()
                     t_window, n_window, n_taken = time.perf_counter(), 0, 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
@@ -621,6 +623,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rows = read_metrics(log.path)
         plot_losses(rows, png, title=f"{cfg.model} on {os.path.basename(cfg.cache)}")
         log.close()
+        rows = [r for r in rows if "loss" in r]
         if len(rows) >= 2:
             a, b = rows[0], rows[-1]
             _logger.info("step %d -> %d: loss %.4f -> %.4f, loss_v %.4f -> %.4f, loss_manifold %.4f -> %.4f, "
