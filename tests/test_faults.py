@@ -333,7 +333,7 @@ def _zoo(root: Path, image_folder: Path) -> Path:
     cls = src / first.name
     outside = root / "outside.png"
     shutil.copy(sorted(cls.iterdir())[0], outside)  # PIL reads by content, whatever the extension
-    (cls / "0dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (cls / "0dangling.jpg").symlink_to(cls / "gone.jpg")
     (cls / "0loop.jpg").symlink_to(cls / "0loop.jpg")
     (cls / "0outside.png").symlink_to(outside)
     (cls / "0folder.jpg").mkdir()
