@@ -472,9 +472,9 @@ def _legacy_run(out: str) -> bool:
     return isinstance(old, dict) and {"train", "model", "cache"} <= set(old) and isinstance(old["train"], dict)
 
 
-def claim_run_dir(out: str, *, write: bool) -> None:
+def claim_run_dir(out: str) -> None:
     """Make sure ``out`` is ours before anything is written into it: absent, empty, or holding our marker
-    (or an older run's config.json); then (``write``) write the marker, which also proves it writable."""
+    (or an older run's config.json); then write the marker, which also proves the folder writable."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
     marker = os.path.join(out, RUN_MARKER)
@@ -484,8 +484,6 @@ def claim_run_dir(out: str, *, write: bool) -> None:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise SetupError(f"--out {out} is not empty ({shown}) and holds no {RUN_MARKER}, so it is not a training "
                              "run of ours; nothing was written there: choose a new or empty folder")
-    if not write:
-        return
     try:
         os.makedirs(out, exist_ok=True)
         write_json(marker, {"format": "urepa-train-run", "version": 1})
@@ -514,7 +512,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
     accelerator, device = make_accelerator(cfg)
     rank = accelerator.process_index
-    claim_run_dir(cfg.out, write=rank == 0)  # before the log file goes there
+    if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
+        claim_run_dir(cfg.out)  # before the log file goes there
+    accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     if cfg.precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True
