@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "parse_config", "config_to_dict", "nested_diff"]
+__all__ = ["ConfigError", "parse_config", "config_to_dict", "nested_diff", "describe_change"]
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,18 @@ def nested_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: frozens
         elif a != b:
             out.append((name, a, b))
     return out
+
+
+def describe_change(name: str, old: Any, new: Any, *, items: int = 3) -> str:
+    """One difference of :func:`nested_diff` for a refusal message: ``name: old -> new`` in full, except for
+    two lists, which show their lengths and the first ``items`` positions that differ."""
+    if isinstance(old, list) and isinstance(new, list):
+        diffs = [i for i in range(max(len(old), len(new)))
+                 if i >= len(old) or i >= len(new) or old[i] != new[i]][:items]
+        shown = "; ".join(f"[{i}] {old[i] if i < len(old) else '(none)'!r} -> {new[i] if i < len(new) else '(none)'!r}"
+                          for i in diffs)
+        return f"{name}: {len(old)} -> {len(new)} items, first differing: {shown}"
+    return f"{name}: {old!r} -> {new!r}"
 
 
 def parse_config(

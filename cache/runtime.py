@@ -58,7 +58,8 @@ def setup_logging(rank: int, log_file: str | None, *, stream: logging.Handler | 
 
 def write_json(path: str, data: Any) -> None:
     """``data`` as indented JSON at ``path``, atomically (a temporary file, then a rename): the records
-    entry points leave next to their outputs are never half-written."""
+    entry points leave next to their outputs are never half-written, and never hold NaN or infinity
+    (ValueError: JSON has no such numbers, and a reader would take them for results)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, allow_nan=False)
     os.replace(path + ".tmp", path)

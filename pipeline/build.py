@@ -10,7 +10,10 @@
     torchrun --nproc_per_node 8 -m pipeline.build SOURCE OUT
 
 Interrupted builds resume when the same command runs again; a changed source, encoder or setting
-is refused unless ``--overwrite``.
+is refused unless ``--overwrite``. A resumed build trusts its stored source list only if it hashes
+to the fingerprint in the manifest and every path stays inside SOURCE. Files that cannot be read
+(dangling symlinks, link loops, no permission, links out of SOURCE, folders named like images)
+are skipped and recorded with their reason, like any undecodable image.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .encoders import (
     load_vae,
     teacher_name,
 )
-from .sources import list_image_folder
+from .sources import SourceListing, list_image_folder, unsafe_source_path
 
 _logger = logging.getLogger("pipeline.build")
 
@@ -115,6 +118,9 @@ class BuildConfig:
             raise ConfigError("--batch-size must be >= 1; --workers, --limit, --classes >= 0")
         if self.shard_rows < 1 or self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
             raise ConfigError(f"--shard-rows ({self.shard_rows}) must be a multiple of --chunk-rows ({self.chunk_rows})")
+        if self.max_pixels < 1 or self.seed < 0:
+            raise ConfigError(f"--max-pixels must be >= 1 (got {self.max_pixels}; 0 would skip every image) "
+                              f"and --seed >= 0 (got {self.seed})")
         if self.compressor not in ("none", "zstd"):
             raise ConfigError(f"--compressor must be none or zstd, got {self.compressor!r}")
         teachers = self.teacher_specs
@@ -346,6 +352,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
     layout = writer.layout
     sources = writer.sources()
+    check_sources(sources, writer.manifest, cfg.out)
     todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
@@ -409,6 +416,26 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             _logger.info("skipped row %d %s: %s", s["row"], s["path"], s["reason"])
     state.wait_for_everyone()
     return manifest
+
+
+def check_sources(sources: list[dict[str, Any]], manifest: Mapping[str, Any], out: str) -> None:
+    """Refuse a stored source list that does not hash to the manifest's fingerprint or names a path that
+    could leave SOURCE (absolute, ``..``): a damaged or edited cache must not decide which files are read."""
+    try:
+        fingerprint = SourceListing(root="", classes=[], files=sources).fingerprint
+    except (KeyError, TypeError) as e:
+        raise CacheError(f"{out}: the stored source list (build/sources.json) is malformed ({type(e).__name__}: {e}); "
+                         "rebuild with --overwrite") from None
+    recorded = manifest.get("source", {}).get("fingerprint")
+    if fingerprint != recorded or len(sources) != manifest.get("source", {}).get("num_files", len(sources)):
+        raise CacheError(f"{out}: the stored source list (build/sources.json) has fingerprint {fingerprint[:12]}..., "
+                         f"not the {str(recorded)[:12]}... its manifest records: it was damaged or edited; rebuild "
+                         "with --overwrite")
+    for row, entry in enumerate(sources):
+        why = unsafe_source_path(entry["path"])
+        if why:
+            raise CacheError(f"{out}: the stored source list names {entry['path']!r} for row {row}, which {why}; "
+                             "a build reads only files inside SOURCE: rebuild with --overwrite")
 
 
 def _encode_into(encoders: Encoders, images: torch.Tensor | None, valid: np.ndarray, device: torch.device,

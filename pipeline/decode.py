@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from .crop import adm_center_crop
+from .sources import escapes_root
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -63,6 +65,14 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
         raise SkipImage(f"too large: {e}") from None
     except Image.UnidentifiedImageError:
         raise SkipImage("not an image (unidentified format or empty file)") from None
+    except FileNotFoundError:
+        raise SkipImage("missing, or a dangling symlink") from None
+    except PermissionError:
+        raise SkipImage("permission denied") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
+        raise SkipImage("symlink loop") from None
     except Exception as e:  # truncated, corrupt, unreadable: never let one file stop a build
         raise SkipImage(f"cannot decode: {type(e).__name__}: {e}") from None
     finally:
@@ -74,7 +84,8 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
 
 class DecodedImages(Dataset):
     """Image files by index for a DataLoader: ``(index, uint8 (R, R, 3) or None, skip reason)``, each file
-    through :func:`load_image` (in the loader's worker processes, one thread each)."""
+    through :func:`load_image` (in the loader's worker processes, one thread each). With a ``root``, the
+    paths are relative to it and a file that a symlink leads out of it is skipped, never read."""
 
     def __init__(self, paths: Sequence[str], resolution: int, *, max_pixels: int, root: str = "") -> None:
         self.paths, self.resolution, self.max_pixels, self.root = paths, resolution, max_pixels, root
@@ -84,6 +95,8 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         path = os.path.join(self.root, self.paths[index])
+        if self.root and escapes_root(self.root, self.paths[index]):
+            return index, None, "a symlink leads outside SOURCE"
         try:
             return index, load_image(path, self.resolution, max_pixels=self.max_pixels), ""
         except SkipImage as e:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
@@ -25,13 +30,47 @@ class SourceListing:
         return h.hexdigest()
 
 
+def unsafe_source_path(path: object) -> str:
+    """Why a source path read from a stored listing could leave its SOURCE folder ('' if it cannot):
+    it must be a relative POSIX path without ``..`` or empty parts."""
+    if not isinstance(path, str) or not path:
+        return "is not a path"
+    if path.startswith("/") or "\\" in path or (len(path) > 1 and path[1] == ":"):
+        return "is absolute"
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts) or posixpath.normpath(path) != path:
+        return "is not a plain relative path (it has '..', '.' or empty parts)"
+    return ""
+
+
+def escapes_root(root: str, path: str) -> bool:
+    """Whether ``root/path``, with every symlink resolved, lies outside both ``root`` and its class folder
+    (``root/<first part of path>``, which may itself be a link to the user's images elsewhere)."""
+    resolved = os.path.realpath(os.path.join(root, path))
+    allowed = {os.path.realpath(root), os.path.realpath(os.path.join(root, path.split("/")[0]))}
+    return not any(resolved == a or resolved.startswith(a.rstrip(os.sep) + os.sep) for a in allowed)
+
+
+def file_size(path: Path) -> tuple[int, str]:
+    """(size in bytes, '') of an entry, or (-1, why it cannot be read): dangling link, link loop, no permission."""
+    try:
+        return path.stat().st_size, ""
+    except FileNotFoundError:
+        return -1, "dangling symlink (its target does not exist)" if path.is_symlink() else "vanished while listing"
+    except PermissionError:
+        return -1, "permission denied"
+    except OSError as e:
+        return -1, "symlink loop" if e.errno == errno.ELOOP else f"cannot stat: {e.strerror or e}"
+
+
 def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int = 0) -> SourceListing:
     """Classes are the sub-folders of ``root`` sorted by name (label = position); images are the
     entries with an image extension under each class folder, at any depth, sorted by path.
 
-    An entry named like an image is listed whatever it is (a directory called ``x.jpg`` too), so
-    that the build can record it as skipped rather than ignore it silently. ``classes`` keeps the
-    first K classes, ``limit`` the first N images of the listing (0: all).
+    An entry named like an image is listed whatever it is (a directory called ``x.jpg`` too, a
+    dangling symlink or a link loop, with size -1), so that the build can record it as skipped
+    rather than ignore it or stop. A sub-folder that cannot be read is logged as a warning.
+    ``classes`` keeps the first K classes, ``limit`` the first N images of the listing (0: all).
     """
     root = Path(root)
     if not root.is_dir():
@@ -44,7 +83,10 @@ def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int =
     files: list[dict] = []
     for label, name in enumerate(names):
         found = []
-        for dirpath, dirnames, filenames in os.walk(root / name):
+        def unreadable(e: OSError) -> None:
+            _logger.warning("cannot list %s (%s): its images are left out", e.filename, e.strerror or e)
+
+        for dirpath, dirnames, filenames in os.walk(root / name, onerror=unreadable):
             entries = [(d, True) for d in dirnames] + [(f, False) for f in filenames]
             keep_dirs = []
             for entry, is_dir in entries:
@@ -52,7 +94,7 @@ def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int =
                     continue
                 if entry.lower().endswith(IMAGE_EXTENSIONS):
                     full = Path(dirpath) / entry
-                    size = 0 if is_dir else full.stat().st_size
+                    size = 0 if is_dir else file_size(full)[0]
                     found.append({"path": full.relative_to(root).as_posix(), "size": size, "label": label})
                 elif is_dir:
                     keep_dirs.append(entry)

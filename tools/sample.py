@@ -21,6 +21,9 @@ VAE, precision, quantisation) is refused with its name. At the end rank 0 stream
 OUT/samples.npz (``arr_0`` uint8 (N, H, W, 3), ``labels`` (N,), as ADM's evaluator reads it),
 writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the resolved config and
 the identity of the model (run, checkpoint step, weights sha256) and of the VAE; OUT/log.txt the log.
+OUT/urepa-samples.json, written first, marks the folder as ours: a non-empty OUT without it is
+refused and left untouched. A part that a rerun cannot read (cut short by a full disk, say) is
+moved aside to ``<name>.bad`` with a warning and its images are sampled again.
 
 Latents: the model samples x = (z - shift) * scale (the run's --latent-scale/--latent-shift), the
 VAE recorded in the run's cache manifest (or --vae) decodes z = x / scale + shift, and its output x in
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
+from cache.config import ConfigError, config_to_dict, describe_change, nested_diff, parse_config
 from cache.runtime import configure_device, setup_logging, write_json
 from pipeline.encoders import (
     QUANTIZE_MODES,
@@ -55,7 +58,7 @@ from pipeline.encoders import (
     load_vae_decoder,
     weights_sha256,
 )
-from trainer.checkpoint import latest_checkpoint, load_run_model
+from trainer.checkpoint import CheckpointError, latest_checkpoint, load_run_model
 
 from .sampling import (
     PerSampleNoise,
@@ -139,10 +142,10 @@ class SampleConfig:
             raise ConfigError("--steps, --step, --seed and --grid must be >= 0")
         if not 0 < self.t_last < 1:
             raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
-        if self.cfg < 0:
-            raise ConfigError(f"--cfg must be >= 0, got {self.cfg}")
+        if not math.isfinite(self.cfg) or self.cfg < 0:
+            raise ConfigError(f"--cfg must be a finite number >= 0, got {self.cfg}")
         lo, hi = self.interval
-        if not 0 <= lo <= hi <= 1:
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= 1):
             raise ConfigError(f"--interval needs 0 <= LO <= HI <= 1, got {lo} {hi}")
         labels = self.labels.replace(" ", "")
         if labels not in ("uniform", "balanced") and not re.fullmatch(r"\d+(,\d+)*", labels):
@@ -183,6 +186,45 @@ class SetupError(RuntimeError):
 def part_name(first: int, last: int) -> str:
     """File name of the part holding images first..last (inclusive)."""
     return f"{first:06d}-{last:06d}.npz"
+
+
+def check_part(path: str, first: int, last: int) -> str:
+    """Why the part at ``path`` (images first..last) cannot be used, or '' if it reads back whole: the zip
+    directory, the indices it names and the byte size of its images (not every pixel: cheap on rerun)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if not {"images.npy", "labels.npy", "indices.npy"} <= names:
+                return f"holds {sorted(names)}, not images, labels and indices"
+            with z.open("indices.npy") as f:
+                indices = np.lib.format.read_array(f)
+            with z.open("images.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    return f"unsupported .npy version {version}"
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+                header = f.tell()
+            size = z.getinfo("images.npy").file_size
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    if indices.tolist() != list(range(first, last + 1)):
+        return f"its indices are not {first}..{last}"
+    if len(shape) != 4 or shape[0] != last - first + 1 or size != header + math.prod(shape) * np.dtype(dtype).itemsize:
+        return f"its images array is cut short or misshapen ({shape}, {size} bytes)"
+    return ""
+
+
+def set_aside_bad_parts(folder: str) -> list[str]:
+    """Rename every part that :func:`check_part` rejects to ``<name>.bad`` (its images are sampled again);
+    returns one line per part moved."""
+    moved = []
+    for first, last, path in list_parts(folder):
+        why = check_part(path, first, last)
+        if why:
+            os.replace(path, path + ".bad")
+            moved.append(f"{path}: {why}; moved to {os.path.basename(path)}.bad, its images are sampled again")
+    return moved
 
 
 def list_parts(folder: str) -> list[tuple[int, int, str]]:
@@ -249,8 +291,13 @@ def _part_slices(parts: list[tuple[int, int, str]], num: int, key: str) -> Itera
             break
         if first != expected:
             raise SetupError(f"images {expected}..{first - 1} are missing from {os.path.dirname(path)}")
-        with np.load(path) as data:
-            yield data[key][: num - first]
+        try:
+            with np.load(path) as data:
+                piece = data[key][: num - first]
+        except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError) as e:
+            raise SetupError(f"part {path} is unreadable ({type(e).__name__}: {e}): delete it and rerun the same "
+                             "command to sample its images again") from None
+        yield piece
         expected = last + 1
     if expected < num:
         raise SetupError(f"images {expected}..{num - 1} are missing")
@@ -305,8 +352,13 @@ def resolve_checkpoint(run: str, step: int) -> tuple[str, int]:
         have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         raise SetupError(f"--run {run}: no checkpoint{f' at step {step}' if step else ''} in {folder} "
                          f"(found: {', '.join(have) or 'none'})")
-    with open(os.path.join(path, "state.json")) as f:
-        return path, int(json.load(f)["step"])
+    state = os.path.join(path, "state.json")
+    try:
+        with open(state) as f:
+            return path, int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SetupError(f"checkpoint {path} is damaged: {state} is missing or unreadable ({type(e).__name__}); "
+                         "choose another with --step, or delete that folder to sample the one before it") from None
 
 
 def resolve_vae(cfg: SampleConfig, run_config: Mapping[str, Any]) -> tuple[str, int, str | None]:
@@ -363,8 +415,36 @@ def sample_identity(cfg: SampleConfig) -> dict[str, Any]:
     }
 
 
-#: Entries of OUT/config.json a rerun may change: they do not change any image.
+#: Entries of OUT/config.json a rerun may change: they do not change any image (the run's path, the
+#: VAE's spec when its weights are the same, and the raw config: what matters of it is in "samples").
 FREE_ENTRIES = frozenset({"config", "model.run", "vae.spec"})
+#: The file that marks a folder as samples of ours; written before anything else.
+OUT_MARKER = "urepa-samples.json"
+
+
+def claim_out_dir(out: str) -> None:
+    """Make sure ``out`` is ours before anything is written there: absent, empty or holding our marker
+    (or an older samples folder's config.json); then write the marker, which also proves it writable."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
+    marker = os.path.join(out, OUT_MARKER)
+    if os.path.isdir(out) and not os.path.exists(marker):
+        entries = sorted(os.listdir(out))
+        try:
+            with open(os.path.join(out, "config.json")) as f:
+                legacy = {"samples", "model", "vae", "config"} <= set(json.load(f))
+        except (OSError, ValueError, TypeError):
+            legacy = False
+        if entries and not legacy:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise SetupError(f"--out {out} is not empty ({shown}) and holds no {OUT_MARKER}, so it is not a samples "
+                             "folder of ours; nothing was written there: choose a new or empty folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_json(marker, {"format": "urepa-samples", "version": 1})
+    except OSError as e:
+        raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
+                         "--out") from None
 
 
 def check_out_dir(out: str, record: Mapping[str, Any]) -> None:
@@ -372,9 +452,12 @@ def check_out_dir(out: str, record: Mapping[str, Any]) -> None:
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
-    changes = [f"{name}: {a!r} -> {b!r}" for name, a, b in nested_diff(old, record, skip=FREE_ENTRIES)]
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise SetupError(f"{path} is not valid JSON ({e}): restore it, or choose another --out") from None
+    changes = [describe_change(name, a, b) for name, a, b in nested_diff(old, record, skip=FREE_ENTRIES)]
     if changes:
         raise SetupError(f"{out} holds samples made with other settings; rerun with the same ones, or choose "
                          "another --out. Changed: " + "; ".join(changes))
@@ -439,6 +522,9 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
     ckpt_path, ckpt_step = resolve_checkpoint(cfg.run, cfg.step)
     accelerator, device = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if rank == 0:
+        claim_out_dir(cfg.out)  # before the log file goes there
+    accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"))
 
     model, run_config = load_run_model(cfg.run, weights=cfg.weights, step=ckpt_step, device=device)
@@ -465,8 +551,10 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
         if cfg.png:
             os.makedirs(images_dir, exist_ok=True)
         for name in os.listdir(parts_dir):
-            if name.endswith(".tmp"):
+            if name.endswith(".tmp") and _PART.match(name[:-4]):
                 os.remove(os.path.join(parts_dir, name))
+        for line in set_aside_bad_parts(parts_dir):
+            _logger.warning("part %s", line)
         write_json(os.path.join(cfg.out, "config.json"), record)
     accelerator.wait_for_everyone()
     chunks = pending_chunks([(a, b) for a, b, _ in list_parts(parts_dir)], cfg.num, cfg.batch_size)
@@ -519,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = sample(cfg)
-    except (SetupError, cache_lib.CacheError, WeightsUnavailable) as e:
+    except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["rank"] == 0:

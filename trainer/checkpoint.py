@@ -4,14 +4,20 @@
                                   ema.safetensors        EMA weights, same keys
                                   optimizer.safetensors  AdamW moments, keys "<param index>.<name>"
                                   state.json             step, optimizer param groups, ...
+                                  manifest.json          sha256 and size of each file above (written last)
 
 A checkpoint is written into a temporary folder next to its final name and renamed into place,
-so a folder named ``step-*`` is always complete, whatever moment a run is killed at. Nothing else
-is needed to resume: every random draw of a step is a pure function of (seed, step).
+so a folder named ``step-*`` is always complete, whatever moment a run is killed at; pruning renames
+a folder to ``.trash-step-*`` before deleting it, so a kill while pruning leaves no half-deleted
+``step-*`` either. Loading checks every file against ``manifest.json``: a flipped byte or a cut
+file is a :class:`CheckpointError` naming the file, and a resumed run falls back to the previous
+checkpoint. Nothing else is needed to resume: every random draw of a step is a pure function of
+(seed, step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,10 +29,25 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints", "clean_partial", "load_run_model"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint",
+           "checkpoints", "prune_checkpoints", "clean_partial", "load_run_model", "nonfinite_tensors"]
 
 _logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})$")
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is damaged or incomplete; the message names the file and says what to do."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -56,7 +77,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: Mapping[str, Any],
 ) -> str:
-    """Write checkpoint ``step`` under ``folder`` atomically; returns its path."""
+    """Write checkpoint ``step`` under ``folder`` atomically; returns its path. Weights holding a NaN or an
+    infinity are never written (CheckpointError naming them)."""
+    for what, tensors in (("weights", model), ("EMA weights", ema)):
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise CheckpointError(f"step {step}: the {what} hold NaN or infinite values ({', '.join(bad[:3])}"
+                                  f"{', ...' if len(bad) > 3 else ''}); no checkpoint written")
     os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{step:08d}")
     tmp = os.path.join(folder, f".tmp-step-{step:08d}")
@@ -68,59 +95,133 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, os.path.join(tmp, "ema.safetensors"), meta)
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"), meta)
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "param_groups": groups, **state}, f, indent=2)
+        json.dump({"step": step, "param_groups": groups, **state}, f, indent=2, allow_nan=False)
+    files = {name: {"sha256": _sha256(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
+             for name in FILES}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:  # last: its presence says every file above is whole
+        json.dump({"step": step, "files": files}, f, indent=2)
     for name in os.listdir(tmp):
         fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # a rerun that repeats a step it had already saved
-        shutil.rmtree(final)
+    if os.path.exists(final):  # a rerun that repeats a step it had already saved (or a damaged one)
+        _remove(folder, os.path.basename(final))
     os.replace(tmp, final)
     _fsync_dir(folder)
     return final
 
 
-def latest_checkpoint(folder: str) -> str | None:
-    """The complete checkpoint with the highest step, or None."""
+def checkpoints(folder: str) -> list[str]:
+    """Every ``step-*`` checkpoint folder under ``folder``, newest (highest step) first."""
     if not os.path.isdir(folder):
-        return None
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NAME.match(name)))
-    return os.path.join(folder, steps[-1][1]) if steps else None
+        return []
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NAME.match(name))), reverse=True)
+    return [os.path.join(folder, name) for _, name in steps]
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The checkpoint with the highest step (not verified: see :func:`verify_checkpoint`), or None."""
+    found = checkpoints(folder)
+    return found[0] if found else None
+
+
+def _remove(folder: str, name: str) -> None:
+    """Delete ``folder/name`` by renaming it to a ``.trash-`` name first: no ``step-*`` is ever half deleted."""
+    trash = os.path.join(folder, f".trash-{name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(os.path.join(folder, name), trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def clean_partial(folder: str) -> None:
-    """Remove temporary folders a killed run left behind."""
+    """Remove the temporary and half-deleted folders a killed run left behind (only our own names)."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(".tmp-step-"):
+            if name.startswith((".tmp-step-", ".trash-step-")):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def prune_checkpoints(folder: str, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (0 keeps all)."""
+    """Keep the newest ``keep`` checkpoints (0 keeps all). The newest one is the one just written and
+    checked finite, so the last complete, finite checkpoint is never removed."""
     if keep <= 0:
         return
-    names = sorted(name for name in os.listdir(folder) if _NAME.match(name))
-    for name in names[:-keep]:
-        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    for path in checkpoints(folder)[keep:]:
+        _remove(folder, os.path.basename(path))
 
 
-def load_checkpoint(path: str, *, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a checkpoint folder: ``{"model", "ema", "optimizer" (a state_dict), "state"}``."""
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    opt = load_file(os.path.join(path, "optimizer.safetensors"), device=str(device))
+def verify_checkpoint(path: str, files: tuple[str, ...] = FILES) -> None:
+    """Check ``files`` of a checkpoint against its ``manifest.json`` (size and sha256); CheckpointError
+    naming the first damaged file. A folder without a manifest (written before checksums) passes
+    unverified, with a warning."""
+    what = "delete that checkpoint folder to resume from the one before it"
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        _logger.warning("checkpoint %s has no %s (written before checksums): its files are not verified", path,
+                        MANIFEST)
+        return
+    try:
+        with open(manifest_path) as f:
+            recorded = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable ({type(e).__name__}: {e}); {what}") from None
+    for name in files:
+        file = os.path.join(path, name)
+        entry = recorded.get(name) if isinstance(recorded, dict) else None
+        if entry is None:
+            raise CheckpointError(f"{manifest_path} records no checksum of {name}; {what}")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing; {what}")
+        size = os.path.getsize(file)
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{file} has {size} bytes, {entry.get('bytes')} were written (cut short or "
+                                  f"replaced); {what}")
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(f"{file} does not match the sha256 recorded when it was written (damaged "
+                                  f"on disk); {what}")
+
+
+def _load_file(path: str, device: torch.device | str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; delete that checkpoint folder to resume from the one before "
+                              "it") from None
+    except Exception as e:  # safetensors raises its own error types for a malformed header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); delete that "
+                              "checkpoint folder to resume from the one before it") from None
+
+
+def load_checkpoint(path: str, *, device: torch.device | str = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Read a checkpoint folder: ``{"model", "ema", "optimizer" (a state_dict), "state"}``, each file checked
+    against the folder's manifest first (:func:`verify_checkpoint`); CheckpointError if damaged."""
+    if verify:
+        verify_checkpoint(path)
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+        int(state["step"]), list(state["param_groups"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{state_path} is missing or unreadable ({type(e).__name__}: {e}); delete that "
+                              "checkpoint folder to resume from the one before it") from None
+    opt = _load_file(os.path.join(path, "optimizer.safetensors"), device)
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in opt.items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     return {
-        "model": load_file(os.path.join(path, "model.safetensors"), device=str(device)),
-        "ema": load_file(os.path.join(path, "ema.safetensors"), device=str(device)),
+        "model": _load_file(os.path.join(path, "model.safetensors"), device),
+        "ema": _load_file(os.path.join(path, "ema.safetensors"), device),
         "optimizer": {"state": per_param, "param_groups": state.pop("param_groups")},
         "state": state,
     }
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = None,
@@ -138,7 +239,12 @@ def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = Non
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {folder}")
     model = create_model(run["train"]["model"], **run["model"])
-    state = load_file(os.path.join(path, "ema.safetensors" if weights == "ema" else "model.safetensors"),
-                      device=str(device))
-    model.load_state_dict(state)
+    name = "ema.safetensors" if weights == "ema" else "model.safetensors"
+    verify_checkpoint(path, (name,))
+    state = _load_file(os.path.join(path, name), device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{os.path.join(path, name)} does not hold the weights of the run's model "
+                              f"({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), run

@@ -11,10 +11,18 @@
 
 Resume by running the same command again: the latest checkpoint in OUT/checkpoints restores the
 weights, EMA, optimizer and step; the data order and every random draw are pure functions of
-(seed, step), so nothing else needs saving. Only ``--steps`` may change on a rerun; any other
-changed setting is refused with its name.
+(seed, step), so nothing else needs saving. A rerun may change the length (``--steps``), where the
+cache or the run folder lives (same cache identity), and bookkeeping (workers, device, logging and
+checkpoint intervals, ``--compile``); any setting that changes the maths is refused with its name.
+A damaged latest checkpoint (checksums in its manifest.json) is set aside as damaged-step-* and the
+run resumes from the one before it.
 
-Outputs in OUT: config.json (the resolved config, model and cache identity), log.txt,
+A non-finite loss or gradient norm stops the run with an error naming the step, before the update
+is applied (``--skip-nonfinite N`` skips up to N such steps instead, with no optimizer or EMA
+update); no checkpoint with non-finite weights is ever written.
+
+Outputs in OUT: urepa-run.json (marks the folder as a run, written first: a non-empty folder without
+it is refused), config.json (the resolved config, model and cache identity), log.txt,
 metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000).
 """
 
@@ -36,18 +44,28 @@ import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, nested_diff, parse_config
+from cache.config import ConfigError, config_to_dict, describe_change, nested_diff, parse_config
 from cache.runtime import configure_device, setup_logging, write_json
 
-from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoints,
+    clean_partial,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
 from .metrics import MetricsLog, plot_losses, read_metrics
 from .models import MODEL_PRESETS, create_model
 
 _logger = logging.getLogger("trainer.train")
 
-#: Settings a rerun may change: everything else must match the run it resumes.
-RESUMABLE_CHANGES = frozenset({"steps"})
+#: Settings a rerun may change (they change no result): everything else must match the run it resumes.
+RESUMABLE_CHANGES = frozenset({"steps", "cache", "out", "loader_workers", "device", "tensorboard", "log_every",
+                               "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite"})
+#: The file that marks a folder as a training run of ours; written before anything else.
+RUN_MARKER = "urepa-run.json"
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class TrainConfig:
     loader_workers: int = 4
     device: str = "auto"
     tensorboard: bool = True
+    skip_nonfinite: int = 0
 
     FIELD_HELP = {
         "cache": "feature cache built by pipeline.build",
@@ -118,6 +137,8 @@ class TrainConfig:
         "loader_workers": "cache reader threads per rank",
         "device": "auto (accelerate), cpu, cuda",
         "tensorboard": "write tensorboard events to OUT/tensorboard",
+        "skip_nonfinite": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop "
+                          "(0: stop at the first)",
     }
 
     def __post_init__(self) -> None:
@@ -137,10 +158,24 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
-        if not 0 <= self.class_dropout < 1 or not 0 <= self.ema_decay < 1:
-            raise ConfigError("--class-dropout and --ema-decay must be in [0, 1)")
-        if self.lr <= 0 or self.align_weight < 0 or self.manifold_weight < 0 or self.grad_clip < 0:
-            raise ConfigError("--lr must be > 0 and the loss weights and --grad-clip >= 0")
+        floats = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "align_weight",
+                  "manifold_weight", "latent_scale", "latent_shift")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "class_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        for name in ("align_weight", "manifold_weight", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.latent_scale == 0:
+            raise ConfigError("--latent-scale must not be 0 (x = (z - shift) * scale would be all zeros)")
+        for name in ("keep_ckpts", "skip_nonfinite", "seed", "align_block"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -158,6 +193,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class SetupError(RuntimeError):
     """The run cannot start (cache/model mismatch, changed settings on a rerun); says why."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or an infinity; the message names the step and says what to check."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,7 +353,7 @@ class Trainer:
             out["features"] = batch["features"][self.teacher].to(self.device, non_blocking=True)
         return out
 
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> torch.Tensor:
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, bool]:
         cfg, b = self.cfg, self.micro
         noise = step_noise(cfg.seed, step, cfg.batch_size, self.latent_shape, self.device)
         totals = torch.zeros(4, device=self.device)
@@ -330,11 +369,17 @@ class Trainer:
             totals += stats / len(micro_batches)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # the norm is logged either way
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        self.optimizer.step()
+        stats = torch.cat([totals, grad_norm.detach().float().view(1)])
+        # The global grad norm (after DDP's all-reduce) is the same on every rank, so every rank takes the
+        # same decision; one host sync per step keeps a non-finite update from ever being applied.
+        finite = bool(torch.isfinite(stats if self.world == 1 else stats[4:]).all())
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, self.params, 1.0 - cfg.ema_decay)
-        return torch.cat([totals, grad_norm.detach().float().view(1)])
+        if finite:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - cfg.ema_decay)
+        return stats, finite
 
     # -- state -------------------------------------------------------------------------------
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
@@ -344,14 +389,18 @@ class Trainer:
         return save_checkpoint(folder, step, model=self.raw.state_dict(), ema=self.ema_state_dict(),
                                optimizer=self.optimizer, state=state)
 
-    def load(self, path: str) -> int:
+    def load(self, path: str) -> dict[str, Any]:
+        """Restore weights, EMA and optimizer from a checkpoint (verified first); returns its state."""
         ck = load_checkpoint(path, device=self.device)
+        missing = [n for n in self.param_names if n not in ck["ema"]]
+        if missing:
+            raise CheckpointError(f"{path}/ema.safetensors lacks {', '.join(missing[:3])}: not this run's model")
         self.raw.load_state_dict(ck["model"])
         with torch.no_grad():
             for name, e in zip(self.param_names, self.ema):
                 e.copy_(ck["ema"][name])
         self.optimizer.load_state_dict(ck["optimizer"])
-        return int(ck["state"]["step"])
+        return ck["state"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,14 +462,47 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
     return accelerator, device
 
 
+def _legacy_run(out: str) -> bool:
+    """A run folder written before :data:`RUN_MARKER` existed: its config.json has our schema."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"train", "model", "cache"} <= set(old) and isinstance(old["train"], dict)
+
+
+def claim_run_dir(out: str) -> None:
+    """Make sure ``out`` is ours before anything is written into it: absent, empty, or holding our marker
+    (or an older run's config.json); then write the marker, which also proves the folder writable."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
+    marker = os.path.join(out, RUN_MARKER)
+    if os.path.isdir(out) and not os.path.exists(marker):
+        entries = sorted(os.listdir(out))
+        if entries and not _legacy_run(out):
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise SetupError(f"--out {out} is not empty ({shown}) and holds no {RUN_MARKER}, so it is not a training "
+                             "run of ours; nothing was written there: choose a new or empty folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_json(marker, {"format": "urepa-train-run", "version": 1})
+    except OSError as e:
+        raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
+                         "--out") from None
+
+
 def _check_run_dir(cfg: TrainConfig, run_config: dict[str, Any]) -> None:
     path = os.path.join(cfg.out, "config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise SetupError(f"{path} is not valid JSON ({e}): restore it, or choose another --out") from None
     skip = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES)
-    changes = [f"{name}: {a!r} -> {b!r}" for name, a, b in nested_diff(old, run_config, skip=skip)]
+    changes = [describe_change(name, a, b) for name, a, b in nested_diff(old, run_config, skip=skip)]
     if changes:
         raise SetupError(f"{cfg.out} holds a run with other settings; rerun with the same ones, or choose "
                          "another --out. Changed: " + "; ".join(changes))
@@ -430,6 +512,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
     accelerator, device = make_accelerator(cfg)
     rank = accelerator.process_index
+    if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
+        claim_run_dir(cfg.out)  # before the log file goes there
+    accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     if cfg.precision == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -445,12 +530,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
         clean_partial(ckpt_dir)
         write_json(os.path.join(cfg.out, "config.json"), run_config)
     accelerator.wait_for_everyone()
-    latest = latest_checkpoint(ckpt_dir)
-    step = trainer.load(latest) if latest else 0
+    latest, state = resume(trainer, ckpt_dir, rank=rank)
+    accelerator.wait_for_everyone()
+    step, skipped = int(state.get("step", 0)), int(state.get("skipped_nonfinite", 0))
     n_params = sum(p.numel() for p in trainer.params)
     _logger.info("model %s: %.2fM parameters, %s; cache %s: %d samples, teacher %s; %d rank(s) x %d samples x %d "
                  "accumulation = global batch %d; %d steps per epoch; %s", cfg.model, n_params / 1e6,
@@ -474,30 +559,56 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         data = micro_batches(cache, cfg, micro=trainer.micro, rank=rank, world=accelerator.num_processes,
                              step=step, steps_per_epoch=steps_per_epoch, teachers=trainer.teachers_read)
         window = torch.zeros(5, device=device)
-        t_window, n_window = time.perf_counter(), 0
+        t_window, n_window, n_taken = time.perf_counter(), 0, 0
         try:
             for s, batches in data:
-                window += trainer.train_step(batches, s)
+                stats_s, finite = trainer.train_step(batches, s)
                 n_window += 1
                 step = s + 1
+                if finite:
+                    window += stats_s
+                    n_taken += 1
+                else:
+                    skipped += 1
+                    values = stats_s.tolist()
+                    what = (f"step {step}: the loss or the gradient norm is not finite (loss {values[0]}, grad norm "
+                            f"{values[4]}); the update was not applied")
+                    if skipped > cfg.skip_nonfinite:
+                        raise NonFiniteError(
+                            f"{what}, and training stops ({skipped - 1} of --skip-nonfinite {cfg.skip_nonfinite} "
+                            f"steps skipped before). The checkpoints in {ckpt_dir} are intact. Check the cache for "
+                            "NaN values (python -m cache.inspect CACHE --verify), lower --lr or --latent-scale, or "
+                            "rerun with --skip-nonfinite N to skip up to N such steps")
+                    _logger.warning("%s; skipped (%d of --skip-nonfinite %d)", what, skipped, cfg.skip_nonfinite)
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    stats = accelerator.reduce(window / n_window, reduction="mean").tolist()
                     elapsed = time.perf_counter() - t_window
-                    last = {"step": step, "epoch": step / steps_per_epoch,
-                            **dict(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats)),
-                            "cos": -stats[2], "img_per_s": n_window * cfg.batch_size / elapsed,
-                            "mem_gb": _memory_gb(device)}
+                    last = {"step": step, "epoch": step / steps_per_epoch}
+                    if n_taken:  # the same on every rank (see train_step); a window of skipped steps has no losses
+                        stats = accelerator.reduce(window / n_taken, reduction="mean").tolist()
+                        if not all(map(math.isfinite, stats)):
+                            raise NonFiniteError(f"steps {step - n_window + 1}..{step}: the mean losses over the "
+                                                 f"ranks are not finite ({stats}); training stops. Check the cache "
+                                                 "for NaN values (python -m cache.inspect CACHE --verify) or lower --lr")
+                        last.update(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats))
+                        last["cos"] = -stats[2]
+                        bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
+                                        img_s=f"{n_window * cfg.batch_size / elapsed:.1f}")
+                    last.update(img_per_s=n_window * cfg.batch_size / elapsed, mem_gb=_memory_gb(device),
+                                skipped_nonfinite=skipped)
                     if log is not None:
                         log.write(last)
-                    bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
-                                    img_s=f"{last['img_per_s']:.1f}")
                     window.zero_()
-                    t_window, n_window = time.perf_counter(), 0
+                    t_window, n_window, n_taken = time.perf_counter(), 0, 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     t_ckpt = time.perf_counter()
                     if rank == 0:
-                        path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch})
+                        try:
+                            path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch,
+                                                                 "skipped_nonfinite": skipped})
+                        except CheckpointError as e:  # non-finite weights: nothing written, nothing pruned
+                            raise NonFiniteError(f"{e}; training stops, the checkpoints in {ckpt_dir} are "
+                                                 "intact. Lower --lr or check the cache for NaN values") from None
                         prune_checkpoints(ckpt_dir, cfg.keep_ckpts)
                         plot_losses(read_metrics(log.path), png, title=f"{cfg.model} on {os.path.basename(cfg.cache)}")
                         _logger.info("step %d: checkpoint %s", step, path)
@@ -512,6 +623,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         rows = read_metrics(log.path)
         plot_losses(rows, png, title=f"{cfg.model} on {os.path.basename(cfg.cache)}")
         log.close()
+        rows = [r for r in rows if "loss" in r]
         if len(rows) >= 2:
             a, b = rows[0], rows[-1]
             _logger.info("step %d -> %d: loss %.4f -> %.4f, loss_v %.4f -> %.4f, loss_manifold %.4f -> %.4f, "
@@ -522,13 +634,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"step": step, "metrics": last, "run": cfg.out, "losses_png": png}
 
 
+def resume(trainer: Trainer, ckpt_dir: str, *, rank: int) -> tuple[str | None, dict[str, Any]]:
+    """Load the newest checkpoint that verifies: (its path or None, its state). A damaged one is renamed
+    ``damaged-step-*`` (by rank 0) with a warning, and the one before it is tried; SetupError if none is left."""
+    found = checkpoints(ckpt_dir)
+    errors = []
+    for path in found:
+        try:
+            return path, trainer.load(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            aside = os.path.join(ckpt_dir, "damaged-" + os.path.basename(path))
+            _logger.warning("checkpoint %s is damaged: %s. It is moved to %s; resuming from the one before it", path,
+                            e, aside)
+            if rank == 0:
+                os.replace(path, aside if not os.path.exists(aside) else f"{aside}-{int(time.time())}")
+    if found:
+        raise SetupError(f"every checkpoint in {ckpt_dir} is damaged (newest: {errors[0]}); they were moved to "
+                         "damaged-step-*: rerun to start from scratch, or restore a checkpoint from a backup")
+    return None, {}
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, dry_run = parse_config(TrainConfig, argv, presets=PRESETS)
     if dry_run:
         return 0
     try:
         train(cfg)
-    except (SetupError, cache_lib.CacheError) as e:
+    except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
