@@ -103,6 +103,7 @@ class _RowReader:
         self.array = array
         self.url = url
         self.complete = complete
+        self.root = root
         self._present: set[int] = set()  # shards whose object zarr's path has seen in the store
         self.row_shape = tuple(array.shape[1:])  # (F, ...)
         self.variant_shape = self.row_shape[1:]
@@ -172,23 +173,39 @@ class _RowReader:
             block = self.array.get_orthogonal_selection((rows[order],))
         except Exception as e:  # zarr checks each shard index's crc32c, and raises on a damaged one
             raise ShardReadError(
-                f"{self.url}: reading rows of {self.array.path} through zarr failed ({type(e).__name__}: {e}): the "
-                f"cache is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it "
-                "names") from e
+                f"{self._failing_object(rows)}: reading it through zarr failed ({type(e).__name__}: {e}): the cache "
+                f"is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it names") from e
         out[order] = block[np.arange(len(rows)), variants[order]]
+
+    @property
+    def _shard_rows(self) -> int:
+        return (self.array.shards or self.array.chunks)[0]
+
+    def _object(self, shard: int) -> tuple[str, str]:
+        """(store key, file or URL for messages) of one shard of this array."""
+        key = f"{self.array.path}/{shard_key(self.array, shard)}"
+        return key, os.path.join(self.root, *key.split("/")) if self.root else f"{self.url.rstrip('/')}/{key}"
+
+    def _failing_object(self, rows: np.ndarray) -> str:
+        """After a failed zarr read: the first shard whose own read fails (its index is read with any row)."""
+        for shard in np.unique(rows // self._shard_rows).tolist():
+            try:
+                self.array[shard * self._shard_rows]
+            except Exception:
+                return f"{self._object(shard)[1]} (shard {shard} of {self.array.path})"
+        return f"{self.url}: {self.array.path}"
 
     def _check_present(self, rows: np.ndarray) -> None:
         """zarr serves the fill value for a missing shard object; ask the store, once per shard."""
-        shard_rows = (self.array.shards or self.array.chunks)[0]
-        for shard in np.unique(rows // shard_rows).tolist():
+        for shard in np.unique(rows // self._shard_rows).tolist():
             if shard in self._present:
                 continue
-            key = f"{self.array.path}/{shard_key(self.array, shard)}"
+            key, where = self._object(shard)
             if not sync(self.array.store.exists(key)):
                 raise ShardReadError(
-                    f"{self.url}: the object {key} (shard {shard} of {self.array.path}) is missing from the finished "
-                    f"cache: the cache is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild "
-                    "the shards it names")
+                    f"{where} (shard {shard} of {self.array.path}) is missing from the finished cache {self.url}: the "
+                    f"cache is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it "
+                    "names")
             with self._lock:
                 self._present.add(shard)
 

@@ -651,6 +651,17 @@ class Cache:
                 f"the cache at {self.url} was rebuilt or removed while this loader read it (generation "
                 f"{self.generation} when opened, {now or 'none'} now); restart to read the cache as it is now")
 
+    def finished_shards(self) -> set[int]:
+        """Shards that have a progress record (their data was written in full)."""
+        return {int(k.rsplit("/", 1)[-1][6:-5]) for k in _list(self.group, "build/progress/")
+                if k.rsplit("/", 1)[-1].startswith("shard-") and k.endswith(".json")}
+
+    def shard_object(self, name: str, shard: int) -> str:
+        """The file (local caches) or URL of shard ``shard`` of array ``name`` ('latents',
+        'features/<teacher>', 'labels')."""
+        arr = _data_arrays(self.group, self.layout)[name]
+        return _where(self.url, f"{arr.path}/{shard_key(arr, shard)}")
+
     def verify_shards(self) -> list[ShardDamage]:
         """Damaged objects of the finished shards; see :func:`verify_shards`."""
         return verify_shards(self.group, self.url, self.layout)
