@@ -14,21 +14,25 @@ from .loader import CacheLoader, ShardReadError, epoch_flips, epoch_order, rank_
 from .store import (
     SCHEMA_VERSION,
     Cache,
+    CacheChangedError,
     CacheError,
     CacheMismatchError,
     CacheWriter,
     Layout,
+    ShardDamage,
     open_cache,
 )
 
 __all__ = [
     "SCHEMA_VERSION",
     "Cache",
+    "CacheChangedError",
     "CacheError",
     "CacheLoader",
     "CacheMismatchError",
     "CacheWriter",
     "Layout",
+    "ShardDamage",
     "ShardReadError",
     "epoch_flips",
     "epoch_order",

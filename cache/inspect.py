@@ -1,6 +1,10 @@
-"""Print a cache's manifest summary, counts and sizes; ``--verify`` reads every chunk.
+"""Print a cache's manifest summary, counts and sizes; ``--verify`` checks every shard.
 
     python -m cache.inspect PATH [--verify] [--json]
+
+``--verify`` prints one ``PROBLEM: ...`` line per damaged shard object (missing, bytes that fail the
+checksum recorded at build time, an index that fails its crc32c) and per other fault, and exits 1;
+``python -m pipeline.build SOURCE PATH --repair`` re-encodes the damaged shards.
 """
 
 from __future__ import annotations
@@ -30,53 +34,73 @@ def summary(cache: Cache) -> dict[str, Any]:
         "variants": lay.variants,
         "latents": list(cache.latents.shape),
         "features": {k: list(v.shape) for k, v in cache.features.items()},
-        "vae": {k: m["vae"].get(k) for k in ("spec", "weights_sha256", "random_weights")},
+        "vae": {k: m.get("vae", {}).get(k) for k in ("spec", "weights_sha256", "random_weights")},
         "teachers": {k: {kk: v.get(kk) for kk in ("spec", "weights_sha256", "random_weights")}
-                     for k, v in m["teachers"].items()},
+                     for k, v in m.get("teachers", {}).items()},
         "shard_rows": lay.shard_rows,
         "chunk_rows": lay.chunk_rows,
         "compressor": lay.compressor,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
-        "source": {"root": m.get("source_root"), **{k: m["source"].get(k) for k in ("num_files", "fingerprint")}},
+        "source": {"root": m.get("source_root"), **{k: m.get("source", {}).get(k) for k in ("num_files", "fingerprint")}},
         "stats": m.get("stats", {}),
     }
 
 
 def verify(cache: Cache) -> list[str]:
-    """Every shard present and every value finite; returns a list of problems (empty when sound)."""
+    """Problems of the cache, one sentence each (empty when sound): shards without a progress record;
+    per damaged shard object (missing, bytes not matching the checksum recorded at build time, index
+    failing its crc32c) one line naming the array, the shard and the file; labels out of range;
+    non-finite values and all-zero data rows in the shards that pass those checks."""
     problems = []
-    recorded = {r["shard"] for r in cache.progress_records()}
-    missing = sorted(set(range(cache.layout.num_shards)) - recorded)
+    finished = cache.finished_shards()
+    missing = sorted(set(range(cache.layout.num_shards)) - finished)
     if missing:
-        problems.append(f"{len(missing)} shards have no progress record (first {missing[:5]})")
+        problems.append(f"{len(missing)} shards have no progress record (first {missing[:5]}): the build has not "
+                        "finished them; rerun the build command")
+    damage = cache.verify_shards()
+    problems += [f"{d}; rebuild it with `python -m pipeline.build SOURCE {cache.url} --repair`" for d in damage]
+    damaged = {(d.shard, d.array) for d in damage} | {(d.shard, a) for d in damage if d.array == "progress"
+                                                         for a in ("latents", "labels", *_feature_names(cache))}
     labels = cache.labels
     ncls = len(cache.manifest.get("classes", []))
     if labels.size and (labels.max() >= ncls or labels.min() < -1):
         problems.append(f"labels outside [-1, {ncls})")
     skipped_rows = {s["row"] for s in cache.manifest.get("skipped", [])}
-    if skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
+    if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
         problems.append("rows with label -1 differ from the manifest's skip list")
     arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
-    for shard in range(cache.layout.num_shards):
+    for shard in sorted(finished):
         lo, hi = cache.layout.shard_rows_range(shard)
         data_rows = labels[lo:hi] >= 0
         for name, arr in arrays.items():
-            block = arr[lo:hi]
+            if (shard, name) in damaged:
+                continue
+            where = f"{name} shard {shard} ({cache.shard_object(name, shard)})"
+            try:
+                block = arr[lo:hi]
+            except Exception as e:
+                problems.append(f"{where}: cannot be read ({type(e).__name__}: {e})")
+                continue
             if not np.isfinite(block).all():
-                problems.append(f"{name}: non-finite values in rows {lo}..{hi}")
+                problems.append(f"{where}: non-finite values in rows {lo}..{hi}")
             flat = block.reshape(block.shape[0], -1)
             empty = ~flat.any(axis=1)
             if (empty & data_rows).any():
                 row = lo + int(np.flatnonzero(empty & data_rows)[0])
-                problems.append(f"{name}: row {row} is all zeros (missing chunk?)")
+                problems.append(f"{where}: row {row} is all zeros (missing chunk?)")
     return problems
+
+
+def _feature_names(cache: Cache) -> list[str]:
+    return [f"features/{k}" for k in cache.features]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path")
-    p.add_argument("--verify", action="store_true", help="read every chunk and check it is present and finite")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard against its recorded checksum, its index, presence and finiteness")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
     try:
@@ -107,7 +131,7 @@ def _print(info: dict[str, Any]) -> None:
     print(f"latents    {info['latents']} float16  vae={info['vae']['spec']}"
           f"{'  (random weights)' if info['vae'].get('random_weights') else ''}")
     for name, shape in info["features"].items():
-        t = info["teachers"][name]
+        t = info["teachers"].get(name, {})
         print(f"features   {name}: {shape} float16{'  (random weights)' if t.get('random_weights') else ''}")
     print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
           f"compressor {info['compressor']}, {gib:.3f} GiB")

@@ -13,8 +13,14 @@ row's bytes straight from the shard file with ``os.preadv`` into the output batc
 the shard's index (its crc32c) once; ``num_workers`` threads read in parallel (preadv releases the
 GIL). Other stores and codecs, ``UREPA_ZARR_IO=zarr``, and any direct read that fails for a reason
 other than damage go through zarr's own reads. A missing shard file or a damaged index of a
-finished cache is an error (:class:`ShardReadError`), never rows of zeros. Batches are prefetched
-``prefetch`` deep and come back as CPU tensors, pinned when CUDA is available.
+finished cache is an error (:class:`ShardReadError`), never rows of zeros: on zarr's path, which
+serves fill values for a missing object, the loader asks the store once per shard whether the
+object exists. Batches are prefetched ``prefetch`` deep and come back as CPU tensors, pinned when
+CUDA is available.
+
+Rebuilds. Each batch, once read, is checked against the cache's generation (one small read of its
+identity marker, :meth:`cache.store.Cache.check_unchanged`): a cache rebuilt or removed while the
+loader reads it stops the loader with :class:`cache.store.CacheChangedError`, never mixed rows.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from zarr.core.sync import sync
 
-from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice
+from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
 
 if TYPE_CHECKING:
     from .store import Cache
@@ -89,11 +96,15 @@ def rank_batches(
 class _RowReader:
     """Reads single rows (one variant each) of one zarr array into a preallocated batch: by byte range
     where :func:`cache.shardfile.choose_io` allows it, else through zarr. A direct read that fails for
-    any reason but damage switches this array to zarr's path for good (logged once)."""
+    any reason but damage switches this array to zarr's path for good (logged once). ``complete``: the
+    cache is finished, so a missing shard object is damage (checked once per shard on zarr's path)."""
 
-    def __init__(self, array: Any, root: str | None, url: str) -> None:
+    def __init__(self, array: Any, root: str | None, url: str, *, complete: bool = True) -> None:
         self.array = array
         self.url = url
+        self.complete = complete
+        self.root = root
+        self._present: set[int] = set()  # shards whose object zarr's path has seen in the store
         self.row_shape = tuple(array.shape[1:])  # (F, ...)
         self.variant_shape = self.row_shape[1:]
         self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
@@ -155,9 +166,48 @@ class _RowReader:
                 self.fmt = None
                 log_io_choice("reads", self.url, self.array.path, None,
                               f"a direct read failed ({type(e).__name__}: {e})", fell_back=True)
+        if self.complete:
+            self._check_present(rows)
         order = np.argsort(rows, kind="stable")
-        block = self.array.get_orthogonal_selection((rows[order],))
+        try:
+            block = self.array.get_orthogonal_selection((rows[order],))
+        except Exception as e:  # zarr checks each shard index's crc32c, and raises on a damaged one
+            raise ShardReadError(
+                f"{self._failing_object(rows)}: reading it through zarr failed ({type(e).__name__}: {e}): the cache "
+                f"is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it names") from e
         out[order] = block[np.arange(len(rows)), variants[order]]
+
+    @property
+    def _shard_rows(self) -> int:
+        return (self.array.shards or self.array.chunks)[0]
+
+    def _object(self, shard: int) -> tuple[str, str]:
+        """(store key, file or URL for messages) of one shard of this array."""
+        key = f"{self.array.path}/{shard_key(self.array, shard)}"
+        return key, os.path.join(self.root, *key.split("/")) if self.root else f"{self.url.rstrip('/')}/{key}"
+
+    def _failing_object(self, rows: np.ndarray) -> str:
+        """After a failed zarr read: the first shard whose own read fails (its index is read with any row)."""
+        for shard in np.unique(rows // self._shard_rows).tolist():
+            try:
+                self.array[shard * self._shard_rows]
+            except Exception:
+                return f"{self._object(shard)[1]} (shard {shard} of {self.array.path})"
+        return f"{self.url}: {self.array.path}"
+
+    def _check_present(self, rows: np.ndarray) -> None:
+        """zarr serves the fill value for a missing shard object; ask the store, once per shard."""
+        for shard in np.unique(rows // self._shard_rows).tolist():
+            if shard in self._present:
+                continue
+            key, where = self._object(shard)
+            if not sync(self.array.store.exists(key)):
+                raise ShardReadError(
+                    f"{where} (shard {shard} of {self.array.path}) is missing from the finished cache {self.url}: the "
+                    f"cache is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it "
+                    "names")
+            with self._lock:
+                self._present.add(shard)
 
     def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         fmt = self.fmt
@@ -269,9 +319,10 @@ class CacheLoader:
                          else np.zeros(len(self.order), dtype=np.int64))
         self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
                                     start=start, drop_last=drop_last)
-        root, url = cache.root, cache.url
-        self._readers = {"latents": _RowReader(cache.latents, root, url)}
-        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root, url) for n in names})
+        root, url, complete = cache.root, cache.url, cache.complete
+        self._readers = {"latents": _RowReader(cache.latents, root, url, complete=complete)}
+        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root, url, complete=complete)
+                              for n in names})
         self.teachers = names
         self._pool = _BufferPool(keep=self.prefetch + 4)
 
@@ -325,8 +376,13 @@ class CacheLoader:
                         break
                 while pending:
                     batch, futures = pending.popleft()
-                    for f in futures:
-                        f.result()
+                    try:
+                        for f in futures:
+                            f.result()
+                    except ShardReadError:
+                        self.cache.check_unchanged()  # a shard gone because the cache is being rebuilt says so
+                        raise
+                    self.cache.check_unchanged()  # after the reads: a rebuild during them is seen too
                     nxt = next(batches, None)
                     if nxt is not None:
                         pending.append(self._submit(pool, *nxt))

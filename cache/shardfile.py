@@ -43,6 +43,7 @@ __all__ = [
     "encode_index",
     "decode_index",
     "write_shard_file",
+    "checksum",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -227,12 +228,27 @@ def decode_index(fmt: ShardFormat, tail: bytes, *, file_size: int, what: str = "
     return index
 
 
-def write_shard_file(path: str, data: np.ndarray, fmt: ShardFormat) -> None:
+def checksum(*parts: bytes | np.ndarray) -> str:
+    """The checksum the build records for a shard object's bytes (the parts in order): ``crc32c:`` and 8
+    hex digits. Catches any flipped byte or truncation of the object, which the index's own crc32c
+    (index bytes only) does not."""
+    import google_crc32c
+
+    crc = 0
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part).reshape(-1).view(np.uint8)  # no copy; google_crc32c takes arrays
+        crc = google_crc32c.extend(crc, part)
+    return f"crc32c:{int(crc):08x}"
+
+
+def write_shard_file(path: str, data: np.ndarray, fmt: ShardFormat) -> str:
     """Write one shard (its rows in ``data``, fewer than ``shard_rows`` for the last shard) as zarr's
     sharding codec lays it out: the inner chunks in order (a partial last chunk padded with the fill
     value 0), then the index, empty chunks as 2**64 - 1, then its crc32c. Written to
     ``path + '.partial'`` and renamed, so a reader never sees half a shard. Byte for byte what zarr
-    writes with ``write_empty_chunks=True`` (tested), without its per-chunk copies."""
+    writes with ``write_empty_chunks=True`` (tested), without its per-chunk copies. Returns the
+    :func:`checksum` of the bytes written."""
     data = np.ascontiguousarray(data)
     n = data.shape[0]
     if data.ndim != fmt.ndim or data.nbytes != n * fmt.row_nbytes or not 0 < n <= fmt.shard_rows:
@@ -256,6 +272,7 @@ def write_shard_file(path: str, data: np.ndarray, fmt: ShardFormat) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    return checksum(data, tail)
 
 
 def shard_key(array: Any, shard: int) -> str:

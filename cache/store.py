@@ -7,8 +7,10 @@ This module is the only code that knows the layout. One cache is one zarr v3 gro
     <root>/features/<teacher>         (N, F, T, D) float16: teacher patch tokens after the final norm
     <root>/labels                     (N,) int32: class index; -1 marks a skipped source file
     <root>/build/                     group of build records (no sample data)
+        urepa-cache.json              identity: written first at creation, removed first on deletion
         sources.json                  relative path and size of every source file, in row order
-        progress/shard-000123.json    one record per finished shard, written after the shard's data
+        progress/shard-000123.json    one record per finished shard, written after the shard's data,
+                                      with the checksum of every object of the shard
         config.json, log.txt          resolved config and log of the builds (local stores)
 
 Row i is source file i of the sorted listing; a file that could not be decoded keeps its row,
@@ -17,6 +19,16 @@ holds zeros and has label -1, and the reader never serves it. F indexes the vari
 sharding: one shard (one object per array) holds ``shard_rows`` rows, split into inner chunks of
 ``chunk_rows`` rows, uncompressed by default so that the loader can read single rows by byte
 range (see :mod:`cache.loader`).
+
+Identity. Creation writes ``build/urepa-cache.json`` (who created it and a random id) before anything
+else, and deletion removes it first: a build deletes only what this marker proves its own (or, with
+``--overwrite``, a readable zarr group), never a folder it merely finds. The id is also the manifest's
+``generation``; a reader remembers it at open and :meth:`Cache.check_unchanged` notices a rebuild.
+
+Checksums. Each progress record holds the :func:`cache.shardfile.checksum` of the bytes of every
+object of its shard (one per array), taken from the bytes written (direct writes) or read back through
+the store (zarr's writes). :func:`verify_shards` compares them, checks each shard index's crc32c and
+that every object exists; ``pipeline.build --repair`` re-encodes the shards it names.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +49,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
-from .shardfile import ShardFormat, choose_io, log_io_choice, shard_key, write_shard_file
+from .shardfile import (
+    ShardFormat,
+    ShardIndexError,
+    checksum,
+    choose_io,
+    decode_index,
+    direct_format,
+    log_io_choice,
+    shard_key,
+    write_shard_file,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -45,17 +68,23 @@ __all__ = [
     "MANIFEST_KEY",
     "CacheError",
     "CacheMismatchError",
+    "CacheChangedError",
+    "ShardDamage",
     "Layout",
     "CacheWriter",
     "Cache",
     "open_cache",
     "manifest_diff",
+    "verify_shards",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
-VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root")
+VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root", "generation")
+IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
+CREATED_BY = "pipeline.build"
+READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
 COMPRESSORS = ("none", "zstd")
 
 
@@ -65,6 +94,10 @@ class CacheError(RuntimeError):
 
 class CacheMismatchError(CacheError):
     """An existing cache was built from another source, encoder or setting."""
+
+
+class CacheChangedError(CacheError):
+    """The cache was rebuilt or removed while it was being read."""
 
 
 @dataclass(frozen=True)
@@ -124,14 +157,29 @@ class Layout:
 
 
 def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted names of the manifest entries that differ, ignoring bookkeeping (time, versions, skips)."""
-    return [f"{name}: cache has {_short(a)}, this run has {_short(b)}"
-            for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
+    """Each manifest entry that differs, ignoring bookkeeping (time, versions, skips, generation): its
+    dotted name and both values in full, or for two lists the items that differ."""
+    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
 
 
-def _short(v: Any) -> str:
-    s = json.dumps(v)
-    return s if len(s) < 80 else s[:77] + "..."
+def _describe(old: Any, new: Any, *, most: int = 3) -> str:
+    if not (isinstance(old, list) and isinstance(new, list)):
+        return f"cache has {json.dumps(old)}, this run has {json.dumps(new)}"
+    import difflib
+
+    a, b = [json.dumps(x) for x in old], [json.dumps(x) for x in new]
+    changes = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "insert":
+            changes += [f"added {b[j]} at position {j}" for j in range(j1, j2)]
+        elif op == "delete":
+            changes += [f"removed {a[i]} from position {i}" for i in range(i1, i2)]
+        elif op == "replace":
+            changes += [f"{a[i]} became {b[j]} at position {j}" for i, j in zip(range(i1, i2), range(j1, j2))]
+            changes += [f"added {b[j]} at position {j}" for j in range(j1 + i2 - i1, j2)]
+            changes += [f"removed {a[i]} from position {i}" for i in range(i1 + j2 - j1, i2)]
+    more = f" and {len(changes) - most} more" if len(changes) > most else ""
+    return f"{len(old)} items in the cache, {len(new)} in this run: " + "; ".join(changes[:most]) + more
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,25 +191,66 @@ def _store_and_prefix(group: zarr.Group) -> tuple[Any, str]:
     return group.store, prefix
 
 
+def _store_set(store: Any, key: str, data: bytes) -> None:
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def _store_get(store: Any, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _store_list(store: Any, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def _store_delete(store: Any, key: str) -> None:
+    if sync(store.exists(key)):
+        sync(store.delete(key))
+
+
 def _put(group: zarr.Group, key: str, data: bytes) -> None:
     store, prefix = _store_and_prefix(group)
-    sync(store.set(prefix + key, default_buffer_prototype().buffer.from_bytes(data)))
+    _store_set(store, prefix + key, data)
 
 
 def _get(group: zarr.Group, key: str) -> bytes | None:
     store, prefix = _store_and_prefix(group)
-    buf = sync(store.get(prefix + key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+    return _store_get(store, prefix + key)
 
 
 def _list(group: zarr.Group, prefix_key: str) -> list[str]:
     store, prefix = _store_and_prefix(group)
-    full = prefix + prefix_key
+    return [k[len(prefix):] for k in _store_list(store, prefix + prefix_key)]
 
-    async def collect() -> list[str]:
-        return [k async for k in store.list_prefix(full)]
 
-    return [k[len(prefix):] for k in sync(collect())]
+def _store_for(url: str | os.PathLike) -> Any:
+    """A writable zarr store at ``url`` (which need not exist yet), for the keys written before the group."""
+    root = local_root(url)
+    if root is not None:
+        return zarr.storage.LocalStore(root)
+    return zarr.storage.FsspecStore.from_url(os.fspath(url))
+
+
+def _where(url: str | os.PathLike, key: str) -> str:
+    """The file (local caches) or URL of the object ``key`` of the cache at ``url``, for messages."""
+    root = local_root(url)
+    return os.path.join(root, *key.split("/")) if root is not None else f"{os.fspath(url).rstrip('/')}/{key}"
+
+
+def _identity(store: Any) -> dict[str, Any] | None:
+    """The creation marker of a cache this code created, or None (absent, unreadable or someone else's)."""
+    try:
+        raw = _store_get(store, IDENTITY_KEY)
+        marker = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("created_by") == CREATED_BY and isinstance(marker.get("id"), str):
+        return marker
+    return None
 
 
 def local_root(url: str | os.PathLike) -> str | None:
@@ -185,6 +274,67 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
 
 def _progress_key(shard: int) -> str:
     return f"build/progress/shard-{shard:06d}.json"
+
+
+def _data_arrays(group: zarr.Group, layout: Layout) -> dict[str, Any]:
+    """Every array with one object per shard: 'latents', 'features/<name>', 'labels'."""
+    return {"latents": group["latents"], **{f"features/{k}": group["features"][k] for k in layout.teachers},
+            "labels": group["labels"]}
+
+
+@dataclass(frozen=True)
+class ShardDamage:
+    """One damaged object of a finished shard, as :func:`verify_shards` finds it."""
+
+    shard: int
+    array: str  # 'latents', 'features/<name>', 'labels', or 'progress' (the shard's record)
+    where: str  # the object's file (local caches) or URL
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.array} shard {self.shard} ({self.where}): {self.problem}"
+
+
+def verify_shards(group: zarr.Group, url: str | os.PathLike, layout: Layout) -> list[ShardDamage]:
+    """Check every shard that has a progress record: each array's object exists, its bytes match the
+    checksum recorded when it was written (records from before checksums: not checked), its shard index
+    passes its crc32c. Reads every object once, whole, through the store."""
+    store = group.store
+    arrays = _data_arrays(group, layout)
+    out = []
+    for key in sorted(_list(group, "build/progress/")):
+        name = key.rsplit("/", 1)[-1]
+        if not (name.startswith("shard-") and name.endswith(".json")):
+            continue
+        shard = int(name[6:-5])
+        try:
+            record = json.loads(_get(group, key) or b"")
+            sums = record.get("checksums") or {}
+        except (ValueError, AttributeError) as e:
+            out.append(ShardDamage(shard, "progress", _where(url, key), f"the record is not readable JSON ({e})"))
+            continue
+        for array_name, arr in arrays.items():
+            obj = f"{arr.path}/{shard_key(arr, shard)}"
+            problem = _object_problem(arr, _store_get(store, obj), sums.get(array_name))
+            if problem:
+                out.append(ShardDamage(shard, array_name, _where(url, obj), problem))
+    return out
+
+
+def _object_problem(array: Any, data: bytes | None, recorded: str | None) -> str | None:
+    if data is None:
+        return "the file is missing"
+    if recorded is not None:
+        got = checksum(data)
+        if got != recorded:
+            return f"its {len(data)} bytes fail the checksum recorded when it was written ({got}, recorded {recorded})"
+    fmt, _ = direct_format(array)
+    if fmt is not None:
+        try:
+            decode_index(fmt, data[-fmt.index_nbytes:], file_size=len(data), what="the file")
+        except ShardIndexError as e:
+            return str(e).removeprefix("the file: ")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,15 +376,22 @@ class CacheWriter:
         manifest = dict(manifest)
         manifest["layout"] = layout.to_dict()
         manifest.setdefault("schema_version", SCHEMA_VERSION)
-        existing = _try_open_group(url)
+        store = _store_for(url)
+        ours = _identity(store) is not None
+        existing, unreadable = _probe_group(url)
         if existing is not None:
             old = existing.attrs.get(MANIFEST_KEY)
-            if old is None and _interrupted_creation(existing):
+            if old is None and ours:
                 _logger.info("%s: finishing an interrupted creation", url)
             elif old is None:
                 if not overwrite:
                     raise CacheMismatchError(
-                        f"{url} exists and is not a feature cache; choose another OUT or pass --overwrite")
+                        f"{url} holds a zarr group that is not a feature cache this program created; choose another "
+                        "OUT, or pass --overwrite to delete it")
+            elif not isinstance(old, Mapping):
+                if not overwrite:
+                    raise CacheMismatchError(f"{url} holds a damaged cache (its manifest is not a JSON object); "
+                                             "pass --overwrite to rebuild it, or choose another OUT")
             else:
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
@@ -243,14 +400,30 @@ class CacheWriter:
                     raise CacheMismatchError(
                         f"{url} holds a cache built with other settings; rerun with the same settings to "
                         "resume, choose another OUT, or pass --overwrite to rebuild it:\n  " + "\n  ".join(diffs))
-            _delete(url, existing)
-        else:
-            root = local_root(url)
-            if root is not None and os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-                raise CacheError(f"{url} exists and is not a feature cache; refusing to write into it")
+            _delete(url, store)
+        elif unreadable is not None:
+            if not ours:
+                raise CacheError(
+                    f"{url} is not a readable zarr group ({unreadable}) and carries no mark of a cache this "
+                    "program created; refusing to write into it, even with --overwrite: choose another OUT or "
+                    "remove it yourself")
+            if not overwrite:
+                raise CacheMismatchError(f"{url} holds a damaged cache ({unreadable}); pass --overwrite to rebuild "
+                                         "it, or choose another OUT")
+            _delete(url, store)
+        elif ours:
+            _logger.info("%s: finishing an interrupted creation", url)
+            _delete(url, store)
+        elif not _is_empty(url, store):
+            raise CacheError(f"{url} exists and is not a feature cache; refusing to write into it")
+        # The marker goes first: from here on, whatever a killed creation leaves is provably ours.
+        generation = uuid.uuid4().hex
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         manifest["complete"] = False
-        group = zarr.open_group(url, mode="w-")
+        manifest["generation"] = generation
+        marker = {"created_by": CREATED_BY, "id": generation, "created": manifest["created"]}
+        _store_set(store, IDENTITY_KEY, json.dumps(marker).encode())
+        group = zarr.open_group(store, mode="a")
         group.create_array("latents", dtype="float16",
                            **_array_kwargs(layout, (layout.variants, LATENT_CHANNELS, layout.resolution // 8, layout.resolution // 8)))
         feats = group.create_group("features")
@@ -297,14 +470,25 @@ class CacheWriter:
             raise CacheError(f"shard {shard} holds rows {lo}..{hi}: expected {n} rows per array")
         if set(features) != set(self.layout.teachers):
             raise CacheError(f"shard {shard}: features for {sorted(features)}, cache has {sorted(self.layout.teachers)}")
-        self._write_rows(self.group["latents"], shard, latents)
+        sums = {"latents": self._write_rows(self.group["latents"], shard, latents)}
         for name, arr in features.items():
-            self._write_rows(self.group["features"][name], shard, arr)
-        self.group["labels"][lo:hi] = labels.astype(np.int32)
-        record = {"shard": shard, "rows": [lo, hi], "skipped": list(skipped), "time": time.time()}
+            sums[f"features/{name}"] = self._write_rows(self.group["features"][name], shard, arr)
+        labels_array = self.group["labels"]
+        labels_array.with_config({"write_empty_chunks": True})[lo:hi] = labels.astype(np.int32)
+        sums["labels"] = self._stored_checksum(labels_array, shard)
+        record = {"shard": shard, "rows": [lo, hi], "skipped": list(skipped), "time": time.time(), "checksums": sums}
         _put(self.group, _progress_key(shard), json.dumps(record).encode())
 
-    def _write_rows(self, array: Any, shard: int, data: np.ndarray) -> None:
+    def _stored_checksum(self, array: Any, shard: int) -> str:
+        """The checksum of a shard object as the store holds it (read back after zarr's own write)."""
+        key = f"{array.path}/{shard_key(array, shard)}"
+        data = _store_get(self.group.store, key)
+        if data is None:
+            raise CacheError(f"{_where(self.url, key)}: zarr stored no object for shard {shard} of {array.path}")
+        return checksum(data)
+
+    def _write_rows(self, array: Any, shard: int, data: np.ndarray) -> str:
+        """Write the shard's rows of one array; returns the checksum of the stored object."""
         data = np.asarray(data, dtype=array.dtype)
         lo, hi = self.layout.shard_rows_range(shard)
         fmt = self._direct.get(array.path)
@@ -314,14 +498,14 @@ class CacheWriter:
             log_io_choice("writes", self.url, array.path, fmt, reason)
         if fmt is not None:
             try:
-                write_shard_file(os.path.join(local_root(self.url), array.path, fmt.shard_key(shard)), data, fmt)
-                return
+                return write_shard_file(os.path.join(local_root(self.url), array.path, fmt.shard_key(shard)), data, fmt)
             except Exception as e:  # a layout this code does not know after all: zarr's own path is correct
                 self._direct[array.path] = None
                 log_io_choice("writes", self.url, array.path, None, f"a direct write failed ({type(e).__name__}: {e})",
                               fell_back=True)
         # zarr's own write; empty chunks stored too, so its shard bytes equal the direct writer's
         array.with_config({"write_empty_chunks": True})[lo:hi] = data
+        return self._stored_checksum(array, shard)
 
     def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""
@@ -338,32 +522,55 @@ class CacheWriter:
         self.manifest = manifest
         return manifest
 
+    def forget_damaged(self) -> list[ShardDamage]:
+        """Verify every finished shard (:func:`verify_shards`) and forget the damaged ones, so that the
+        resume path encodes them again: the manifest is marked incomplete first, then each damaged
+        shard's progress record is deleted, then its objects. Returns the damage found."""
+        damage = verify_shards(self.group, self.url, self.layout)
+        shards = sorted({d.shard for d in damage})
+        if shards and self.manifest.get("complete"):
+            manifest = dict(self.group.attrs[MANIFEST_KEY])
+            manifest["complete"] = False
+            self.group.attrs[MANIFEST_KEY] = manifest
+            self.manifest = manifest
+        store = self.group.store
+        arrays = _data_arrays(self.group, self.layout)
+        for shard in shards:
+            _store_delete(store, _progress_key(shard))
+            for arr in arrays.values():
+                _store_delete(store, f"{arr.path}/{shard_key(arr, shard)}")
+        return damage
+
     def put_text(self, key: str, text: str) -> None:
         """Store a text record (resolved config) under ``build/``."""
         _put(self.group, f"build/{key}", text.encode())
 
 
-def _interrupted_creation(group: zarr.Group) -> bool:
-    """A group that a killed :meth:`CacheWriter.create_or_resume` left: our nodes only, no shard written."""
-    names = {k.split("/")[0] for k in _list(group, "")}
-    ours = {"zarr.json", "latents", "features", "labels", "build"}
-    return names <= ours and not _list(group, "build/progress/")
-
-
-def _try_open_group(url: str | os.PathLike) -> zarr.Group | None:
+def _probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
+    """(the zarr group at ``url``, None), (None, None) where there is none, or (None, why it is unreadable)."""
     try:
-        return zarr.open_group(url, mode="r")
+        return zarr.open_group(url, mode="r"), None
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-        return None
+        return None, None
+    except Exception as e:  # garbage zarr.json and the like
+        return None, f"{_where(url, 'zarr.json')} cannot be read: {type(e).__name__}: {e}"
 
 
-def _delete(url: str | os.PathLike, group: zarr.Group) -> None:
+def _is_empty(url: str | os.PathLike, store: Any) -> bool:
+    root = local_root(url)
+    if root is not None:
+        return not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))
+    return not _store_list(store, "")
+
+
+def _delete(url: str | os.PathLike, store: Any) -> None:
+    """Delete a cache: its identity marker first, so that readers and builds see at once that it is gone."""
+    _store_delete(store, IDENTITY_KEY)
     root = local_root(url)
     if root is not None:
         shutil.rmtree(root)
     else:
-        writable = zarr.open_group(url, mode="r+")
-        sync(writable.store.delete_dir(writable.path))
+        sync(store.delete_dir(""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,25 +590,81 @@ class Cache:
 
     def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.url = os.fspath(url)
-        group = _try_open_group(url)
+        rebuild = (f"rebuild it (`python -m pipeline.build SOURCE {self.url} --overwrite`) or restore it from a copy")
+        group, unreadable = _probe_group(url)
+        if unreadable is not None:
+            raise CacheError(f"{self.url} is not a readable cache: {unreadable}; {rebuild}")
         if group is None:
             raise CacheError(f"no cache at {self.url}")
         manifest = group.attrs.get(MANIFEST_KEY)
         if manifest is None:
             raise CacheError(f"{self.url} is a zarr group but not a feature cache (no '{MANIFEST_KEY}' attribute)")
+        where = f"the '{MANIFEST_KEY}' attribute in {_where(url, 'zarr.json')}"
+        if not isinstance(manifest, Mapping):
+            raise CacheError(f"{self.url} is not a readable cache: its manifest ({where}) is not a JSON object; {rebuild}")
+        lacking = [k for k in READER_KEYS if k not in manifest]
+        if lacking:
+            raise CacheError(f"{self.url} is not a readable cache: its manifest ({where}) lacks "
+                             f"{', '.join(map(repr, lacking))}; {rebuild}")
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise CacheError(f"{self.url} has cache schema {manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}")
         if not manifest.get("complete") and not allow_incomplete:
             raise CacheError(f"{self.url} is incomplete: rerun the build command to finish it")
+        try:
+            self.layout = Layout.from_dict(manifest["layout"])
+        except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
+            raise CacheError(f"{self.url} is not a readable cache: the layout in its manifest ({where}) is malformed "
+                             f"({type(e).__name__}: {e}); {rebuild}") from None
         self.group = group
         self.root = local_root(self.url)  # the local folder, None for other stores
         self.manifest: dict[str, Any] = dict(manifest)
-        self.layout = Layout.from_dict(manifest["layout"])
-        self.latents = group["latents"]
-        self.features = {name: group["features"][name] for name in self.layout.teachers}
-        self.labels = np.asarray(group["labels"][:])
+        self.generation: str | None = manifest.get("generation")  # None: built before generations were recorded
+        try:
+            self.latents = group["latents"]
+            self.features = {name: group["features"][name] for name in self.layout.teachers}
+            labels = group["labels"]
+        except (KeyError, ValueError, OSError) as e:
+            raise CacheError(f"{self.url} is not a readable cache: an array is missing or unreadable "
+                             f"({type(e).__name__}: {e}); {rebuild}") from None
+        try:
+            self.labels = np.asarray(labels[:])
+        except Exception as e:
+            raise CacheError(f"{self.url}: the labels cannot be read ({type(e).__name__}: {e}): the cache is damaged; "
+                             f"run `python -m cache.inspect {self.url} --verify`, then "
+                             f"`python -m pipeline.build SOURCE {self.url} --repair`") from None
         self.rows = np.flatnonzero(self.labels >= 0).astype(np.int64)
         self._sources: list[dict[str, Any]] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CacheChangedError` if the cache was rebuilt or removed since it was opened: one
+        small read (the identity marker). Caches built before generations were recorded are not checked."""
+        if self.generation is None:
+            return
+        marker = _identity(self.group.store)
+        now = None if marker is None else marker["id"]
+        if now != self.generation:
+            raise CacheChangedError(
+                f"the cache at {self.url} was rebuilt or removed while this loader read it (generation "
+                f"{self.generation} when opened, {now or 'none'} now); restart to read the cache as it is now")
+
+    def finished_shards(self) -> set[int]:
+        """Shards that have a progress record (their data was written in full)."""
+        return {int(k.rsplit("/", 1)[-1][6:-5]) for k in _list(self.group, "build/progress/")
+                if k.rsplit("/", 1)[-1].startswith("shard-") and k.endswith(".json")}
+
+    def shard_object(self, name: str, shard: int) -> str:
+        """The file (local caches) or URL of shard ``shard`` of array ``name`` ('latents',
+        'features/<teacher>', 'labels')."""
+        arr = _data_arrays(self.group, self.layout)[name]
+        return _where(self.url, f"{arr.path}/{shard_key(arr, shard)}")
+
+    def verify_shards(self) -> list[ShardDamage]:
+        """Damaged objects of the finished shards; see :func:`verify_shards`."""
+        return verify_shards(self.group, self.url, self.layout)
 
     def __len__(self) -> int:
         return len(self.rows)

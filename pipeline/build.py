@@ -3,7 +3,7 @@
     python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
         [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
         [--pos-embed repa|dinov2] [--flip none|both] [--precision fp32|bf16] [--compile] [--batch-size 128]
-        [--workers 8] [--limit N] [--classes K] [--overwrite] [--dry-run]
+        [--workers 8] [--limit N] [--classes K] [--overwrite] [--repair] [--dry-run]
 
     # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
     accelerate launch --num_processes 8 -m pipeline.build SOURCE OUT
@@ -14,6 +14,8 @@ is refused unless ``--overwrite``. A resumed build trusts its stored source list
 to the fingerprint in the manifest and every path stays inside SOURCE. Files that cannot be read
 (dangling symlinks, link loops, no permission, links out of SOURCE, folders named like images)
 are skipped and recorded with their reason, like any undecodable image.
+``--repair`` first checks every finished shard against the checksums recorded when it was
+written and encodes the damaged ones again.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class BuildConfig:
     max_pixels: int = 1 << 28
     seed: int = 0
     overwrite: bool = False
+    repair: bool = False
 
     FIELD_HELP = {
         "source": "ImageNet-style folder SOURCE/<class_name>/<image>",
@@ -101,6 +104,7 @@ class BuildConfig:
         "max_pixels": "skip images with more pixels than this",
         "seed": "seed of random-weight encoders",
         "overwrite": "delete an existing cache built with other settings",
+        "repair": "check every finished shard against its recorded checksums and encode the damaged ones again",
     }
 
     def __post_init__(self) -> None:
@@ -335,6 +339,11 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                             shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor)
             writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
                                                            sources=listing.files, overwrite=cfg.overwrite)
+            if cfg.repair and resumed:
+                damage = writer.forget_damaged()
+                for d in damage:
+                    _logger.warning("damaged: %s", d)
+                _logger.info("repair: %d damaged shard(s) to encode again", len({d.shard for d in damage}))
             writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
             _logger.info("%s cache %s: %d rows, %d classes, %d shards", "resuming" if resumed else "created",
                          cfg.out, layout.num_rows, len(listing.classes), layout.num_shards)

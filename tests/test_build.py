@@ -131,6 +131,8 @@ def test_zarr_path_build_is_byte_identical(tmp_path, image_folder, built_cache, 
         for s in range(direct.layout.num_shards):
             key = cache.shardfile.shard_key(direct.group[name], s)
             assert (built_cache / name / key).read_bytes() == (out / name / key).read_bytes(), (name, s)
+    # the checksums read back after zarr's writes equal those of the bytes the direct writer wrote
+    assert ([r["checksums"] for r in direct.progress_records()] == [r["checksums"] for r in via_zarr.progress_records()])
     batches = {}
     for mode in ("direct", "zarr"):
         if mode == "zarr":

@@ -200,15 +200,24 @@ def test_layout_validation():
         Layout(num_rows=10, resolution=16, variants=1, teachers={"a/b": (1, 1)})
 
 
-def test_interrupted_creation_is_finished(tmp_path):
-    """A creation killed before the manifest was written leaves a bare group; the rerun recreates it."""
+def test_interrupted_creation_is_finished(tmp_path, monkeypatch):
+    """A creation killed before the manifest was written leaves its identity marker and a bare group; the
+    rerun recognises it by the marker and recreates it."""
     import zarr
 
-    g = zarr.open_group(tmp_path / "c.zarr", mode="w-")
-    g.create_array("latents", shape=(4,), dtype="float16")
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
     layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Group, "create_group", killed)
+        with pytest.raises(KeyboardInterrupt):
+            CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, manifest={"classes": []}, sources=[])
+    assert (tmp_path / "c.zarr" / "build" / "urepa-cache.json").exists()
+    assert "urepa_cache" not in zarr.open_group(tmp_path / "c.zarr", mode="r").attrs
     writer, resumed = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, manifest={"classes": []}, sources=[])
     assert not resumed and writer.group["latents"].shape == (10, 1, 8, 2, 2)
+    assert set(writer.group["features"].array_keys()) == set(TEACHERS)
 
 
 @pytest.mark.parametrize("rows", [32, 27, 5])
