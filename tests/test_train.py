@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common.formats import as_format
 from conftest import ROOT, _env, run_build
 from safetensors.torch import load_file
 from test_loader import synthetic_cache
@@ -92,9 +93,11 @@ def test_bad_settings_are_refused_before_anything_runs(capsys):
         main(["--cache", "c", "--out", "o", "--model", "nope"])
 
 
-def test_mismatched_cache_is_a_clear_error(tmp_path):
-    synth = tmp_path / "s.zarr"
-    synthetic_cache(synth, n=40, variants=1, skipped=())  # teachers: t_a 6 tokens, t_b 4 tokens; latents 2x2
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5", "ffcv"])
+def test_mismatched_cache_is_a_clear_error(tmp_path, fmt):
+    zarr_path = tmp_path / "s.zarr"
+    synthetic_cache(zarr_path, n=40, variants=1, skipped=())  # teachers: t_a 6 tokens, t_b 4 tokens; latents 2x2
+    synth = as_format(zarr_path, fmt, tmp_path).url
     with pytest.raises(SetupError, match="choose one with --teacher"):
         run(synth, tmp_path / "r0")
     with pytest.raises(SetupError, match="not a square grid"):
