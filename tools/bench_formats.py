@@ -115,8 +115,8 @@ def bench_train_loop(bc: BenchFormatsConfig, caches: dict[str, Any], out: Path) 
         first = next(iter(c.loader(bc.train_batch, num_workers=bc.workers)))
         resident = [{"latents": first["latents"].to(device), "labels": first["labels"].to(device),
                      "features": {k: v.to(device) for k, v in first["features"].items()}}]
-        fns = {"loop": lambda k: trainer.train_step(next(data)[1], k),
-               "limit": lambda k: trainer.train_step(resident, k)}
+        fns = {"loop": lambda k, t=trainer, d=data: t.train_step(next(d)[1], k),
+               "limit": lambda k, t=trainer, r=resident: t.train_step(r, k)}
         res = timed(device, bc.train_steps, 2, 2, fns)
         data.close()
         rows.append({"format": fmt, "model": bc.train_model, "batch": bc.train_batch, "device": device.type,
