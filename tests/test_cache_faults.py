@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from common.synthetic import TEACHERS, synthetic_cache
 from conftest import ROOT, _env, run_build
-from test_loader import TEACHERS, synthetic_cache
 
 import cache
 from cache import CacheChangedError, CacheError, CacheMismatchError, CacheWriter, Layout, ShardReadError

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common.synthetic import synthetic_cache
 from conftest import ROOT, _env, run_build
 from safetensors.torch import load_file
-from test_loader import synthetic_cache
 
 import cache
 from trainer.checkpoint import load_run_model

@@ -1,6 +1,6 @@
 """Benchmark the training step: from the cache, against its in-memory limit and an online teacher.
 
-    python -m tools.bench_train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
+    python -m tools.bench.train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
         [--compile-modes off,on] [--steps 5] [--warmup 2]
 
 For each model, batch size and compile setting, three ways to run the same training step
@@ -36,7 +36,7 @@ from cache import open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
-from tools.bench_cache import machine_info, sync, synthetic_cache
+from tools.bench.cache import machine_info, sync, synthetic_cache
 from trainer.train import TrainConfig, Trainer, make_accelerator, micro_batches
 
 
