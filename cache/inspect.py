@@ -44,7 +44,7 @@ def summary(cache: Cache) -> dict[str, Any]:
         "total_bytes": sum(sizes.values()),
         "source": {"root": m.source_root, "num_files": m.source.num_files if m.source else None,
                    "fingerprint": m.source.fingerprint if m.source else None},
-        "stats": m.stats.to_dict() if m.stats else {},
+        "stats": {k: v for k, v in m.stats.to_dict().items() if v is not None} if m.stats else {},
     }
 
 

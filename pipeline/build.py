@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.manifest import SCHEMA_VERSION, Manifest
+from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
 from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
@@ -371,7 +371,7 @@ def build(cfg: BuildConfig) -> Manifest:
 
     layout = writer.layout
     sources = writer.sources()
-    check_sources(sources, writer.manifest, cfg.out)
+    check_sources(sources, writer.manifest.source, cfg.out)
     todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
@@ -437,15 +437,15 @@ def build(cfg: BuildConfig) -> Manifest:
     return manifest
 
 
-def check_sources(sources: list[dict[str, Any]], manifest: Manifest, out: str) -> None:
+def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out: str) -> None:
     """Refuse a stored source list that does not hash to the manifest's fingerprint or names a path that
-    could leave SOURCE (absolute, ``..``): a damaged or edited cache must not decide which files are read."""
+    could leave SOURCE (absolute, ``..``): a damaged or edited cache must not decide which files are read.
+    ``source`` is the manifest's record of the source."""
     try:
         fingerprint = SourceListing(root="", classes=[], files=sources).fingerprint
     except (KeyError, TypeError) as e:
         raise CacheError(f"{out}: the stored source list (build/sources.json) is malformed ({type(e).__name__}: {e}); "
                          "rebuild with --overwrite") from None
-    source = manifest.source
     recorded = source.fingerprint if source is not None else None
     num_files = source.num_files if source is not None and source.num_files is not None else len(sources)
     if fingerprint != recorded or len(sources) != num_files:
