@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .manifest import EncoderInfo
 from .store import Cache, CacheError, open_cache
 
 
@@ -25,26 +26,32 @@ def summary(cache: Cache) -> dict[str, Any]:
     sizes = cache.nbytes_stored()
     return {
         "path": cache.url,
-        "complete": bool(m.get("complete")),
+        "complete": m.is_complete,
         "rows": lay.num_rows,
         "data_rows": len(cache),
-        "skipped": len(m.get("skipped", [])),
-        "classes": len(m.get("classes", [])),
+        "skipped": len(m.skipped_files),
+        "classes": len(m.classes),
         "resolution": lay.resolution,
         "variants": lay.variants,
         "latents": list(cache.latents.shape),
         "features": {k: list(v.shape) for k, v in cache.features.items()},
-        "vae": {k: m.get("vae", {}).get(k) for k in ("spec", "weights_sha256", "random_weights")},
-        "teachers": {k: {kk: v.get(kk) for kk in ("spec", "weights_sha256", "random_weights")}
-                     for k, v in m.get("teachers", {}).items()},
+        "vae": _encoder(m.vae),
+        "teachers": {k: _encoder(v) for k, v in (m.teachers or {}).items()},
         "shard_rows": lay.shard_rows,
         "chunk_rows": lay.chunk_rows,
         "compressor": lay.compressor,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
-        "source": {"root": m.get("source_root"), **{k: m.get("source", {}).get(k) for k in ("num_files", "fingerprint")}},
-        "stats": m.get("stats", {}),
+        "source": {"root": m.source_root, "num_files": m.source.num_files if m.source else None,
+                   "fingerprint": m.source.fingerprint if m.source else None},
+        "stats": {k: v for k, v in m.stats.to_dict().items() if v is not None} if m.stats else {},
     }
+
+
+def _encoder(info: EncoderInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {"spec": None, "weights_sha256": None, "random_weights": None}
+    return {"spec": info.spec, "weights_sha256": info.weights_sha256, "random_weights": info.random_weights}
 
 
 def verify(cache: Cache) -> list[str]:
@@ -63,10 +70,10 @@ def verify(cache: Cache) -> list[str]:
     damaged = {(d.shard, d.array) for d in damage} | {(d.shard, a) for d in damage if d.array == "progress"
                                                          for a in ("latents", "labels", *_feature_names(cache))}
     labels = cache.labels
-    ncls = len(cache.manifest.get("classes", []))
+    ncls = len(cache.manifest.classes)
     if labels.size and (labels.max() >= ncls or labels.min() < -1):
         problems.append(f"labels outside [-1, {ncls})")
-    skipped_rows = {s["row"] for s in cache.manifest.get("skipped", [])}
+    skipped_rows = {s.row for s in cache.manifest.skipped_files}
     if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
         problems.append("rows with label -1 differ from the manifest's skip list")
     arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}

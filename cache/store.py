@@ -49,6 +49,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
+from .manifest import SCHEMA_VERSION, Manifest, ManifestError
 from .shardfile import (
     ShardFormat,
     ShardIndexError,
@@ -66,6 +67,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_KEY",
+    "Manifest",
     "CacheError",
     "CacheMismatchError",
     "CacheChangedError",
@@ -78,10 +80,8 @@ __all__ = [
     "verify_shards",
 ]
 
-SCHEMA_VERSION = 1
 MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
-VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root", "generation")
 IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
 CREATED_BY = "pipeline.build"
 READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
@@ -159,7 +159,7 @@ class Layout:
 def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Each manifest entry that differs, ignoring bookkeeping (time, versions, skips, generation): its
     dotted name and both values in full, or for two lists the items that differ."""
-    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
+    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(Manifest.VOLATILE))]
 
 
 def _describe(old: Any, new: Any, *, most: int = 3) -> str:
@@ -349,11 +349,11 @@ class CacheWriter:
     complete" for any interruption; a shard without a record is simply written again.
     """
 
-    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: Manifest) -> None:
         self.url = os.fspath(url)
         self.group = group
         self.manifest = manifest
-        self.layout = Layout.from_dict(manifest["layout"])
+        self.layout = manifest.layout
         self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
 
     # -- creation -------------------------------------------------------------------------
@@ -363,7 +363,7 @@ class CacheWriter:
         url: str | os.PathLike,
         *,
         layout: Layout,
-        manifest: Mapping[str, Any],
+        manifest: Manifest | Mapping[str, Any],
         sources: Sequence[Mapping[str, Any]],
         overwrite: bool = False,
     ) -> tuple[CacheWriter, bool]:
@@ -371,11 +371,16 @@ class CacheWriter:
 
         Returns ``(writer, resumed)``. A cache whose manifest differs in anything but bookkeeping
         raises :class:`CacheMismatchError` naming each difference, unless ``overwrite`` is set,
-        in which case the old cache is deleted first. Call on one process only (rank 0).
+        in which case the old cache is deleted first. Call on one process only (rank 0). ``manifest``
+        is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``).
         """
-        manifest = dict(manifest)
+        manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
         manifest["layout"] = layout.to_dict()
         manifest.setdefault("schema_version", SCHEMA_VERSION)
+        try:
+            manifest = Manifest.from_dict(manifest).to_dict()  # as every reader will see it
+        except ManifestError as e:
+            raise CacheError(f"{url}: the manifest to write is malformed: {e}") from None
         store = _store_for(url)
         ours = _identity(store) is not None
         existing, unreadable = _probe_group(url)
@@ -393,9 +398,13 @@ class CacheWriter:
                     raise CacheMismatchError(f"{url} holds a damaged cache (its manifest is not a JSON object); "
                                              "pass --overwrite to rebuild it, or choose another OUT")
             else:
+                try:
+                    old = Manifest.from_dict(old).to_dict()  # compared as every reader sees it
+                except ManifestError:
+                    pass
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
-                    return cls(url, zarr.open_group(url, mode="r+"), dict(old)), True
+                    return cls(url, zarr.open_group(url, mode="r+"), _typed(url, old)), True
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{url} holds a cache built with other settings; rerun with the same settings to "
@@ -434,13 +443,13 @@ class CacheWriter:
         group.create_group("build")
         _put(group, "build/sources.json", json.dumps(list(sources), separators=(",", ":")).encode())
         group.attrs[MANIFEST_KEY] = manifest
-        return cls(url, group, manifest), False
+        return cls(url, group, _typed(url, manifest)), False
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
         group = zarr.open_group(url, mode="r+")
-        return cls(url, group, dict(group.attrs[MANIFEST_KEY]))
+        return cls(url, group, _typed(url, group.attrs[MANIFEST_KEY]))
 
     # -- progress -------------------------------------------------------------------------
     def completed_shards(self) -> set[int]:
@@ -507,7 +516,7 @@ class CacheWriter:
         array.with_config({"write_empty_chunks": True})[lo:hi] = data
         return self._stored_checksum(array, shard)
 
-    def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
+    def finalize(self, stats: Mapping[str, Any]) -> Manifest:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""
         missing = sorted(set(range(self.layout.num_shards)) - self.completed_shards())
         if missing:
@@ -518,9 +527,9 @@ class CacheWriter:
             skipped += record["skipped"]
         manifest = dict(self.group.attrs[MANIFEST_KEY])
         manifest.update(complete=True, skipped=skipped, stats=dict(stats))
-        self.group.attrs[MANIFEST_KEY] = manifest
-        self.manifest = manifest
-        return manifest
+        self.manifest = _typed(self.url, manifest)
+        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        return self.manifest
 
     def forget_damaged(self) -> list[ShardDamage]:
         """Verify every finished shard (:func:`verify_shards`) and forget the damaged ones, so that the
@@ -528,11 +537,11 @@ class CacheWriter:
         shard's progress record is deleted, then its objects. Returns the damage found."""
         damage = verify_shards(self.group, self.url, self.layout)
         shards = sorted({d.shard for d in damage})
-        if shards and self.manifest.get("complete"):
+        if shards and self.manifest.is_complete:
             manifest = dict(self.group.attrs[MANIFEST_KEY])
             manifest["complete"] = False
-            self.group.attrs[MANIFEST_KEY] = manifest
-            self.manifest = manifest
+            self.manifest = _typed(self.url, manifest)
+            self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
         store = self.group.store
         arrays = _data_arrays(self.group, self.layout)
         for shard in shards:
@@ -544,6 +553,14 @@ class CacheWriter:
     def put_text(self, key: str, text: str) -> None:
         """Store a text record (resolved config) under ``build/``."""
         _put(self.group, f"build/{key}", text.encode())
+
+
+def _typed(url: str | os.PathLike, manifest: Any) -> Manifest:
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{os.fspath(url)}: the manifest ({_where(url, 'zarr.json')}) is malformed: {e}; rebuild "
+                         "the cache with --overwrite") from None
 
 
 def _probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
@@ -581,7 +598,7 @@ class Cache:
     """A finished cache, opened for reading. Use :func:`open_cache`.
 
     Attributes:
-        manifest: the build manifest (dict), see README "Cache layout".
+        manifest: the build manifest, a :class:`cache.manifest.Manifest`.
         latents: zarr array (N, F, 8, R/8, R/8) float16 of posterior moments, all rows.
         features: dict teacher name -> zarr array (N, F, T, D) float16, all rows.
         labels: numpy int32 (N,); -1 on skipped rows.
@@ -611,14 +628,19 @@ class Cache:
         if not manifest.get("complete") and not allow_incomplete:
             raise CacheError(f"{self.url} is incomplete: rerun the build command to finish it")
         try:
-            self.layout = Layout.from_dict(manifest["layout"])
+            Layout.from_dict(manifest["layout"])
         except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
             raise CacheError(f"{self.url} is not a readable cache: the layout in its manifest ({where}) is malformed "
                              f"({type(e).__name__}: {e}); {rebuild}") from None
+        try:
+            self.manifest = Manifest.from_dict(manifest)
+        except ManifestError as e:
+            raise CacheError(f"{self.url} is not a readable cache: its manifest ({where}) is malformed ({e}); "
+                             f"{rebuild}") from None
+        self.layout = self.manifest.layout
         self.group = group
         self.root = local_root(self.url)  # the local folder, None for other stores
-        self.manifest: dict[str, Any] = dict(manifest)
-        self.generation: str | None = manifest.get("generation")  # None: built before generations were recorded
+        self.generation = self.manifest.generation  # None: built before generations were recorded
         try:
             self.latents = group["latents"]
             self.features = {name: group["features"][name] for name in self.layout.teachers}
@@ -637,7 +659,7 @@ class Cache:
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.is_complete
 
     def check_unchanged(self) -> None:
         """Raise :class:`CacheChangedError` if the cache was rebuilt or removed since it was opened: one
@@ -679,11 +701,11 @@ class Cache:
 
     @property
     def num_classes(self) -> int:
-        return len(self.manifest["classes"])
+        return len(self.manifest.classes)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
 
     def source_path(self, row: int) -> str:
         """Path of the source image of ``row``, relative to the build's SOURCE folder."""

@@ -13,11 +13,11 @@ from trainer.checkpoint import (
     CheckpointError,
     checkpoints,
     clean_partial,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
+from trainer.run import latest_checkpoint
 
 
 def trained_state(seed: int = 0):

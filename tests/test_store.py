@@ -22,12 +22,12 @@ def test_open_cache_api(synth):
     assert synth.labels[3] == -1 and synth.labels[4] == 1
     assert 3 not in synth.rows and 50 not in synth.rows
     assert synth.source_path(7) == "c1/img0007.jpg"
-    assert [s["row"] for s in synth.manifest["skipped"]] == [3, 50, 51]
+    assert [s["row"] for s in synth.manifest.to_dict()["skipped"]] == [3, 50, 51]
 
 
 def test_writer_refuses_mismatch_and_foreign_folders(tmp_path, synth):
     layout = Layout(num_rows=100, resolution=16, variants=2, teachers=TEACHERS, shard_rows=16, chunk_rows=4)
-    manifest = dict(synth.manifest)
+    manifest = synth.manifest.to_dict()
     writer, resumed = CacheWriter.create_or_resume(synth.url, layout=layout, manifest=manifest, sources=[])
     assert resumed
     changed = dict(manifest, source={"fingerprint": "y"})
