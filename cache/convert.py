@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ConfigError, parse_config
+from .manifest import Manifest, ManifestError
 from .runtime import setup_logging
 from .store import FORMATS, LATENT_CHANNELS, CacheError, CacheReader, CacheWriter, Layout, open_cache
 
@@ -74,19 +75,23 @@ class ConvertConfig:
             raise ConfigError("--block-rows must be >= 0 and --workers >= 1")
 
 
-def target_manifest(src: CacheReader, teachers: list[str]) -> tuple[dict[str, Any], Layout]:
-    """The source's manifest (verbatim) and layout, reduced to ``teachers``: the one place a conversion
-    changes a manifest."""
-    manifest = dict(src.manifest)
+def target_manifest(src: CacheReader, teachers: list[str]) -> tuple[Manifest, Layout]:
+    """The source's manifest (a copy of its stored dict, ``to_dict()``) and layout, reduced to
+    ``teachers``, typed again: the one place a conversion changes a manifest."""
     if teachers == list(src.layout.teachers):
-        return manifest, src.layout
+        return src.manifest, src.layout
+    manifest = src.manifest.to_dict()
     lay = src.layout
     layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
                     teachers={t: lay.teachers[t] for t in teachers}, shard_rows=lay.shard_rows,
                     chunk_rows=lay.chunk_rows, compressor=lay.compressor)
     manifest["layout"] = layout.to_dict()
-    manifest["teachers"] = {t: v for t, v in manifest.get("teachers", {}).items() if t in teachers}
-    return manifest, layout
+    if manifest.get("teachers") is not None:
+        manifest["teachers"] = {t: v for t, v in manifest["teachers"].items() if t in teachers}
+    try:
+        return Manifest.from_dict(manifest), layout
+    except ManifestError as e:
+        raise CacheError(f"{src.url}: the manifest reduced to teachers {teachers} is malformed: {e}") from None
 
 
 def _blocks(src: CacheReader, names: Mapping[str, str], lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -146,12 +151,12 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _to_zarr(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layout, sources: list[dict[str, Any]],
+def _to_zarr(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
              keys: Mapping[str, str], bar: tqdm) -> None:
     writer, resumed = CacheWriter.create_or_resume(tmp, layout=layout, manifest=manifest, sources=sources,
                                                    overwrite=True)
     done = writer.completed_shards() if resumed else set()
-    skipped = manifest.get("skipped", [])
+    skipped = [s.to_dict() for s in manifest.skipped_files]
     for shard in range(layout.num_shards):
         lo, hi = layout.shard_rows_range(shard)
         if shard not in done:
@@ -159,10 +164,10 @@ def _to_zarr(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layou
             writer.write_shard(shard, latents=data["latents"], features={t: data[k] for k, t in keys.items()},
                                labels=data["labels"], skipped=[s for s in skipped if lo <= s["row"] < hi])
         bar.update(hi - lo)
-    writer.finalize(manifest.get("stats", {}))
+    writer.finalize(manifest.stats.to_dict() if manifest.stats is not None else {})
 
 
-def _to_hdf5(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layout, sources: list[dict[str, Any]],
+def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
              keys: Mapping[str, str], bar: tqdm, block: int, compression: str) -> None:
     from .h5cache import H5Writer
 
@@ -182,7 +187,7 @@ def _to_hdf5(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layou
         writer.close()
 
 
-def _to_ffcv(src: CacheReader, tmp: str, manifest: dict[str, Any], layout: Layout, sources: list[dict[str, Any]],
+def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
              keys: Mapping[str, str], bar: tqdm, block: int, workers: int) -> None:
     """Stage the rows as raw .npy arrays block by block (resumable: one record per finished block), then
     let FFCV's writer make the .beton from them, then drop the stage."""

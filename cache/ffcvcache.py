@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .manifest import Manifest
 from .shardfile import checksum
 from .store import (
     FFCV_RECORD,
@@ -93,7 +94,7 @@ class _Samples:
         return (*out, int(self.labels[row]))
 
 
-def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifest: Mapping[str, Any],
+def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifest: Manifest,
                sources: list[dict[str, Any]], labels: np.ndarray, num_workers: int = 2) -> None:
     """Write an FFCV cache into ``folder`` (the caller's temporary name, which exists) from raw staged
     arrays: ``stage`` maps 'latents' and 'features/<teacher>' to ``.npy`` files of shape (N, F, ...)
@@ -114,7 +115,7 @@ def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifes
     writer.from_indexed_dataset(_Samples(stage, layout, labels), chunksize=64)
     labels = np.ascontiguousarray(labels, dtype="<i4")
     np.save(os.path.join(folder, LABELS), labels)
-    _write_json(os.path.join(folder, MANIFEST), dict(manifest))
+    _write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
     _write_json(os.path.join(folder, SOURCES), list(sources))
     record = {"format": "urepa-ffcv", "version": FORMAT_VERSION, "file": BETON,
               "size": os.path.getsize(beton), "checksum": file_checksum(beton), "variants": layout.variants,
@@ -174,9 +175,10 @@ class FfcvCache(CacheReader):
         if self.record.get("version") != FORMAT_VERSION:
             raise CacheError(f"{record_path}: FFCV cache format {self.record.get('version')}, this code reads "
                              f"{FORMAT_VERSION}; {reconvert}")
-        self.manifest, self.layout = reader_manifest(self.url, manifest, where=os.path.join(self.url, MANIFEST),
-                                                     rebuild=reconvert, allow_incomplete=allow_incomplete)
-        self.generation = self.manifest.get("generation")
+        self.manifest = reader_manifest(self.url, manifest, where=os.path.join(self.url, MANIFEST),
+                                        rebuild=reconvert, allow_incomplete=allow_incomplete)
+        self.layout = self.manifest.layout
+        self.generation = self.manifest.generation
         self.beton = os.path.join(self.url, self.record.get("file", BETON))
         if self.record.get("fields") != field_names(self.layout) or self.record.get("variants") != self.layout.variants:
             raise CacheError(f"{record_path} does not match {os.path.join(self.url, MANIFEST)} (fields or variants "

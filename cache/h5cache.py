@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .manifest import Manifest
 from .shardfile import ENV_LIBRARY_IO, checksum, library_io_forced
 from .store import LATENT_CHANNELS, MANIFEST_KEY, CacheError, CacheReader, Layout, reader_manifest
 
@@ -75,7 +76,7 @@ class H5Writer:
     records the block checksums last. ``compression``: None (contiguous, read by byte range) or "gzip"
     (chunked by ``block_rows``, read through h5py)."""
 
-    def __init__(self, path: str, *, layout: Layout, manifest: Mapping[str, Any], sources: list[dict[str, Any]],
+    def __init__(self, path: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
                  block_rows: int = 256, compression: str | None = None) -> None:
         h5py = _h5py()
         self.path, self.layout, self.block_rows = path, layout, block_rows
@@ -89,7 +90,7 @@ class H5Writer:
         raw = json.dumps(list(sources)).encode()
         self.file.create_dataset(SOURCES, data=np.frombuffer(raw, dtype=np.uint8))
         self.sources_sum = checksum(raw)
-        self.file.attrs[MANIFEST_KEY] = json.dumps(dict(manifest))
+        self.file.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
 
     def write_block(self, lo: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Rows ``lo .. lo + block_rows`` (fewer for the last block) of every dataset."""
@@ -153,9 +154,10 @@ class H5Cache(CacheReader):
                 self.record = json.loads(f.attrs[FORMAT_KEY])
             except (TypeError, ValueError) as e:
                 raise CacheError(f"{self.url}: its manifest or format record is not JSON ({e}); {reconvert}") from None
-            self.manifest, self.layout = reader_manifest(self.url, manifest, where=where, rebuild=reconvert,
-                                                         allow_incomplete=allow_incomplete)
-            self.generation = self.manifest.get("generation")
+            self.manifest = reader_manifest(self.url, manifest, where=where, rebuild=reconvert,
+                                            allow_incomplete=allow_incomplete)
+            self.layout = self.manifest.layout
+            self.generation = self.manifest.generation
             shapes = {}
             self._offsets: dict[str, int | None] = {}
             self._why_not_direct: dict[str, str] = {}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .manifest import EncoderInfo
 from .store import CacheError, CacheReader, open_cache
 
 
@@ -28,26 +29,32 @@ def summary(cache: CacheReader) -> dict[str, Any]:
     return {
         "path": cache.url,
         "format": cache.format,
-        "complete": bool(m.get("complete")),
+        "complete": m.is_complete,
         "rows": lay.num_rows,
         "data_rows": len(cache),
-        "skipped": len(m.get("skipped", [])),
-        "classes": len(m.get("classes", [])),
+        "skipped": len(m.skipped_files),
+        "classes": len(m.classes),
         "resolution": lay.resolution,
         "variants": lay.variants,
         "latents": list(cache.latents.shape),
         "features": {k: list(v.shape) for k, v in cache.features.items()},
-        "vae": {k: m.get("vae", {}).get(k) for k in ("spec", "weights_sha256", "random_weights")},
-        "teachers": {k: {kk: v.get(kk) for kk in ("spec", "weights_sha256", "random_weights")}
-                     for k, v in m.get("teachers", {}).items()},
+        "vae": _encoder(m.vae),
+        "teachers": {k: _encoder(v) for k, v in (m.teachers or {}).items()},
         "shard_rows": lay.shard_rows,
         "chunk_rows": lay.chunk_rows,
         "compressor": lay.compressor,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
-        "source": {"root": m.get("source_root"), **{k: m.get("source", {}).get(k) for k in ("num_files", "fingerprint")}},
-        "stats": m.get("stats", {}),
+        "source": {"root": m.source_root, "num_files": m.source.num_files if m.source else None,
+                   "fingerprint": m.source.fingerprint if m.source else None},
+        "stats": {k: v for k, v in m.stats.to_dict().items() if v is not None} if m.stats else {},
     }
+
+
+def _encoder(info: EncoderInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {"spec": None, "weights_sha256": None, "random_weights": None}
+    return {"spec": info.spec, "weights_sha256": info.weights_sha256, "random_weights": info.random_weights}
 
 
 def verify(cache: CacheReader) -> list[str]:
@@ -96,10 +103,10 @@ def verify(cache: CacheReader) -> list[str]:
 def _label_problems(cache: CacheReader) -> list[str]:
     problems = []
     labels = cache.labels
-    ncls = len(cache.manifest.get("classes", []))
+    ncls = len(cache.manifest.classes)
     if labels.size and (labels.max() >= ncls or labels.min() < -1):
         problems.append(f"labels outside [-1, {ncls})")
-    skipped_rows = {s["row"] for s in cache.manifest.get("skipped", [])}
+    skipped_rows = {s.row for s in cache.manifest.skipped_files}
     if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
         problems.append("rows with label -1 differ from the manifest's skip list")
     return problems

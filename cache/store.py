@@ -49,6 +49,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
+from .manifest import SCHEMA_VERSION, Manifest, ManifestError
 from .shardfile import (
     ShardFormat,
     ShardIndexError,
@@ -66,6 +67,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_KEY",
+    "Manifest",
     "CacheError",
     "CacheMismatchError",
     "CacheChangedError",
@@ -82,10 +84,8 @@ __all__ = [
     "verify_shards",
 ]
 
-SCHEMA_VERSION = 1
 MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
-VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root", "generation")
 IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
 CREATED_BY = "pipeline.build"
 READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
@@ -163,7 +163,7 @@ class Layout:
 def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Each manifest entry that differs, ignoring bookkeeping (time, versions, skips, generation): its
     dotted name and both values in full, or for two lists the items that differ."""
-    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
+    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(Manifest.VOLATILE))]
 
 
 def _describe(old: Any, new: Any, *, most: int = 3) -> str:
@@ -353,11 +353,11 @@ class CacheWriter:
     complete" for any interruption; a shard without a record is simply written again.
     """
 
-    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: Manifest) -> None:
         self.url = os.fspath(url)
         self.group = group
         self.manifest = manifest
-        self.layout = Layout.from_dict(manifest["layout"])
+        self.layout = manifest.layout
         self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
 
     # -- creation -------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class CacheWriter:
         url: str | os.PathLike,
         *,
         layout: Layout,
-        manifest: Mapping[str, Any],
+        manifest: Manifest | Mapping[str, Any],
         sources: Sequence[Mapping[str, Any]],
         overwrite: bool = False,
     ) -> tuple[CacheWriter, bool]:
@@ -375,11 +375,16 @@ class CacheWriter:
 
         Returns ``(writer, resumed)``. A cache whose manifest differs in anything but bookkeeping
         raises :class:`CacheMismatchError` naming each difference, unless ``overwrite`` is set,
-        in which case the old cache is deleted first. Call on one process only (rank 0).
+        in which case the old cache is deleted first. Call on one process only (rank 0). ``manifest``
+        is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``).
         """
-        manifest = dict(manifest)
+        manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
         manifest["layout"] = layout.to_dict()
         manifest.setdefault("schema_version", SCHEMA_VERSION)
+        try:
+            manifest = Manifest.from_dict(manifest).to_dict()  # as every reader will see it
+        except ManifestError as e:
+            raise CacheError(f"{url}: the manifest to write is malformed: {e}") from None
         store = _store_for(url)
         ours = _identity(store) is not None
         existing, unreadable = _probe_group(url)
@@ -397,9 +402,13 @@ class CacheWriter:
                     raise CacheMismatchError(f"{url} holds a damaged cache (its manifest is not a JSON object); "
                                              "pass --overwrite to rebuild it, or choose another OUT")
             else:
+                try:
+                    old = Manifest.from_dict(old).to_dict()  # compared as every reader sees it
+                except ManifestError:
+                    pass
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
-                    return cls(url, zarr.open_group(url, mode="r+"), dict(old)), True
+                    return cls(url, zarr.open_group(url, mode="r+"), _typed(url, old)), True
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{url} holds a cache built with other settings; rerun with the same settings to "
@@ -438,13 +447,13 @@ class CacheWriter:
         group.create_group("build")
         _put(group, "build/sources.json", json.dumps(list(sources), separators=(",", ":")).encode())
         group.attrs[MANIFEST_KEY] = manifest
-        return cls(url, group, manifest), False
+        return cls(url, group, _typed(url, manifest)), False
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
         group = zarr.open_group(url, mode="r+")
-        return cls(url, group, dict(group.attrs[MANIFEST_KEY]))
+        return cls(url, group, _typed(url, group.attrs[MANIFEST_KEY]))
 
     # -- progress -------------------------------------------------------------------------
     def completed_shards(self) -> set[int]:
@@ -511,7 +520,7 @@ class CacheWriter:
         array.with_config({"write_empty_chunks": True})[lo:hi] = data
         return self._stored_checksum(array, shard)
 
-    def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
+    def finalize(self, stats: Mapping[str, Any]) -> Manifest:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""
         missing = sorted(set(range(self.layout.num_shards)) - self.completed_shards())
         if missing:
@@ -522,9 +531,9 @@ class CacheWriter:
             skipped += record["skipped"]
         manifest = dict(self.group.attrs[MANIFEST_KEY])
         manifest.update(complete=True, skipped=skipped, stats=dict(stats))
-        self.group.attrs[MANIFEST_KEY] = manifest
-        self.manifest = manifest
-        return manifest
+        self.manifest = _typed(self.url, manifest)
+        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        return self.manifest
 
     def forget_damaged(self) -> list[ShardDamage]:
         """Verify every finished shard (:func:`verify_shards`) and forget the damaged ones, so that the
@@ -532,11 +541,11 @@ class CacheWriter:
         shard's progress record is deleted, then its objects. Returns the damage found."""
         damage = verify_shards(self.group, self.url, self.layout)
         shards = sorted({d.shard for d in damage})
-        if shards and self.manifest.get("complete"):
+        if shards and self.manifest.is_complete:
             manifest = dict(self.group.attrs[MANIFEST_KEY])
             manifest["complete"] = False
-            self.group.attrs[MANIFEST_KEY] = manifest
-            self.manifest = manifest
+            self.manifest = _typed(self.url, manifest)
+            self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
         store = self.group.store
         arrays = _data_arrays(self.group, self.layout)
         for shard in shards:
@@ -548,6 +557,14 @@ class CacheWriter:
     def put_text(self, key: str, text: str) -> None:
         """Store a text record (resolved config) under ``build/``."""
         _put(self.group, f"build/{key}", text.encode())
+
+
+def _typed(url: str | os.PathLike, manifest: Any) -> Manifest:
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{os.fspath(url)}: the manifest ({_where(url, 'zarr.json')}) is malformed: {e}; rebuild "
+                         "the cache with --overwrite") from None
 
 
 def _probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
@@ -582,11 +599,12 @@ def _delete(url: str | os.PathLike, store: Any) -> None:
 
 
 def reader_manifest(url: str, manifest: Any, *, where: str, rebuild: str,
-                    allow_incomplete: bool = False) -> tuple[dict[str, Any], Layout]:
-    """The manifest of a cache as every format stores it (the build's JSON dict, verbatim) checked for
-    what a reader needs, and its :class:`Layout`; a :class:`CacheError` naming ``where`` (the file or
-    attribute that holds it) and what to do (``rebuild``) otherwise. The one reader of the manifest
-    shared by the zarr, HDF5 and FFCV formats."""
+                    allow_incomplete: bool = False) -> Manifest:
+    """The manifest of a cache as every format stores it (the build's ``Manifest.to_dict()``, verbatim)
+    checked for what a reader needs, as a typed :class:`cache.manifest.Manifest` (its ``layout`` the
+    :class:`Layout`); a :class:`CacheError` naming ``where`` (the file or attribute that holds it) and
+    what to do (``rebuild``) otherwise. The one reader of the manifest shared by the zarr, HDF5 and FFCV
+    formats."""
     if not isinstance(manifest, Mapping):
         raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is not a JSON object; {rebuild}")
     lacking = [k for k in READER_KEYS if k not in manifest]
@@ -598,11 +616,15 @@ def reader_manifest(url: str, manifest: Any, *, where: str, rebuild: str,
     if not manifest.get("complete") and not allow_incomplete:
         raise CacheError(f"{url} is incomplete: rerun the build command to finish it")
     try:
-        layout = Layout.from_dict(manifest["layout"])
+        Layout.from_dict(manifest["layout"])
     except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
         raise CacheError(f"{url} is not a readable cache: the layout in its manifest ({where}) is malformed "
                          f"({type(e).__name__}: {e}); {rebuild}") from None
-    return dict(manifest), layout
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is malformed ({e}); "
+                         f"{rebuild}") from None
 
 
 class CacheReader:
@@ -612,7 +634,8 @@ class CacheReader:
     Attributes:
         url: where the cache is; root: its local folder or file (None for remote stores).
         format: 'zarr', 'hdf5' or 'ffcv'.
-        manifest: the build manifest (dict), see README "Cache layout"; layout: its :class:`Layout`.
+        manifest: the build manifest, a :class:`cache.manifest.Manifest`; layout: its :class:`Layout`
+            (``manifest.layout``).
         latents: array-like (N, F, 8, R/8, R/8) float16 of posterior moments (``.shape``, ``[rows]``).
         features: dict teacher name -> array-like (N, F, T, D) float16.
         labels: numpy int32 (N,); -1 on skipped rows.
@@ -622,7 +645,7 @@ class CacheReader:
     format = "zarr"
     url: str
     root: str | None
-    manifest: dict[str, Any]
+    manifest: Manifest
     layout: Layout
     labels: np.ndarray
     rows: np.ndarray
@@ -634,7 +657,7 @@ class CacheReader:
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
+        return self.manifest.is_complete
 
     def check_unchanged(self) -> None:
         """Raise :class:`CacheChangedError` if the cache was replaced since it was opened (formats that
@@ -668,11 +691,11 @@ class CacheReader:
 
     @property
     def num_classes(self) -> int:
-        return len(self.manifest["classes"])
+        return len(self.manifest.classes)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["classes"])
+        return list(self.manifest.classes)
 
     def loader(self, batch_size: int, **kwargs: Any):
         """A :class:`cache.loader.CacheLoader` over this cache; see its docstring for the options."""
@@ -698,12 +721,12 @@ class Cache(CacheReader):
         if manifest is None:
             raise CacheError(f"{self.url} is a zarr group but not a feature cache (no '{MANIFEST_KEY}' attribute)")
         where = f"the '{MANIFEST_KEY}' attribute in {_where(url, 'zarr.json')}"
-        manifest, self.layout = reader_manifest(self.url, manifest, where=where, rebuild=rebuild,
-                                                allow_incomplete=allow_incomplete)
+        self.manifest = reader_manifest(self.url, manifest, where=where, rebuild=rebuild,
+                                        allow_incomplete=allow_incomplete)
+        self.layout = self.manifest.layout
         self.group = group
         self.root = local_root(self.url)  # the local folder, None for other stores
-        self.manifest: dict[str, Any] = manifest
-        self.generation: str | None = manifest.get("generation")  # None: built before generations were recorded
+        self.generation = self.manifest.generation  # None: built before generations were recorded
         try:
             self.latents = group["latents"]
             self.features = {name: group["features"][name] for name in self.layout.teachers}

@@ -1,7 +1,7 @@
 """The reader contract in every format, and the converter between them.
 
 Each contract test (matched rows, determinism, exact resume, rank split, flips, teacher subsets)
-runs on tests/test_loader.py's synthetic cache as zarr and converted to HDF5 and FFCV, with each
+runs on tests/common/synthetic.py's cache as zarr and converted to HDF5 and FFCV, with each
 format's fast reads and with its library's own reads (``UREPA_IO=library``). Then: the same batches
 bit for bit across formats, conversion (everything kept, atomic, resumable), damaged and foreign
 files, ``cache.inspect --verify``, and the trainer's losses from each format.
@@ -15,18 +15,19 @@ import sys
 import numpy as np
 import pytest
 from common.formats import FORMAT_CASES, as_format, io_env
+from common.synthetic import expected_latent, synthetic_cache
 from conftest import ROOT, _env
-from test_loader import expected_latent, synthetic_cache
 
 import cache
 from cache import CacheError, epoch_flips
 from cache import inspect as cache_inspect
 from cache.convert import convert
+from cache.manifest import Manifest
 
 
 @pytest.fixture(scope="module", params=list(FORMAT_CASES))
 def synth(request, tmp_path_factory):
-    """tests/test_loader.py's synthetic cache (100 rows, 2 variants, rows 3, 50, 51 skipped) in one format."""
+    """tests/common/synthetic.py's cache (100 rows, 2 variants, rows 3, 50, 51 skipped) in one format."""
     fmt, io = FORMAT_CASES[request.param]
     with pytest.MonkeyPatch.context() as mp:
         io_env(mp, io)
@@ -49,7 +50,8 @@ def test_open_cache_api(synth):
     assert synth.labels[3] == -1 and synth.labels[4] == 1
     assert 3 not in synth.rows and 50 not in synth.rows
     assert synth.source_path(7) == "c1/img0007.jpg"
-    assert [s["row"] for s in synth.manifest["skipped"]] == [3, 50, 51]
+    assert isinstance(synth.manifest, Manifest) and synth.manifest.layout == synth.layout
+    assert [s.row for s in synth.manifest.skipped_files] == [3, 50, 51]
 
 
 def test_loader_batches_are_matched_rows(synth):
@@ -170,9 +172,10 @@ def test_conversion_keeps_rows_labels_sources_and_manifest(every_format):
         assert [c.source_path(i) for i in (0, 17, 89)] == [z.source_path(i) for i in (0, 17, 89)]
         assert (c.num_classes, c.class_names, c.num_variants) == (z.num_classes, z.class_names, z.num_variants)
         volatile = {"generation", "created"} if name.startswith("zarr") else set()
-        assert {k: v for k, v in c.manifest.items() if k not in volatile} == \
-            {k: v for k, v in z.manifest.items() if k not in volatile}, name
-        assert [s["row"] for s in c.manifest["skipped"]] == [0, 17, 89]
+        assert isinstance(c.manifest, Manifest), name
+        assert {k: v for k, v in c.manifest.to_dict().items() if k not in volatile} == \
+            {k: v for k, v in z.manifest.to_dict().items() if k not in volatile}, name
+        assert [s.row for s in c.manifest.skipped_files] == [0, 17, 89]
 
 
 def test_teacher_subset(every_format, tmp_path):

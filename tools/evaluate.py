@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import resolve_device, setup_logging, write_json
+from cache.runtime import apply_precision, resolve_device, setup_logging, write_json
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
@@ -57,6 +57,7 @@ from .fidelity import (
     precision_recall,
 )
 from .inception import InceptionUnavailable, load_inception
+from .sample import upstream_random_weights
 
 _logger = logging.getLogger(__name__)
 
@@ -252,11 +253,14 @@ def _cache_reference(path: str, *, workers: int) -> Reference:
     except CacheError as e:
         raise EvalError(f"REFERENCE {path}: {e}") from None
     m = cache.manifest
-    root = m.get("source_root", "")
+    root = m.source_root or ""
     if not root or not os.path.isdir(root):
         raise EvalError(f"REFERENCE {path}: the cache's source folder {root!r} is not on this machine; "
                         "pass that folder (or an .npz of its images) as REFERENCE instead")
-    pre = m["preprocessing"]
+    pre = m.preprocessing
+    if pre is None or pre.resolution is None or pre.max_pixels is None:
+        raise EvalError(f"REFERENCE {path}: the cache's manifest records no preprocessing; pass its source folder "
+                        "as REFERENCE instead")
     paths = []
     for r in cache.rows:
         rel = cache.source_path(int(r))
@@ -267,7 +271,7 @@ def _cache_reference(path: str, *, workers: int) -> Reference:
                             "REFERENCE")
         paths.append(rel)
     return Reference("cache", path, {}, None,
-                     FileImages(paths, int(pre["resolution"]), workers=workers, max_pixels=int(pre["max_pixels"]),
+                     FileImages(paths, pre.resolution, workers=workers, max_pixels=pre.max_pixels,
                                 what=f"cache {path}", root=root))
 
 
@@ -354,6 +358,7 @@ def _check_stats(reference: Reference) -> None:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns the JSON-ready result."""
     device = resolve_device(cfg.device)
+    apply_precision("fp32", device)  # always strict fp32: the numbers compare across machines and runs
     samples = NpzImages(cfg.samples, limit=cfg.num)
     reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
     _check_stats(reference)
@@ -418,13 +423,20 @@ def metric_protocol(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _random_weight_samples(samples: str) -> bool:
-    """Whether the tools.sample record beside ``samples`` says its VAE or the run's cache has random weights."""
+    """Whether the tools.sample record beside ``samples`` says that a network upstream of them had random
+    weights: the cache's VAE or teacher, or the decoding VAE (a record from before ``upstream`` was kept:
+    its decoding VAE)."""
     try:
         with open(os.path.join(os.path.dirname(os.path.abspath(samples)), "config.json")) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    return bool(record.get("vae", {}).get("random_weights") or record.get("model", {}).get("random_weights"))
+    if not isinstance(record, dict):
+        return False
+    upstream = upstream_random_weights(record)
+    if upstream is not None:
+        return upstream.any
+    return bool(record.get("vae", {}).get("random_weights"))
 
 
 def save_reference(path: str, reference: Reference, features: dict[str, np.ndarray] | None,

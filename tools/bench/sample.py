@@ -1,6 +1,6 @@
 """Benchmark sampling and evaluation: the sampler loop against the bare model, the VAE decoder, Inception.
 
-    python -m tools.bench_sample [--preset cpu|gpu] [--model sitdown-xl] [--batch-size 256] [--steps 25]
+    python -m tools.bench.sample [--preset cpu|gpu] [--model sitdown-xl] [--batch-size 256] [--steps 25]
 
 (a) loop   REPA's Euler-Maruyama sampler (``tools.sampling``) with guidance over the interval [0, 0.7],
            per-sample CPU noise streams and float64 state, as ``tools.sample`` runs it, for ``--steps``
@@ -27,8 +27,8 @@ import torch
 from cache.config import ConfigError, config_to_dict, parse_config
 from cache.runtime import resolve_device
 from pipeline.encoders import load_vae_decoder
-from tools.bench_cache import machine_info, sync
-from tools.bench_train import timed
+from tools.bench.cache import machine_info, sync
+from tools.bench.train import timed
 from tools.inception import random_inception
 from tools.sampling import PerSampleNoise, euler_maruyama, model_velocity, sde_time_grid, with_guidance
 from trainer.models import create_model
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     net(x2[:b], t2[:b], y2[:b])
         return run
 
-    # the two take turns (tools.bench_train.timed), so drift of the machine reaches both alike
+    # the two take turns (tools.bench.train.timed), so drift of the machine reaches both alike
     limit = forwards(model)
     result.update(timed(device, bc.repeats, 1, 1, {"loop": lambda i: loop(), "limit": lambda i: limit()}))
     result["guided_calls"], result["plain_calls"] = guided, plain

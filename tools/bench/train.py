@@ -1,6 +1,6 @@
 """Benchmark the training step: from the cache, against its in-memory limit and an online teacher.
 
-    python -m tools.bench_train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
+    python -m tools.bench.train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
         [--compile-modes off,on] [--steps 5] [--warmup 2]
 
 For each model, batch size and compile setting, three ways to run the same training step
@@ -34,10 +34,11 @@ import torch
 
 from cache import open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
+from cache.runtime import make_accelerator
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
-from tools.bench_cache import machine_info, sync, synthetic_cache
-from trainer.train import TrainConfig, Trainer, make_accelerator, micro_batches
+from tools.bench.cache import machine_info, sync, synthetic_cache
+from trainer.train import TrainConfig, Trainer, micro_batches
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = TrainConfig(cache="-", out="-", device="cpu" if bc.device == "cpu" else "auto")
-    accelerator, device = make_accelerator(run_cfg)
+    accelerator, device, _ = make_accelerator(run_cfg.device, run_cfg.precision)
     machine = machine_info(device)
     rows = []
     for i in range(len(bc.model_list)):

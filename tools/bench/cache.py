@@ -1,6 +1,6 @@
 """Benchmark the build and the loader against their limits, measured in the same run.
 
-    python -m tools.bench_cache [--preset cpu|gpu] [--images N] [--precisions fp32,bf16] [--compile]
+    python -m tools.bench.cache [--preset cpu|gpu] [--images N] [--precisions fp32,bf16] [--compile]
 
 Build: img/s of ``pipeline.build`` on synthetic JPEGs (ImageNet-like sizes) next to the encoders'
 forward-only img/s on device-resident batches of the same size, precision and compile setting

@@ -1,13 +1,13 @@
 """Benchmark the cache loader in each format (zarr, HDF5, FFCV) against a raw read of the same bytes.
 
-    python -m tools.bench_formats [--rows 2048] [--workers 4] [--train-model tiny]
+    python -m tools.bench.formats [--rows 2048] [--workers 4] [--train-model tiny]
 
 One synthetic cache with DINOv2-B shapes (256 tokens x 768, 32x32 latents; random values) is written
 as zarr and converted to HDF5 and FFCV (``cache.convert``). For each format: bytes on disk, one
 shuffled epoch through ``open_cache(...).loader(...)`` (best of ``--epochs`` after a warm-up epoch) in
 samples/s and MB/s, next to a raw sequential read of the same files in the same run (goal >= 0.7) and
 to the zarr loader. Then the training loop from each format against the same step on in-memory
-tensors (``tools.bench_train``'s (a)/(b)). Prints a table and writes ``OUT/bench_formats.json``.
+tensors (``tools.bench.train``'s (a)/(b)). Prints a table and writes ``OUT/bench_formats.json``.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import torch
 from cache import open_cache
 from cache.config import ConfigError, config_to_dict, parse_config
 from cache.convert import convert
-from tools.bench_cache import machine_info, raw_sequential, synthetic_cache
-from tools.bench_train import timed
-from trainer.train import TrainConfig, Trainer, make_accelerator, micro_batches
+from cache.runtime import make_accelerator
+from tools.bench.cache import machine_info, raw_sequential, synthetic_cache
+from tools.bench.train import timed
+from trainer.train import TrainConfig, Trainer, micro_batches
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def bench_loaders(bc: BenchFormatsConfig, caches: dict[str, Any]) -> list[dict[s
 def bench_train_loop(bc: BenchFormatsConfig, caches: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """(a) the training loop reading each format against (b) the same step on resident tensors."""
     run_cfg = TrainConfig(cache="-", out="-", device="auto")
-    accelerator, device = make_accelerator(run_cfg)
+    accelerator, device, _ = make_accelerator(run_cfg.device, run_cfg.precision)
     rows = []
     for fmt, c in caches.items():
         cfg = TrainConfig(cache=c.url, out=str(out / "unused"), model=bc.train_model, batch_size=bc.train_batch,
