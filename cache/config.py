@@ -14,8 +14,8 @@ inclusive lower bound. :func:`check_fields` enforces the choices and bounds; eve
 CLI, and keeps only the checks no single field can declare (finiteness, divisibility, consistency).
 
 :func:`parse_config` builds an argparse CLI from the fields (``--batch-size 64``,
-``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field, ``choices=`` for a
-field with choices), applies ``--preset NAME`` first and explicit flags on top, validates the result
+``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field, ``--model A B C``
+for a ``tuple[X, ...]`` field, ``choices=`` for a field with choices), applies ``--preset NAME`` first and explicit flags on top, validates the result
 through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in ``cache`` only
 because ``cache`` is the one package that every other package may import.
 """
@@ -54,10 +54,18 @@ def _field_type(cls: type, field: dataclasses.Field) -> Any:
     return tp
 
 
+def _is_list(tp: Any) -> bool:
+    """``tuple[X, ...]``: any number of values, ``--name A B C`` on the command line."""
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
 def field_choices(cls: type, field: dataclasses.Field) -> tuple[Any, ...] | None:
-    """The values a field allows: the arguments of its ``Literal[...]`` type, else
-    ``metadata["choices"]``; None for a field without choices."""
+    """The values a field (each item, for a ``tuple[X, ...]`` field) allows: the arguments of its
+    ``Literal[...]`` type, else ``metadata["choices"]``; None for a field without choices."""
     tp = _field_type(cls, field)
+    if _is_list(tp):
+        tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal:
         return typing.get_args(tp)
     choices = field.metadata.get("choices")
@@ -71,8 +79,10 @@ def check_fields(cfg: Any) -> None:
     for field in dataclasses.fields(cls):
         value = getattr(cfg, field.name)
         allowed = field_choices(cls, field)
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{_flag(field.name)} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        items = value if _is_list(_field_type(cls, field)) else (value,)
+        bad = [v for v in items if allowed is not None and v not in allowed]
+        if bad:
+            raise ConfigError(f"{_flag(field.name)} must be one of {', '.join(map(str, allowed))}, got {bad[0]!r}")
         low = field.metadata.get("min")
         if low is not None and value < low:
             raise ConfigError(f"{_flag(field.name)} must be >= {low}, got {value}")
@@ -148,6 +158,11 @@ def parse_config(
         if tp is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif _is_list(tp):  # tuple[str, ...]: --name A B C
+            item = typing.get_args(tp)[0]
+            parser.add_argument(_flag(name), dest=name, nargs="+", default=None, help=help_text,
+                                **({"type": type(allowed[0]), "choices": allowed} if allowed is not None else
+                                   {"type": item, "metavar": item.__name__.upper()}))
         elif allowed is not None:  # argparse lists the choices in the usage line
             parser.add_argument(_flag(name), dest=name, type=type(allowed[0]), choices=allowed, default=None,
                                 help=help_text)
