@@ -74,7 +74,7 @@ class BuildConfig:
     flip: Literal["none", "both"] = field(default="none", metadata={
         "help": "'both' also encodes the mirrored image (variant 1)"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
-        "help": "encoder precision: fp32, tf32 (TF32 matmuls on GPU) or bf16 autocast"})
+        "help": "encoder precision: fp32 / tf32 (TF32 matmuls on GPU) or bf16 autocast"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the encoders"})
     batch_size: int = field(default=128, metadata={
         "help": "images per encoder batch (batches never straddle a shard)", "min": 1})

@@ -105,7 +105,7 @@ class TrainConfig:
     flip: bool = field(default=False, metadata={
         "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={
-        "help": "bf16 (autocast), tf32 (TF32 matmuls on GPU) or fp32"})
+        "help": "bf16 (autocast), or fp32 / tf32 (float32 weights, TF32 matmuls on GPU)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
     seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
