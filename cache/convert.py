@@ -23,13 +23,13 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from .config import ConfigError, parse_config
+from .config import ConfigError, check_fields, parse_config
 from .manifest import Manifest, ManifestError
 from .runtime import setup_logging
 from .store import FORMATS, LATENT_CHANNELS, CacheError, CacheReader, CacheWriter, Layout, open_cache
@@ -44,35 +44,21 @@ PARTIAL = ".partial"
 class ConvertConfig:
     """Copy a finished cache into another format."""
 
-    src: str = ""
-    dst: str = ""
-    format: str = "hdf5"
-    teachers: str = ""
-    block_rows: int = 0
-    compression: str = "none"
-    workers: int = 2
-    overwrite: bool = False
-
-    FIELD_HELP = {
-        "src": "the cache to copy (zarr folder, .h5 file or FFCV folder)",
-        "dst": "where the copy goes (it must not exist, unless --overwrite)",
-        "format": "zarr, hdf5 or ffcv",
-        "teachers": "comma-separated teachers to keep (default: all)",
-        "block_rows": "rows read and written at a time (default: the source's shard rows)",
-        "compression": "hdf5 only: none (contiguous, read by byte range) or gzip (chunked, read through h5py)",
-        "workers": "FFCV writer processes",
-        "overwrite": "replace an existing cache at DST",
-    }
+    src: str = field(default="", metadata={"help": "the cache to copy (zarr folder, .h5 file or FFCV folder)"})
+    dst: str = field(default="", metadata={"help": "where the copy goes (it must not exist, unless --overwrite)"})
+    format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": FORMATS})
+    teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (default: all)"})
+    block_rows: int = field(default=0, metadata={
+        "help": "rows read and written at a time (0: the source's shard rows)", "min": 0})
+    compression: Literal["none", "gzip"] = field(default="none", metadata={
+        "help": "hdf5 only: none (contiguous, read by byte range) or gzip (chunked, read through h5py)"})
+    workers: int = field(default=2, metadata={"help": "FFCV writer processes", "min": 1})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing cache at DST"})
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format takes one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.compression not in ("none", "gzip"):
-            raise ConfigError(f"--compression takes none or gzip, got {self.compression!r}")
+        check_fields(self)
         if self.compression != "none" and self.format != "hdf5":
             raise ConfigError("--compression applies to --format hdf5 only")
-        if self.block_rows < 0 or self.workers < 1:
-            raise ConfigError("--block-rows must be >= 0 and --workers >= 1")
 
 
 def target_manifest(src: CacheReader, teachers: list[str]) -> tuple[Manifest, Layout]:

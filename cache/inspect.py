@@ -11,15 +11,31 @@ converted (``python -m cache.convert``), and converting it again repairs it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .config import ConfigError, check_fields, parse_config
 from .manifest import EncoderInfo
 from .store import CacheError, CacheReader, open_cache
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Print a cache's summary; optionally check every shard."""
+
+    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT)"})
+    verify: bool = field(default=False, metadata={
+        "help": "check every shard against its recorded checksum, its index, presence and finiteness"})
+    json: bool = field(default=False, metadata={"help": "print the summary as JSON"})
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("give the cache PATH")
+        check_fields(self)
 
 
 def summary(cache: CacheReader) -> dict[str, Any]:
@@ -137,12 +153,9 @@ def _feature_names(cache: CacheReader) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("path")
-    p.add_argument("--verify", action="store_true",
-                   help="check every shard against its recorded checksum, its index, presence and finiteness")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = p.parse_args(argv)
+    args, dry_run = parse_config(InspectConfig, argv, positional=("path",), description=__doc__.splitlines()[0])
+    if dry_run:
+        return 0
     try:
         cache = open_cache(args.path, allow_incomplete=True)
     except CacheError as e:

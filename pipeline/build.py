@@ -28,14 +28,14 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
 from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
@@ -59,76 +59,51 @@ _logger = logging.getLogger("pipeline.build")
 class BuildConfig:
     """Encode an ImageNet-style folder into a feature cache (zarr v3)."""
 
-    source: str = ""
-    out: str = ""
-    resolution: int = 256
-    vae: str = DEFAULT_VAE
-    teacher: str = DEFAULT_TEACHER
-    teacher_weights: str = ""
-    pos_embed: str = "repa"
-    flip: str = "none"
-    precision: str = "tf32"
-    compile: bool = False
-    batch_size: int = 128
-    workers: int = 8
-    device: str = "auto"
-    limit: int = 0
-    classes: int = 0
-    shard_rows: int = 256
-    chunk_rows: int = 16
-    compressor: str = "none"
-    max_pixels: int = 1 << 28
-    seed: int = 0
-    overwrite: bool = False
-    repair: bool = False
-
-    FIELD_HELP = {
-        "source": "ImageNet-style folder SOURCE/<class_name>/<image>",
-        "out": "cache location: a folder or any store URL zarr accepts",
-        "resolution": "ADM center crop size (256 or 512; any multiple of 8)",
-        "vae": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights",
-        "teacher": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights",
-        "teacher_weights": "comma-separated local weight files, one per teacher (empty: timm/HF hub)",
-        "pos_embed": "teacher position table at the token grid: repa (resampled once as REPA's utils.py, timm "
-                     "resample_abs_pos_embed with antialias) or dinov2 (DINOv2's run-time bicubic, scale (grid+0.1)/M)",
-        "flip": "'both' also encodes the mirrored image (variant 1)",
-        "precision": "encoder precision: fp32 (strict), tf32 (TF32 matmuls and convolutions on GPU) or bf16 "
-                     "(autocast; TF32 outside it)",
-        "compile": "torch.compile the encoders",
-        "batch_size": "images per encoder batch (batches never straddle a shard)",
-        "workers": "decoding processes",
-        "device": "auto, cpu, cuda or cuda:N",
-        "limit": "keep only the first N images (0: all)",
-        "classes": "keep only the first K classes (0: all)",
-        "shard_rows": "rows per shard (one object per array; the unit of work and of resume)",
-        "chunk_rows": "rows per inner chunk of a shard",
-        "compressor": "none (rows readable by byte range) or zstd",
-        "max_pixels": "skip images with more pixels than this",
-        "seed": "seed of random-weight encoders",
-        "overwrite": "delete an existing cache built with other settings",
-        "repair": "check every finished shard against its recorded checksums and encode the damaged ones again",
-    }
+    source: str = field(default="", metadata={"help": "ImageNet-style folder SOURCE/<class_name>/<image>"})
+    out: str = field(default="", metadata={"help": "cache location: a folder or any store URL zarr accepts"})
+    resolution: int = field(default=256, metadata={"help": "ADM center crop size (256 or 512; any multiple of 8)"})
+    vae: str = field(default=DEFAULT_VAE, metadata={
+        "help": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights"})
+    teacher: str = field(default=DEFAULT_TEACHER, metadata={
+        "help": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights"})
+    teacher_weights: str = field(default="", metadata={
+        "help": "comma-separated local weight files, one per teacher (empty: timm/HF hub)"})
+    pos_embed: str = field(default="repa", metadata={
+        "help": "teacher position table at the token grid: repa (resampled once as REPA's utils.py, timm "
+                "resample_abs_pos_embed with antialias) or dinov2 (DINOv2's run-time bicubic, scale (grid+0.1)/M)",
+        "choices": POS_EMBED_MODES})
+    flip: Literal["none", "both"] = field(default="none", metadata={
+        "help": "'both' also encodes the mirrored image (variant 1)"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
+        "help": "encoder precision: fp32 (strict), tf32 (TF32 matmuls and convolutions on GPU) or bf16 "
+                "(autocast; TF32 outside it)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the encoders"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per encoder batch (batches never straddle a shard)", "min": 1})
+    workers: int = field(default=8, metadata={"help": "decoding processes", "min": 0})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    limit: int = field(default=0, metadata={"help": "keep only the first N images (0: all)", "min": 0})
+    classes: int = field(default=0, metadata={"help": "keep only the first K classes (0: all)", "min": 0})
+    shard_rows: int = field(default=256, metadata={
+        "help": "rows per shard (one object per array; the unit of work and of resume)", "min": 1})
+    chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
+    compressor: Literal["none", "zstd"] = field(default="none", metadata={
+        "help": "none (rows readable by byte range) or zstd"})
+    max_pixels: int = field(default=1 << 28, metadata={
+        "help": "skip images with more pixels than this (0 would skip every image)", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of random-weight encoders", "min": 0})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing cache built with other settings"})
+    repair: bool = field(default=False, metadata={
+        "help": "check every finished shard against its recorded checksums and encode the damaged ones again"})
 
     def __post_init__(self) -> None:
         if not self.source or not self.out:
             raise ConfigError("SOURCE and OUT are required")
+        check_fields(self)
         if self.resolution % 8 or self.resolution < 16:
             raise ConfigError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
-        if self.pos_embed not in POS_EMBED_MODES:
-            raise ConfigError(f"--pos-embed must be one of {', '.join(POS_EMBED_MODES)}, got {self.pos_embed!r}")
-        if self.flip not in ("none", "both"):
-            raise ConfigError(f"--flip must be none or both, got {self.flip!r}")
-        if self.precision not in ("fp32", "tf32", "bf16"):
-            raise ConfigError(f"--precision must be fp32, tf32 or bf16, got {self.precision!r}")
-        if self.batch_size < 1 or self.workers < 0 or self.limit < 0 or self.classes < 0:
-            raise ConfigError("--batch-size must be >= 1; --workers, --limit, --classes >= 0")
-        if self.shard_rows < 1 or self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
+        if self.shard_rows % self.chunk_rows:
             raise ConfigError(f"--shard-rows ({self.shard_rows}) must be a multiple of --chunk-rows ({self.chunk_rows})")
-        if self.max_pixels < 1 or self.seed < 0:
-            raise ConfigError(f"--max-pixels must be >= 1 (got {self.max_pixels}; 0 would skip every image) "
-                              f"and --seed >= 0 (got {self.seed})")
-        if self.compressor not in ("none", "zstd"):
-            raise ConfigError(f"--compressor must be none or zstd, got {self.compressor!r}")
         teachers = self.teacher_specs
         if not teachers or len(set(map(teacher_name, teachers))) != len(teachers):
             raise ConfigError(f"--teacher needs one or more distinct names, got {self.teacher!r}")

@@ -15,10 +15,10 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cache.config import ConfigError, parse_config
+from cache.config import ConfigError, check_fields, parse_config
 from trainer.metrics import plot_losses, read_metrics
 from trainer.run import RunRecord, latest_checkpoint
 
@@ -27,19 +27,15 @@ from trainer.run import RunRecord, latest_checkpoint
 class ReportConfig:
     """Write a one-page report (markdown + PNGs) on a training run."""
 
-    run: str = ""
-    samples: str = ""
-    out: str = ""
-
-    FIELD_HELP = {
-        "run": "training run folder (trainer.train --out)",
-        "samples": "comma-separated sample folders (tools.sample --out) besides those found under RUN",
-        "out": "report folder ('' = RUN/report)",
-    }
+    run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
+    samples: str = field(default="", metadata={
+        "help": "comma-separated sample folders (tools.sample --out) besides those found under RUN"})
+    out: str = field(default="", metadata={"help": "report folder ('' = RUN/report)"})
 
     def __post_init__(self) -> None:
         if not self.run:
             raise ConfigError("give the RUN folder")
+        check_fields(self)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:

@@ -43,14 +43,14 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.runtime import SetupError, make_accelerator, setup_logging, write_json
 from pipeline.encoders import (
     QUANTIZE_MODES,
@@ -91,64 +91,42 @@ _PART = re.compile(r"^(\d+)-(\d+)\.npz$")
 class SampleConfig:
     """Sample images from a training run into PNGs and an ADM-style samples.npz."""
 
-    run: str = ""
-    out: str = ""
-    num: int = 50_000
-    batch_size: int = 64
-    sampler: str = "sde"
-    solver: str = "euler"
-    steps: int = 0
-    t_last: float = 0.04
-    cfg: float = 1.0
-    interval: tuple[float, float] = (0.0, 0.7)
-    labels: str = "uniform"
-    weights: str = "ema"
-    step: int = 0
-    vae: str = ""
-    seed: int = 0
-    precision: str = "tf32"
-    quantize: str = "truncate"
-    png: bool = True
-    grid: int = 64
-    device: str = "auto"
-
-    FIELD_HELP = {
-        "run": "training run folder (trainer.train --out)",
-        "out": "output folder (created; rerun the same command to resume)",
-        "num": "number of images (indices 0 .. num-1)",
-        "batch_size": "images per batch per rank (guided steps run 2x this through the model)",
-        "sampler": "sde (Euler-Maruyama, REPA) or ode",
-        "solver": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)",
-        "steps": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)",
-        "t_last": "sde: last time of the stochastic steps before the final drift step to 0",
-        "cfg": "classifier-free guidance scale (1: no guidance)",
-        "interval": "guidance only for LO <= t <= HI (t = 1 is noise)",
-        "labels": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled",
-        "weights": "ema or raw",
-        "step": "checkpoint step (0: the latest)",
-        "vae": "VAE spec for decoding (default: the one recorded in the run's cache manifest)",
-        "seed": "labels and noise of image i come from (seed, i)",
-        "precision": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)",
-        "quantize": "decoder output x in [-1, 1] to uint8: truncate (REPA generate.py, floor(127.5 (x + 1))) or "
-                    "round (DiT, 127.5 (x + 1) rounded half up)",
-        "png": "also write OUT/images/<index>.png (for the images this call samples)",
-        "grid": "images in OUT/grid.png (0: none)",
-        "device": "auto (accelerate), cpu, cuda",
-    }
+    run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
+    out: str = field(default="", metadata={"help": "output folder (created; rerun the same command to resume)"})
+    num: int = field(default=50_000, metadata={"help": "number of images (indices 0 .. num-1)", "min": 1})
+    batch_size: int = field(default=64, metadata={
+        "help": "images per batch per rank (guided steps run 2x this through the model)", "min": 1})
+    sampler: Literal["sde", "ode"] = field(default="sde", metadata={"help": "sde (Euler-Maruyama, REPA) or ode"})
+    solver: Literal["euler", "heun"] = field(default="euler", metadata={
+        "help": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)"})
+    steps: int = field(default=0, metadata={
+        "help": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)", "min": 0})
+    t_last: float = field(default=0.04, metadata={
+        "help": "sde: last time of the stochastic steps before the final drift step to 0"})
+    cfg: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: no guidance)"})
+    interval: tuple[float, float] = field(default=(0.0, 0.7), metadata={
+        "help": "guidance only for LO <= t <= HI (t = 1 is noise)"})
+    labels: str = field(default="uniform", metadata={
+        "help": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled"})
+    weights: Literal["ema", "raw"] = field(default="ema", metadata={"help": "EMA or raw weights of the checkpoint"})
+    step: int = field(default=0, metadata={"help": "checkpoint step (0: the latest)", "min": 0})
+    vae: str = field(default="", metadata={
+        "help": "VAE spec for decoding (default: the one recorded in the run's cache manifest)"})
+    seed: int = field(default=0, metadata={"help": "labels and noise of image i come from (seed, i)", "min": 0})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
+        "help": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)"})
+    quantize: str = field(default="truncate", metadata={
+        "help": "decoder output x in [-1, 1] to uint8: truncate (REPA generate.py, floor(127.5 (x + 1))) or "
+                "round (DiT, 127.5 (x + 1) rounded half up)", "choices": QUANTIZE_MODES})
+    png: bool = field(default=True, metadata={
+        "help": "also write OUT/images/<index>.png (for the images this call samples)"})
+    grid: int = field(default=64, metadata={"help": "images in OUT/grid.png (0: none)", "min": 0})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
 
     def __post_init__(self) -> None:
         if not self.run or not self.out:
             raise ConfigError("--run and --out are required")
-        choices = {"sampler": ("sde", "ode"), "solver": ("euler", "heun"), "weights": ("ema", "raw"),
-                   "precision": ("fp32", "tf32", "bf16"), "quantize": QUANTIZE_MODES,
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.num < 1 or self.batch_size < 1:
-            raise ConfigError("--num and --batch-size must be >= 1")
-        if self.steps < 0 or self.step < 0 or self.seed < 0 or self.grid < 0:
-            raise ConfigError("--steps, --step, --seed and --grid must be >= 0")
+        check_fields(self)
         if not 0 < self.t_last < 1:
             raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
         if not math.isfinite(self.cfg) or self.cfg < 0:

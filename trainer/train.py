@@ -37,14 +37,14 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.runtime import SetupError, autocast_dtype, make_accelerator, setup_logging, write_json
 
 from .checkpoint import (
@@ -76,90 +76,58 @@ _S = {name: i for i, name in enumerate(STEP_STATS)}
 class TrainConfig:
     """Train SiT-down + U-REPA (or SiT + REPA) from a feature cache."""
 
-    cache: str = ""
-    out: str = ""
-    model: str = "sitdown-xl"
-    teacher: str = ""
-    align_block: int = 0
-    upsample: str = "bilinear"
-    batch_size: int = 256
-    grad_accum: int = 1
-    steps: int = 1_000_000
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    class_dropout: float = 0.1
-    align_weight: float = 0.5
-    manifold_weight: float = 3.0
-    cross_sample: bool = False
-    latent_scale: float = 0.18215
-    latent_shift: float = 0.0
-    flip: bool = False
-    precision: str = "bf16"
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 10_000
-    keep_ckpts: int = 2
-    loader_workers: int = 4
-    device: str = "auto"
-    tensorboard: bool = True
-    skip_nonfinite: int = 0
-
-    FIELD_HELP = {
-        "cache": "feature cache built by pipeline.build",
-        "out": "run folder (created; rerun the same command to resume)",
-        "model": f"model preset: {', '.join(MODEL_PRESETS)}",
-        "teacher": "cached teacher to align to (default: the cache's only teacher)",
-        "align_block": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)",
-        "upsample": "projected tokens -> teacher grid: bilinear or nearest",
-        "batch_size": "global batch (all ranks and accumulation steps together)",
-        "grad_accum": "micro-batches per optimizer step",
-        "steps": "optimizer steps in total (the one setting a rerun may change)",
-        "lr": "AdamW learning rate (constant)",
-        "beta1": "AdamW beta1",
-        "beta2": "AdamW beta2",
-        "weight_decay": "AdamW weight decay",
-        "grad_clip": "max global grad norm (0: no clipping)",
-        "ema_decay": "EMA decay per step (fp32 copy)",
-        "class_dropout": "probability of the null label (for classifier-free guidance)",
-        "align_weight": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head",
-        "manifold_weight": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA",
-        "cross_sample": "manifold loss across the samples of a batch instead of across tokens",
-        "latent_scale": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments",
-        "latent_shift": "see latent_scale",
-        "flip": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)",
-        "precision": "bf16 (autocast; TF32 outside it), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)",
-        "compile": "torch.compile the training step (model and losses; fused AdamW on GPU)",
-        "seed": "model init, data order and every random draw",
-        "log_every": "steps per metrics line",
-        "ckpt_every": "steps per checkpoint (one is also written at the end)",
-        "keep_ckpts": "checkpoints kept (0: all)",
-        "loader_workers": "cache reader threads per rank",
-        "device": "auto (accelerate), cpu, cuda",
-        "tensorboard": "write tensorboard events to OUT/tensorboard",
-        "skip_nonfinite": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop "
-                          "(0: stop at the first)",
-    }
+    cache: str = field(default="", metadata={"help": "feature cache built by pipeline.build"})
+    out: str = field(default="", metadata={"help": "run folder (created; rerun the same command to resume)"})
+    model: str = field(default="sitdown-xl", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
+    teacher: str = field(default="", metadata={"help": "cached teacher to align to (default: the cache's only teacher)"})
+    align_block: int = field(default=0, metadata={
+        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)", "min": 0})
+    upsample: Literal["bilinear", "nearest"] = field(default="bilinear",
+                                                     metadata={"help": "projected tokens -> teacher grid"})
+    batch_size: int = field(default=256, metadata={
+        "help": "global batch (all ranks and accumulation steps together)", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+    steps: int = field(default=1_000_000, metadata={
+        "help": "optimizer steps in total (the one setting a rerun may change)", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)", "min": 0})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per step (fp32 copy)"})
+    class_dropout: float = field(default=0.1, metadata={
+        "help": "probability of the null label (for classifier-free guidance)"})
+    align_weight: float = field(default=0.5, metadata={
+        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head", "min": 0})
+    manifold_weight: float = field(default=3.0, metadata={
+        "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA", "min": 0})
+    cross_sample: bool = field(default=False, metadata={
+        "help": "manifold loss across the samples of a batch instead of across tokens"})
+    latent_scale: float = field(default=0.18215, metadata={
+        "help": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments"})
+    latent_shift: float = field(default=0.0, metadata={"help": "see latent_scale"})
+    flip: bool = field(default=False, metadata={
+        "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={
+        "help": "bf16 (autocast; TF32 outside it), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
+    seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
+    log_every: int = field(default=100, metadata={"help": "steps per metrics line", "min": 1})
+    ckpt_every: int = field(default=10_000, metadata={
+        "help": "steps per checkpoint (one is also written at the end)", "min": 1})
+    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept (0: all)", "min": 0})
+    loader_workers: int = field(default=4, metadata={"help": "cache reader threads per rank", "min": 1})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
+    tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
+    skip_nonfinite: int = field(default=0, metadata={
+        "help": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop (0: stop at the "
+                "first)", "min": 0})
 
     def __post_init__(self) -> None:
         if not self.cache or not self.out:
             raise ConfigError("--cache and --out are required")
-        if self.model not in MODEL_PRESETS:
-            raise ConfigError(f"--model {self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
-        if self.precision not in ("bf16", "tf32", "fp32"):
-            raise ConfigError("--precision must be bf16, tf32 or fp32")
-        if self.upsample not in ("bilinear", "nearest"):
-            raise ConfigError("--upsample must be bilinear or nearest")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError("--device must be auto, cpu or cuda")
-        positive = ("batch_size", "grad_accum", "steps", "log_every", "ckpt_every", "loader_workers")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_fields(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         floats = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "align_weight",
@@ -172,15 +140,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        for name in ("align_weight", "manifold_weight", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.latent_scale == 0:
             raise ConfigError("--latent-scale must not be 0 (x = (z - shift) * scale would be all zeros)")
-        for name in ("keep_ckpts", "skip_nonfinite", "seed", "align_block"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     # U-REPA's main ImageNet 256 setting: SiT-down-XL/2, block 18, lambda 0.5, w 3 (FID 1.48 at 1M, CFG).

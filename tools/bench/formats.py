@@ -16,14 +16,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cache import open_cache
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import check_fields, config_to_dict, parse_config
 from cache.convert import convert
 from cache.runtime import make_accelerator
 from tools.bench.cache import machine_info, raw_sequential, synthetic_cache
@@ -35,29 +35,22 @@ from trainer.train import TrainConfig, Trainer, micro_batches
 class BenchFormatsConfig:
     """Benchmark the cache loader in each format against raw reads."""
 
-    out: str = "bench-out"
-    rows: int = 2048
-    tokens: int = 256
-    dim: int = 768
-    batch: int = 256
-    workers: int = 4
-    epochs: int = 2
-    train_model: str = "tiny"
-    train_batch: int = 8
-    train_steps: int = 4
-    skip_train: bool = False
-
-    FIELD_HELP = {
-        "rows": "rows of the synthetic cache (DINOv2-B: 400 KiB a row)",
-        "workers": "loader threads (FFCV: its numba threads, at most the cores)",
-        "epochs": "timed epochs per format (the best counts), after one warm-up epoch",
-        "train_model": "model of the training-loop measurement",
-        "skip_train": "measure the loaders only",
-    }
+    out: str = field(default="bench-out", metadata={"help": "folder of the synthetic caches and the JSON"})
+    rows: int = field(default=2048, metadata={"help": "rows of the synthetic cache (DINOv2-B: 400 KiB a row)", "min": 1})
+    tokens: int = field(default=256, metadata={"help": "teacher tokens per row", "min": 1})
+    dim: int = field(default=768, metadata={"help": "teacher token width", "min": 1})
+    batch: int = field(default=256, metadata={"help": "loader batch size", "min": 1})
+    workers: int = field(default=4, metadata={"help": "loader threads (FFCV: its numba threads, at most the cores)",
+                                              "min": 1})
+    epochs: int = field(default=2, metadata={"help": "timed epochs per format (the best counts), after one warm-up",
+                                             "min": 1})
+    train_model: str = field(default="tiny", metadata={"help": "model of the training-loop measurement"})
+    train_batch: int = field(default=8, metadata={"help": "batch of the training-loop measurement", "min": 1})
+    train_steps: int = field(default=4, metadata={"help": "timed steps of the training-loop measurement", "min": 1})
+    skip_train: bool = field(default=False, metadata={"help": "measure the loaders only"})
 
     def __post_init__(self) -> None:
-        if min(self.rows, self.batch, self.workers, self.epochs, self.train_batch, self.train_steps) < 1:
-            raise ConfigError("every count must be >= 1")
+        check_fields(self)
 
 
 def data_files(c: Any) -> list[Path]:
