@@ -397,8 +397,11 @@ def _create(name: str, kwargs: dict[str, Any], *, spec: str, random_weights: boo
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"--teacher {spec}: timm has no model {name!r}") from None
-        raise
-    check_teacher_architecture(probe, spec)
+        probe = None  # a model that cannot be built on the meta device is checked once it is built
+    except Exception:
+        probe = None
+    if probe is not None:
+        check_teacher_architecture(probe, spec)
     del probe
     try:
         with torch.random.fork_rng(devices=[]):
