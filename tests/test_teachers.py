@@ -153,7 +153,7 @@ def test_trainer_refuses_a_teacher_grid_it_cannot_upsample_to(tmp_path):
                        features={"odd": np.ones((8, 1, 9, 6), np.float16)},
                        labels=np.array([s["label"] for s in sources], np.int32), skipped=[])
     writer.finalize({"seconds": 0})
-    with pytest.raises(SetupError, match=r"3x3 token grid is not an integer multiple of the 2x2 student grid") as e:
+    with pytest.raises(SetupError, match=r"teacher_grid 3 \(a 3x3 token grid\) is not an integer multiple of the 2x2 student grid") as e:
         train(TrainConfig(cache=str(tmp_path / "c.zarr"), out=str(tmp_path / "run"), model="tiny", batch_size=4,
                           steps=1, precision="fp32", device="cpu", tensorboard=False))
     assert "resolution/16 tokens per side" in str(e.value) and "align_block" in str(e.value)
