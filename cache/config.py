@@ -1,11 +1,23 @@
 """Config plumbing shared by every entry point: a frozen dataclass, named presets, CLI overrides.
 
-Each entry point (``pipeline.build``, ``trainer.train``, ``tools.*``) declares one frozen
-dataclass. :func:`parse_config` builds an argparse CLI from its fields (``--batch-size 64``,
-``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field), applies
-``--preset NAME`` first and explicit flags on top, validates the result through the dataclass'
-``__post_init__``, and handles ``--dry-run``. It lives in ``cache`` only because ``cache`` is the
-one package that every other package may import.
+Each entry point (``pipeline.build``, ``trainer.train``, ``tools.*``, ``cache.inspect``) declares one
+frozen dataclass, and each field says everything about itself::
+
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={"help": "model precision"})
+    batch_size: int = field(default=256, metadata={"help": "global batch", "min": 1})
+    model: str = field(default="tiny", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
+
+``Literal[...]`` declares the choices (``metadata["choices"]`` does it for a set owned elsewhere,
+such as the keys of a preset table), ``metadata["help"]`` the help text and ``metadata["min"]`` an
+inclusive lower bound. :func:`check_fields` enforces the choices and bounds; every config's
+``__post_init__`` calls it first, so a config built in Python is checked like one built from the
+CLI, and keeps only the checks no single field can declare (finiteness, divisibility, consistency).
+
+:func:`parse_config` builds an argparse CLI from the fields (``--batch-size 64``,
+``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field, ``--model A B C``
+for a ``tuple[X, ...]`` field, ``choices=`` for a field with choices), applies ``--preset NAME`` first and explicit flags on top, validates the result
+through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in ``cache`` only
+because ``cache`` is the one package that every other package may import.
 """
 
 from __future__ import annotations
@@ -16,11 +28,12 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "parse_config", "config_to_dict", "nested_diff", "describe_change"]
+__all__ = ["ConfigError", "check_fields", "field_choices", "parse_config", "config_to_dict", "nested_diff",
+           "describe_change"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +52,40 @@ def _field_type(cls: type, field: dataclasses.Field) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         tp = args[0]
     return tp
+
+
+def _is_list(tp: Any) -> bool:
+    """``tuple[X, ...]``: any number of values, ``--name A B C`` on the command line."""
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def field_choices(cls: type, field: dataclasses.Field) -> tuple[Any, ...] | None:
+    """The values a field (each item, for a ``tuple[X, ...]`` field) allows: the arguments of its
+    ``Literal[...]`` type, else ``metadata["choices"]``; None for a field without choices."""
+    tp = _field_type(cls, field)
+    if _is_list(tp):
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    choices = field.metadata.get("choices")
+    return tuple(choices) if choices is not None else None
+
+
+def check_fields(cfg: Any) -> None:
+    """Raise ConfigError for the first field of the dataclass instance ``cfg`` whose value is not one
+    of its choices or is below its ``metadata["min"]``; the message names the flag and what it allows."""
+    cls = type(cfg)
+    for field in dataclasses.fields(cls):
+        value = getattr(cfg, field.name)
+        allowed = field_choices(cls, field)
+        items = value if _is_list(_field_type(cls, field)) else (value,)
+        bad = [v for v in items if allowed is not None and v not in allowed]
+        if bad:
+            raise ConfigError(f"{_flag(field.name)} must be one of {', '.join(map(str, allowed))}, got {bad[0]!r}")
+        low = field.metadata.get("min")
+        if low is not None and value < low:
+            raise ConfigError(f"{_flag(field.name)} must be >= {low}, got {value}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -96,7 +143,7 @@ def parse_config(
     )  # each option's help names its dataclass default itself (argparse's own default here is None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in positional:
-        parser.add_argument(name, help=_help(cls, name))
+        parser.add_argument(name, help=fields[name].metadata.get("help", ""))
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                             help="named settings applied before explicit flags")
@@ -106,16 +153,26 @@ def parse_config(
             continue
         tp = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        allowed = field_choices(cls, field)
         if tp is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f"{_help(cls, name)} (default: {default})")
+                                default=None, help=help_text)
+        elif _is_list(tp):  # tuple[str, ...]: --name A B C
+            item = typing.get_args(tp)[0]
+            parser.add_argument(_flag(name), dest=name, nargs="+", default=None, help=help_text,
+                                **({"type": type(allowed[0]), "choices": allowed} if allowed is not None else
+                                   {"type": item, "metavar": item.__name__.upper()}))
+        elif allowed is not None:  # argparse lists the choices in the usage line
+            parser.add_argument(_flag(name), dest=name, type=type(allowed[0]), choices=allowed, default=None,
+                                help=help_text)
         elif typing.get_origin(tp) is tuple:  # tuple[float, float]: --name A B
             items = typing.get_args(tp)
             parser.add_argument(_flag(name), dest=name, type=items[0], nargs=len(items), default=None,
-                                metavar=items[0].__name__.upper(), help=f"{_help(cls, name)} (default: {default})")
+                                metavar=items[0].__name__.upper(), help=help_text)
         else:
             parser.add_argument(_flag(name), dest=name, type=tp, default=None, metavar=tp.__name__.upper(),
-                                help=f"{_help(cls, name)} (default: {default})")
+                                help=help_text)
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     preset = getattr(args, "preset", None)
@@ -138,8 +195,3 @@ def parse_config(
         print(json.dumps(config_to_dict(cfg), indent=2))
     return cfg, bool(args.dry_run)
 
-
-def _help(cls: type, name: str) -> str:
-    """Per-field help text: the `#:` comment above or the inline comment is not introspectable,
-    so dataclasses here document fields in a ``FIELD_HELP`` class attribute."""
-    return getattr(cls, "FIELD_HELP", {}).get(name, "")

@@ -4,54 +4,83 @@
 
 ``--verify`` prints one ``PROBLEM: ...`` line per damaged shard object (missing, bytes that fail the
 checksum recorded at build time, an index that fails its crc32c) and per other fault, and exits 1;
-``python -m pipeline.build SOURCE PATH --repair`` re-encodes the damaged shards.
+``python -m pipeline.build SOURCE PATH --repair`` re-encodes the damaged shards. PATH may be any format
+(:func:`cache.open_cache`); an HDF5 or FFCV cache is checked against the checksums recorded when it was
+converted (``python -m cache.convert``), and converting it again repairs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .store import Cache, CacheError, open_cache
+from .config import ConfigError, check_fields, parse_config
+from .manifest import EncoderInfo
+from .store import CacheError, CacheReader, open_cache
 
 
-def summary(cache: Cache) -> dict[str, Any]:
+@dataclass(frozen=True)
+class InspectConfig:
+    """Print a cache's summary; optionally check every shard."""
+
+    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT)"})
+    verify: bool = field(default=False, metadata={
+        "help": "check every shard against its recorded checksum, its index, presence and finiteness"})
+    json: bool = field(default=False, metadata={"help": "print the summary as JSON"})
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("give the cache PATH")
+        check_fields(self)
+
+
+def summary(cache: CacheReader) -> dict[str, Any]:
     m = cache.manifest
     lay = cache.layout
     sizes = cache.nbytes_stored()
     return {
         "path": cache.url,
-        "complete": bool(m.get("complete")),
+        "format": cache.format,
+        "complete": m.is_complete,
         "rows": lay.num_rows,
         "data_rows": len(cache),
-        "skipped": len(m.get("skipped", [])),
-        "classes": len(m.get("classes", [])),
+        "skipped": len(m.skipped_files),
+        "classes": len(m.classes),
         "resolution": lay.resolution,
         "variants": lay.variants,
         "latents": list(cache.latents.shape),
         "features": {k: list(v.shape) for k, v in cache.features.items()},
-        "vae": {k: m.get("vae", {}).get(k) for k in ("spec", "weights_sha256", "random_weights")},
-        "teachers": {k: {kk: v.get(kk) for kk in ("spec", "weights_sha256", "random_weights")}
-                     for k, v in m.get("teachers", {}).items()},
+        "vae": _encoder(m.vae),
+        "teachers": {k: _encoder(v) for k, v in (m.teachers or {}).items()},
         "shard_rows": lay.shard_rows,
         "chunk_rows": lay.chunk_rows,
         "compressor": lay.compressor,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
-        "source": {"root": m.get("source_root"), **{k: m.get("source", {}).get(k) for k in ("num_files", "fingerprint")}},
-        "stats": m.get("stats", {}),
+        "source": {"root": m.source_root, "num_files": m.source.num_files if m.source else None,
+                   "fingerprint": m.source.fingerprint if m.source else None},
+        "stats": {k: v for k, v in m.stats.to_dict().items() if v is not None} if m.stats else {},
     }
 
 
-def verify(cache: Cache) -> list[str]:
+def _encoder(info: EncoderInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {"spec": None, "weights_sha256": None, "random_weights": None}
+    return {"spec": info.spec, "weights_sha256": info.weights_sha256, "random_weights": info.random_weights}
+
+
+def verify(cache: CacheReader) -> list[str]:
     """Problems of the cache, one sentence each (empty when sound): shards without a progress record;
     per damaged shard object (missing, bytes not matching the checksum recorded at build time, index
     failing its crc32c) one line naming the array, the shard and the file; labels out of range;
-    non-finite values and all-zero data rows in the shards that pass those checks."""
+    non-finite values and all-zero data rows in the shards that pass those checks. An HDF5 or FFCV
+    cache: its data against the checksums recorded at conversion, then the same label and value checks."""
+    if cache.format != "zarr":
+        return _verify_converted(cache)
     problems = []
     finished = cache.finished_shards()
     missing = sorted(set(range(cache.layout.num_shards)) - finished)
@@ -62,13 +91,8 @@ def verify(cache: Cache) -> list[str]:
     problems += [f"{d}; rebuild it with `python -m pipeline.build SOURCE {cache.url} --repair`" for d in damage]
     damaged = {(d.shard, d.array) for d in damage} | {(d.shard, a) for d in damage if d.array == "progress"
                                                          for a in ("latents", "labels", *_feature_names(cache))}
+    problems += _label_problems(cache)
     labels = cache.labels
-    ncls = len(cache.manifest.get("classes", []))
-    if labels.size and (labels.max() >= ncls or labels.min() < -1):
-        problems.append(f"labels outside [-1, {ncls})")
-    skipped_rows = {s["row"] for s in cache.manifest.get("skipped", [])}
-    if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
-        problems.append("rows with label -1 differ from the manifest's skip list")
     arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
     for shard in sorted(finished):
         lo, hi = cache.layout.shard_rows_range(shard)
@@ -92,17 +116,46 @@ def verify(cache: Cache) -> list[str]:
     return problems
 
 
-def _feature_names(cache: Cache) -> list[str]:
+def _label_problems(cache: CacheReader) -> list[str]:
+    problems = []
+    labels = cache.labels
+    ncls = len(cache.manifest.classes)
+    if labels.size and (labels.max() >= ncls or labels.min() < -1):
+        problems.append(f"labels outside [-1, {ncls})")
+    skipped_rows = {s.row for s in cache.manifest.skipped_files}
+    if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
+        problems.append("rows with label -1 differ from the manifest's skip list")
+    return problems
+
+
+def _verify_converted(cache: CacheReader, block: int = 1024) -> list[str]:
+    """An HDF5 or FFCV cache: its checksums (:meth:`verify` of the format), labels, then non-finite values
+    and all-zero data rows, read in blocks of ``block`` rows (when the checksums pass)."""
+    problems = cache.verify() + _label_problems(cache)
+    if problems:
+        return problems
+    arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
+    for lo in range(0, cache.layout.num_rows, block):
+        hi = min(lo + block, cache.layout.num_rows)
+        data_rows = cache.labels[lo:hi] >= 0
+        for name, arr in arrays.items():
+            values = arr[lo:hi]
+            if not np.isfinite(values).all():
+                problems.append(f"{cache.url}: {name} has non-finite values in rows {lo}..{hi}")
+            empty = ~values.reshape(len(values), -1).any(axis=1) & data_rows
+            if empty.any():
+                problems.append(f"{cache.url}: {name} row {lo + int(np.flatnonzero(empty)[0])} is all zeros")
+    return problems
+
+
+def _feature_names(cache: CacheReader) -> list[str]:
     return [f"features/{k}" for k in cache.features]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("path")
-    p.add_argument("--verify", action="store_true",
-                   help="check every shard against its recorded checksum, its index, presence and finiteness")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = p.parse_args(argv)
+    args, dry_run = parse_config(InspectConfig, argv, positional=("path",), description=__doc__.splitlines()[0])
+    if dry_run:
+        return 0
     try:
         cache = open_cache(args.path, allow_incomplete=True)
     except CacheError as e:
@@ -124,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(info: dict[str, Any]) -> None:
     gib = info["total_bytes"] / 2**30
-    print(f"cache      {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE'})")
+    print(f"cache      {info['path']}  ({info['format']}, {'complete' if info['complete'] else 'INCOMPLETE'})")
     print(f"rows       {info['data_rows']} with data, {info['skipped']} skipped, {info['rows']} in all; "
           f"{info['classes']} classes")
     print(f"images     {info['resolution']} px, {info['variants']} variant(s)")
@@ -133,8 +186,11 @@ def _print(info: dict[str, Any]) -> None:
     for name, shape in info["features"].items():
         t = info["teachers"].get(name, {})
         print(f"features   {name}: {shape} float16{'  (random weights)' if t.get('random_weights') else ''}")
-    print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
-          f"compressor {info['compressor']}, {gib:.3f} GiB")
+    if info["format"] == "zarr":
+        print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
+              f"compressor {info['compressor']}, {gib:.3f} GiB")
+    else:
+        print(f"storage    {info['format']}, {gib:.3f} GiB")
     src = info["source"]
     print(f"source     {src['root']}  ({src['num_files']} files, fingerprint {str(src['fingerprint'])[:16]})")
     st = info["stats"]

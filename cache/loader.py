@@ -18,6 +18,11 @@ serves fill values for a missing object, the loader asks the store once per shar
 object exists. Batches are prefetched ``prefetch`` deep and come back as CPU tensors, pinned when
 CUDA is available.
 
+Formats. Only the row readers know a format: :meth:`cache.store.CacheReader.row_reader` gives one
+per array (zarr's :class:`_RowReader` here, :mod:`cache.h5cache`'s for HDF5). A format with its own
+batch loader (FFCV, :mod:`cache.ffcvcache`) offers ``batch_source`` instead and is fed this rank's
+positions of the same order. Order, ranks, resume, flips and the batch dict are shared by all.
+
 Rebuilds. Each batch, once read, is checked against the cache's generation (one small read of its
 identity marker, :meth:`cache.store.Cache.check_unchanged`): a cache rebuilt or removed while the
 loader reads it stops the loader with :class:`cache.store.CacheChangedError`, never mixed rows.
@@ -319,11 +324,14 @@ class CacheLoader:
                          else np.zeros(len(self.order), dtype=np.int64))
         self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
                                     start=start, drop_last=drop_last)
-        root, url, complete = cache.root, cache.url, cache.complete
-        self._readers = {"latents": _RowReader(cache.latents, root, url, complete=complete)}
-        self._readers.update({f"features/{n}": _RowReader(cache.features[n], root, url, complete=complete)
-                              for n in names})
         self.teachers = names
+        keys = ["latents", *(f"features/{n}" for n in names)]
+        # A format whose own loader assembles whole batches (FFCV) offers ``batch_source``; the others
+        # read rows into our batches through one row reader per array.
+        make_source = getattr(cache, "batch_source", None)
+        self._source = None if make_source is None else make_source(keys, num_workers=self.num_workers,
+                                                                    prefetch=self.prefetch)
+        self._readers = {} if self._source is not None else {key: cache.row_reader(key) for key in keys}
         self._pool = _BufferPool(keep=self.prefetch + 4)
 
     def __len__(self) -> int:
@@ -331,13 +339,15 @@ class CacheLoader:
 
     @property
     def direct_reads(self) -> bool:
-        """Whether every array is read by byte range (the fast path)."""
-        return all(r.direct for r in self._readers.values())
+        """Whether every array is read by byte range (the fast path; False for a format's own loader)."""
+        return self._source is None and all(r.direct for r in self._readers.values())
 
     def _empty(self, n: int) -> dict[str, torch.Tensor]:
         out = {}
-        for key, reader in self._readers.items():
-            shape = (n, *reader.variant_shape)
+        shapes = (self._source.variant_shapes if self._source is not None
+                  else {key: reader.variant_shape for key, reader in self._readers.items()})
+        for key, variant_shape in shapes.items():
+            shape = (n, *variant_shape)
             if self.pin_memory:  # torch's caching host allocator recycles pinned blocks safely
                 out[key] = torch.empty(shape, dtype=torch.float16, pin_memory=True)
             else:
@@ -355,17 +365,33 @@ class CacheLoader:
                 if len(part):
                     s = slice(part[0], part[-1] + 1)
                     futures.append(pool.submit(reader.read, rows[s], variants[s], dst[s]))
+        return self._batch(rows, variants, tensors), futures
+
+    def _batch(self, rows: np.ndarray, variants: np.ndarray, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64))
-        batch = {
+        return {
             "latents": tensors["latents"],
             "features": {n: tensors[f"features/{n}"] for n in self.teachers},
             "labels": labels.pin_memory() if self.pin_memory else labels,
             "index": torch.from_numpy(rows.copy()),
             "flip": torch.from_numpy(variants.astype(bool)),
         }
-        return batch, futures
+
+    def _iter_source(self) -> Iterator[dict[str, Any]]:
+        """Batches from a format's own loader, fed this rank's positions in our order."""
+        for (lo, hi), arrays in zip(self.batches, self._source.batches(self.order, self.variants, self.batches),
+                                    strict=True):
+            rows, variants = self.order[lo:hi], self.variants[lo:hi]
+            tensors = self._empty(hi - lo)
+            for key, value in arrays.items():  # the source reuses its buffers: copy out
+                tensors[key].numpy()[...] = value
+            self.cache.check_unchanged()
+            yield self._batch(rows, variants, tensors)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._source is not None:
+            yield from self._iter_source()
+            return
         pending: deque[tuple[dict[str, Any], list[Future]]] = deque()
         batches = iter(self.batches)
         with ThreadPoolExecutor(self.num_workers, thread_name_prefix="cache-read") as pool:
@@ -395,6 +421,8 @@ class CacheLoader:
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
+        if self._source is not None:
+            self._source.close()
 
     def __del__(self) -> None:
         try:

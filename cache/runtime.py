@@ -1,7 +1,15 @@
 """Process plumbing shared by the entry points (``pipeline.build``, ``trainer.train``, ``tools.*``).
 
 Like :mod:`cache.config`, it lives in ``cache`` only because ``cache`` is the one package every
-other package may import: the device fix-up for accelerate, the one-time logging setup and atomic JSON records.
+other package may import: the device fix-up for accelerate, the one precision vocabulary, the one-time
+logging setup and atomic JSON records.
+
+Precision means the same in every entry point (``pipeline.build``, ``trainer.train``, ``tools.sample``;
+``tools.evaluate`` always uses ``fp32``, so that its numbers compare across machines):
+
+    fp32   strict float32: TF32 off for matmuls and convolutions
+    tf32   float32 with TF32 matmuls and convolutions (on GPUs that have them)
+    bf16   the networks under bfloat16 autocast; TF32 for what runs outside autocast
 """
 
 from __future__ import annotations
@@ -14,21 +22,59 @@ from typing import Any
 
 import torch
 
-__all__ = ["configure_device", "resolve_device", "setup_logging", "write_json"]
+__all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "configure_device", "make_accelerator", "resolve_device",
+           "setup_logging", "write_json"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+class SetupError(RuntimeError):
+    """An entry point cannot start (no run, a mismatch, changed settings on a rerun); says why."""
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype the networks run under for ``precision``: ``torch.bfloat16`` for bf16, None (no autocast)
+    otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def apply_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Set the process's TF32 switches for ``precision`` (see the module docstring) and return the autocast
+    dtype the networks run under: ``torch.bfloat16`` for bf16, None (no autocast) otherwise. Every entry
+    point calls this once, after :func:`configure_device`; nothing else touches the switches except
+    ``tools.inception``, which holds them off around the Inception network."""
+    dtype = autocast_dtype(precision)
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return dtype
+
+
+def make_accelerator(device: str, precision: str) -> tuple[Any, torch.device, torch.dtype | None]:
+    """The Accelerator for ``device`` ("auto", "cpu", "cuda"; one process or a launched group), its configured
+    device and the autocast dtype of ``precision`` (:func:`apply_precision`)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # Precision and compilation are the entry point's to decide, whatever `accelerate config` says;
+    # the RoPE and position tables are constants, so DDP need not broadcast buffers every step.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", dynamo_backend="no", kwargs_handlers=[ddp])
+    dev = configure_device(accelerator.device)
+    return accelerator, dev, apply_precision(precision, dev)
 
 
 def configure_device(device: torch.device) -> torch.device:
-    """Give a bare 'cuda' its index (accelerate's single-process device) and allow TF32 matmuls and
-    convolutions, the fp32 setting of every entry point; a launched CPU rank's "cpu:0" becomes "cpu"
-    (safetensors refuses an indexed CPU device)."""
+    """Give a bare 'cuda' its index (accelerate's single-process device) and make it current; a launched
+    CPU rank's "cpu:0" becomes "cpu" (safetensors refuses an indexed CPU device). Precision is
+    :func:`apply_precision`'s."""
     if device.type == "cpu":
         return torch.device("cpu")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     return device
 
 

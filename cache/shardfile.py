@@ -14,7 +14,8 @@ documented form (the ``zarr.json`` document, or ``metadata.to_dict()``), never f
 of codec attributes, which change between zarr versions (3.1 keeps enums where 3.4 keeps strings).
 When it cannot confirm the layout it says why, and callers use zarr's own reading and writing for
 that array (slower, always correct). Setting the environment variable ``UREPA_ZARR_IO=zarr`` forces
-zarr's path for every array, so the slow path can be exercised and compared.
+zarr's path for every array, so the slow path can be exercised and compared; ``UREPA_IO=library``
+forces the library's own path for every format (zarr's here, h5py's in :mod:`cache.h5cache`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ __all__ = [
     "shard_key",
     "metadata_document",
     "zarr_io_forced",
+    "library_io_forced",
+    "ENV_LIBRARY_IO",
     "encode_index",
     "decode_index",
     "write_shard_file",
@@ -49,6 +52,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 ENV_IO = "UREPA_ZARR_IO"  # "zarr": every array through zarr's own reads and writes
+ENV_LIBRARY_IO = "UREPA_IO"  # "library": every format through its library's own I/O (zarr, h5py)
 EMPTY_CHUNK = 0xFFFFFFFFFFFFFFFF  # index entry (offset and nbytes) of a chunk that is not stored
 CHECKSUM_NBYTES = 4  # the crc32c after the index
 
@@ -57,8 +61,19 @@ class ShardIndexError(ValueError):
     """A shard's index is damaged (checksum mismatch, entries out of the file, wrong size)."""
 
 
+def library_io_forced() -> bool:
+    """Whether ``UREPA_IO=library`` asks every format for its library's own I/O (zarr's, h5py's) instead
+    of direct byte-range reads and writes."""
+    value = os.environ.get(ENV_LIBRARY_IO, "").strip().lower()
+    if value not in ("", "auto", "direct", "library"):
+        raise ValueError(f"{ENV_LIBRARY_IO}={value!r}: use 'library' (force each format's library I/O) or leave it unset")
+    return value == "library"
+
+
 def zarr_io_forced() -> bool:
-    """Whether ``UREPA_ZARR_IO=zarr`` asks for zarr's own I/O everywhere."""
+    """Whether ``UREPA_ZARR_IO=zarr`` (or ``UREPA_IO=library``) asks for zarr's own I/O everywhere."""
+    if library_io_forced():
+        return True
     value = os.environ.get(ENV_IO, "").strip().lower()
     if value not in ("", "auto", "direct", "zarr"):
         raise ValueError(f"{ENV_IO}={value!r}: use 'zarr' (force zarr's own I/O) or leave it unset")
@@ -288,6 +303,8 @@ def shard_key(array: Any, shard: int) -> str:
 def choose_io(root: str | None, array: Any) -> tuple[ShardFormat | None, str]:
     """How one array of a cache is read and written: (its shard format, "") for direct byte-range I/O,
     or (None, why zarr's own I/O is used). ``root``: the cache's local folder, None for other stores."""
+    if library_io_forced():
+        return None, f"forced by {ENV_LIBRARY_IO}=library"
     if zarr_io_forced():
         return None, f"forced by {ENV_IO}=zarr"
     if root is None:

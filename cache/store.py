@@ -49,6 +49,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
+from .manifest import SCHEMA_VERSION, Manifest, ManifestError
 from .shardfile import (
     ShardFormat,
     ShardIndexError,
@@ -66,6 +67,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST_KEY",
+    "Manifest",
     "CacheError",
     "CacheMismatchError",
     "CacheChangedError",
@@ -73,15 +75,17 @@ __all__ = [
     "Layout",
     "CacheWriter",
     "Cache",
+    "CacheReader",
+    "FORMATS",
+    "detect_format",
+    "reader_manifest",
     "open_cache",
     "manifest_diff",
     "verify_shards",
 ]
 
-SCHEMA_VERSION = 1
 MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
-VOLATILE_KEYS = ("created", "complete", "skipped", "stats", "software", "source_root", "generation")
 IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
 CREATED_BY = "pipeline.build"
 READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
@@ -159,7 +163,7 @@ class Layout:
 def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Each manifest entry that differs, ignoring bookkeeping (time, versions, skips, generation): its
     dotted name and both values in full, or for two lists the items that differ."""
-    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(VOLATILE_KEYS))]
+    return [f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(old, new, skip=frozenset(Manifest.VOLATILE))]
 
 
 def _describe(old: Any, new: Any, *, most: int = 3) -> str:
@@ -349,11 +353,11 @@ class CacheWriter:
     complete" for any interruption; a shard without a record is simply written again.
     """
 
-    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: dict[str, Any]) -> None:
+    def __init__(self, url: str | os.PathLike, group: zarr.Group, manifest: Manifest) -> None:
         self.url = os.fspath(url)
         self.group = group
         self.manifest = manifest
-        self.layout = Layout.from_dict(manifest["layout"])
+        self.layout = manifest.layout
         self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
 
     # -- creation -------------------------------------------------------------------------
@@ -363,7 +367,7 @@ class CacheWriter:
         url: str | os.PathLike,
         *,
         layout: Layout,
-        manifest: Mapping[str, Any],
+        manifest: Manifest | Mapping[str, Any],
         sources: Sequence[Mapping[str, Any]],
         overwrite: bool = False,
     ) -> tuple[CacheWriter, bool]:
@@ -371,11 +375,16 @@ class CacheWriter:
 
         Returns ``(writer, resumed)``. A cache whose manifest differs in anything but bookkeeping
         raises :class:`CacheMismatchError` naming each difference, unless ``overwrite`` is set,
-        in which case the old cache is deleted first. Call on one process only (rank 0).
+        in which case the old cache is deleted first. Call on one process only (rank 0). ``manifest``
+        is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``).
         """
-        manifest = dict(manifest)
+        manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
         manifest["layout"] = layout.to_dict()
         manifest.setdefault("schema_version", SCHEMA_VERSION)
+        try:
+            manifest = Manifest.from_dict(manifest).to_dict()  # as every reader will see it
+        except ManifestError as e:
+            raise CacheError(f"{url}: the manifest to write is malformed: {e}") from None
         store = _store_for(url)
         ours = _identity(store) is not None
         existing, unreadable = _probe_group(url)
@@ -393,9 +402,13 @@ class CacheWriter:
                     raise CacheMismatchError(f"{url} holds a damaged cache (its manifest is not a JSON object); "
                                              "pass --overwrite to rebuild it, or choose another OUT")
             else:
+                try:
+                    old = Manifest.from_dict(old).to_dict()  # compared as every reader sees it
+                except ManifestError:
+                    pass
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
-                    return cls(url, zarr.open_group(url, mode="r+"), dict(old)), True
+                    return cls(url, zarr.open_group(url, mode="r+"), _typed(url, old)), True
                 if not overwrite:
                     raise CacheMismatchError(
                         f"{url} holds a cache built with other settings; rerun with the same settings to "
@@ -434,13 +447,13 @@ class CacheWriter:
         group.create_group("build")
         _put(group, "build/sources.json", json.dumps(list(sources), separators=(",", ":")).encode())
         group.attrs[MANIFEST_KEY] = manifest
-        return cls(url, group, manifest), False
+        return cls(url, group, _typed(url, manifest)), False
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
         group = zarr.open_group(url, mode="r+")
-        return cls(url, group, dict(group.attrs[MANIFEST_KEY]))
+        return cls(url, group, _typed(url, group.attrs[MANIFEST_KEY]))
 
     # -- progress -------------------------------------------------------------------------
     def completed_shards(self) -> set[int]:
@@ -507,7 +520,7 @@ class CacheWriter:
         array.with_config({"write_empty_chunks": True})[lo:hi] = data
         return self._stored_checksum(array, shard)
 
-    def finalize(self, stats: Mapping[str, Any]) -> dict[str, Any]:
+    def finalize(self, stats: Mapping[str, Any]) -> Manifest:
         """Check that every shard is present, gather the skip list, mark the manifest complete."""
         missing = sorted(set(range(self.layout.num_shards)) - self.completed_shards())
         if missing:
@@ -518,9 +531,9 @@ class CacheWriter:
             skipped += record["skipped"]
         manifest = dict(self.group.attrs[MANIFEST_KEY])
         manifest.update(complete=True, skipped=skipped, stats=dict(stats))
-        self.group.attrs[MANIFEST_KEY] = manifest
-        self.manifest = manifest
-        return manifest
+        self.manifest = _typed(self.url, manifest)
+        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        return self.manifest
 
     def forget_damaged(self) -> list[ShardDamage]:
         """Verify every finished shard (:func:`verify_shards`) and forget the damaged ones, so that the
@@ -528,11 +541,11 @@ class CacheWriter:
         shard's progress record is deleted, then its objects. Returns the damage found."""
         damage = verify_shards(self.group, self.url, self.layout)
         shards = sorted({d.shard for d in damage})
-        if shards and self.manifest.get("complete"):
+        if shards and self.manifest.is_complete:
             manifest = dict(self.group.attrs[MANIFEST_KEY])
             manifest["complete"] = False
-            self.group.attrs[MANIFEST_KEY] = manifest
-            self.manifest = manifest
+            self.manifest = _typed(self.url, manifest)
+            self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
         store = self.group.store
         arrays = _data_arrays(self.group, self.layout)
         for shard in shards:
@@ -544,6 +557,14 @@ class CacheWriter:
     def put_text(self, key: str, text: str) -> None:
         """Store a text record (resolved config) under ``build/``."""
         _put(self.group, f"build/{key}", text.encode())
+
+
+def _typed(url: str | os.PathLike, manifest: Any) -> Manifest:
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{os.fspath(url)}: the manifest ({_where(url, 'zarr.json')}) is malformed: {e}; rebuild "
+                         "the cache with --overwrite") from None
 
 
 def _probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
@@ -577,16 +598,116 @@ def _delete(url: str | os.PathLike, store: Any) -> None:
 # Reader
 
 
-class Cache:
-    """A finished cache, opened for reading. Use :func:`open_cache`.
+def reader_manifest(url: str, manifest: Any, *, where: str, rebuild: str,
+                    allow_incomplete: bool = False) -> Manifest:
+    """The manifest of a cache as every format stores it (the build's ``Manifest.to_dict()``, verbatim)
+    checked for what a reader needs, as a typed :class:`cache.manifest.Manifest` (its ``layout`` the
+    :class:`Layout`); a :class:`CacheError` naming ``where`` (the file or attribute that holds it) and
+    what to do (``rebuild``) otherwise. The one reader of the manifest shared by the zarr, HDF5 and FFCV
+    formats."""
+    if not isinstance(manifest, Mapping):
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is not a JSON object; {rebuild}")
+    lacking = [k for k in READER_KEYS if k not in manifest]
+    if lacking:
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) lacks "
+                         f"{', '.join(map(repr, lacking))}; {rebuild}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{url} has cache schema {manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}")
+    if not manifest.get("complete") and not allow_incomplete:
+        raise CacheError(f"{url} is incomplete: rerun the build command to finish it")
+    try:
+        Layout.from_dict(manifest["layout"])
+    except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
+        raise CacheError(f"{url} is not a readable cache: the layout in its manifest ({where}) is malformed "
+                         f"({type(e).__name__}: {e}); {rebuild}") from None
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is malformed ({e}); "
+                         f"{rebuild}") from None
+
+
+class CacheReader:
+    """What every cache format offers readers (zarr :class:`Cache`, :class:`cache.h5cache.H5Cache`,
+    :class:`cache.ffcvcache.FfcvCache`); each sets the attributes below in its constructor.
 
     Attributes:
-        manifest: the build manifest (dict), see README "Cache layout".
-        latents: zarr array (N, F, 8, R/8, R/8) float16 of posterior moments, all rows.
-        features: dict teacher name -> zarr array (N, F, T, D) float16, all rows.
+        url: where the cache is; root: its local folder or file (None for remote stores).
+        format: 'zarr', 'hdf5' or 'ffcv'.
+        manifest: the build manifest, a :class:`cache.manifest.Manifest`; layout: its :class:`Layout`
+            (``manifest.layout``).
+        latents: array-like (N, F, 8, R/8, R/8) float16 of posterior moments (``.shape``, ``[rows]``).
+        features: dict teacher name -> array-like (N, F, T, D) float16.
         labels: numpy int32 (N,); -1 on skipped rows.
         rows: numpy int64 ids of the rows that hold data, ascending; ``len(cache)`` counts them.
     """
+
+    format = "zarr"
+    url: str
+    root: str | None
+    manifest: Manifest
+    layout: Layout
+    labels: np.ndarray
+    rows: np.ndarray
+    generation: str | None = None
+
+    def _set_labels(self, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels)
+        self.rows = np.flatnonzero(self.labels >= 0).astype(np.int64)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.is_complete
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CacheChangedError` if the cache was replaced since it was opened (formats that
+        cannot tell: nothing)."""
+
+    def sources(self) -> list[dict[str, Any]]:
+        """The build's source list (relative path and size of every source file, in row order)."""
+        raise NotImplementedError
+
+    def source_path(self, row: int) -> str:
+        """Path of the source image of ``row``, relative to the build's SOURCE folder."""
+        if getattr(self, "_sources", None) is None:
+            self._sources = self.sources()
+        return self._sources[row]["path"]
+
+    def row_reader(self, name: str) -> Any:
+        """A reader of single rows of array ``name`` ('latents', 'features/<teacher>') into batches:
+        ``read(rows, variants, out)``, ``direct``, ``variant_shape``, ``close()``; see :mod:`cache.loader`."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.url!r}, rows={len(self)}/{self.layout.num_rows}, "
+                f"variants={self.num_variants}, teachers={ {k: tuple(v) for k, v in self.layout.teachers.items()} })")
+
+    @property
+    def num_variants(self) -> int:
+        return self.layout.variants
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.classes)
+
+    def loader(self, batch_size: int, **kwargs: Any):
+        """A :class:`cache.loader.CacheLoader` over this cache; see its docstring for the options."""
+        from .loader import CacheLoader
+
+        return CacheLoader(self, batch_size, **kwargs)
+
+
+class Cache(CacheReader):
+    """A finished zarr cache, opened for reading. Use :func:`open_cache`; see :class:`CacheReader`."""
+
+    format = "zarr"
 
     def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.url = os.fspath(url)
@@ -600,25 +721,12 @@ class Cache:
         if manifest is None:
             raise CacheError(f"{self.url} is a zarr group but not a feature cache (no '{MANIFEST_KEY}' attribute)")
         where = f"the '{MANIFEST_KEY}' attribute in {_where(url, 'zarr.json')}"
-        if not isinstance(manifest, Mapping):
-            raise CacheError(f"{self.url} is not a readable cache: its manifest ({where}) is not a JSON object; {rebuild}")
-        lacking = [k for k in READER_KEYS if k not in manifest]
-        if lacking:
-            raise CacheError(f"{self.url} is not a readable cache: its manifest ({where}) lacks "
-                             f"{', '.join(map(repr, lacking))}; {rebuild}")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise CacheError(f"{self.url} has cache schema {manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}")
-        if not manifest.get("complete") and not allow_incomplete:
-            raise CacheError(f"{self.url} is incomplete: rerun the build command to finish it")
-        try:
-            self.layout = Layout.from_dict(manifest["layout"])
-        except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
-            raise CacheError(f"{self.url} is not a readable cache: the layout in its manifest ({where}) is malformed "
-                             f"({type(e).__name__}: {e}); {rebuild}") from None
+        self.manifest = reader_manifest(self.url, manifest, where=where, rebuild=rebuild,
+                                        allow_incomplete=allow_incomplete)
+        self.layout = self.manifest.layout
         self.group = group
         self.root = local_root(self.url)  # the local folder, None for other stores
-        self.manifest: dict[str, Any] = dict(manifest)
-        self.generation: str | None = manifest.get("generation")  # None: built before generations were recorded
+        self.generation = self.manifest.generation  # None: built before generations were recorded
         try:
             self.latents = group["latents"]
             self.features = {name: group["features"][name] for name in self.layout.teachers}
@@ -632,12 +740,8 @@ class Cache:
             raise CacheError(f"{self.url}: the labels cannot be read ({type(e).__name__}: {e}): the cache is damaged; "
                              f"run `python -m cache.inspect {self.url} --verify`, then "
                              f"`python -m pipeline.build SOURCE {self.url} --repair`") from None
-        self.rows = np.flatnonzero(self.labels >= 0).astype(np.int64)
+        self._set_labels(self.labels)
         self._sources: list[dict[str, Any]] | None = None
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest.get("complete"))
 
     def check_unchanged(self) -> None:
         """Raise :class:`CacheChangedError` if the cache was rebuilt or removed since it was opened: one
@@ -666,30 +770,14 @@ class Cache:
         """Damaged objects of the finished shards; see :func:`verify_shards`."""
         return verify_shards(self.group, self.url, self.layout)
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def sources(self) -> list[dict[str, Any]]:
+        return json.loads(_get(self.group, "build/sources.json") or b"[]")
 
-    def __repr__(self) -> str:
-        return (f"Cache({self.url!r}, rows={len(self)}/{self.layout.num_rows}, variants={self.num_variants}, "
-                f"teachers={ {k: tuple(v) for k, v in self.layout.teachers.items()} })")
+    def row_reader(self, name: str) -> Any:
+        from .loader import _RowReader
 
-    @property
-    def num_variants(self) -> int:
-        return self.layout.variants
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.manifest["classes"])
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    def source_path(self, row: int) -> str:
-        """Path of the source image of ``row``, relative to the build's SOURCE folder."""
-        if self._sources is None:
-            self._sources = json.loads(_get(self.group, "build/sources.json") or b"[]")
-        return self._sources[row]["path"]
+        array = self.latents if name == "latents" else self.features[name.removeprefix("features/")]
+        return _RowReader(array, self.root, self.url, complete=self.complete)
 
     def progress_records(self) -> list[dict[str, Any]]:
         out = []
@@ -711,13 +799,6 @@ class Cache:
             out[name] = [p for p in paths if os.path.exists(p)]
         return out
 
-    def loader(self, batch_size: int, **kwargs: Any):
-        """A :class:`cache.loader.CacheLoader` over this cache; see its docstring for the options."""
-        from .loader import CacheLoader
-
-        return CacheLoader(self, batch_size, **kwargs)
-
-
 def stored_bytes(group: zarr.Group) -> dict[str, int]:
     """Bytes stored per array of a cache group ('latents', 'labels', 'features/<name>')."""
     out = {"latents": int(group["latents"].nbytes_stored()), "labels": int(group["labels"].nbytes_stored())}
@@ -726,6 +807,49 @@ def stored_bytes(group: zarr.Group) -> dict[str, int]:
     return out
 
 
-def open_cache(url: str | os.PathLike, *, allow_incomplete: bool = False) -> Cache:
-    """Open a finished cache for reading (a local folder or any store URL zarr accepts)."""
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+FFCV_RECORD = "ffcv.json"  # the record that makes a folder an FFCV cache (see cache.ffcvcache)
+FORMATS = ("zarr", "hdf5", "ffcv")
+
+
+def detect_format(url: str | os.PathLike) -> str:
+    """'zarr', 'hdf5' or 'ffcv', from what is on disk: a folder with ``zarr.json`` (or any non-local
+    store) is zarr, a file that starts with HDF5's signature is HDF5, a folder with ``ffcv.json`` is
+    FFCV. Anything else is a :class:`CacheError` naming the path and what it holds."""
+    root = local_root(url)
+    if root is None:
+        return "zarr"
+    if os.path.isdir(root):
+        if os.path.exists(os.path.join(root, "zarr.json")):
+            return "zarr"
+        if os.path.exists(os.path.join(root, FFCV_RECORD)):
+            return "ffcv"
+        if any(n.endswith(".beton") for n in os.listdir(root)):
+            raise CacheError(f"{root} holds .beton files but no {FFCV_RECORD}: not a finished FFCV cache (a conversion "
+                             "that did not finish, or files copied by hand); convert again: "
+                             f"`python -m cache.convert SRC {root} --format ffcv`")
+        return "zarr"  # an empty or foreign folder: zarr's reader says "no cache" or why
+    if os.path.isfile(root):
+        with open(root, "rb") as f:
+            head = f.read(8)
+        if head == HDF5_SIGNATURE:
+            return "hdf5"
+        raise CacheError(f"{root} is a file but not an HDF5 cache (it does not start with HDF5's signature); a cache "
+                         "is a zarr folder, an .h5 file or an FFCV folder: `python -m cache.convert SRC DST --format "
+                         "zarr|hdf5|ffcv` writes one")
+    raise CacheError(f"no cache at {root}")
+
+
+def open_cache(url: str | os.PathLike, *, allow_incomplete: bool = False) -> CacheReader:
+    """Open a finished cache for reading, in any format (:func:`detect_format`): a zarr folder or any
+    store URL zarr accepts, an HDF5 file, an FFCV folder. Every format offers :class:`CacheReader`."""
+    fmt = detect_format(url)
+    if fmt == "hdf5":
+        from .h5cache import H5Cache
+
+        return H5Cache(url, allow_incomplete=allow_incomplete)
+    if fmt == "ffcv":
+        from .ffcvcache import FfcvCache
+
+        return FfcvCache(url, allow_incomplete=allow_incomplete)
     return Cache(url, allow_incomplete=allow_incomplete)

@@ -3,11 +3,12 @@
 Two ways in:
 
 - :class:`CacheDataset`, map-style: ``ds[i]`` is data row ``cache.rows[i]`` (skipped rows are not
-  indexed), read through zarr; use it with any sampler, ``DataLoader(ds, batch_size, shuffle=True,
+  indexed), read through the format's row readers (zarr and HDF5 caches; an FFCV cache is refused:
+  its own loader reads whole batches, so use :class:`CacheBatches`); use it with any sampler, ``DataLoader(ds, batch_size, shuffle=True,
   num_workers=8)``. Items collate into the batches :class:`cache.loader.CacheLoader` yields.
 - :class:`CacheBatches`, iterable: whole batches from :class:`~cache.loader.CacheLoader` (its
   deterministic order, byte-range reads and reader threads), with rank and world size taken from
-  ``torch.distributed`` when it is initialised; ``set_epoch(epoch)`` before each epoch; use with
+  ``torch.distributed`` when it is initialised; every format (zarr, HDF5, FFCV); ``set_epoch(epoch)`` before each epoch; use with
   ``DataLoader(ds, batch_size=None)``.
 
 An item or batch is ``{"latents", "features", "labels", "index", "flip"}``: ``latents`` float16
@@ -25,20 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from zarr.core.sync import sync
 
-from .loader import CacheLoader, ShardReadError, rank_batches
-from .shardfile import shard_key
-from .store import Cache, CacheChangedError, open_cache
+from .loader import CacheLoader, rank_batches
+from .store import CacheChangedError, CacheReader, open_cache
 
 __all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
 
 
-def _open(cache: Cache | str | os.PathLike) -> Cache:
-    return cache if isinstance(cache, Cache) else open_cache(cache)
+def _open(cache: CacheReader | str | os.PathLike) -> CacheReader:
+    return cache if isinstance(cache, CacheReader) else open_cache(cache)
 
 
-def _teachers(cache: Cache, teachers: Sequence[str] | None) -> list[str]:
+def _teachers(cache: CacheReader, teachers: Sequence[str] | None) -> list[str]:
     names = list(cache.features) if teachers is None else list(teachers)
     unknown = set(names) - set(cache.features)
     if unknown:
@@ -57,10 +56,11 @@ class _ReopensByUrl:
     """Pickles the cache as its URL and generation, so spawned DataLoader workers reopen it (and refuse a
     cache rebuilt in between)."""
 
-    cache: Cache
+    cache: CacheReader
+    _unpicklable: tuple[str, ...] = ()  # per-process state (open files), rebuilt on first use
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
+        state = {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
         cache = state.pop("cache")
         state.update(_url=cache.url, _generation=cache.generation, _complete=cache.complete)
         return state
@@ -78,36 +78,60 @@ class CacheDataset(_ReopensByUrl, Dataset):
     """Map-style dataset over the data rows of a cache: item ``i`` is row ``cache.rows[i]``.
 
     Args:
-        cache: an opened :class:`~cache.store.Cache`, or its path or URL.
+        cache: an opened cache (:func:`cache.store.open_cache`), or its path or URL; zarr or HDF5.
         teachers: teacher names to read (default all).
         variant: ``0`` (as encoded), ``1`` (mirrored; caches built with ``--flip both``), or
             ``"random"``: 0 or 1 drawn per item from torch's generator (so DataLoader workers, each
             seeded by the DataLoader, draw different ones).
 
-    Reads go through zarr, one row at a time. A shard missing from a finished cache raises
+    Reads go through the format's row readers (:meth:`cache.store.CacheReader.row_reader`, as
+    :class:`~cache.loader.CacheLoader`'s), one row at a time. An FFCV cache is refused: FFCV reads whole
+    batches through its own loader; use :class:`CacheBatches`, or convert the cache to zarr or HDF5
+    (``python -m cache.convert``). A shard missing from a finished cache raises
     :class:`~cache.loader.ShardReadError`; a cache rebuilt since it was opened raises
     :class:`~cache.store.CacheChangedError`.
     """
 
-    def __init__(self, cache: Cache | str | os.PathLike, *, teachers: Sequence[str] | None = None,
+    _unpicklable = ("_readers",)
+
+    def __init__(self, cache: CacheReader | str | os.PathLike, *, teachers: Sequence[str] | None = None,
                  variant: int | str = 0) -> None:
         self.cache = _open(cache)
+        if getattr(self.cache, "batch_source", None) is not None:
+            raise ValueError(
+                f"CacheDataset reads single rows, which the {self.cache.format} cache {self.cache.url} does not offer "
+                "(its own loader reads whole batches): use cache.CacheBatches over it, or convert it to zarr or HDF5 "
+                "(`python -m cache.convert SRC DST --format hdf5`) for a map-style dataset")
         self.teachers = _teachers(self.cache, teachers)
         if variant not in (0, 1, "random"):
             raise ValueError(f"variant must be 0, 1 or 'random', got {variant!r}")
         if variant != 0 and self.cache.num_variants < 2:
             raise ValueError(f"variant={variant!r} needs a cache built with --flip both (this one stores 1 variant)")
         self.variant = variant
-        self._present: set[tuple[str, int]] = set()
 
     def __len__(self) -> int:
         return len(self.cache.rows)
 
+    def _reader(self, key: str) -> Any:
+        readers = self.__dict__.setdefault("_readers", {})
+        if key not in readers:
+            readers[key] = self.cache.row_reader(key)
+        return readers[key]
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.cache.rows[i])
         v = int(torch.randint(0, 2, ())) if self.variant == "random" else int(self.variant)
-        arrays = {"latents": self.cache.latents, **{f"features/{n}": self.cache.features[n] for n in self.teachers}}
-        data = {key: torch.from_numpy(np.asarray(self._read(a, key, row, v))) for key, a in arrays.items()}
+        rows, variants = np.array([row], dtype=np.int64), np.array([v], dtype=np.int64)
+        data = {}
+        for key in ["latents", *(f"features/{n}" for n in self.teachers)]:
+            reader = self._reader(key)
+            out = np.empty((1, *reader.variant_shape), dtype=np.float16)
+            try:
+                reader.read(rows, variants, out)
+            except Exception:
+                self.cache.check_unchanged()  # a shard gone because the cache is being rebuilt says so
+                raise
+            data[key] = torch.from_numpy(out[0])
         self.cache.check_unchanged()  # after the reads: rows of a rebuilt cache are never served
         return {
             "latents": data["latents"],
@@ -117,18 +141,12 @@ class CacheDataset(_ReopensByUrl, Dataset):
             "flip": torch.tensor(bool(v)),
         }
 
-    def _read(self, array: Any, key: str, row: int, variant: int) -> np.ndarray:
-        shard = row // (array.shards or array.chunks)[0]
-        if self.cache.complete and (key, shard) not in self._present:  # zarr serves zeros for a missing object
-            obj = f"{array.path}/{shard_key(array, shard)}"
-            if not sync(array.store.exists(obj)):
-                self.cache.check_unchanged()  # a rebuild in progress says so
-                raise ShardReadError(
-                    f"{self.cache.shard_object(key, shard)} (shard {shard} of {key}) is missing from the finished "
-                    f"cache {self.cache.url}: the cache is damaged; run `python -m cache.inspect {self.cache.url} "
-                    "--verify` and rebuild the shards it names")
-            self._present.add((key, shard))
-        return array[row, variant]
+    def __del__(self) -> None:
+        for reader in self.__dict__.get("_readers", {}).values():
+            try:
+                reader.close()
+            except Exception:
+                pass
 
 
 class CacheBatches(_ReopensByUrl, IterableDataset):
@@ -143,10 +161,11 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
     order; the loader already reads with ``num_workers`` threads, so ``num_workers=0`` is usually
     enough. ``persistent_workers=True`` would not see :meth:`set_epoch`: leave it off.
 
-    The other keyword arguments are :class:`~cache.loader.CacheLoader`'s.
+    Works for every format :class:`~cache.loader.CacheLoader` reads (zarr, HDF5, FFCV). The other keyword
+    arguments are :class:`~cache.loader.CacheLoader`'s.
     """
 
-    def __init__(self, cache: Cache | str | os.PathLike, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+    def __init__(self, cache: CacheReader | str | os.PathLike, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  flip: bool = False, drop_last: bool = True, teachers: Sequence[str] | None = None,
                  num_workers: int = 4, prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
                  pin_memory: bool | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
         [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
-        [--pos-embed repa|dinov2] [--flip none|both] [--precision fp32|bf16] [--compile] [--batch-size 128]
+        [--pos-embed repa|dinov2] [--flip none|both] [--precision tf32|fp32|bf16] [--compile] [--batch-size 128]
         [--workers 8] [--limit N] [--classes K] [--overwrite] [--repair] [--dry-run]
 
     # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
@@ -28,15 +28,16 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import configure_device, setup_logging
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
+from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import DecodedImages
@@ -58,75 +59,52 @@ _logger = logging.getLogger("pipeline.build")
 class BuildConfig:
     """Encode an ImageNet-style folder into a feature cache (zarr v3)."""
 
-    source: str = ""
-    out: str = ""
-    resolution: int = 256
-    vae: str = DEFAULT_VAE
-    teacher: str = DEFAULT_TEACHER
-    teacher_weights: str = ""
-    pos_embed: str = "repa"
-    flip: str = "none"
-    precision: str = "fp32"
-    compile: bool = False
-    batch_size: int = 128
-    workers: int = 8
-    device: str = "auto"
-    limit: int = 0
-    classes: int = 0
-    shard_rows: int = 256
-    chunk_rows: int = 16
-    compressor: str = "none"
-    max_pixels: int = 1 << 28
-    seed: int = 0
-    overwrite: bool = False
-    repair: bool = False
-
-    FIELD_HELP = {
-        "source": "ImageNet-style folder SOURCE/<class_name>/<image>",
-        "out": "cache location: a folder or any store URL zarr accepts",
-        "resolution": "ADM center crop size (256 or 512; any multiple of 8)",
-        "vae": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights",
-        "teacher": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights",
-        "teacher_weights": "comma-separated local weight files, one per teacher (empty: timm/HF hub)",
-        "pos_embed": "teacher position table at the token grid: repa (resampled once as REPA's utils.py, timm "
-                     "resample_abs_pos_embed with antialias) or dinov2 (DINOv2's run-time bicubic, scale (grid+0.1)/M)",
-        "flip": "'both' also encodes the mirrored image (variant 1)",
-        "precision": "encoder precision: fp32 (TF32 matmuls on GPU) or bf16 autocast",
-        "compile": "torch.compile the encoders",
-        "batch_size": "images per encoder batch (batches never straddle a shard)",
-        "workers": "decoding processes",
-        "device": "auto, cpu, cuda or cuda:N",
-        "limit": "keep only the first N images (0: all)",
-        "classes": "keep only the first K classes (0: all)",
-        "shard_rows": "rows per shard (one object per array; the unit of work and of resume)",
-        "chunk_rows": "rows per inner chunk of a shard",
-        "compressor": "none (rows readable by byte range) or zstd",
-        "max_pixels": "skip images with more pixels than this",
-        "seed": "seed of random-weight encoders",
-        "overwrite": "delete an existing cache built with other settings",
-        "repair": "check every finished shard against its recorded checksums and encode the damaged ones again",
-    }
+    source: str = field(default="", metadata={"help": "ImageNet-style folder SOURCE/<class_name>/<image>"})
+    out: str = field(default="", metadata={"help": "cache location: a folder or any store URL zarr accepts"})
+    resolution: int = field(default=256, metadata={"help": "ADM center crop size (256 or 512; any multiple of 8)"})
+    vae: str = field(default=DEFAULT_VAE, metadata={
+        "help": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights"})
+    teacher: str = field(default=DEFAULT_TEACHER, metadata={
+        "help": "comma-separated timm ViT names (docs/teachers.md); 'tiny', 'tiny:<name>' or 'random:<name>' "
+                "for random weights"})
+    teacher_weights: str = field(default="", metadata={
+        "help": "comma-separated local weight files, one per teacher (empty: timm/HF hub)"})
+    pos_embed: str = field(default="repa", metadata={
+        "help": "teacher position table at the token grid: repa (resampled once as REPA's utils.py, timm "
+                "resample_abs_pos_embed with antialias) or dinov2 (DINOv2's run-time bicubic, scale (grid+0.1)/M)",
+        "choices": POS_EMBED_MODES})
+    flip: Literal["none", "both"] = field(default="none", metadata={
+        "help": "'both' also encodes the mirrored image (variant 1)"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
+        "help": "encoder precision: fp32 (strict), tf32 (TF32 matmuls and convolutions on GPU) or bf16 "
+                "(autocast; TF32 outside it)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the encoders"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per encoder batch (batches never straddle a shard)", "min": 1})
+    workers: int = field(default=8, metadata={"help": "decoding processes", "min": 0})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    limit: int = field(default=0, metadata={"help": "keep only the first N images (0: all)", "min": 0})
+    classes: int = field(default=0, metadata={"help": "keep only the first K classes (0: all)", "min": 0})
+    shard_rows: int = field(default=256, metadata={
+        "help": "rows per shard (one object per array; the unit of work and of resume)", "min": 1})
+    chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
+    compressor: Literal["none", "zstd"] = field(default="none", metadata={
+        "help": "none (rows readable by byte range) or zstd"})
+    max_pixels: int = field(default=1 << 28, metadata={
+        "help": "skip images with more pixels than this (0 would skip every image)", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of random-weight encoders", "min": 0})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing cache built with other settings"})
+    repair: bool = field(default=False, metadata={
+        "help": "check every finished shard against its recorded checksums and encode the damaged ones again"})
 
     def __post_init__(self) -> None:
         if not self.source or not self.out:
             raise ConfigError("SOURCE and OUT are required")
+        check_fields(self)
         if self.resolution % 8 or self.resolution < 16:
             raise ConfigError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
-        if self.pos_embed not in POS_EMBED_MODES:
-            raise ConfigError(f"--pos-embed must be one of {', '.join(POS_EMBED_MODES)}, got {self.pos_embed!r}")
-        if self.flip not in ("none", "both"):
-            raise ConfigError(f"--flip must be none or both, got {self.flip!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batch_size < 1 or self.workers < 0 or self.limit < 0 or self.classes < 0:
-            raise ConfigError("--batch-size must be >= 1; --workers, --limit, --classes >= 0")
-        if self.shard_rows < 1 or self.chunk_rows < 1 or self.shard_rows % self.chunk_rows:
+        if self.shard_rows % self.chunk_rows:
             raise ConfigError(f"--shard-rows ({self.shard_rows}) must be a multiple of --chunk-rows ({self.chunk_rows})")
-        if self.max_pixels < 1 or self.seed < 0:
-            raise ConfigError(f"--max-pixels must be >= 1 (got {self.max_pixels}; 0 would skip every image) "
-                              f"and --seed >= 0 (got {self.seed})")
-        if self.compressor not in ("none", "zstd"):
-            raise ConfigError(f"--compressor must be none or zstd, got {self.compressor!r}")
         teachers = self.teacher_specs
         if not teachers or len(set(map(teacher_name, teachers))) != len(teachers):
             raise ConfigError(f"--teacher needs one or more distinct names, got {self.teacher!r}")
@@ -164,13 +142,14 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
 class Encoders(torch.nn.Module):
     """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) and {teacher: (B, F, T, D)}, float16."""
 
-    def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool, bf16: bool):
+    def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool,
+                 autocast: torch.dtype | None):
         super().__init__()
         self.vae = vae
         self.names = list(teachers)  # timm names contain dots, which module names may not
         self.teachers = torch.nn.ModuleList(teachers.values())
         self.flip = flip
-        self.bf16 = bf16
+        self.autocast = autocast  # the dtype of apply_precision, None: no autocast
 
     def compile(self) -> None:
         """torch.compile each encoder (one graph per encoder and batch shape)."""
@@ -181,7 +160,7 @@ class Encoders(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = images.shape[0]
         x = torch.cat([images, images.flip(2)]) if self.flip else images
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(images.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             lat = self.vae(x)
             feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
 
@@ -202,13 +181,22 @@ def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, di
     return vae.info, vae.module, teachers, infos
 
 
-def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict) -> dict[str, Any]:
+def make_layout(cfg: BuildConfig, num_rows: int, teacher_infos: Mapping[str, Mapping[str, Any]]) -> Layout:
+    return Layout(num_rows=num_rows, resolution=cfg.resolution, variants=2 if cfg.flip == "both" else 1,
+                  teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
+                  shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor)
+
+
+def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict) -> Manifest:
+    """The manifest of a new cache, before the store adds its creation time, generation and completion."""
     import diffusers
     import PIL
     import timm
     import zarr
 
-    return {
+    return Manifest.from_dict({
+        "schema_version": SCHEMA_VERSION,
+        "layout": make_layout(cfg, len(listing.files), teacher_infos).to_dict(),
         "source": {"num_files": len(listing.files), "fingerprint": listing.fingerprint,
                    "classes_limit": cfg.classes, "limit": cfg.limit},
         "source_root": listing.root,
@@ -227,7 +215,7 @@ def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos:
         "software": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
                      "diffusers": diffusers.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
                      "pillow": PIL.__version__},
-    }
+    })
 
 
 class _ShardBuffers:
@@ -316,7 +304,7 @@ def _broadcast(obj: Any, state: Any) -> Any:
     return box[0]
 
 
-def build(cfg: BuildConfig) -> dict[str, Any]:
+def build(cfg: BuildConfig) -> Manifest:
     """Run (or resume) a build; returns the final manifest. Every rank calls this."""
     from accelerate import PartialState
 
@@ -324,6 +312,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     device = configure_device(device)
+    autocast = apply_precision(cfg.precision, device)
     _setup_logging(rank, cfg.out)
     t0 = time.time()
 
@@ -333,10 +322,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         try:
             listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
             manifest = make_manifest(cfg, listing, vae_info, teacher_infos)
-            layout = Layout(num_rows=len(listing.files), resolution=cfg.resolution,
-                            variants=2 if cfg.flip == "both" else 1,
-                            teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
-                            shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor)
+            layout = manifest.layout
             writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
                                                            sources=listing.files, overwrite=cfg.overwrite)
             if cfg.repair and resumed:
@@ -355,13 +341,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         raise CacheError(result[1])
     if rank != 0:
         writer = CacheWriter.open(cfg.out)
-    if writer.manifest.get("complete"):
+    if writer.manifest.is_complete:
         _logger.info("cache %s is already complete; nothing to do", cfg.out)
         return writer.manifest
 
     layout = writer.layout
     sources = writer.sources()
-    check_sources(sources, writer.manifest, cfg.out)
+    check_sources(sources, writer.manifest.source, cfg.out)
     todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
@@ -370,7 +356,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     _logger.info("%d of %d shards to encode (%d rows) on %d process(es), device %s", len(todo),
                  layout.num_shards, rows_todo, world, device)
 
-    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", bf16=cfg.precision == "bf16").to(device).eval()
+    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", autocast=autocast).to(device).eval()
     if cfg.compile:
         encoders.compile()
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
@@ -419,24 +405,26 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         manifest = writer.finalize(stats)
         total = sum(stored_bytes(writer.group).values())
         _logger.info("done: %d rows (%d skipped) in %d shards, %.3f GiB, %.1f s, %.1f img/s over %d process(es)",
-                     layout.num_rows, len(manifest["skipped"]), layout.num_shards, total / 2**30,
+                     layout.num_rows, len(manifest.skipped_files), layout.num_shards, total / 2**30,
                      stats["seconds"], stats["img_per_s"], world)
-        for s in manifest["skipped"][:20]:
-            _logger.info("skipped row %d %s: %s", s["row"], s["path"], s["reason"])
+        for s in manifest.skipped_files[:20]:
+            _logger.info("skipped row %d %s: %s", s.row, s.path, s.reason)
     state.wait_for_everyone()
     return manifest
 
 
-def check_sources(sources: list[dict[str, Any]], manifest: Mapping[str, Any], out: str) -> None:
+def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out: str) -> None:
     """Refuse a stored source list that does not hash to the manifest's fingerprint or names a path that
-    could leave SOURCE (absolute, ``..``): a damaged or edited cache must not decide which files are read."""
+    could leave SOURCE (absolute, ``..``): a damaged or edited cache must not decide which files are read.
+    ``source`` is the manifest's record of the source."""
     try:
         fingerprint = SourceListing(root="", classes=[], files=sources).fingerprint
     except (KeyError, TypeError) as e:
         raise CacheError(f"{out}: the stored source list (build/sources.json) is malformed ({type(e).__name__}: {e}); "
                          "rebuild with --overwrite") from None
-    recorded = manifest.get("source", {}).get("fingerprint")
-    if fingerprint != recorded or len(sources) != manifest.get("source", {}).get("num_files", len(sources)):
+    recorded = source.fingerprint if source is not None else None
+    num_files = source.num_files if source is not None and source.num_files is not None else len(sources)
+    if fingerprint != recorded or len(sources) != num_files:
         raise CacheError(f"{out}: the stored source list (build/sources.json) has fingerprint {fingerprint[:12]}..., "
                          f"not the {str(recorded)[:12]}... its manifest records: it was damaged or edited; rebuild "
                          "with --overwrite")

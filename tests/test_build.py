@@ -26,7 +26,7 @@ def arrays(path):
     c = cache.open_cache(path)
     out = {"latents": c.latents[:], "labels": c.labels}
     out.update({f"features/{k}": v[:] for k, v in c.features.items()})
-    return out, c.manifest
+    return out, c.manifest.to_dict()
 
 
 def assert_identical(a, b):
@@ -78,13 +78,13 @@ def test_bad_files_are_skipped_and_recorded(tmp_path, image_folder):
     expected = write_bad_files(src / "zz_bad")
     run_build(src, tmp_path / "c.zarr", "--max-pixels", str(MAX_PIXELS))
     c = cache.open_cache(tmp_path / "c.zarr")
-    skipped = {s["path"].split("/")[-1]: s["reason"] for s in c.manifest["skipped"]}
+    skipped = {s["path"].split("/")[-1]: s["reason"] for s in c.manifest.to_dict()["skipped"]}
     assert set(skipped) == {n for n, o in expected.items() if o == "skipped"}
     for row in c.rows:
         assert c.source_path(row).split("/")[-1] not in skipped
     encoded = {c.source_path(r).split("/")[-1] for r in c.rows}
     assert {n for n, o in expected.items() if o == "encoded"} <= encoded
-    for s in c.manifest["skipped"]:
+    for s in c.manifest.to_dict()["skipped"]:
         assert c.labels[s["row"]] == -1 and s["reason"]
         assert not c.latents[s["row"]].any()
 
@@ -114,7 +114,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, image_folder, rerun_io):
     assert kills >= 1, "the build finished before it could be killed"
     done = len(os.listdir(progress))
     assert 0 < done < 6
-    assert cache.store.Cache(out, allow_incomplete=True).manifest["complete"] is False
+    assert cache.store.Cache(out, allow_incomplete=True).manifest.to_dict()["complete"] is False
     run_build(image_folder, out, "--resolution", "128", "--shard-rows", "4",
               env={"UREPA_ZARR_IO": "zarr"} if rerun_io == "zarr" else None)
     assert_identical(ref, out)
@@ -197,7 +197,7 @@ def test_several_teachers_in_one_build(tmp_path, image_folder):
     c = cache.open_cache(tmp_path / "c.zarr")
     assert c.features["tiny"].shape == (8, 1, 16, 96)
     assert c.features["vit_small_patch14_dinov2.lvd142m"].shape == (8, 1, 16, 384)
-    assert c.manifest["teachers"]["vit_small_patch14_dinov2.lvd142m"]["random_weights"] is True
+    assert c.manifest.to_dict()["teachers"]["vit_small_patch14_dinov2.lvd142m"]["random_weights"] is True
     b = next(iter(c.loader(4)))
     assert set(b["features"]) == {"tiny", "vit_small_patch14_dinov2.lvd142m"}
 
@@ -205,7 +205,7 @@ def test_several_teachers_in_one_build(tmp_path, image_folder):
 def test_position_table_choice_is_recorded_and_a_resume_with_the_other_is_refused(tmp_path, image_folder):
     out = tmp_path / "c.zarr"
     run_build(image_folder, out, "--limit", "8")
-    m = cache.open_cache(out).manifest
+    m = cache.open_cache(out).manifest.to_dict()
     assert m["preprocessing"]["teacher_pos_embed"] == "repa" and m["teachers"]["tiny"]["pos_embed"] == "repa"
     before = (out / "zarr.json").read_bytes()
     refused = run_build(image_folder, out, "--limit", "8", "--pos-embed", "dinov2", check=False)
@@ -214,7 +214,7 @@ def test_position_table_choice_is_recorded_and_a_resume_with_the_other_is_refuse
     assert (out / "zarr.json").read_bytes() == before
     run_build(image_folder, out, "--limit", "8", "--pos-embed", "dinov2", "--overwrite")
     c = cache.open_cache(out)
-    assert c.manifest["teachers"]["tiny"]["pos_embed"] == "dinov2"
+    assert c.manifest.to_dict()["teachers"]["tiny"]["pos_embed"] == "dinov2"
     dino = load_teacher("tiny", resolution=64, pos_embed="dinov2").module
     image = torch.from_numpy(load_image(str(image_folder / c.source_path(0)), 64, max_pixels=1 << 28))[None]
     with torch.no_grad():

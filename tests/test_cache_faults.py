@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from common.synthetic import TEACHERS, synthetic_cache
 from conftest import ROOT, _env, run_build
-from test_loader import TEACHERS, synthetic_cache
 
 import cache
 from cache import CacheChangedError, CacheError, CacheMismatchError, CacheWriter, Layout, ShardReadError
@@ -100,7 +100,7 @@ def test_forget_damaged_then_rewrite_restores_the_cache(tmp_path):
     writer = CacheWriter.open(tmp_path / "c.zarr")
     damage = writer.forget_damaged()
     assert sorted((d.shard, d.array) for d in damage) == [(0, "latents"), (2, "features/t_b")]
-    assert writer.completed_shards() == {1} and not writer.manifest["complete"]
+    assert writer.completed_shards() == {1} and not writer.manifest.to_dict()["complete"]
     with pytest.raises(CacheError, match="incomplete"):
         cache.open_cache(tmp_path / "c.zarr")
     shutil.rmtree(tmp_path / "c.zarr")
@@ -191,7 +191,7 @@ def test_rebuild_while_reading_stops_the_loader(tmp_path, io_mode, how):
 def test_generation_is_kept_on_resume_and_renewed_on_overwrite(tmp_path):
     c = synthetic_cache(tmp_path / "c.zarr", n=20, variants=1, skipped=())
     writer, resumed = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=c.layout, manifest=c.manifest, sources=[])
-    assert resumed and writer.manifest["generation"] == c.generation
+    assert resumed and writer.manifest.to_dict()["generation"] == c.generation
     c.check_unchanged()
     _rebuild(tmp_path / "c.zarr")
     assert cache.open_cache(tmp_path / "c.zarr").generation != c.generation

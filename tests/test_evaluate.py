@@ -50,7 +50,9 @@ def test_a_set_against_its_own_folder_scores_zero(samples, image_folder, tmp_pat
         assert z["mu"].shape == (2048,) and z["sigma_s"].shape == (2023, 2023) and z["pool"].shape == (24, 2048)
     code, again, _ = _run(capsys, path, tmp_path / "ref.npz")
     assert code == 0 and again["reference_kind"] == "statistics" and again["reference_statistics"] == "stored"
-    assert again["fid"] == pytest.approx(m["fid"], abs=1e-6) and again["recall"] == 1.0
+    # the samples are encoded again: float32 reductions differ with the thread count, and the sqrt of a
+    # rank-deficient covariance (24 samples, 2048 dims) magnifies that to about 2e-5
+    assert again["fid"] == pytest.approx(m["fid"], abs=1e-4) and again["recall"] == 1.0
 
 
 def test_adm_style_reference_uses_its_stored_statistics(samples, tmp_path, capsys):

@@ -17,17 +17,16 @@ from conftest import run_build
 from safetensors.torch import load_file
 
 import cache
+from cache.manifest import SourceInfo
 from pipeline.build import check_sources
 from pipeline.sources import SourceListing, list_image_folder, unsafe_source_path
 from tools import inception as inc
 from trainer.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    load_run_model,
-    prune_checkpoints,
-    save_checkpoint,
 )
 from trainer.metrics import read_metrics
+from trainer.run import load_run_model
 from trainer.train import TrainConfig, main, train
 
 TINY = dict(model="tiny", batch_size=8, precision="fp32", device="cpu", log_every=1, ckpt_every=2, keep_ckpts=0,
@@ -194,35 +193,6 @@ def test_when_every_checkpoint_is_damaged_the_error_says_so(base_run, tmp_path, 
     assert "every checkpoint in" in err and "ema.safetensors" in err and "start from scratch" in err
 
 
-def test_non_finite_weights_are_never_saved(tmp_path):
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-    with pytest.raises(CheckpointError, match=r"step 7: the EMA weights hold NaN or infinite values \(w\)"):
-        save_checkpoint(str(tmp_path), 7, model={"w": torch.zeros(2)}, ema={"w": torch.tensor([0.0, float("inf")])},
-                        optimizer=opt, state={})
-    assert os.listdir(tmp_path) == []
-
-
-def test_pruning_renames_before_deleting_and_keeps_the_newest(tmp_path):
-    folder = tmp_path / "checkpoints"
-    for step in (2, 4, 6):
-        (folder / f"step-{step:08d}").mkdir(parents=True)
-        (folder / f"step-{step:08d}" / "model.safetensors").write_bytes(b"x")
-    removed = []
-    real_rmtree = shutil.rmtree
-
-    def spy(path, *a, **kw):
-        removed.append(os.path.basename(path))
-        return real_rmtree(path, *a, **kw)
-
-    shutil.rmtree = spy
-    try:
-        prune_checkpoints(str(folder), 1)
-    finally:
-        shutil.rmtree = real_rmtree
-    assert sorted(os.listdir(folder)) == ["step-00000006"]
-    assert set(removed) == {".trash-step-00000002", ".trash-step-00000004"}  # never a step-* in place
-
-
 # ------------------------------------------------------------------------------------------
 # Folders that are not ours
 
@@ -351,7 +321,7 @@ def test_listing_survives_a_symlink_zoo(tmp_path, image_folder):
 def test_a_symlink_zoo_builds_with_recorded_skips(tmp_path, image_folder):
     src = _zoo(tmp_path, image_folder)
     run_build(src, tmp_path / "c.zarr")
-    skipped = {s["path"].split("/")[-1]: s["reason"] for s in cache.open_cache(tmp_path / "c.zarr").manifest["skipped"]}
+    skipped = {s["path"].split("/")[-1]: s["reason"] for s in cache.open_cache(tmp_path / "c.zarr").manifest.to_dict()["skipped"]}
     assert skipped == {"0dangling.jpg": "missing, or a dangling symlink", "0loop.jpg": "symlink loop",
                        "0outside.png": "a symlink leads outside SOURCE", "0folder.jpg": "is a directory"}
 
@@ -370,15 +340,15 @@ def test_an_unreadable_file_is_skipped(tmp_path, image_folder):
 def test_a_stored_source_list_must_match_its_fingerprint_and_stay_inside(tmp_path):
     files = [{"path": "a/x.jpg", "size": 3, "label": 0}, {"path": "b/y.jpg", "size": 4, "label": 1}]
     manifest = {"source": {"fingerprint": SourceListing("", [], files).fingerprint, "num_files": 2}}
-    check_sources(files, manifest, "c.zarr")
+    check_sources(files, SourceInfo.from_dict(manifest["source"]), "c.zarr")
     edited = [files[0], {**files[1], "path": "b/z.jpg"}]
     with pytest.raises(cache.CacheError, match="fingerprint .* not the .* its manifest records"):
-        check_sources(edited, manifest, "c.zarr")
+        check_sources(edited, SourceInfo.from_dict(manifest["source"]), "c.zarr")
     for bad in ("../etc/passwd", "/etc/passwd", "a/../../x.jpg", "a//x.jpg"):
         tampered = [files[0], {**files[1], "path": bad}]
         forged = {"source": {"fingerprint": SourceListing("", [], tampered).fingerprint, "num_files": 2}}
         with pytest.raises(cache.CacheError, match="a build reads only files inside SOURCE"):
-            check_sources(tampered, forged, "c.zarr")
+            check_sources(tampered, SourceInfo.from_dict(forged["source"]), "c.zarr")
         assert unsafe_source_path(bad)
     assert unsafe_source_path("n01440764/img.JPEG") == ""
 

@@ -129,7 +129,7 @@ def test_forcing_zarrs_path(monkeypatch, tmp_path):
 def test_failed_direct_write_and_read_fall_back_to_zarr(tmp_path, monkeypatch, caplog):
     """A direct write or read that raises (as a library version difference would) is logged once and
     the array goes through zarr from then on: the cache and the batches are the same."""
-    from test_loader import synthetic_cache
+    from common.synthetic import synthetic_cache
 
     monkeypatch.delenv(shardfile.ENV_IO, raising=False)
     ref = synthetic_cache(tmp_path / "ref.zarr")
@@ -163,7 +163,7 @@ def test_failed_direct_write_and_read_fall_back_to_zarr(tmp_path, monkeypatch, c
 
 
 def test_damage_is_an_error_not_a_fallback(tmp_path, monkeypatch):
-    from test_loader import synthetic_cache
+    from common.synthetic import synthetic_cache
 
     monkeypatch.delenv(shardfile.ENV_IO, raising=False)
     c = synthetic_cache(tmp_path / "c.zarr")

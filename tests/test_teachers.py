@@ -128,7 +128,7 @@ def test_build_records_the_contract_and_training_aligns_to_it(teachers_cache, tm
     stored = f"tiny-{name}"
     c = cache.open_cache(teachers_cache)
     assert c.features[stored].shape[2:] == (16, 96)
-    info = c.manifest["teachers"][stored]
+    info = c.manifest.teachers[stored].to_dict()  # the typed info keeps the teacher keys in extra
     assert (info["grid"], info["input_size"], info["num_register_tokens"]) == (4, 4 * patch, regs)
     np.testing.assert_allclose(info["mean"], norm[0])
     result = train(TrainConfig(cache=str(teachers_cache), out=str(tmp_path / "run"), model="tiny", batch_size=8,

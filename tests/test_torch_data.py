@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_loader import expected_latent, synthetic_cache
+from common.formats import as_format
+from common.synthetic import expected_latent, synthetic_cache
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -101,6 +102,23 @@ def test_datasets_pickle_by_url_and_refuse_a_missing_shard(tmp_path):
     (tmp_path / "c.zarr" / key).unlink()
     with pytest.raises(ShardReadError, match="missing"):
         CacheDataset(c)[20]
+
+
+def test_hdf5_and_ffcv_caches(tmp_path):
+    """HDF5: both datasets, same rows as zarr's. FFCV: batches only; the map-style dataset says why not."""
+    z = synthetic_cache(tmp_path / "c.zarr", n=32, skipped=(5,))
+    want = list(CacheBatches(z, 8, seed=1, flip=True, rank=0, world_size=1, num_workers=1))
+    h5 = as_format(z.url, "hdf5", tmp_path)
+    ds = CacheDataset(h5, variant=1)
+    assert_same_batch(ds[7], CacheDataset(z, variant=1)[7])
+    assert_same_batch(pickle.loads(pickle.dumps(ds))[7], ds[7])
+    for got, exp in zip(CacheBatches(h5, 8, seed=1, flip=True, rank=0, world_size=1, num_workers=1), want, strict=True):
+        assert_same_batch(got, exp)
+    ff = as_format(z.url, "ffcv", tmp_path)
+    for got, exp in zip(CacheBatches(ff, 8, seed=1, flip=True, rank=0, world_size=1, num_workers=1), want, strict=True):
+        assert_same_batch(got, exp)
+    with pytest.raises(ValueError, match="CacheBatches"):
+        CacheDataset(ff)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from common.formats import as_format
+from common.synthetic import synthetic_cache
 from conftest import ROOT, _env, run_build
 from safetensors.torch import load_file
-from test_loader import synthetic_cache
 
 import cache
-from trainer.checkpoint import load_run_model
 from trainer.metrics import read_metrics
+from trainer.run import load_run_model
 from trainer.train import (
     PRESETS,
     SetupError,
@@ -92,9 +93,11 @@ def test_bad_settings_are_refused_before_anything_runs(capsys):
         main(["--cache", "c", "--out", "o", "--model", "nope"])
 
 
-def test_mismatched_cache_is_a_clear_error(tmp_path):
-    synth = tmp_path / "s.zarr"
-    synthetic_cache(synth, n=40, variants=1, skipped=())  # teachers: t_a 6 tokens, t_b 4 tokens; latents 2x2
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5", "ffcv"])
+def test_mismatched_cache_is_a_clear_error(tmp_path, fmt):
+    zarr_path = tmp_path / "s.zarr"
+    synthetic_cache(zarr_path, n=40, variants=1, skipped=())  # teachers: t_a 6 tokens, t_b 4 tokens; latents 2x2
+    synth = as_format(zarr_path, fmt, tmp_path).url
     with pytest.raises(SetupError, match="choose one with --teacher"):
         run(synth, tmp_path / "r0")
     with pytest.raises(SetupError, match="not a square grid"):
@@ -144,7 +147,7 @@ def test_outputs_and_resume_extends_to_more_steps(built_cache, tmp_path):
     ema = weights(full, "ema")
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
     v, proj = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 4]))
-    assert v.shape == (2, 4, 8, 8) and proj.shape == (2, 16, 96) and run_cfg["train"]["steps"] == 6
+    assert v.shape == (2, 4, 8, 8) and proj.shape == (2, 16, 96) and run_cfg.to_dict()["train"]["steps"] == 6
 
 
 def test_a_changed_setting_is_refused_by_name(built_cache, tmp_path):

@@ -10,17 +10,19 @@ The output depends only on the parameters, and ``ROOT/.demo.json`` records
 them so that a rerun with the same parameters writes nothing.
 """
 
-import argparse
 import json
 import math
 import os
 import re
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cache.config import ConfigError, check_fields, parse_config
 
 MARKER = ".demo.json"
 FORMAT_VERSION = 1
@@ -190,13 +192,25 @@ def make_demo_imagefolder(
     return summary
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class DemoImagesConfig:
+    """Build a small ImageNet-style folder of real photos."""
+
+    root: str = field(default="", metadata={"help": "output folder"})
+    per_class: int = field(default=40, metadata={"help": "images per class"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ConfigError("give the output folder ROOT")
+        check_fields(self)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="output folder")
-    parser.add_argument("--per-class", type=int, default=40, help="images per class")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
+    args, dry_run = parse_config(DemoImagesConfig, argv, positional=("root",), description=__doc__.splitlines()[0])
+    if dry_run:
+        return
     summary = make_demo_imagefolder(args.root, per_class=args.per_class, seed=args.seed)
     print(f"{summary['num_images']} images in {len(summary['classes'])} classes at {args.root}")
 

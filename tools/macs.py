@@ -18,13 +18,15 @@ alignment head (projector MLP on the 64 middle tokens, then upsampling), SiT wit
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cache.config import check_fields, parse_config
 from trainer.models import MODEL_PRESETS, count_params, create_model
 
 # name -> (params in M, GMACs at 256 px or None, whether the paper's counts include the alignment head)
@@ -103,20 +105,29 @@ def format_table(rows: list[dict]) -> str:
                                enumerate(zip(line, widths))) for line in cells)
 
 
+@dataclass(frozen=True)
+class MacsConfig:
+    """Count parameters and MACs of model presets."""
+
+    model: tuple[str, ...] = field(default=tuple(n for n in MODEL_PRESETS if n != "tiny"), metadata={
+        "help": "presets", "choices": tuple(MODEL_PRESETS)})
+    input_size: int = field(default=32, metadata={"help": "latent size (32 = 256 px)"})
+    head: Literal["paper", "yes", "no"] = field(default="paper", metadata={
+        "help": "count the alignment head: as each paper does, always, or never"})
+    json: str = field(default="", metadata={"help": "also write the rows to this JSON file"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", nargs="+", choices=list(MODEL_PRESETS),
-                        default=[n for n in MODEL_PRESETS if n != "tiny"],
-                        help="presets (default: all but tiny)")
-    parser.add_argument("--input-size", type=int, default=32, help="latent size (32 = 256 px)")
-    parser.add_argument("--head", choices=("paper", "yes", "no"), default="paper",
-                        help="count the alignment head: as each paper does (default), always, or never")
-    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
+    args, dry_run = parse_config(MacsConfig, argv, description=__doc__.split("\n\n")[0])
+    if dry_run:
+        return
     rows = [measure(name, input_size=args.input_size, head=args.head) for name in args.model]
     print(format_table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

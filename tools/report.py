@@ -15,31 +15,27 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cache.config import ConfigError, parse_config
-from trainer.checkpoint import latest_checkpoint
+from cache.config import ConfigError, check_fields, parse_config
 from trainer.metrics import plot_losses, read_metrics
+from trainer.run import RunRecord, latest_checkpoint
 
 
 @dataclass(frozen=True)
 class ReportConfig:
     """Write a one-page report (markdown + PNGs) on a training run."""
 
-    run: str = ""
-    samples: str = ""
-    out: str = ""
-
-    FIELD_HELP = {
-        "run": "training run folder (trainer.train --out)",
-        "samples": "comma-separated sample folders (tools.sample --out) besides those found under RUN",
-        "out": "report folder ('' = RUN/report)",
-    }
+    run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
+    samples: str = field(default="", metadata={
+        "help": "comma-separated sample folders (tools.sample --out) besides those found under RUN"})
+    out: str = field(default="", metadata={"help": "report folder ('' = RUN/report)"})
 
     def __post_init__(self) -> None:
         if not self.run:
             raise ConfigError("give the RUN folder")
+        check_fields(self)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -76,15 +72,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
         ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
 
 
-def training_section(run: str, out: str, run_config: dict[str, Any]) -> list[str]:
-    train, model, cache = run_config["train"], run_config.get("model", {}), run_config.get("cache", {})
+def training_section(run: str, out: str, record: RunRecord) -> list[str]:
+    train, model, cache = record.train, record.model, record.cache
     rows = read_metrics(os.path.join(run, "metrics.jsonl")) if os.path.exists(os.path.join(run, "metrics.jsonl")) else []
     ckpt = latest_checkpoint(os.path.join(run, "checkpoints"))
     lines = ["## Training", ""]
     lines += _table(["setting", "value"], [
         ["model", f"{train['model']} (width {model.get('width')}, blocks {model.get('blocks', model.get('depth'))})"],
-        ["cache", f"{train['cache']}: {cache.get('rows')} images at {cache.get('resolution')} px, teacher "
-                  f"{cache.get('teacher')}"],
+        ["cache", f"{train['cache']}: {cache.rows} images at {cache.resolution} px, teacher {cache.teacher}"],
         ["global batch, lr", f"{train['batch_size']}, {train['lr']}"],
         ["losses", f"velocity + {train['align_weight']} x (align + {train['manifold_weight']} x manifold)"],
         ["latest checkpoint", os.path.basename(ckpt) if ckpt else "none"],
@@ -136,16 +131,17 @@ def samples_section(folder: str, out: str, index: int) -> list[str]:
 
 
 def write_report(cfg: ReportConfig) -> str:
-    run_config = _read_json(os.path.join(cfg.run, "config.json"))
-    if run_config is None or "train" not in run_config:
-        raise FileNotFoundError(f"{cfg.run}: no config.json of a training run")
+    try:
+        record = RunRecord.from_dict(_read_json(os.path.join(cfg.run, "config.json")))
+    except ValueError:
+        raise FileNotFoundError(f"{cfg.run}: no config.json of a training run") from None
     out = cfg.out or os.path.join(cfg.run, "report")
     os.makedirs(out, exist_ok=True)
     lines = [f"# Run report: {os.path.abspath(cfg.run)}", ""]
-    if run_config.get("cache", {}).get("random_weights"):
+    if record.cache.random_weights:
         lines += ["> **Random-weight encoders.** This run's cache was encoded with random-weight VAE and teacher "
                   "(plumbing and speed only): its losses, samples and metrics say nothing about quality.", ""]
-    lines += training_section(cfg.run, out, run_config)
+    lines += training_section(cfg.run, out, record)
     extra = [s for s in cfg.samples.split(",") if s]
     for i, folder in enumerate(sample_folders(cfg.run, extra)):
         lines += samples_section(folder, out, i)

@@ -20,7 +20,8 @@ changed setting that changes images (sampler, solver, steps, guidance, labels, s
 VAE, precision, quantisation) is refused with its name. At the end rank 0 streams the parts into
 OUT/samples.npz (``arr_0`` uint8 (N, H, W, 3), ``labels`` (N,), as ADM's evaluator reads it),
 writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the resolved config and
-the identity of the model (run, checkpoint step, weights sha256) and of the VAE; OUT/log.txt the log.
+the identity of the model (run, checkpoint step, weights sha256) and of the VAE, and ``upstream``: whether
+the cache's VAE, its teacher or the decoding VAE had random weights; OUT/log.txt the log.
 OUT/urepa-samples.json, written first, marks the folder as ours: a non-empty OUT without it is
 refused and left untouched. A part that a rerun cannot read (cut short by a full disk, say) is
 moved aside to ``<name>.bad`` with a warning and its images are sampled again.
@@ -42,15 +43,15 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, describe_change, nested_diff, parse_config
-from cache.runtime import configure_device, setup_logging, write_json
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.runtime import SetupError, make_accelerator, setup_logging, write_json
 from pipeline.encoders import (
     QUANTIZE_MODES,
     LoadedEncoder,
@@ -58,7 +59,15 @@ from pipeline.encoders import (
     load_vae_decoder,
     weights_sha256,
 )
-from trainer.checkpoint import CheckpointError, latest_checkpoint, load_run_model
+from trainer.checkpoint import CheckpointError
+from trainer.run import (
+    LatentTransform,
+    RandomWeights,
+    RunRecord,
+    find_checkpoint,
+    load_run_model,
+    refuse_changed_rerun,
+)
 
 from .sampling import (
     PerSampleNoise,
@@ -82,64 +91,42 @@ _PART = re.compile(r"^(\d+)-(\d+)\.npz$")
 class SampleConfig:
     """Sample images from a training run into PNGs and an ADM-style samples.npz."""
 
-    run: str = ""
-    out: str = ""
-    num: int = 50_000
-    batch_size: int = 64
-    sampler: str = "sde"
-    solver: str = "euler"
-    steps: int = 0
-    t_last: float = 0.04
-    cfg: float = 1.0
-    interval: tuple[float, float] = (0.0, 0.7)
-    labels: str = "uniform"
-    weights: str = "ema"
-    step: int = 0
-    vae: str = ""
-    seed: int = 0
-    precision: str = "tf32"
-    quantize: str = "truncate"
-    png: bool = True
-    grid: int = 64
-    device: str = "auto"
-
-    FIELD_HELP = {
-        "run": "training run folder (trainer.train --out)",
-        "out": "output folder (created; rerun the same command to resume)",
-        "num": "number of images (indices 0 .. num-1)",
-        "batch_size": "images per batch per rank (guided steps run 2x this through the model)",
-        "sampler": "sde (Euler-Maruyama, REPA) or ode",
-        "solver": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)",
-        "steps": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)",
-        "t_last": "sde: last time of the stochastic steps before the final drift step to 0",
-        "cfg": "classifier-free guidance scale (1: no guidance)",
-        "interval": "guidance only for LO <= t <= HI (t = 1 is noise)",
-        "labels": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled",
-        "weights": "ema or raw",
-        "step": "checkpoint step (0: the latest)",
-        "vae": "VAE spec for decoding (default: the one recorded in the run's cache manifest)",
-        "seed": "labels and noise of image i come from (seed, i)",
-        "precision": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)",
-        "quantize": "decoder output x in [-1, 1] to uint8: truncate (REPA generate.py, floor(127.5 (x + 1))) or "
-                    "round (DiT, 127.5 (x + 1) rounded half up)",
-        "png": "also write OUT/images/<index>.png (for the images this call samples)",
-        "grid": "images in OUT/grid.png (0: none)",
-        "device": "auto (accelerate), cpu, cuda",
-    }
+    run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
+    out: str = field(default="", metadata={"help": "output folder (created; rerun the same command to resume)"})
+    num: int = field(default=50_000, metadata={"help": "number of images (indices 0 .. num-1)", "min": 1})
+    batch_size: int = field(default=64, metadata={
+        "help": "images per batch per rank (guided steps run 2x this through the model)", "min": 1})
+    sampler: Literal["sde", "ode"] = field(default="sde", metadata={"help": "sde (Euler-Maruyama, REPA) or ode"})
+    solver: Literal["euler", "heun"] = field(default="euler", metadata={
+        "help": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)"})
+    steps: int = field(default=0, metadata={
+        "help": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)", "min": 0})
+    t_last: float = field(default=0.04, metadata={
+        "help": "sde: last time of the stochastic steps before the final drift step to 0"})
+    cfg: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: no guidance)"})
+    interval: tuple[float, float] = field(default=(0.0, 0.7), metadata={
+        "help": "guidance only for LO <= t <= HI (t = 1 is noise)"})
+    labels: str = field(default="uniform", metadata={
+        "help": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled"})
+    weights: Literal["ema", "raw"] = field(default="ema", metadata={"help": "EMA or raw weights of the checkpoint"})
+    step: int = field(default=0, metadata={"help": "checkpoint step (0: the latest)", "min": 0})
+    vae: str = field(default="", metadata={
+        "help": "VAE spec for decoding (default: the one recorded in the run's cache manifest)"})
+    seed: int = field(default=0, metadata={"help": "labels and noise of image i come from (seed, i)", "min": 0})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
+        "help": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)"})
+    quantize: str = field(default="truncate", metadata={
+        "help": "decoder output x in [-1, 1] to uint8: truncate (REPA generate.py, floor(127.5 (x + 1))) or "
+                "round (DiT, 127.5 (x + 1) rounded half up)", "choices": QUANTIZE_MODES})
+    png: bool = field(default=True, metadata={
+        "help": "also write OUT/images/<index>.png (for the images this call samples)"})
+    grid: int = field(default=64, metadata={"help": "images in OUT/grid.png (0: none)", "min": 0})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
 
     def __post_init__(self) -> None:
         if not self.run or not self.out:
             raise ConfigError("--run and --out are required")
-        choices = {"sampler": ("sde", "ode"), "solver": ("euler", "heun"), "weights": ("ema", "raw"),
-                   "precision": ("fp32", "tf32", "bf16"), "quantize": QUANTIZE_MODES,
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.num < 1 or self.batch_size < 1:
-            raise ConfigError("--num and --batch-size must be >= 1")
-        if self.steps < 0 or self.step < 0 or self.seed < 0 or self.grid < 0:
-            raise ConfigError("--steps, --step, --seed and --grid must be >= 0")
+        check_fields(self)
         if not 0 < self.t_last < 1:
             raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
         if not math.isfinite(self.cfg) or self.cfg < 0:
@@ -173,10 +160,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(sampler="sde", steps=25, cfg=1.65, num=16, batch_size=16, grid=16, precision="fp32",
                  device="cpu"),
 }
-
-
-class SetupError(RuntimeError):
-    """Sampling cannot start (no run, no VAE, changed settings on a rerun); says why."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,45 +325,26 @@ def write_grid(out: str, count: int) -> str:
 # Setup: model, VAE, identity
 
 
-def resolve_checkpoint(run: str, step: int) -> tuple[str, int]:
-    """(folder, step) of checkpoint ``step`` of ``run`` (0: the latest); SetupError if absent."""
-    if not os.path.isfile(os.path.join(run, "config.json")):
-        raise SetupError(f"--run {run}: not a training run (no {os.path.join(run, 'config.json')})")
-    folder = os.path.join(run, "checkpoints")
-    path = latest_checkpoint(folder) if step == 0 else os.path.join(folder, f"step-{step:08d}")
-    if path is None or not os.path.isdir(path):
-        have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        raise SetupError(f"--run {run}: no checkpoint{f' at step {step}' if step else ''} in {folder} "
-                         f"(found: {', '.join(have) or 'none'})")
-    state = os.path.join(path, "state.json")
-    try:
-        with open(state) as f:
-            return path, int(json.load(f)["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SetupError(f"checkpoint {path} is damaged: {state} is missing or unreadable ({type(e).__name__}); "
-                         "choose another with --step, or delete that folder to sample the one before it") from None
-
-
-def resolve_vae(cfg: SampleConfig, run_config: Mapping[str, Any]) -> tuple[str, int, str | None]:
+def resolve_vae(cfg: SampleConfig, run: RunRecord) -> tuple[str, int, str | None]:
     """(spec, seed, sha256 the latents were encoded with or None) of the VAE to decode with:
     ``--vae``, else the one in the run's cache manifest; SetupError if neither can be had."""
-    cache_path = run_config["train"]["cache"]
+    cache_path = run.train["cache"]
     try:
-        recorded: dict[str, Any] | None = dict(cache_lib.open_cache(cache_path).manifest["vae"])
-        reason = ""
+        recorded = cache_lib.open_cache(cache_path).manifest.vae
+        reason = "" if recorded is not None and recorded.spec else "its manifest records no VAE"
     except cache_lib.CacheError as e:
         recorded, reason = None, str(e)
-    expected = recorded["weights_sha256"] if recorded else run_config.get("cache", {}).get("vae_sha256")
-    seed = int((recorded or {}).get("seed") or 0)
+    expected = recorded.weights_sha256 if recorded is not None else run.cache.vae_sha256
+    seed = int((recorded.seed if recorded is not None else None) or 0)
     if cfg.vae:
         return cfg.vae, seed, expected
-    if recorded is None:
+    if reason:
         raise SetupError(f"the run's cache {cache_path!r} cannot be read ({reason}), so its VAE is unknown: "
                          "pass the one its latents were encoded with, --vae SPEC (HF id or local folder)")
-    return recorded["spec"], seed, expected
+    return recorded.spec, seed, expected
 
 
-def load_decoder(cfg: SampleConfig, run_config: Mapping[str, Any]) -> LoadedEncoder:
+def load_decoder(cfg: SampleConfig, run_config: RunRecord) -> LoadedEncoder:
     """The VAE decoder of :func:`resolve_vae`, checked against the weights the latents came from:
     a mismatch is an error for the recorded spec, a warning for an explicit ``--vae``."""
     spec, seed, expected = resolve_vae(cfg, run_config)
@@ -416,8 +380,9 @@ def sample_identity(cfg: SampleConfig) -> dict[str, Any]:
 
 
 #: Entries of OUT/config.json a rerun may change: they do not change any image (the run's path, the
-#: VAE's spec when its weights are the same, and the raw config: what matters of it is in "samples").
-FREE_ENTRIES = frozenset({"config", "model.run", "vae.spec"})
+#: VAE's spec when its weights are the same, the raw config: what matters of it is in "samples", and the
+#: upstream random-weights flags, which the weights' sha256 already decide).
+FREE_ENTRIES = frozenset({"config", "model.run", "vae.spec", "upstream"})
 #: The file that marks a folder as samples of ours; written before anything else.
 OUT_MARKER = "urepa-samples.json"
 
@@ -447,35 +412,11 @@ def claim_out_dir(out: str) -> None:
                          "--out") from None
 
 
-def check_out_dir(out: str, record: Mapping[str, Any]) -> None:
-    """Refuse an OUT written with settings that give other images, naming them."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except ValueError as e:
-        raise SetupError(f"{path} is not valid JSON ({e}): restore it, or choose another --out") from None
-    changes = [describe_change(name, a, b) for name, a, b in nested_diff(old, record, skip=FREE_ENTRIES)]
-    if changes:
-        raise SetupError(f"{out} holds samples made with other settings; rerun with the same ones, or choose "
-                         "another --out. Changed: " + "; ".join(changes))
-
-
-def make_accelerator(cfg: SampleConfig) -> tuple[Any, torch.device]:
-    """The Accelerator for ``cfg.device`` (one process or a launched group) and its configured device,
-    with TF32 off for ``--precision fp32``."""
-    from accelerate import Accelerator
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SetupError("--device cuda, but no CUDA device is available")
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", dynamo_backend="no")
-    device = configure_device(accelerator.device)
-    if cfg.precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return accelerator, device
+def upstream_random_weights(record: Mapping[str, Any]) -> RandomWeights | None:
+    """The random-weights flags of a samples record (OUT/config.json), None if it has none: a record
+    written before they were kept, whose ``vae.random_weights`` alone says something."""
+    upstream = record.get("upstream")
+    return RandomWeights.from_dict(upstream) if isinstance(upstream, Mapping) else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -491,8 +432,7 @@ class Sampler:
     decoder: torch.nn.Module
     latent_shape: tuple[int, int, int]
     num_classes: int
-    latent_scale: float
-    latent_shift: float
+    latent: LatentTransform
     device: torch.device
 
     def __call__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -505,8 +445,7 @@ class Sampler:
             x0 = euler_maruyama(self.velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
         else:
             x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(self.velocity, x1, yd, steps=cfg.steps)
-        z = (x0 / self.latent_scale + self.latent_shift).float()
-        return self.decoder(z).cpu().numpy(), y.numpy()
+        return self.decoder(self.latent.decode(x0)).cpu().numpy(), y.numpy()
 
 
 def save_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
@@ -519,8 +458,10 @@ def save_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
 def sample(cfg: SampleConfig) -> dict[str, Any]:
     """Sample (or finish sampling) ``cfg.num`` images into ``cfg.out``; every rank calls this.
     Returns the npz path, the number of images sampled by this call and the throughput."""
-    ckpt_path, ckpt_step = resolve_checkpoint(cfg.run, cfg.step)
-    accelerator, device = make_accelerator(cfg)
+    ckpt_path, ckpt_step = find_checkpoint(cfg.run, cfg.step)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda, but no CUDA device is available")
+    accelerator, device, autocast = make_accelerator(cfg.device, cfg.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     if rank == 0:
         claim_out_dir(cfg.out)  # before the log file goes there
@@ -534,16 +475,18 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
         if bad:
             raise SetupError(f"--labels {cfg.labels}: class ids {', '.join(bad)} are not in [0, {num_classes})")
     loaded = load_decoder(cfg, run_config)
-    train = run_config["train"]
+    latent = run_config.latent
+    upstream = run_config.random_weights(decoder_vae=bool(loaded.info["random_weights"]))
     record = json.loads(json.dumps({
         "samples": sample_identity(cfg),
         "model": {"run": os.path.abspath(cfg.run), "step": ckpt_step, "weights": cfg.weights,
-                  "weights_sha256": weights_sha256(model), "model": train["model"], "num_classes": num_classes,
-                  "latent_scale": train["latent_scale"], "latent_shift": train["latent_shift"]},
+                  "weights_sha256": weights_sha256(model), "model": run_config.model_name, "num_classes": num_classes,
+                  "latent_scale": latent.scale, "latent_shift": latent.shift},
         "vae": {key: loaded.info[key] for key in ("spec", "seed", "weights_sha256", "random_weights", "output")},
+        "upstream": upstream.to_dict(),
         "config": config_to_dict(cfg),
     }))
-    check_out_dir(cfg.out, record)
+    refuse_changed_rerun(cfg.out, record, free=FREE_ENTRIES, what="samples made")
 
     parts_dir, images_dir = os.path.join(cfg.out, "parts"), os.path.join(cfg.out, "images")
     if rank == 0:
@@ -567,15 +510,14 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
                  cfg.sampler, cfg.solver if cfg.sampler == "ode" else f"t_last {cfg.t_last}", cfg.steps, cfg.nfe,
                  guidance, cfg.labels, cfg.seed, loaded.info["spec"], todo, cfg.num, world, cfg.batch_size, cfg.precision, device)
     _logger.info("uint8 conversion: %s", loaded.info["output"])
-    if run_config["cache"].get("random_weights") or loaded.info["random_weights"]:
+    if upstream.any:
         _logger.warning("the run's cache (or this VAE) has random-weight encoders: the samples show the plumbing, "
                         "they mean nothing about quality")
 
     in_ch, size = model.config.in_channels, model.config.input_size
-    velocity = model_velocity(model, autocast=torch.bfloat16 if cfg.precision == "bf16" else None)
+    velocity = model_velocity(model, autocast=autocast)
     sampler = Sampler(cfg, with_guidance(velocity, null=num_classes, scale=cfg.cfg, interval=cfg.interval),
-                      loaded.module.to(device), (in_ch, size, size), num_classes, float(train["latent_scale"]),
-                      float(train["latent_shift"]), device)
+                      loaded.module.to(device), (in_ch, size, size), num_classes, latent, device)
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 

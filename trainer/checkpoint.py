@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "latest_checkpoint",
-           "checkpoints", "prune_checkpoints", "clean_partial", "load_run_model", "nonfinite_tensors"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoints",
+           "prune_checkpoints", "clean_partial", "nonfinite_tensors"]
 
 _logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -118,12 +118,6 @@ def checkpoints(folder: str) -> list[str]:
         return []
     steps = sorted(((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NAME.match(name))), reverse=True)
     return [os.path.join(folder, name) for _, name in steps]
-
-
-def latest_checkpoint(folder: str) -> str | None:
-    """The checkpoint with the highest step (not verified: see :func:`verify_checkpoint`), or None."""
-    found = checkpoints(folder)
-    return found[0] if found else None
 
 
 def _remove(folder: str, name: str) -> None:
@@ -222,29 +216,3 @@ def load_checkpoint(path: str, *, device: torch.device | str = "cpu", verify: bo
 def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
     return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = None,
-                   device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model of a training run with its ``weights`` ("ema" or "raw") from the latest checkpoint
-    (or ``step``), in eval mode, and the run's resolved config (``config.json``)."""
-    from .models import create_model
-
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        run = json.load(f)
-    folder = os.path.join(run_dir, "checkpoints")
-    path = latest_checkpoint(folder) if step is None else os.path.join(folder, f"step-{step:08d}")
-    if path is None or not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {folder}")
-    model = create_model(run["train"]["model"], **run["model"])
-    name = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    verify_checkpoint(path, (name,))
-    state = _load_file(os.path.join(path, name), device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{os.path.join(path, name)} does not hold the weights of the run's model "
-                              f"({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), run

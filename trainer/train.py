@@ -37,15 +37,15 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import cache as cache_lib
-from cache.config import ConfigError, config_to_dict, describe_change, nested_diff, parse_config
-from cache.runtime import configure_device, setup_logging, write_json
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.runtime import SetupError, autocast_dtype, make_accelerator, setup_logging, write_json
 
 from .checkpoint import (
     CheckpointError,
@@ -58,6 +58,7 @@ from .checkpoint import (
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
 from .metrics import MetricsLog, plot_losses, read_metrics
 from .models import MODEL_PRESETS, create_model
+from .run import CacheIdentity, LatentTransform, RunRecord, refuse_changed_rerun
 
 _logger = logging.getLogger("trainer.train")
 
@@ -66,96 +67,67 @@ RESUMABLE_CHANGES = frozenset({"steps", "cache", "out", "loader_workers", "devic
                                "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite"})
 #: The file that marks a folder as a training run of ours; written before anything else.
 RUN_MARKER = "urepa-run.json"
+#: What :meth:`Trainer.train_step` returns, in this order (a 1-d tensor on device).
+STEP_STATS = ("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm")
+_S = {name: i for i, name in enumerate(STEP_STATS)}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Train SiT-down + U-REPA (or SiT + REPA) from a feature cache."""
 
-    cache: str = ""
-    out: str = ""
-    model: str = "sitdown-xl"
-    teacher: str = ""
-    align_block: int = 0
-    upsample: str = "bilinear"
-    batch_size: int = 256
-    grad_accum: int = 1
-    steps: int = 1_000_000
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    class_dropout: float = 0.1
-    align_weight: float = 0.5
-    manifold_weight: float = 3.0
-    cross_sample: bool = False
-    latent_scale: float = 0.18215
-    latent_shift: float = 0.0
-    flip: bool = False
-    precision: str = "bf16"
-    compile: bool = False
-    seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 10_000
-    keep_ckpts: int = 2
-    loader_workers: int = 4
-    device: str = "auto"
-    tensorboard: bool = True
-    skip_nonfinite: int = 0
-
-    FIELD_HELP = {
-        "cache": "feature cache built by pipeline.build",
-        "out": "run folder (created; rerun the same command to resume)",
-        "model": f"model preset: {', '.join(MODEL_PRESETS)}",
-        "teacher": "cached teacher to align to (default: the cache's only teacher)",
-        "align_block": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)",
-        "upsample": "projected tokens -> teacher grid: bilinear or nearest",
-        "batch_size": "global batch (all ranks and accumulation steps together)",
-        "grad_accum": "micro-batches per optimizer step",
-        "steps": "optimizer steps in total (the one setting a rerun may change)",
-        "lr": "AdamW learning rate (constant)",
-        "beta1": "AdamW beta1",
-        "beta2": "AdamW beta2",
-        "weight_decay": "AdamW weight decay",
-        "grad_clip": "max global grad norm (0: no clipping)",
-        "ema_decay": "EMA decay per step (fp32 copy)",
-        "class_dropout": "probability of the null label (for classifier-free guidance)",
-        "align_weight": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head",
-        "manifold_weight": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA",
-        "cross_sample": "manifold loss across the samples of a batch instead of across tokens",
-        "latent_scale": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments",
-        "latent_shift": "see latent_scale",
-        "flip": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)",
-        "precision": "bf16 (autocast) or fp32 (TF32 on GPU)",
-        "compile": "torch.compile the training step (model and losses; fused AdamW on GPU)",
-        "seed": "model init, data order and every random draw",
-        "log_every": "steps per metrics line",
-        "ckpt_every": "steps per checkpoint (one is also written at the end)",
-        "keep_ckpts": "checkpoints kept (0: all)",
-        "loader_workers": "cache reader threads per rank",
-        "device": "auto (accelerate), cpu, cuda",
-        "tensorboard": "write tensorboard events to OUT/tensorboard",
-        "skip_nonfinite": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop "
-                          "(0: stop at the first)",
-    }
+    cache: str = field(default="", metadata={"help": "feature cache built by pipeline.build"})
+    out: str = field(default="", metadata={"help": "run folder (created; rerun the same command to resume)"})
+    model: str = field(default="sitdown-xl", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
+    teacher: str = field(default="", metadata={"help": "cached teacher to align to (default: the cache's only teacher)"})
+    align_block: int = field(default=0, metadata={
+        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)", "min": 0})
+    upsample: Literal["bilinear", "nearest"] = field(default="bilinear",
+                                                     metadata={"help": "projected tokens -> teacher grid"})
+    batch_size: int = field(default=256, metadata={
+        "help": "global batch (all ranks and accumulation steps together)", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+    steps: int = field(default=1_000_000, metadata={
+        "help": "optimizer steps in total (the one setting a rerun may change)", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)", "min": 0})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per step (fp32 copy)"})
+    class_dropout: float = field(default=0.1, metadata={
+        "help": "probability of the null label (for classifier-free guidance)"})
+    align_weight: float = field(default=0.5, metadata={
+        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head", "min": 0})
+    manifold_weight: float = field(default=3.0, metadata={
+        "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA", "min": 0})
+    cross_sample: bool = field(default=False, metadata={
+        "help": "manifold loss across the samples of a batch instead of across tokens"})
+    latent_scale: float = field(default=0.18215, metadata={
+        "help": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments"})
+    latent_shift: float = field(default=0.0, metadata={"help": "see latent_scale"})
+    flip: bool = field(default=False, metadata={
+        "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={
+        "help": "bf16 (autocast; TF32 outside it), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
+    seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
+    log_every: int = field(default=100, metadata={"help": "steps per metrics line", "min": 1})
+    ckpt_every: int = field(default=10_000, metadata={
+        "help": "steps per checkpoint (one is also written at the end)", "min": 1})
+    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept (0: all)", "min": 0})
+    loader_workers: int = field(default=4, metadata={"help": "cache reader threads per rank", "min": 1})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
+    tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
+    skip_nonfinite: int = field(default=0, metadata={
+        "help": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop (0: stop at the "
+                "first)", "min": 0})
 
     def __post_init__(self) -> None:
         if not self.cache or not self.out:
             raise ConfigError("--cache and --out are required")
-        if self.model not in MODEL_PRESETS:
-            raise ConfigError(f"--model {self.model!r}: choose one of {', '.join(MODEL_PRESETS)}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError("--precision must be bf16 or fp32")
-        if self.upsample not in ("bilinear", "nearest"):
-            raise ConfigError("--upsample must be bilinear or nearest")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError("--device must be auto, cpu or cuda")
-        positive = ("batch_size", "grad_accum", "steps", "log_every", "ckpt_every", "loader_workers")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        check_fields(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         floats = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "align_weight",
@@ -168,15 +140,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        for name in ("align_weight", "manifold_weight", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.latent_scale == 0:
             raise ConfigError("--latent-scale must not be 0 (x = (z - shift) * scale would be all zeros)")
-        for name in ("keep_ckpts", "skip_nonfinite", "seed", "align_block"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     # U-REPA's main ImageNet 256 setting: SiT-down-XL/2, block 18, lambda 0.5, w 3 (FID 1.48 at 1M, CFG).
@@ -186,13 +151,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                             precision="bf16", compile=True),
     # The tiny model on the demo cache, a few CPU minutes. A higher learning rate and a shorter EMA
     # than the paper so that the losses visibly fall in that time.
-    "demo": dict(model="tiny", batch_size=32, steps=300, lr=5e-4, ema_decay=0.99, precision="fp32",
+    "demo": dict(model="tiny", batch_size=32, steps=300, lr=5e-4, ema_decay=0.99, precision="tf32",
                  log_every=10, ckpt_every=100, loader_workers=2, device="cpu"),
 }
-
-
-class SetupError(RuntimeError):
-    """The run cannot start (cache/model mismatch, changed settings on a rerun); says why."""
 
 
 class NonFiniteError(RuntimeError):
@@ -226,22 +187,27 @@ def step_noise(seed: int, step: int, n: int, latent_shape: tuple[int, ...], devi
 
 def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, shift: float) -> torch.Tensor:
     """x = (z - shift) * scale with z = mean + std * noise; moments (B, 2C, h, w) = [mean, std]."""
-    mean, std = moments.float().chunk(2, dim=1)
-    return (mean + std * noise - shift) * scale
+    return LatentTransform(scale=scale, shift=shift).encode(moments, noise)
 
 
-def cache_identity(cache: cache_lib.Cache, teacher: str) -> dict[str, Any]:
+def cache_identity(cache: cache_lib.Cache, teacher: str) -> CacheIdentity:
     """What makes a cache the same data for a resumed run: source, encoders, rows."""
     m = cache.manifest
-    return {
-        "source_fingerprint": m["source"]["fingerprint"],
-        "vae_sha256": m["vae"].get("weights_sha256"),
-        "teacher": teacher,
-        "teacher_sha256": m["teachers"].get(teacher, {}).get("weights_sha256"),
-        "rows": len(cache),
-        "resolution": m["preprocessing"]["resolution"],
-        "random_weights": bool(m["vae"].get("random_weights") or m["teachers"].get(teacher, {}).get("random_weights")),
-    }
+    if m.source is None or m.vae is None or m.preprocessing is None:
+        raise SetupError(f"the manifest of {cache.url} lacks its source, VAE or preprocessing record: not a cache "
+                         "pipeline.build wrote")
+    info = m.teacher(teacher)
+    return CacheIdentity(
+        source_fingerprint=m.source.fingerprint,
+        vae_sha256=m.vae.weights_sha256,
+        teacher=teacher,
+        teacher_sha256=info.weights_sha256 if info else None,
+        rows=len(cache),
+        resolution=m.preprocessing.resolution,
+        random_weights=m.random_weights(teacher),
+        vae_random_weights=m.vae.random_weights,
+        teacher_random_weights=info.random_weights if info else None,
+    )
 
 
 def model_overrides(cfg: TrainConfig, cache: cache_lib.Cache) -> tuple[str, dict[str, Any]]:
@@ -291,8 +257,8 @@ class Trainer:
     """Model, EMA, optimizer and one compiled step; the loop lives in :func:`train`.
 
     ``train_step(micro_batches, step)`` consumes the ``grad_accum`` micro-batches this rank reads for
-    ``step`` and returns the step's [loss, loss_v, loss_align, loss_manifold, grad_norm] on device
-    (this rank's means, not yet reduced over ranks).
+    ``step`` and returns the step's :data:`STEP_STATS` on device (this rank's means, not yet reduced over
+    ranks) and whether they are finite.
     """
 
     def __init__(self, cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device) -> None:
@@ -320,7 +286,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay, fused=fused, foreach=not fused)
         self.model = accelerator.prepare_model(model) if self.world > 1 else model
-        self.autocast = cfg.precision == "bf16"
+        self.latent = LatentTransform(scale=cfg.latent_scale, shift=cfg.latent_shift)
+        self.autocast = autocast_dtype(cfg.precision)
         self.loss_fn = torch.compile(self.losses) if cfg.compile else self.losses
 
     # -- the step ----------------------------------------------------------------------------
@@ -329,11 +296,11 @@ class Trainer:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Total loss and the detached [loss, loss_v, loss_align, loss_manifold] of one micro-batch."""
         cfg = self.cfg
-        x = sample_latents(moments, z_noise, scale=cfg.latent_scale, shift=cfg.latent_shift)
+        x = self.latent.encode(moments, z_noise)
         xt = interpolate(x, eps, t)
         target = velocity_target(x, eps)
         y = torch.where(drop < cfg.class_dropout, self.num_classes, labels)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             v, proj = self.model(xt, t, y)
         loss_v = velocity_loss(v, target)
         if proj is None:
@@ -372,7 +339,7 @@ class Trainer:
         stats = torch.cat([totals, grad_norm.detach().float().view(1)])
         # The global grad norm (after DDP's all-reduce) is the same on every rank, so every rank takes the
         # same decision; one host sync per step keeps a non-finite update from ever being applied.
-        finite = bool(torch.isfinite(stats if self.world == 1 else stats[4:]).all())
+        finite = bool(torch.isfinite(stats if self.world == 1 else stats[_S["grad_norm"]:]).all())
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -449,19 +416,6 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def make_accelerator(cfg: TrainConfig) -> tuple[Any, torch.device]:
-    """The Accelerator for ``cfg.device`` (one process or a launched group) and its configured device."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    # Precision and compilation are this config's to decide, whatever `accelerate config` says;
-    # the RoPE and position tables are constants, so DDP need not broadcast buffers every step.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", dynamo_backend="no",
-                              kwargs_handlers=[ddp])
-    device = configure_device(accelerator.device)
-    return accelerator, device
-
-
 def _legacy_run(out: str) -> bool:
     """A run folder written before :data:`RUN_MARKER` existed: its config.json has our schema."""
     try:
@@ -492,38 +446,21 @@ def claim_run_dir(out: str) -> None:
                          "--out") from None
 
 
-def _check_run_dir(cfg: TrainConfig, run_config: dict[str, Any]) -> None:
-    path = os.path.join(cfg.out, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except ValueError as e:
-        raise SetupError(f"{path} is not valid JSON ({e}): restore it, or choose another --out") from None
-    skip = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES)
-    changes = [describe_change(name, a, b) for name, a, b in nested_diff(old, run_config, skip=skip)]
-    if changes:
-        raise SetupError(f"{cfg.out} holds a run with other settings; rerun with the same ones, or choose "
-                         "another --out. Changed: " + "; ".join(changes))
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
-    accelerator, device = make_accelerator(cfg)
+    accelerator, device, _ = make_accelerator(cfg.device, cfg.precision)
     rank = accelerator.process_index
     if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
         claim_run_dir(cfg.out)  # before the log file goes there
     accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
-    if cfg.precision == "fp32":
-        torch.backends.cuda.matmul.allow_tf32 = True
     cache = cache_lib.open_cache(cfg.cache)
     trainer = Trainer(cfg, cache, accelerator, device)
-    run_config = {"train": config_to_dict(cfg), "model": dataclasses.asdict(trainer.model_config),
-                  "cache": cache_identity(cache, trainer.teacher)}  # not the world size: results do not depend on it
-    run_config = json.loads(json.dumps(run_config))  # as it reads back (tuples -> lists)
-    _check_run_dir(cfg, run_config)
+    record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
+                       cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
+    run_config = record.to_dict()
+    free = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+    refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size
     if steps_per_epoch < 1:
         raise SetupError(f"the cache holds {len(cache)} samples, fewer than one global batch of {cfg.batch_size}")
@@ -542,7 +479,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  trainer.model_config, cfg.cache, len(cache), trainer.teacher, accelerator.num_processes,
                  trainer.micro, cfg.grad_accum, cfg.batch_size, steps_per_epoch,
                  f"resumed from {latest}" if latest else "starting from scratch")
-    if run_config["cache"]["random_weights"]:
+    if record.cache.random_weights:
         _logger.warning("the cache was encoded with random-weight encoders: fine for plumbing and speed, "
                         "meaningless for sample quality")
 
@@ -558,7 +495,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    smoothing=0.1, desc=cfg.model)
         data = micro_batches(cache, cfg, micro=trainer.micro, rank=rank, world=accelerator.num_processes,
                              step=step, steps_per_epoch=steps_per_epoch, teachers=trainer.teachers_read)
-        window = torch.zeros(5, device=device)
+        window = torch.zeros(len(STEP_STATS), device=device)
         t_window, n_window, n_taken = time.perf_counter(), 0, 0
         try:
             for s, batches in data:
@@ -570,9 +507,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     n_taken += 1
                 else:
                     skipped += 1
-                    values = stats_s.tolist()
-                    what = (f"step {step}: the loss or the gradient norm is not finite (loss {values[0]}, grad norm "
-                            f"{values[4]}); the update was not applied")
+                    values = dict(zip(STEP_STATS, stats_s.tolist()))
+                    what = (f"step {step}: the loss or the gradient norm is not finite (loss {values['loss']}, grad "
+                            f"norm {values['grad_norm']}); the update was not applied")
                     if skipped > cfg.skip_nonfinite:
                         raise NonFiniteError(
                             f"{what}, and training stops ({skipped - 1} of --skip-nonfinite {cfg.skip_nonfinite} "
@@ -585,14 +522,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     elapsed = time.perf_counter() - t_window
                     last = {"step": step, "epoch": step / steps_per_epoch}
                     if n_taken:  # the same on every rank (see train_step); a window of skipped steps has no losses
-                        stats = accelerator.reduce(window / n_taken, reduction="mean").tolist()
-                        if not all(map(math.isfinite, stats)):
+                        stats = dict(zip(STEP_STATS, accelerator.reduce(window / n_taken, reduction="mean").tolist()))
+                        if not all(map(math.isfinite, stats.values())):
                             raise NonFiniteError(f"steps {step - n_window + 1}..{step}: the mean losses over the "
-                                                 f"ranks are not finite ({stats}); training stops. Check the cache "
-                                                 "for NaN values (python -m cache.inspect CACHE --verify) or lower --lr")
-                        last.update(zip(("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm"), stats))
-                        last["cos"] = -stats[2]
-                        bar.set_postfix(loss=f"{stats[0]:.4f}", v=f"{stats[1]:.4f}", cos=f"{-stats[2]:.3f}",
+                                                 f"ranks are not finite ({list(stats.values())}); training stops. Check "
+                                                 "the cache for NaN values (python -m cache.inspect CACHE --verify) or "
+                                                 "lower --lr")
+                        last.update(stats)
+                        last["cos"] = -stats["loss_align"]
+                        bar.set_postfix(loss=f"{stats['loss']:.4f}", v=f"{stats['loss_v']:.4f}",
+                                        cos=f"{-stats['loss_align']:.3f}",
                                         img_s=f"{n_window * cfg.batch_size / elapsed:.1f}")
                     last.update(img_per_s=n_window * cfg.batch_size / elapsed, mem_gb=_memory_gb(device),
                                 skipped_nonfinite=skipped)

@@ -1,6 +1,6 @@
 """Benchmark sampling and evaluation: the sampler loop against the bare model, the VAE decoder, Inception.
 
-    python -m tools.bench_sample [--preset cpu|gpu] [--model sitdown-xl] [--batch-size 256] [--steps 25]
+    python -m tools.bench.sample [--preset cpu|gpu] [--model sitdown-xl] [--batch-size 256] [--steps 25]
 
 (a) loop   REPA's Euler-Maruyama sampler (``tools.sampling``) with guidance over the interval [0, 0.7],
            per-sample CPU noise streams and float64 state, as ``tools.sample`` runs it, for ``--steps``
@@ -18,17 +18,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import check_fields, config_to_dict, parse_config
 from cache.runtime import resolve_device
 from pipeline.encoders import load_vae_decoder
-from tools.bench_cache import machine_info, sync
-from tools.bench_train import timed
+from tools.bench.cache import machine_info, sync
+from tools.bench.train import timed
 from tools.inception import random_inception
 from tools.sampling import PerSampleNoise, euler_maruyama, model_velocity, sde_time_grid, with_guidance
 from trainer.models import create_model
@@ -38,35 +38,26 @@ from trainer.models import create_model
 class BenchSampleConfig:
     """Benchmark the sampler against the bare model, the VAE decoder and Inception features."""
 
-    out: str = "bench-out"
-    model: str = "tiny"
-    batch_size: int = 16
-    steps: int = 10
-    cfg: float = 1.65
-    precision: str = "fp32"
-    device: str = "auto"
-    repeats: int = 3
-    decode_batch: int = 8
-    inception_batch: int = 16
-    resolution: int = 256
-    compile: bool = False
-    skip_decode: bool = False
-    skip_inception: bool = False
-
-    FIELD_HELP = {
-        "model": "trainer.models preset (random weights)",
-        "batch_size": "samples per sampler batch (guided steps run 2x this)",
-        "steps": "SDE steps timed; the grid keeps the 250-step grid's share of guided steps",
-        "precision": "fp32 | tf32 | bf16 (autocast) for the model",
-        "repeats": "timed repetitions; medians are reported",
-        "compile": "also time (b) with torch.compile",
-    }
+    out: str = field(default="bench-out", metadata={"help": "folder for bench_sample.json"})
+    model: str = field(default="tiny", metadata={"help": "trainer.models preset (random weights)"})
+    batch_size: int = field(default=16, metadata={
+        "help": "samples per sampler batch (guided steps run 2x this)", "min": 1})
+    steps: int = field(default=10, metadata={
+        "help": "SDE steps timed; the grid keeps the 250-step grid's share of guided steps", "min": 2})
+    cfg: float = field(default=1.65, metadata={"help": "classifier-free guidance scale"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
+        "help": "fp32, tf32 or bf16 (autocast) for the model"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    repeats: int = field(default=3, metadata={"help": "timed repetitions; medians are reported", "min": 1})
+    decode_batch: int = field(default=8, metadata={"help": "images per VAE decoder batch"})
+    inception_batch: int = field(default=16, metadata={"help": "images per Inception batch"})
+    resolution: int = field(default=256, metadata={"help": "image side; latents are resolution/8"})
+    compile: bool = field(default=False, metadata={"help": "also time (b) with torch.compile"})
+    skip_decode: bool = field(default=False, metadata={"help": "skip the VAE decoder timing"})
+    skip_inception: bool = field(default=False, metadata={"help": "skip the Inception timing"})
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "tf32", "bf16"):
-            raise ConfigError(f"--precision must be fp32, tf32 or bf16, got {self.precision!r}")
-        if self.steps < 2 or self.batch_size < 1 or self.repeats < 1:
-            raise ConfigError("--steps >= 2, --batch-size >= 1, --repeats >= 1")
+        check_fields(self)
 
 
 PRESETS = {
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     net(x2[:b], t2[:b], y2[:b])
         return run
 
-    # the two take turns (tools.bench_train.timed), so drift of the machine reaches both alike
+    # the two take turns (tools.bench.train.timed), so drift of the machine reaches both alike
     limit = forwards(model)
     result.update(timed(device, bc.repeats, 1, 1, {"loop": lambda i: loop(), "limit": lambda i: limit()}))
     result["guided_calls"], result["plain_calls"] = guided, plain

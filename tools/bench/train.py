@@ -1,6 +1,6 @@
 """Benchmark the training step: from the cache, against its in-memory limit and an online teacher.
 
-    python -m tools.bench_train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
+    python -m tools.bench.train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
         [--compile-modes off,on] [--steps 5] [--warmup 2]
 
 For each model, batch size and compile setting, three ways to run the same training step
@@ -26,67 +26,54 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from cache import open_cache
-from cache.config import ConfigError, config_to_dict, parse_config
+from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.runtime import make_accelerator
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
-from tools.bench_cache import machine_info, sync, synthetic_cache
-from trainer.train import TrainConfig, Trainer, make_accelerator, micro_batches
+from tools.bench.cache import machine_info, sync, synthetic_cache
+from trainer.train import TrainConfig, Trainer, micro_batches
 
 
 @dataclass(frozen=True)
 class BenchTrainConfig:
     """Benchmark the training step against its limit and an online teacher."""
 
-    out: str = "bench-out"
-    models: str = "tiny,sitdown-b"
-    batch_sizes: str = "8,2"
-    compile_modes: str = "off"
-    precision: str = "fp32"
-    device: str = "auto"
-    steps: int = 4
-    warmup: int = 2
-    rounds: int = 2
-    resolution: int = 256
-    vae: str = ""
-    teacher: str = ""
-    loader_workers: int = 4
-    skip_online: bool = False
-
-    FIELD_HELP = {
-        "out": "folder for the synthetic caches and bench_train.json",
-        "models": "comma-separated model presets",
-        "batch_sizes": "global batch per model (same order), or one for all",
-        "compile_modes": "off, on, or off,on",
-        "precision": "bf16 or fp32",
-        "device": "auto, cpu or cuda",
-        "steps": "timed steps per block (each variant runs rounds blocks, in turns)",
-        "rounds": "blocks per variant",
-        "warmup": "untimed steps first (compilation happens here)",
-        "resolution": "image side; latents are resolution/8",
-        "vae": "online VAE spec per model (same order), or one for all; default: tiny for the tiny model, "
-               "else the SD-VAE architecture with random weights",
-        "teacher": "online and cached teacher spec per model (same order), or one for all; default: tiny for "
-                   "the tiny model, else DINOv2-B with random weights",
-        "loader_workers": "cache reader threads",
-        "skip_online": "skip (c)",
-    }
+    out: str = field(default="bench-out", metadata={"help": "folder for the synthetic caches and bench_train.json"})
+    models: str = field(default="tiny,sitdown-b", metadata={"help": "comma-separated model presets"})
+    batch_sizes: str = field(default="8,2", metadata={"help": "global batch per model (same order), or one for all"})
+    compile_modes: str = field(default="off", metadata={"help": "off, on, or off,on"})
+    precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
+        "help": "training precision (trainer.train --precision)"})
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
+    steps: int = field(default=4, metadata={
+        "help": "timed steps per block (each variant runs rounds blocks, in turns)", "min": 1})
+    warmup: int = field(default=2, metadata={"help": "untimed steps first (compilation happens here)", "min": 1})
+    rounds: int = field(default=2, metadata={"help": "blocks per variant", "min": 1})
+    resolution: int = field(default=256, metadata={"help": "image side; latents are resolution/8"})
+    vae: str = field(default="", metadata={
+        "help": "online VAE spec per model (same order), or one for all; default: tiny for the tiny model, "
+                "else the SD-VAE architecture with random weights"})
+    teacher: str = field(default="", metadata={
+        "help": "online and cached teacher spec per model (same order), or one for all; default: tiny for "
+                "the tiny model, else DINOv2-B with random weights"})
+    loader_workers: int = field(default=4, metadata={"help": "cache reader threads"})
+    skip_online: bool = field(default=False, metadata={"help": "skip (c)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         n = len(self.model_list)
         for name in ("batch_sizes", "vae", "teacher"):
             if getattr(self, name) and len(getattr(self, name).split(",")) not in (1, n):
                 raise ConfigError(f"--{name.replace('_', '-')} needs 1 or {n} comma-separated values")
         if set(self.compile_modes.split(",")) - {"off", "on"}:
             raise ConfigError("--compile-modes takes off, on or off,on")
-        if self.steps < 1 or self.warmup < 1 or self.rounds < 1:
-            raise ConfigError("--steps, --warmup and --rounds must be >= 1")
 
     @property
     def model_list(self) -> list[str]:
@@ -225,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     run_cfg = TrainConfig(cache="-", out="-", device="cpu" if bc.device == "cpu" else "auto")
-    accelerator, device = make_accelerator(run_cfg)
+    accelerator, device, _ = make_accelerator(run_cfg.device, run_cfg.precision)
     machine = machine_info(device)
     rows = []
     for i in range(len(bc.model_list)):

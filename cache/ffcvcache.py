@@ -1,0 +1,306 @@
+"""The FFCV format of a feature cache: a folder with one ``.beton`` file, its writer and its reader.
+
+This module is the only code that knows this layout::
+
+    <root>/ffcv.json       this format's record: version, the .beton's name, size and crc32c, the field
+                           of every array, the variants, the crc32c of labels.npy; written last, so a
+                           folder without it is never a cache
+    <root>/manifest.json   the build manifest, verbatim
+    <root>/sources.json    the build's source list (relative path and size per row)
+    <root>/labels.npy      (N,) int32; -1 marks a skipped source file
+    <root>/data.beton      FFCV's file: one sample per (row, variant), sample ``row * F + variant``;
+                           fields ``latents`` (8, h, w), ``f0``, ``f1``, ... (T, D) per teacher in the
+                           manifest's order, ``label``. float16 values are stored as their int16 bit
+                           patterns (FFCV's loader hangs on float16 fields) and viewed back.
+
+Skipped rows are stored too (zeros, label -1) so that row i stays source file i; the loader's order
+never visits them.
+
+Reading. Batches come from FFCV's own :class:`ffcv.loader.Loader` (its compiled pipelines, its page
+cache handling), fed the sample ids of this epoch's and this rank's positions in our order
+(``indices=``, ``order=OrderOption.SEQUENTIAL``, ``drop_last=False``, our batch size), so its batches
+are ours (:mod:`cache.loader`). FFCV trusts its file: on a truncated file it may hang or crash. So the
+.beton's size and header are checked against the record before FFCV sees the file, at open and before
+every epoch's loader; :meth:`FfcvCache.verify` checks the whole file's crc32c.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .manifest import Manifest
+from .shardfile import checksum
+from .store import (
+    FFCV_RECORD,
+    LATENT_CHANNELS,
+    CacheChangedError,
+    CacheError,
+    CacheReader,
+    Layout,
+    reader_manifest,
+)
+
+__all__ = ["FfcvCache", "write_ffcv", "FORMAT_VERSION", "BETON"]
+
+FORMAT_VERSION = 1
+BETON = "data.beton"
+MANIFEST = "manifest.json"
+SOURCES = "sources.json"
+LABELS = "labels.npy"
+
+
+def field_names(layout: Layout) -> dict[str, str]:
+    """Array name -> FFCV field name (FFCV allows 16 bytes; teacher names are longer)."""
+    return {"latents": "latents", **{f"features/{t}": f"f{i}" for i, t in enumerate(layout.teachers)}}
+
+
+def variant_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    h = layout.resolution // 8
+    return {"latents": (LATENT_CHANNELS, h, h), **{f"features/{t}": tuple(td) for t, td in layout.teachers.items()}}
+
+
+def file_checksum(path: str, block: int = 1 << 24) -> str:
+    """crc32c of a whole file, read in blocks."""
+    import google_crc32c
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            crc = google_crc32c.extend(crc, chunk)
+    return f"crc32c:{int(crc):08x}"
+
+
+class _Samples:
+    """FFCV's writer input: sample ``row * F + variant`` from raw staged arrays (``.npy`` files, opened
+    lazily in each of FFCV's writer processes)."""
+
+    def __init__(self, stage: Mapping[str, str], layout: Layout, labels: np.ndarray) -> None:
+        self.stage, self.layout, self.labels = dict(stage), layout, labels
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.layout.num_rows * self.layout.variants
+
+    def __getitem__(self, j: int) -> tuple:
+        if self.arrays is None:
+            self.arrays = {k: np.load(p, mmap_mode="r") for k, p in self.stage.items()}
+        row, v = divmod(int(j), self.layout.variants)
+        out = [np.ascontiguousarray(self.arrays[k][row, v]).view(np.int16) for k in field_names(self.layout)]
+        return (*out, int(self.labels[row]))
+
+
+def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifest: Manifest,
+               sources: list[dict[str, Any]], labels: np.ndarray, num_workers: int = 2) -> None:
+    """Write an FFCV cache into ``folder`` (the caller's temporary name, which exists) from raw staged
+    arrays: ``stage`` maps 'latents' and 'features/<teacher>' to ``.npy`` files of shape (N, F, ...)
+    float16. The record ``ffcv.json`` is written last."""
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    names = field_names(layout)
+    shapes = variant_shapes(layout)
+    fields: dict[str, Any] = {names[k]: NDArrayField(np.dtype("int16"), shapes[k]) for k in names}
+    fields["label"] = IntField()
+    beton = os.path.join(folder, BETON)
+    largest = max(int(np.prod(s)) * 2 for s in shapes.values()) * (len(shapes) + 1)
+    page = 1 << 23
+    while page < 2 * largest:
+        page <<= 1
+    writer = DatasetWriter(beton, fields, page_size=page, num_workers=max(1, num_workers))
+    writer.from_indexed_dataset(_Samples(stage, layout, labels), chunksize=64)
+    labels = np.ascontiguousarray(labels, dtype="<i4")
+    np.save(os.path.join(folder, LABELS), labels)
+    _write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
+    _write_json(os.path.join(folder, SOURCES), list(sources))
+    record = {"format": "urepa-ffcv", "version": FORMAT_VERSION, "file": BETON,
+              "size": os.path.getsize(beton), "checksum": file_checksum(beton), "variants": layout.variants,
+              "fields": names, "labels": checksum(labels)}
+    _write_json(os.path.join(folder, FFCV_RECORD), record)
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+class _BetonArray:
+    """A read-only view of one array of an FFCV cache: ``shape``, ``dtype``, ``[rows]`` (an int, a slice or
+    an index array along rows; each read runs one FFCV loader over the rows' samples)."""
+
+    def __init__(self, cache: FfcvCache, name: str, shape: tuple[int, ...]) -> None:
+        self.cache, self.name, self.shape, self.dtype = cache, name, shape, np.dtype(np.float16)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        rows = np.arange(self.shape[0])[sel]
+        scalar = np.ndim(rows) == 0
+        rows = np.atleast_1d(rows).astype(np.int64)
+        f = self.shape[1]
+        out = np.empty((len(rows), *self.shape[1:]), np.float16)
+        if len(rows):
+            ids = (rows[:, None] * f + np.arange(f)[None, :]).reshape(-1)
+            got = np.concatenate([b[self.name] for b in self.cache._run([self.name], ids, batch_size=len(ids))])
+            out[...] = got.reshape(out.shape)
+        return out[0] if scalar else out
+
+
+class FfcvCache(CacheReader):
+    """A finished FFCV cache, opened for reading. Use :func:`cache.open_cache`; see
+    :class:`cache.store.CacheReader`."""
+
+    format = "ffcv"
+
+    def __init__(self, folder: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        self.url = self.root = os.fspath(folder)
+        reconvert = f"convert it again (`python -m cache.convert SRC {self.url} --format ffcv`) or restore it from a copy"
+        self._reconvert = reconvert
+        record_path = os.path.join(self.url, FFCV_RECORD)
+        try:
+            with open(record_path) as f:
+                self.record = json.load(f)
+            with open(os.path.join(self.url, MANIFEST)) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CacheError(f"{self.url} is not a readable FFCV cache ({type(e).__name__}: {e}); {reconvert}") from None
+        if not isinstance(self.record, dict) or self.record.get("format") != "urepa-ffcv":
+            raise CacheError(f"{record_path} is not this code's FFCV cache record; {reconvert}")
+        if self.record.get("version") != FORMAT_VERSION:
+            raise CacheError(f"{record_path}: FFCV cache format {self.record.get('version')}, this code reads "
+                             f"{FORMAT_VERSION}; {reconvert}")
+        self.manifest = reader_manifest(self.url, manifest, where=os.path.join(self.url, MANIFEST),
+                                        rebuild=reconvert, allow_incomplete=allow_incomplete)
+        self.layout = self.manifest.layout
+        self.generation = self.manifest.generation
+        self.beton = os.path.join(self.url, self.record.get("file", BETON))
+        if self.record.get("fields") != field_names(self.layout) or self.record.get("variants") != self.layout.variants:
+            raise CacheError(f"{record_path} does not match {os.path.join(self.url, MANIFEST)} (fields or variants "
+                             f"differ): the folder mixes two caches; {reconvert}")
+        self._stat = self._check_file()
+        try:
+            labels = np.load(os.path.join(self.url, LABELS))
+        except (OSError, ValueError) as e:
+            raise CacheError(f"{os.path.join(self.url, LABELS)} cannot be read ({e}); {reconvert}") from None
+        if labels.shape != (self.layout.num_rows,) or checksum(np.ascontiguousarray(labels)) != self.record.get("labels"):
+            raise CacheError(f"{os.path.join(self.url, LABELS)} does not match the record (shape {labels.shape} or its "
+                             f"checksum): the folder is damaged; {reconvert}")
+        n, f = self.layout.num_rows, self.layout.variants
+        shapes = variant_shapes(self.layout)
+        self.latents = _BetonArray(self, "latents", (n, f, *shapes["latents"]))
+        self.features = {t: _BetonArray(self, f"features/{t}", (n, f, *shapes[f"features/{t}"]))
+                         for t in self.layout.teachers}
+        self._set_labels(labels.astype(np.int32))
+        self._sources: list[dict[str, Any]] | None = None
+
+    def _check_file(self) -> tuple[int, int, int]:
+        """Before FFCV reads the .beton: its size is the recorded one, its header names the samples and
+        fields this cache has and its allocation table lies inside the file. Returns (inode, mtime, size)."""
+        from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+        try:
+            st = os.stat(self.beton)
+        except OSError as e:
+            raise CacheError(f"{self.beton} is missing ({e}); {self._reconvert}") from None
+        if st.st_size != self.record.get("size"):
+            raise CacheError(f"{self.beton} has {st.st_size} bytes, {self.record.get('size')} when it was written: the "
+                             f"file is truncated or was replaced; {self._reconvert}")
+        with open(self.beton, "rb") as fh:
+            header = np.frombuffer(fh.read(HeaderType.itemsize), dtype=HeaderType)
+        samples = self.layout.num_rows * self.layout.variants
+        if (len(header) != 1 or int(header["num_samples"][0]) != samples
+                or int(header["num_fields"][0]) != len(self.record["fields"]) + 1
+                or int(header["alloc_table_ptr"][0]) + samples * ALLOC_TABLE_TYPE.itemsize > st.st_size):
+            raise CacheError(f"{self.beton}: its header does not match the cache's manifest ({samples} samples, "
+                             f"{len(self.record['fields']) + 1} fields) or points outside the file; {self._reconvert}")
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def check_unchanged(self) -> None:
+        try:
+            st = os.stat(self.beton)
+            now = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            now = None
+        if now != self._stat:
+            raise CacheChangedError(f"the cache file {self.beton} was replaced or removed while this loader read it; "
+                                    "restart to read the cache as it is now")
+
+    def sources(self) -> list[dict[str, Any]]:
+        with open(os.path.join(self.url, SOURCES)) as f:
+            return json.load(f)
+
+    def nbytes_stored(self) -> dict[str, int]:
+        return {"data.beton": os.path.getsize(self.beton), "labels": os.path.getsize(os.path.join(self.url, LABELS))}
+
+    def verify(self) -> list[str]:
+        """The whole .beton against the crc32c recorded at conversion (and its size and header)."""
+        try:
+            self._check_file()
+        except CacheError as e:
+            return [str(e)]
+        got = file_checksum(self.beton)
+        if got != self.record.get("checksum"):
+            return [f"{self.beton} fails the checksum recorded at conversion ({got}, recorded "
+                    f"{self.record.get('checksum')}): the file is damaged; {self._reconvert}"]
+        return []
+
+    def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> _FfcvSource:
+        """What :class:`cache.loader.CacheLoader` reads batches from (FFCV's own loader)."""
+        return _FfcvSource(self, list(keys), num_workers=num_workers, prefetch=prefetch)
+
+    def _run(self, keys: Sequence[str], ids: np.ndarray, *, batch_size: int, num_workers: int = 1,
+             prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+        """FFCV's loader over samples ``ids`` in this order, ``batch_size`` at a time: dicts key ->
+        float16 views of FFCV's buffers (valid until the next batch)."""
+        import numba
+        from ffcv.fields.decoders import NDArrayDecoder
+        from ffcv.loader import Loader, OrderOption
+
+        if self._check_file() != self._stat:
+            raise CacheChangedError(f"the cache file {self.beton} was replaced while it was open; restart to read it")
+        names = field_names(self.layout)
+        wanted = {names[k]: k for k in keys}
+        pipelines: dict[str, Any] = {field: ([NDArrayDecoder()] if field in wanted else None) for field in names.values()}
+        pipelines["label"] = None
+        num_workers = max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))  # numba's limit: the cores
+        loader = Loader(self.beton, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
+                        indices=np.asarray(ids, dtype=np.int64), drop_last=False, os_cache=True,
+                        batches_ahead=max(1, prefetch), pipelines=pipelines)
+        fields_in_order = [field for field in names.values() if field in wanted]  # FFCV yields the file's order
+        it = iter(loader)
+        try:
+            for out in it:
+                yield {wanted[field]: np.asarray(arr).view(np.float16) for field, arr in zip(fields_in_order, out,
+                                                                                             strict=True)}
+        finally:
+            it.close()
+
+
+class _FfcvSource:
+    """Batches of one epoch and rank from FFCV's loader, in :class:`cache.loader.CacheLoader`'s order."""
+
+    def __init__(self, cache: FfcvCache, keys: list[str], *, num_workers: int, prefetch: int) -> None:
+        self.cache, self.keys, self.num_workers, self.prefetch = cache, keys, num_workers, prefetch
+        shapes = variant_shapes(cache.layout)
+        self.variant_shapes = {k: shapes[k] for k in keys}
+
+    def batches(self, order: np.ndarray, variants: np.ndarray,
+                batches: Sequence[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
+        if not batches:
+            return
+        sizes = [hi - lo for lo, hi in batches]
+        size = sizes[0]
+        if any(s != size for s in sizes[:-1]) or sizes[-1] > size:
+            raise ValueError(f"batches of sizes {sorted(set(sizes))}: only the last may be smaller")
+        ids = np.concatenate([order[lo:hi] * self.cache.layout.variants + variants[lo:hi] for lo, hi in batches])
+        yield from self.cache._run(self.keys, ids, batch_size=size, num_workers=self.num_workers,
+                                   prefetch=self.prefetch)
+
+    def close(self) -> None:
+        """Nothing is held between epochs: each :meth:`batches` call owns its FFCV loader."""

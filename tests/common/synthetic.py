@@ -1,0 +1,41 @@
+"""A tiny synthetic feature cache whose every value encodes (row, variant), for store and loader tests."""
+
+import numpy as np
+
+import cache
+from cache import CacheWriter, Layout
+
+TEACHERS = {"t_a": (6, 5), "t_b": (4, 3)}
+
+
+def synthetic_cache(path, *, n=100, variants=2, skipped=(3, 50, 51), compressor="none", shard_rows=16, chunk_rows=4):
+    """A cache whose every value encodes (row, variant), written shard by shard like a build."""
+    layout = Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=shard_rows,
+                    chunk_rows=chunk_rows, compressor=compressor)
+    sources = [{"path": f"c{i % 3}/img{i:04d}.jpg", "size": 10 + i, "label": i % 3} for i in range(n)]
+    manifest = {"classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}}
+    writer, resumed = CacheWriter.create_or_resume(path, layout=layout, manifest=manifest, sources=sources)
+    assert not resumed
+    for s in range(layout.num_shards):
+        lo, hi = layout.shard_rows_range(s)
+        rows = np.arange(lo, hi)
+        lat = np.zeros((hi - lo, variants, 8, 2, 2), np.float16)
+        lat += (rows[:, None, None, None, None] + 1000 * np.arange(variants)[None, :, None, None, None]).astype(np.float16) / 8
+        feats = {k: np.zeros((hi - lo, variants, t, d), np.float16) + lat[:, :, :1, :1, 0] + j
+                 for j, (k, (t, d)) in enumerate(TEACHERS.items())}
+        labels = np.array([sources[r]["label"] for r in rows], np.int32)
+        skip = [{"row": int(r), "path": sources[r]["path"], "reason": "test"} for r in rows if r in skipped]
+        for r in rows:
+            if r in skipped:
+                labels[r - lo] = -1
+                lat[r - lo] = 0
+                for f in feats.values():
+                    f[r - lo] = 0
+        writer.write_shard(s, latents=lat, features=feats, labels=labels, skipped=skip)
+    writer.finalize({"seconds": 0})
+    return cache.open_cache(path)
+
+
+def expected_latent(row, variant):
+    """The latent value ``synthetic_cache`` writes at (row, variant)."""
+    return np.float16((row + 1000 * variant) / 8)
