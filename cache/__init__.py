@@ -7,7 +7,8 @@
 
 ``cache.store`` defines the layout of a cache, ``cache.manifest`` the typed manifest a build records, ``cache.shardfile`` alone knows zarr's shard byte
 format (for direct byte-range reads and writes), ``cache.loader`` the batch order and the reads,
-``python -m cache.inspect`` prints and verifies a cache.
+``python -m cache.inspect`` prints and verifies a cache, ``cache.torch_data`` offers the cache as
+``torch.utils.data`` datasets (:class:`CacheDataset`, :class:`CacheBatches`) for other training code.
 """
 
 from .loader import CacheLoader, ShardReadError, epoch_flips, epoch_order, rank_batches
@@ -23,11 +24,14 @@ from .store import (
     ShardDamage,
     open_cache,
 )
+from .torch_data import CacheBatches, CacheDataset
 
 __all__ = [
     "SCHEMA_VERSION",
     "Cache",
+    "CacheBatches",
     "CacheChangedError",
+    "CacheDataset",
     "CacheError",
     "CacheLoader",
     "CacheMismatchError",

@@ -65,7 +65,8 @@ class BuildConfig:
     vae: str = field(default=DEFAULT_VAE, metadata={
         "help": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights"})
     teacher: str = field(default=DEFAULT_TEACHER, metadata={
-        "help": "comma-separated timm names of DINOv2 teachers; 'tiny' or 'random:<name>' for random weights"})
+        "help": "comma-separated timm ViT names (docs/teachers.md); 'tiny', 'tiny:<name>' or 'random:<name>' "
+                "for random weights"})
     teacher_weights: str = field(default="", metadata={
         "help": "comma-separated local weight files, one per teacher (empty: timm/HF hub)"})
     pos_embed: str = field(default="repa", metadata={

@@ -1,5 +1,5 @@
-"""The two encoders of the build: SD-VAE posterior moments and DINOv2 patch tokens; and the VAE's
-decoder for sampling (``load_vae_decoder``, same specs as ``load_vae``).
+"""The two encoders of the build: SD-VAE posterior moments and teacher (DINOv2 or any timm ViT) patch
+tokens; and the VAE's decoder for sampling (``load_vae_decoder``, same specs as ``load_vae``).
 
 Specs (``--vae`` / ``--teacher``):
 - a HF hub id or local folder for the VAE (``AutoencoderKL.from_pretrained``), a timm model name
@@ -7,8 +7,15 @@ Specs (``--vae`` / ``--teacher``):
 - ``random:<id or name>``: the same architecture with seeded random weights (for benchmarks);
 - ``tiny``: a small configuration of the same classes with seeded random weights (tests, demo):
   VAE = AutoencoderKL with block_out_channels (16, 32, 32, 32), one layer per block, 4 latent
-  channels (still 8x down); teacher = timm DINOv2 ViT with patch 14, width 96, depth 2, 3 heads.
+  channels (still 8x down); teacher = timm DINOv2 ViT with patch 14, width 96, depth 2, 3 heads;
+- ``tiny:<timm name>`` (teachers only): that architecture (patch size, prefix and register tokens,
+  mean/std) at width 96, depth 2, 3 heads, seeded random weights; stored as ``tiny-<timm name>``.
 Random weights are for plumbing and speed only; the manifest records ``random_weights: true``.
+
+Teachers follow one contract, ``docs/teachers.md``: a timm ``VisionTransformer`` with an absolute
+position table; grid = resolution / 16 tokens per side (the student's outer grid), input = grid * patch
+px; the model's own mean/std (ImageNet's for DINOv2); output = patch tokens after the final norm with
+class and register tokens removed. :func:`check_teacher_architecture` refuses the rest.
 """
 
 from __future__ import annotations
@@ -218,19 +225,30 @@ def load_vae_decoder(spec: str, *, seed: int = 0, quantize: str = "truncate") ->
 # Teacher
 
 
-def teacher_input_size(resolution: int) -> int:
-    """DINOv2 input side for an image of ``resolution`` px (REPA: 224 at 256, 448 at 512)."""
-    if resolution % 256 == 0:
-        return 224 * (resolution // 256)
-    return round(resolution * 224 / 256 / 14) * 14
+#: Tokens per side of every teacher at 256 px: SiT-down's outer grid (8x-down latents, patch 2).
+GRID_AT_256 = 16
 
 
-def teacher_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, size, size) as REPA: /255, ImageNet mean/std, bicubic resize."""
+def teacher_grid(resolution: int) -> int:
+    """Teacher tokens per side for images of ``resolution`` px: 16 per 256 px (the student's outer
+    grid, resolution / 16), rounded to the nearest integer."""
+    return round(resolution * GRID_AT_256 / 256)
+
+
+def teacher_input_size(resolution: int, patch_size: int = 14) -> int:
+    """Teacher input side for an image of ``resolution`` px: ``patch_size * teacher_grid(resolution)``.
+    For DINOv2 (patch 14) this is REPA's 224 at 256 px, 448 at 512; patch 16 gives 256 at 256 px."""
+    return patch_size * teacher_grid(resolution)
+
+
+def teacher_input(images: torch.Tensor, size: int, *, mean: tuple[float, ...] = IMAGENET_MEAN,
+                  std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, size, size) as REPA: /255, (x - mean) / std (ImageNet's by
+    default, a teacher's own from its pretrained config), bicubic resize."""
     x = images.permute(0, 3, 1, 2).float().div(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
     return x
@@ -288,87 +306,171 @@ _POS_EMBED_TEXT = {
 
 
 class TeacherTokens(nn.Module):
-    """uint8 images (B, H, W, 3) -> patch tokens after the final norm (B, T, D)."""
+    """uint8 images (B, H, W, 3) -> patch tokens after the final norm (B, T, D), the ``num_prefix``
+    class and register tokens removed."""
 
-    def __init__(self, vit: nn.Module, size: int) -> None:
+    def __init__(self, vit: nn.Module, size: int, *, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD) -> None:
         super().__init__()
         self.vit = vit
         self.size = size
+        self.mean, self.std = tuple(mean), tuple(std)
         self.num_prefix = int(getattr(vit, "num_prefix_tokens", 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = teacher_input(images, self.size).to(self.vit.patch_embed.proj.weight.dtype)
+        x = teacher_input(images, self.size, mean=self.mean, std=self.std).to(self.vit.patch_embed.proj.weight.dtype)
         tokens = self.vit.forward_features(x)
         return tokens[:, self.num_prefix:]
 
 
+TINY_PREFIX = "tiny:"
+
+
 def teacher_name(spec: str) -> str:
-    """The name a teacher's features are stored under: its timm name (``tiny`` stays ``tiny``)."""
-    return spec[len("random:"):] if spec.startswith("random:") else spec
+    """The name a teacher's features are stored under: its timm name for real and ``random:`` specs;
+    ``tiny`` stays ``tiny``; ``tiny:<name>`` becomes ``tiny-<name>`` (no ':' in a file name)."""
+    if spec.startswith("random:"):
+        return spec[len("random:"):]
+    if spec.startswith(TINY_PREFIX):
+        return "tiny-" + spec[len(TINY_PREFIX):]
+    return spec
 
 
-def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0,
-                 pos_embed: str = "repa") -> LoadedEncoder:
-    """A DINOv2 ViT through timm, set to the input size of ``resolution`` (see module docstring), its
-    position table resampled to the token grid by ``pos_embed`` (:data:`POS_EMBED_MODES`)."""
+def _architecture(spec: str) -> tuple[str, dict[str, Any]]:
+    """(timm name, create_model kwargs) of a teacher spec (see module docstring)."""
+    if spec == "tiny":
+        return TINY_TEACHER
+    if spec.startswith(TINY_PREFIX):
+        return spec[len(TINY_PREFIX):], dict(TINY_TEACHER[1])
+    return teacher_name(spec), {}
+
+
+def check_teacher_architecture(vit: nn.Module, spec: str) -> None:
+    """Refuse, with a message that says why, a model outside the teacher contract (see ``docs/teachers.md``):
+    it must be timm's ``VisionTransformer`` (or a subclass) with a plain square patch embedding and an
+    absolute position table over a square patch grid, which :func:`load_teacher` resamples."""
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    kind = type(vit).__name__
+    if not isinstance(vit, VisionTransformer):
+        rope = " (it encodes positions with RoPE)" if kind == "Eva" or getattr(vit, "rope", None) is not None else ""
+        raise ValueError(
+            f"--teacher {spec}: {kind} is not timm's VisionTransformer{rope}. A teacher must be a timm "
+            "VisionTransformer with an absolute position table over a square patch grid (DINOv2, CLIP, SigLIP, "
+            "MAE, DeiT and their register variants are); see docs/teachers.md")
+    if not isinstance(vit.patch_embed, PatchEmbed):
+        raise ValueError(f"--teacher {spec}: its patch embedding is a {type(vit.patch_embed).__name__} (a hybrid "
+                         "CNN stem?), not a plain PatchEmbed; only plain ViT patch embeddings are supported")
+    ph, pw = vit.patch_embed.patch_size
+    if ph != pw:
+        raise ValueError(f"--teacher {spec}: patch size {ph}x{pw} is not square")
+    if getattr(vit, "pos_embed", None) is None:
+        raise ValueError(f"--teacher {spec}: {kind} has no absolute position table (pos_embed is None), so there "
+                         "is nothing to resample to the token grid; choose a ViT with a learned or fixed pos_embed")
+    gh, gw = vit.patch_embed.grid_size
+    if gh != gw:
+        raise ValueError(f"--teacher {spec}: its position table covers a non-square {gh}x{gw} grid")
+    if getattr(vit, "dynamic_img_size", False):
+        raise ValueError(f"--teacher {spec}: created with dynamic_img_size, which resamples the table at every "
+                         "call; create it without, the build resamples the table once")
+
+
+def teacher_normalization(name: str, pretrained_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a teacher's input is normalised with: its pretrained config's, except DINOv2 which keeps
+    REPA's ImageNet mean/std (its config holds the same numbers)."""
+    if "dinov2" in name:
+        return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"teacher {name}: its pretrained config has no 3-channel mean/std ({mean}, {std})")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _create(name: str, kwargs: dict[str, Any], *, spec: str, random_weights: bool, weights: str | None,
+            seed: int) -> nn.Module:
     import timm
 
-    if pos_embed not in POS_EMBED_MODES:
-        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
-
-    size = teacher_input_size(resolution)
-    random_weights = spec == "tiny" or spec.startswith("random:")
-    name, kwargs = (TINY_TEACHER if spec == "tiny" else (teacher_name(spec), {}))
-    if "dinov2" not in name:
-        _logger.warning("teacher %s is not a DINOv2 model; the DINOv2 preprocessing is applied anyway", name)
+    try:
+        with torch.device("meta"):  # the architecture first, at no cost: refuse before any download
+            probe = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"--teacher {spec}: timm has no model {name!r}") from None
+        probe = None  # a model that cannot be built on the meta device is checked once it is built
+    except Exception:
+        probe = None
+    if probe is not None:
+        check_teacher_architecture(probe, spec)
+    del probe
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if random_weights:
-                vit = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-            elif weights:
-                vit = timm.create_model(name, pretrained=True, num_classes=0,
-                                        pretrained_cfg_overlay=dict(file=weights))
-            else:
-                vit = timm.create_model(name, pretrained=True, num_classes=0)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"--teacher {spec}: timm has no model {name!r}") from None
-        raise WeightsUnavailable(f"could not load the teacher {spec!r} ({e}). " + MISSING_WEIGHTS_HELP.format(
-            how="--teacher-weights FILE with the timm .safetensors/.bin of that model")) from None
-    except Exception as e:  # hub/network errors, missing local file
+                return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            if weights:
+                return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=weights))
+            return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:  # hub/network errors, missing local file, a checkpoint that does not fit
         raise WeightsUnavailable(
             f"could not load the teacher {spec!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             + MISSING_WEIGHTS_HELP.format(how="--teacher-weights FILE with the timm .safetensors/.bin of that model")
         ) from None
+
+
+def load_teacher(spec: str, *, resolution: int, weights: str | None = None, seed: int = 0,
+                 pos_embed: str = "repa") -> LoadedEncoder:
+    """A timm ViT teacher under the contract of ``docs/teachers.md``: input ``patch * resolution / 16`` px
+    (:func:`teacher_input_size`), so its grid is the student's outer grid (16 x 16 at 256 px); the position
+    table resampled to that grid by ``pos_embed`` (:data:`POS_EMBED_MODES`); the model's own mean/std
+    (ImageNet's for DINOv2); output the patch tokens after the final norm, class and register tokens removed.
+    Models outside the contract are refused (:func:`check_teacher_architecture`)."""
+    if pos_embed not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, got {pos_embed!r}")
+    random_weights = spec == "tiny" or spec.startswith(("random:", TINY_PREFIX))
+    name, kwargs = _architecture(spec)
+    vit = _create(name, kwargs, spec=spec, random_weights=random_weights, weights=weights, seed=seed)
+    check_teacher_architecture(vit, spec)
     patch = vit.patch_embed.patch_size[0]
-    if size % patch:
-        raise ValueError(f"teacher input {size} px is not a multiple of the patch size {patch}")
-    grid = size // patch
+    grid = teacher_grid(resolution)
+    if grid < 1:
+        raise ValueError(f"resolution {resolution} px gives no teacher tokens")
+    size = grid * patch
+    pretrained_size = tuple(vit.pretrained_cfg.get("input_size", (3, *vit.patch_embed.img_size)))[-2:]
+    mean, std = teacher_normalization(name, vit.pretrained_cfg)
     num_pos_prefix = vit.pos_embed.shape[1] - vit.patch_embed.num_patches
     original = vit.pos_embed.detach().clone()
     vit.set_input_size(img_size=(size, size))
     vit.pos_embed = nn.Parameter(_POS_EMBED[pos_embed](original, grid, num_pos_prefix))
     vit.eval().requires_grad_(False)
-    module = TeacherTokens(vit, size)
+    module = TeacherTokens(vit, size, mean=mean, std=std)
+    num_registers = int(getattr(vit, "num_reg_tokens", 0))
     info = {
         "spec": spec,
         "timm_name": name,
         "timm_kwargs": kwargs,
+        "architecture": f"timm.{type(vit).__module__.rsplit('.', 1)[-1]}.{type(vit).__name__}",
         "weights_file": weights,
         "weights_sha256": weights_sha256(vit),
         "random_weights": random_weights,
         "seed": seed if random_weights else None,
         "input_size": size,
+        "input_size_rule": f"patch_size * resolution / 16 = {patch} * {grid} (the student's outer grid)",
+        "pretrained_input_size": [int(v) for v in pretrained_size],
         "patch_size": patch,
         "grid": grid,
         "tokens": grid * grid,
         "dim": int(vit.embed_dim),
         "num_prefix_tokens": module.num_prefix,
+        "num_register_tokens": num_registers,
+        "num_class_tokens": module.num_prefix - num_registers,
+        "mean": list(mean),
+        "std": list(std),
         "pos_embed": pos_embed,
         "pos_embed_source_grid": int(math.isqrt(original.shape[1] - num_pos_prefix)),
-        "output": "patch tokens after the final norm (x_norm_patchtokens)",
-        "preprocess": f"RGB/255, ImageNet mean/std, bicubic resize to {size}, position table "
-                      f"{_POS_EMBED_TEXT[pos_embed]}",
+        "output": "patch tokens after the final norm (x_norm_patchtokens), class and register tokens removed",
+        "preprocess": f"RGB/255, (x - mean) / std with mean {list(mean)} std {list(std)}"
+                      f"{' (ImageNet)' if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else ' (the model config)'}, "
+                      f"bicubic resize to {size}, position table {_POS_EMBED_TEXT[pos_embed]}",
     }
     return LoadedEncoder(module, info)

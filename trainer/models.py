@@ -186,8 +186,11 @@ def _check(cfg: ModelConfig) -> None:
     if not 1 <= align <= cfg.depth:
         fail(f"align_block must be in [1, {cfg.depth}] (the model's depth), got {align}")
     if cfg.teacher_dim and (cfg.teacher_grid % cfg.align_grid or cfg.teacher_grid < cfg.align_grid):
-        fail(f"teacher_grid {cfg.teacher_grid} is not an integer multiple of the {cfg.align_grid}x"
-             f"{cfg.align_grid} token grid after block {align}")
+        fail(f"teacher_grid {cfg.teacher_grid} (a {cfg.teacher_grid}x{cfg.teacher_grid} token grid) is not an integer multiple of the "
+             f"{cfg.align_grid}x{cfg.align_grid} student grid after block {align}: projected tokens are upsampled by "
+             f"an integer factor only. Use a cache whose teacher grid is a multiple of {cfg.align_grid} (pipeline.build "
+             "gives every teacher resolution/16 tokens per side, twice the middle grid), or an align_block whose "
+             f"grid divides {cfg.teacher_grid}")
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

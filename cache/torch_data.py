@@ -1,0 +1,209 @@
+"""The cache as ``torch.utils.data`` datasets, for training code that is not ours (see docs/reuse.md).
+
+Two ways in:
+
+- :class:`CacheDataset`, map-style: ``ds[i]`` is data row ``cache.rows[i]`` (skipped rows are not
+  indexed), read through the format's row readers (zarr and HDF5 caches; an FFCV cache is refused:
+  its own loader reads whole batches, so use :class:`CacheBatches`); use it with any sampler, ``DataLoader(ds, batch_size, shuffle=True,
+  num_workers=8)``. Items collate into the batches :class:`cache.loader.CacheLoader` yields.
+- :class:`CacheBatches`, iterable: whole batches from :class:`~cache.loader.CacheLoader` (its
+  deterministic order, byte-range reads and reader threads), with rank and world size taken from
+  ``torch.distributed`` when it is initialised; every format (zarr, HDF5, FFCV); ``set_epoch(epoch)`` before each epoch; use with
+  ``DataLoader(ds, batch_size=None)``.
+
+An item or batch is ``{"latents", "features", "labels", "index", "flip"}``: ``latents`` float16
+(8, h, w) posterior mean (channels 0-3) and std (4-7), so ``z = (mean + std * randn) * 0.18215``;
+``features`` name -> float16 (T, D) teacher tokens; ``labels`` int64 class; ``index`` int64 row id;
+``flip`` bool, whether the mirrored variant was read. Batched, each gains a leading batch dimension.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .loader import CacheLoader, rank_batches
+from .store import CacheChangedError, CacheReader, open_cache
+
+__all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
+
+
+def _open(cache: CacheReader | str | os.PathLike) -> CacheReader:
+    return cache if isinstance(cache, CacheReader) else open_cache(cache)
+
+
+def _teachers(cache: CacheReader, teachers: Sequence[str] | None) -> list[str]:
+    names = list(cache.features) if teachers is None else list(teachers)
+    unknown = set(names) - set(cache.features)
+    if unknown:
+        raise ValueError(f"unknown teachers {sorted(unknown)}; the cache has {sorted(cache.features)}")
+    return names
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of the default ``torch.distributed`` process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _ReopensByUrl:
+    """Pickles the cache as its URL and generation, so spawned DataLoader workers reopen it (and refuse a
+    cache rebuilt in between)."""
+
+    cache: CacheReader
+    _unpicklable: tuple[str, ...] = ()  # per-process state (open files), rebuilt on first use
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
+        cache = state.pop("cache")
+        state.update(_url=cache.url, _generation=cache.generation, _complete=cache.complete)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        url, generation, complete = state.pop("_url"), state.pop("_generation"), state.pop("_complete")
+        self.__dict__.update(state)
+        self.cache = open_cache(url, allow_incomplete=not complete)
+        if self.cache.generation != generation:
+            raise CacheChangedError(f"the cache at {url} was rebuilt since this dataset opened it (generation "
+                                    f"{generation}, now {self.cache.generation}); open it again")
+
+
+class CacheDataset(_ReopensByUrl, Dataset):
+    """Map-style dataset over the data rows of a cache: item ``i`` is row ``cache.rows[i]``.
+
+    Args:
+        cache: an opened cache (:func:`cache.store.open_cache`), or its path or URL; zarr or HDF5.
+        teachers: teacher names to read (default all).
+        variant: ``0`` (as encoded), ``1`` (mirrored; caches built with ``--flip both``), or
+            ``"random"``: 0 or 1 drawn per item from torch's generator (so DataLoader workers, each
+            seeded by the DataLoader, draw different ones).
+
+    Reads go through the format's row readers (:meth:`cache.store.CacheReader.row_reader`, as
+    :class:`~cache.loader.CacheLoader`'s), one row at a time. An FFCV cache is refused: FFCV reads whole
+    batches through its own loader; use :class:`CacheBatches`, or convert the cache to zarr or HDF5
+    (``python -m cache.convert``). A shard missing from a finished cache raises
+    :class:`~cache.loader.ShardReadError`; a cache rebuilt since it was opened raises
+    :class:`~cache.store.CacheChangedError`.
+    """
+
+    _unpicklable = ("_readers",)
+
+    def __init__(self, cache: CacheReader | str | os.PathLike, *, teachers: Sequence[str] | None = None,
+                 variant: int | str = 0) -> None:
+        self.cache = _open(cache)
+        if getattr(self.cache, "batch_source", None) is not None:
+            raise ValueError(
+                f"CacheDataset reads single rows, which the {self.cache.format} cache {self.cache.url} does not offer "
+                "(its own loader reads whole batches): use cache.CacheBatches over it, or convert it to zarr or HDF5 "
+                "(`python -m cache.convert SRC DST --format hdf5`) for a map-style dataset")
+        self.teachers = _teachers(self.cache, teachers)
+        if variant not in (0, 1, "random"):
+            raise ValueError(f"variant must be 0, 1 or 'random', got {variant!r}")
+        if variant != 0 and self.cache.num_variants < 2:
+            raise ValueError(f"variant={variant!r} needs a cache built with --flip both (this one stores 1 variant)")
+        self.variant = variant
+
+    def __len__(self) -> int:
+        return len(self.cache.rows)
+
+    def _reader(self, key: str) -> Any:
+        readers = self.__dict__.setdefault("_readers", {})
+        if key not in readers:
+            readers[key] = self.cache.row_reader(key)
+        return readers[key]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.cache.rows[i])
+        v = int(torch.randint(0, 2, ())) if self.variant == "random" else int(self.variant)
+        rows, variants = np.array([row], dtype=np.int64), np.array([v], dtype=np.int64)
+        data = {}
+        for key in ["latents", *(f"features/{n}" for n in self.teachers)]:
+            reader = self._reader(key)
+            out = np.empty((1, *reader.variant_shape), dtype=np.float16)
+            try:
+                reader.read(rows, variants, out)
+            except Exception:
+                self.cache.check_unchanged()  # a shard gone because the cache is being rebuilt says so
+                raise
+            data[key] = torch.from_numpy(out[0])
+        self.cache.check_unchanged()  # after the reads: rows of a rebuilt cache are never served
+        return {
+            "latents": data["latents"],
+            "features": {n: data[f"features/{n}"] for n in self.teachers},
+            "labels": torch.tensor(int(self.cache.labels[row]), dtype=torch.int64),
+            "index": torch.tensor(row, dtype=torch.int64),
+            "flip": torch.tensor(bool(v)),
+        }
+
+    def __del__(self) -> None:
+        for reader in self.__dict__.get("_readers", {}).values():
+            try:
+                reader.close()
+            except Exception:
+                pass
+
+
+class CacheBatches(_ReopensByUrl, IterableDataset):
+    """Whole batches from a :class:`~cache.loader.CacheLoader`, for ``DataLoader(ds, batch_size=None)``.
+
+    Batch k of an epoch is the one ``CacheLoader(cache, batch_size, seed=seed, epoch=epoch, rank=rank,
+    world_size=world_size, ...)`` yields k-th: the order is a function of (seed, epoch) alone, ranks are
+    disjoint, and the global batch does not depend on the world size. ``rank``/``world_size`` default to
+    the ``torch.distributed`` process group's (:func:`distributed_rank`), read at construction and again
+    at each :meth:`set_epoch`. Call :meth:`set_epoch` before each epoch (``start`` resumes inside one). With DataLoader workers,
+    worker w of n yields batches w, w + n, ... and the DataLoader's in-order round robin restores the
+    order; the loader already reads with ``num_workers`` threads, so ``num_workers=0`` is usually
+    enough. ``persistent_workers=True`` would not see :meth:`set_epoch`: leave it off.
+
+    Works for every format :class:`~cache.loader.CacheLoader` reads (zarr, HDF5, FFCV). The other keyword
+    arguments are :class:`~cache.loader.CacheLoader`'s.
+    """
+
+    def __init__(self, cache: CacheReader | str | os.PathLike, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 flip: bool = False, drop_last: bool = True, teachers: Sequence[str] | None = None,
+                 num_workers: int = 4, prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
+                 pin_memory: bool | None = None) -> None:
+        self.cache = _open(cache)
+        self.teachers = _teachers(self.cache, teachers)
+        if flip and self.cache.num_variants < 2:
+            raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (then torch.distributed's are used)")
+        self.batch_size, self.seed, self.shuffle, self.flip, self.drop_last = batch_size, seed, shuffle, flip, drop_last
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+        self._given = rank is not None
+        self.rank, self.world_size = (rank, world_size) if self._given else distributed_rank()
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, *, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` next, from sample ``start`` of it (samples all ranks consumed)."""
+        self.epoch, self.start = int(epoch), int(start)
+        if not self._given:
+            self.rank, self.world_size = distributed_rank()
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch."""
+        return len(rank_batches(len(self.cache), batch_size=self.batch_size, world_size=self.world_size, rank=self.rank,
+                                start=self.start, drop_last=self.drop_last))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        loader = CacheLoader(
+            self.cache, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
+            world_size=self.world_size, start=self.start, flip=self.flip, drop_last=self.drop_last,
+            num_workers=self.num_workers, prefetch=self.prefetch, teachers=self.teachers,
+            pin_memory=False if worker is not None else self.pin_memory)  # workers leave pinning to the DataLoader
+        if worker is not None:
+            loader.batches = loader.batches[worker.id::worker.num_workers]
+        try:
+            yield from loader
+        finally:
+            loader.close()
