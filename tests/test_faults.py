@@ -447,10 +447,13 @@ def test_evaluate_never_writes_nan_and_exits_non_zero(tmp_path, capsys):
 
 
 def test_an_escaping_cache_source_path_is_refused(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
     from tools import evaluate
 
     class Fake:
-        manifest = {"source_root": str(tmp_path), "preprocessing": {"resolution": 64, "max_pixels": 100}}
+        manifest = SimpleNamespace(source_root=str(tmp_path),
+                                   preprocessing=SimpleNamespace(resolution=64, max_pixels=100))
         rows = np.array([0, 1])
 
         def source_path(self, row):
