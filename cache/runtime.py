@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "configure_device", "make_accelerator", "resolve_device",
-           "setup_logging", "write_json"]
+__all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "claim_folder", "configure_device",
+           "file_sha256", "make_accelerator", "resolve_device", "setup_logging", "write_json"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -109,3 +109,42 @@ def write_json(path: str, data: Any) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2, allow_nan=False)
     os.replace(path + ".tmp", path)
+
+
+def claim_folder(out: str, *, marker: str, kind: str, legacy_keys: frozenset[str]) -> None:
+    """Make sure the output folder ``out`` is ours before anything is written into it: absent, empty, or
+    holding our ``marker`` (or an older output whose config.json, a dict, holds ``legacy_keys``); then
+    write the marker (``kind`` and a version), which also proves the folder writable. Anything else is
+    refused with a sentence and left untouched."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
+    path = os.path.join(out, marker)
+    if os.path.isdir(out) and not os.path.exists(path):
+        entries = sorted(os.listdir(out))
+        try:
+            with open(os.path.join(out, "config.json")) as f:
+                old = json.load(f)
+            legacy = isinstance(old, dict) and legacy_keys <= set(old)
+        except (OSError, ValueError):
+            legacy = False
+        if entries and not legacy:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise SetupError(f"--out {out} is not empty ({shown}) and holds no {marker}, so it is not a {kind} "
+                             "of ours; nothing was written there: choose a new or empty folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        write_json(path, {"format": f"urepa-{kind.replace(' ', '-')}", "version": 1})
+    except OSError as e:
+        raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
+                         "--out") from None
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -211,12 +211,12 @@ def test_a_read_only_run_folder_is_a_sentence(built_cache, tmp_path, monkeypatch
     out = tmp_path / "ro"
     out.mkdir()
     if os.geteuid() == 0:  # root writes through chmod: simulate the refusal the kernel gives everyone else
-        import trainer.train as tt
+        import cache.runtime
 
         def denied(path, data):
             raise PermissionError(13, "Permission denied", path)
 
-        monkeypatch.setattr(tt, "write_json", denied)
+        monkeypatch.setattr(cache.runtime, "write_json", denied)
     else:
         out.chmod(0o555)
     try:

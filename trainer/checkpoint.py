@@ -17,7 +17,6 @@ checkpoint. Nothing else is needed to resume: every random draw of a step is a p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from cache.runtime import file_sha256
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoints",
            "prune_checkpoints", "clean_partial", "nonfinite_tensors"]
@@ -41,13 +42,6 @@ FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state
 class CheckpointError(RuntimeError):
     """A checkpoint folder is damaged or incomplete; the message names the file and says what to do."""
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -96,7 +90,7 @@ def save_checkpoint(
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"), meta)
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"step": step, "param_groups": groups, **state}, f, indent=2, allow_nan=False)
-    files = {name: {"sha256": _sha256(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
+    files = {name: {"sha256": file_sha256(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
              for name in FILES}
     with open(os.path.join(tmp, MANIFEST), "w") as f:  # last: its presence says every file above is whole
         json.dump({"step": step, "files": files}, f, indent=2)
@@ -171,7 +165,7 @@ def verify_checkpoint(path: str, files: tuple[str, ...] = FILES) -> None:
         if size != entry.get("bytes"):
             raise CheckpointError(f"{file} has {size} bytes, {entry.get('bytes')} were written (cut short or "
                                   f"replaced); {what}")
-        if _sha256(file) != entry.get("sha256"):
+        if file_sha256(file) != entry.get("sha256"):
             raise CheckpointError(f"{file} does not match the sha256 recorded when it was written (damaged "
                                   f"on disk); {what}")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,7 +44,14 @@ import torch
 
 import cache as cache_lib
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import SetupError, autocast_dtype, make_accelerator, setup_logging, write_json
+from cache.runtime import (
+    SetupError,
+    autocast_dtype,
+    claim_folder,
+    make_accelerator,
+    setup_logging,
+    write_json,
+)
 
 from .checkpoint import (
     CheckpointError,
@@ -416,34 +422,10 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def _legacy_run(out: str) -> bool:
-    """A run folder written before :data:`RUN_MARKER` existed: its config.json has our schema."""
-    try:
-        with open(os.path.join(out, "config.json")) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(old, dict) and {"train", "model", "cache"} <= set(old) and isinstance(old["train"], dict)
-
-
 def claim_run_dir(out: str) -> None:
-    """Make sure ``out`` is ours before anything is written into it: absent, empty, or holding our marker
-    (or an older run's config.json); then write the marker, which also proves the folder writable."""
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
-    marker = os.path.join(out, RUN_MARKER)
-    if os.path.isdir(out) and not os.path.exists(marker):
-        entries = sorted(os.listdir(out))
-        if entries and not _legacy_run(out):
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise SetupError(f"--out {out} is not empty ({shown}) and holds no {RUN_MARKER}, so it is not a training "
-                             "run of ours; nothing was written there: choose a new or empty folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        write_json(marker, {"format": "urepa-train-run", "version": 1})
-    except OSError as e:
-        raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
-                         "--out") from None
+    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`); an older run's
+    config.json (train, model, cache) counts as ours."""
+    claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
