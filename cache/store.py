@@ -33,6 +33,7 @@ that every object exists; ``pipeline.build --repair`` re-encodes the shards it n
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -627,9 +628,14 @@ def reader_manifest(url: str, manifest: Any, *, where: str, rebuild: str,
                          f"{rebuild}") from None
 
 
-class CacheReader:
+class CacheReader(abc.ABC):
     """What every cache format offers readers (zarr :class:`Cache`, :class:`cache.h5cache.H5Cache`,
     :class:`cache.ffcvcache.FfcvCache`); each sets the attributes below in its constructor.
+
+    Rows reach :class:`cache.loader.CacheLoader` one of two ways: a format that reads rows itself defines
+    ``row_reader(name)`` (a reader of single rows of 'latents' or 'features/<teacher>' into batches:
+    ``read(rows, variants, out)``, ``direct``, ``variant_shape``, ``close()``); a format whose own loader
+    assembles whole batches (FFCV) defines ``batch_source(keys, num_workers=, prefetch=)`` instead.
 
     Attributes:
         url: where the cache is; root: its local folder or file (None for remote stores).
@@ -659,24 +665,19 @@ class CacheReader:
     def complete(self) -> bool:
         return self.manifest.is_complete
 
-    def check_unchanged(self) -> None:
+    def check_unchanged(self) -> None:  # noqa: B027 (a real default: formats that cannot tell check nothing)
         """Raise :class:`CacheChangedError` if the cache was replaced since it was opened (formats that
         cannot tell: nothing)."""
 
+    @abc.abstractmethod
     def sources(self) -> list[dict[str, Any]]:
         """The build's source list (relative path and size of every source file, in row order)."""
-        raise NotImplementedError
 
     def source_path(self, row: int) -> str:
         """Path of the source image of ``row``, relative to the build's SOURCE folder."""
         if getattr(self, "_sources", None) is None:
             self._sources = self.sources()
         return self._sources[row]["path"]
-
-    def row_reader(self, name: str) -> Any:
-        """A reader of single rows of array ``name`` ('latents', 'features/<teacher>') into batches:
-        ``read(rows, variants, out)``, ``direct``, ``variant_shape``, ``close()``; see :mod:`cache.loader`."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.rows)
