@@ -272,9 +272,10 @@ class _H5RowReader:
 
     def __init__(self, cache: H5Cache, name: str) -> None:
         self.path, self.name = cache.url, name
-        self.shape = cache.latents.shape if name == "latents" else cache.features[name.removeprefix("features/")].shape
+        array = cache.array(name)
+        self.shape, self.dtype = array.shape, np.dtype(array.dtype)
         self.variant_shape = tuple(self.shape[2:])
-        self.variant_nbytes = int(np.prod(self.variant_shape)) * 2
+        self.variant_nbytes = int(np.prod(self.variant_shape)) * self.dtype.itemsize
         self.row_nbytes = self.variant_nbytes * self.shape[1]
         self.offset = cache._offsets[name]
         _log_choice(self.path, name, self.offset is not None, cache._why_not_direct[name])

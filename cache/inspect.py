@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import ConfigError, check_fields, parse_config
 from .manifest import EncoderInfo
+from .quant import SCALES_GROUP
 from .store import CacheError, CacheReader, open_cache
 
 
@@ -55,7 +56,7 @@ def summary(cache: CacheReader) -> dict[str, Any]:
         "latents": list(cache.latents.shape),
         "features": {k: list(v.shape) for k, v in cache.features.items()},
         "vae": _encoder(m.vae),
-        "teachers": {k: _encoder(v) for k, v in (m.teachers or {}).items()},
+        "teachers": {k: _teacher(cache, k, sizes) for k in lay.teachers},
         "shard_rows": lay.shard_rows,
         "chunk_rows": lay.chunk_rows,
         "compressor": lay.compressor,
@@ -71,6 +72,16 @@ def _encoder(info: EncoderInfo | None) -> dict[str, Any]:
     if info is None:
         return {"spec": None, "weights_sha256": None, "random_weights": None}
     return {"spec": info.spec, "weights_sha256": info.weights_sha256, "random_weights": info.random_weights}
+
+
+def _teacher(cache: CacheReader, name: str, sizes: dict[str, int]) -> dict[str, Any]:
+    """A teacher of the cache: its encoder record, tokens per image, width, stored dtype, bytes stored (tokens
+    and, for int8, scales) and the settings of the run that encoded it."""
+    tokens, dim = cache.layout.teachers[name]
+    info = cache.manifest.teacher(name)
+    return {**_encoder(info), "tokens": tokens, "dim": dim, "dtype": cache.layout.feature_dtype(name),
+            "bytes": sizes.get(f"features/{name}", 0) + sizes.get(f"{SCALES_GROUP}/{name}", 0),
+            "encode": None if info is None else info.extra.get("encode")}
 
 
 def verify(cache: CacheReader) -> list[str]:
@@ -93,7 +104,7 @@ def verify(cache: CacheReader) -> list[str]:
                                                          for a in ("latents", "labels", *_feature_names(cache))}
     problems += _label_problems(cache)
     labels = cache.labels
-    arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
+    arrays = _data_arrays(cache)
     for shard in sorted(finished):
         lo, hi = cache.layout.shard_rows_range(shard)
         data_rows = labels[lo:hi] >= 0
@@ -134,7 +145,7 @@ def _verify_converted(cache: CacheReader, block: int = 1024) -> list[str]:
     problems = cache.verify() + _label_problems(cache)
     if problems:
         return problems
-    arrays = {"latents": cache.latents, **{f"features/{k}": v for k, v in cache.features.items()}}
+    arrays = _data_arrays(cache)
     for lo in range(0, cache.layout.num_rows, block):
         hi = min(lo + block, cache.layout.num_rows)
         data_rows = cache.labels[lo:hi] >= 0
@@ -149,7 +160,12 @@ def _verify_converted(cache: CacheReader, block: int = 1024) -> list[str]:
 
 
 def _feature_names(cache: CacheReader) -> list[str]:
-    return [f"features/{k}" for k in cache.features]
+    return [name for name in cache.layout.array_names() if name not in ("latents", "labels")]
+
+
+def _data_arrays(cache: CacheReader) -> dict[str, Any]:
+    """Every per-row array but the labels: latents, each teacher's tokens and (int8 teachers) scales."""
+    return {name: cache.array(name) for name in cache.layout.array_names() if name != "labels"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,9 +199,10 @@ def _print(info: dict[str, Any]) -> None:
     print(f"images     {info['resolution']} px, {info['variants']} variant(s)")
     print(f"latents    {info['latents']} float16  vae={info['vae']['spec']}"
           f"{'  (random weights)' if info['vae'].get('random_weights') else ''}")
-    for name, shape in info["features"].items():
-        t = info["teachers"].get(name, {})
-        print(f"features   {name}: {shape} float16{'  (random weights)' if t.get('random_weights') else ''}")
+    for name, t in info["teachers"].items():
+        print(f"teacher    {name}: {t['tokens']} tokens x {t['dim']}, {t['dtype']}"
+              f"{' + float32 scale per token' if t['dtype'] == 'int8' else ''}, {t['bytes'] / 2**30:.3f} GiB"
+              f"{'  (random weights)' if t.get('random_weights') else ''}")
     if info["format"] == "zarr":
         print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
               f"compressor {info['compressor']}, {gib:.3f} GiB")

@@ -42,12 +42,13 @@ import numpy as np
 import torch
 from zarr.core.sync import sync
 
+from .quant import SCALES_GROUP, dequantize_tokens
 from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
 
 if TYPE_CHECKING:
     from .store import Cache
 
-__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError"]
+__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError", "dequantize_into"]
 
 _EMPTY = np.uint64(EMPTY_CHUNK)
 
@@ -112,6 +113,7 @@ class _RowReader:
         self._present: set[int] = set()  # shards whose object zarr's path has seen in the store
         self.row_shape = tuple(array.shape[1:])  # (F, ...)
         self.variant_shape = self.row_shape[1:]
+        self.dtype = np.dtype(array.dtype)
         self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
         self.row_nbytes = self.variant_nbytes * self.row_shape[0]
         self.fmt, reason = choose_io(root, array)
@@ -243,6 +245,25 @@ class _RowReader:
                 got += n
 
 
+_TORCH_DTYPES = {np.dtype(np.float16).str: torch.float16, np.dtype(np.int8).str: torch.int8,
+                 np.dtype(np.float32).str: torch.float32}
+
+
+def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...), in float32 then rounded once
+    (:func:`cache.quant.dequantize_tokens`)."""
+    out[...] = dequantize_tokens(torch.from_numpy(np.asarray(values)), torch.from_numpy(np.asarray(scales)),
+                                 torch.float16).numpy()
+
+
+def _read_dequantized(values: Any, scales: Any, rows: np.ndarray, variants: np.ndarray, q: np.ndarray, sc: np.ndarray,
+                      out: np.ndarray) -> None:
+    """out (n, T, D) float16 = int8 values x scales of the given rows (one reader thread's part)."""
+    values.read(rows, variants, q)
+    scales.read(rows, variants, sc)
+    dequantize_into(q, sc, out)
+
+
 class _BufferPool:
     """Recycles batch buffers once nothing refers to them any more.
 
@@ -255,14 +276,14 @@ class _BufferPool:
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.buffers: dict[tuple[int, ...], list[np.ndarray]] = {}
+        self.buffers: dict[tuple[Any, ...], list[np.ndarray]] = {}
 
-    def get(self, shape: tuple[int, ...]) -> np.ndarray:
-        owned = self.buffers.setdefault(shape, [])
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float16) -> np.ndarray:
+        owned = self.buffers.setdefault((np.dtype(dtype).str, *shape), [])
         for buf in owned:
             if sys.getrefcount(buf) <= self._BASELINE + 1:  # + getrefcount's own argument
                 return buf
-        buf = np.empty(shape, dtype=np.float16)
+        buf = np.empty(shape, dtype=dtype)
         if len(owned) < self.keep:
             owned.append(buf)
         return buf
@@ -285,8 +306,15 @@ class CacheLoader:
         teachers: subset of teacher names to read (default all).
         pin_memory: pin the batch tensors (default: when CUDA is available).
 
+        dequantize: hand out int8 teachers' tokens as float16 (``values x scales``, computed by the reader
+            threads) instead of their stored form.
+
     Each batch: ``latents`` float16 (B, 8, h, w) posterior mean and std; ``features`` dict name ->
-    float16 (B, T, D); ``labels`` int64 (B,); ``index`` int64 (B,) row ids; ``flip`` bool (B,).
+    (B, T, D) tokens as stored: float16, or int8 for teachers stored as int8, whose float32 scales
+    (B, T) are in ``feature_scales`` (dict name -> scales, int8 teachers only; tokens =
+    ``cache.quant.dequantize_tokens(values, scales)``). With ``dequantize=True`` every teacher's tokens
+    are float16 and ``feature_scales`` is empty. ``labels`` int64 (B,); ``index`` int64 (B,) row ids;
+    ``flip`` bool (B,).
     """
 
     def __init__(
@@ -306,6 +334,7 @@ class CacheLoader:
         prefetch: int = 2,
         teachers: Sequence[str] | None = None,
         pin_memory: bool | None = None,
+        dequantize: bool = False,
     ) -> None:
         if flip and cache.num_variants < 2:
             raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
@@ -325,7 +354,9 @@ class CacheLoader:
         self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
                                     start=start, drop_last=drop_last)
         self.teachers = names
-        keys = ["latents", *(f"features/{n}" for n in names)]
+        self.dequantize = dequantize
+        self.quantized = [n for n in names if cache.layout.quantized(n)]  # int8 teachers read
+        keys = ["latents", *(f"features/{n}" for n in names), *(f"{SCALES_GROUP}/{n}" for n in self.quantized)]
         # A format whose own loader assembles whole batches (FFCV) offers ``batch_source``; the others
         # read rows into our batches through one row reader per array.
         make_source = getattr(cache, "batch_source", None)
@@ -342,36 +373,59 @@ class CacheLoader:
         """Whether every array is read by byte range (the fast path; False for a format's own loader)."""
         return self._source is None and all(r.direct for r in self._readers.values())
 
+    def _shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """(variant shape, dtype) of each key the batches hold."""
+        if self._source is not None:
+            dtypes = getattr(self._source, "variant_dtypes", {})
+            shapes = {k: (v, np.dtype(dtypes.get(k, np.float16))) for k, v in self._source.variant_shapes.items()}
+        else:
+            shapes = {key: (reader.variant_shape, reader.dtype) for key, reader in self._readers.items()}
+        if self.dequantize:  # int8 values and scales are read into scratch buffers, tokens handed out in float16
+            for n in self.quantized:
+                shapes[f"features/{n}"] = (shapes[f"features/{n}"][0], np.dtype(np.float16))
+                del shapes[f"{SCALES_GROUP}/{n}"]
+        return shapes
+
+    def _alloc(self, shape: tuple[int, ...], dtype: np.dtype, *, pin: bool) -> torch.Tensor:
+        if pin:  # torch's caching host allocator recycles pinned blocks safely
+            return torch.empty(shape, dtype=_TORCH_DTYPES[dtype.str], pin_memory=True)
+        return torch.from_numpy(self._pool.get(shape, dtype))
+
     def _empty(self, n: int) -> dict[str, torch.Tensor]:
-        out = {}
-        shapes = (self._source.variant_shapes if self._source is not None
-                  else {key: reader.variant_shape for key, reader in self._readers.items()})
-        for key, variant_shape in shapes.items():
-            shape = (n, *variant_shape)
-            if self.pin_memory:  # torch's caching host allocator recycles pinned blocks safely
-                out[key] = torch.empty(shape, dtype=torch.float16, pin_memory=True)
-            else:
-                out[key] = torch.from_numpy(self._pool.get(shape))
-        return out
+        return {key: self._alloc((n, *shape), dtype, pin=self.pin_memory) for key, (shape, dtype) in self._shapes().items()}
 
     def _submit(self, pool: ThreadPoolExecutor, lo: int, hi: int) -> tuple[dict[str, Any], list[Future]]:
         rows, variants = self.order[lo:hi], self.variants[lo:hi]
         tensors = self._empty(hi - lo)
         futures = []
-        parts = np.array_split(np.arange(hi - lo), min(self.num_workers, hi - lo))
+        parts = [p for p in np.array_split(np.arange(hi - lo), min(self.num_workers, hi - lo)) if len(p)]
+        n = hi - lo
         for key, reader in self._readers.items():
+            if self.dequantize and key.startswith(SCALES_GROUP + "/"):
+                continue  # read with its values, below
             dst = tensors[key].numpy()
-            for part in parts:
-                if len(part):
+            name = key.removeprefix("features/")
+            if self.dequantize and key.startswith("features/") and name in self.quantized:
+                scales = self._readers[f"{SCALES_GROUP}/{name}"]
+                q = self._pool.get((n, *reader.variant_shape), reader.dtype)  # scratch, taken on this thread
+                sc = self._pool.get((n, *scales.variant_shape), scales.dtype)
+                for part in parts:
                     s = slice(part[0], part[-1] + 1)
-                    futures.append(pool.submit(reader.read, rows[s], variants[s], dst[s]))
+                    futures.append(pool.submit(_read_dequantized, reader, scales, rows[s], variants[s], q[s], sc[s],
+                                               dst[s]))
+                continue
+            for part in parts:
+                s = slice(part[0], part[-1] + 1)
+                futures.append(pool.submit(reader.read, rows[s], variants[s], dst[s]))
         return self._batch(rows, variants, tensors), futures
 
     def _batch(self, rows: np.ndarray, variants: np.ndarray, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64))
+        scaled = [] if self.dequantize else self.quantized
         return {
             "latents": tensors["latents"],
             "features": {n: tensors[f"features/{n}"] for n in self.teachers},
+            "feature_scales": {n: tensors[f"{SCALES_GROUP}/{n}"] for n in scaled},
             "labels": labels.pin_memory() if self.pin_memory else labels,
             "index": torch.from_numpy(rows.copy()),
             "flip": torch.from_numpy(variants.astype(bool)),
@@ -384,7 +438,11 @@ class CacheLoader:
             rows, variants = self.order[lo:hi], self.variants[lo:hi]
             tensors = self._empty(hi - lo)
             for key, value in arrays.items():  # the source reuses its buffers: copy out
-                tensors[key].numpy()[...] = value
+                if key in tensors:
+                    tensors[key].numpy()[...] = value
+            if self.dequantize:
+                for n in self.quantized:
+                    dequantize_into(arrays[f"features/{n}"], arrays[f"{SCALES_GROUP}/{n}"], tensors[f"features/{n}"].numpy())
             self.cache.check_unchanged()
             yield self._batch(rows, variants, tensors)
 

@@ -4,7 +4,9 @@ This module is the only code that knows the layout. One cache is one zarr v3 gro
 
     <root>/zarr.json                  group; attributes["urepa_cache"] holds the manifest
     <root>/latents                    (N, F, 8, R/8, R/8) float16: VAE posterior mean (4 ch), std (4 ch)
-    <root>/features/<teacher>         (N, F, T, D) float16: teacher patch tokens after the final norm
+    <root>/features/<teacher>         (N, F, T, D) float16 or int8: teacher patch tokens after the final norm
+    <root>/feature_scales/<teacher>   (N, F, T) float32: one scale per token, for int8 teachers only
+                                      (tokens = int8 values x scale, see cache.quant)
     <root>/labels                     (N,) int32: class index; -1 marks a skipped source file
     <root>/build/                     group of build records (no sample data)
         urepa-cache.json              identity: written first at creation, removed first on deletion
@@ -41,7 +43,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -51,6 +54,7 @@ from zarr.core.sync import sync
 
 from .config import nested_diff
 from .manifest import SCHEMA_VERSION, Manifest, ManifestError
+from .quant import SCALES_GROUP
 from .shardfile import (
     ShardFormat,
     ShardIndexError,
@@ -91,6 +95,7 @@ IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a c
 CREATED_BY = "pipeline.build"
 READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
 COMPRESSORS = ("none", "zstd")
+TOKEN_DTYPES = ("float16", "int8")  # stored dtype of a teacher's tokens (int8: with float32 per-token scales)
 
 
 class CacheError(RuntimeError):
@@ -116,6 +121,7 @@ class Layout:
     shard_rows: int = 256
     chunk_rows: int = 16
     compressor: str = "none"
+    feature_dtypes: Mapping[str, str] = field(default_factory=dict)  # name -> 'float16' | 'int8'; absent: float16
 
     def __post_init__(self) -> None:
         if self.num_rows < 1:
@@ -131,6 +137,32 @@ class Layout:
         for name in self.teachers:
             if not name or "/" in name or name.startswith("__") or name in (".", ".."):
                 raise CacheError(f"invalid teacher name {name!r}")
+        for name, dtype in self.feature_dtypes.items():
+            if name not in self.teachers:
+                raise CacheError(f"a token dtype for {name!r}, which is not a teacher of the layout")
+            if dtype not in TOKEN_DTYPES:
+                raise CacheError(f"teacher {name!r}: token dtype must be one of {TOKEN_DTYPES}, got {dtype!r}")
+        object.__setattr__(self, "feature_dtypes", {k: v for k, v in self.feature_dtypes.items() if v != "float16"})
+
+    def feature_dtype(self, name: str) -> str:
+        """The stored dtype of teacher ``name``'s tokens: 'float16' or 'int8' (with per-token scales)."""
+        if name not in self.teachers:
+            raise KeyError(name)
+        return self.feature_dtypes.get(name, "float16")
+
+    def quantized(self, name: str) -> bool:
+        """Whether teacher ``name``'s tokens are int8 with a float32 scale per token."""
+        return self.feature_dtype(name) == "int8"
+
+    @property
+    def quantized_teachers(self) -> list[str]:
+        return [name for name in self.teachers if self.quantized(name)]
+
+    def array_names(self) -> list[str]:
+        """Every array with one object per shard: 'latents', 'features/<name>', 'feature_scales/<name>'
+        (int8 teachers), 'labels'."""
+        return ["latents", *(f"features/{k}" for k in self.teachers),
+                *(f"{SCALES_GROUP}/{k}" for k in self.quantized_teachers), "labels"]
 
     @property
     def num_shards(self) -> int:
@@ -149,15 +181,19 @@ class Layout:
             "shard_rows": self.shard_rows,
             "chunk_rows": self.chunk_rows,
             "compressor": self.compressor,
-            "dtypes": {"latents": "float16", "features": "float16", "labels": "int32"},
+            "dtypes": {"latents": "float16", "features": {k: self.feature_dtype(k) for k in self.teachers},
+                       **({"feature_scales": "float32"} if self.quantized_teachers else {}), "labels": "int32"},
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Layout:
+        teachers = {k: tuple(v) for k, v in d["teachers"].items()}
+        stored = (d.get("dtypes") or {}).get("features", "float16")  # one name for all (older caches) or per teacher
+        dtypes = {k: stored for k in teachers} if isinstance(stored, str) else dict(stored)
         return cls(
-            num_rows=d["num_rows"], resolution=d["resolution"], variants=d["variants"],
-            teachers={k: tuple(v) for k, v in d["teachers"].items()},
+            num_rows=d["num_rows"], resolution=d["resolution"], variants=d["variants"], teachers=teachers,
             shard_rows=d["shard_rows"], chunk_rows=d["chunk_rows"], compressor=d["compressor"],
+            feature_dtypes={k: v for k, v in dtypes.items() if v != "float16"},
         )
 
 
@@ -277,14 +313,23 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
     )
 
 
+def _create_teacher_arrays(group: zarr.Group, layout: Layout, name: str) -> None:
+    """The token array of teacher ``name`` (and for int8 tokens its scales) in a cache group."""
+    tokens, dim = layout.teachers[name]
+    group.require_group("features").create_array(
+        name, dtype=layout.feature_dtype(name), **_array_kwargs(layout, (layout.variants, tokens, dim)))
+    if layout.quantized(name):
+        group.require_group(SCALES_GROUP).create_array(
+            name, dtype="float32", **_array_kwargs(layout, (layout.variants, tokens)))
+
+
 def _progress_key(shard: int) -> str:
     return f"build/progress/shard-{shard:06d}.json"
 
 
 def _data_arrays(group: zarr.Group, layout: Layout) -> dict[str, Any]:
-    """Every array with one object per shard: 'latents', 'features/<name>', 'labels'."""
-    return {"latents": group["latents"], **{f"features/{k}": group["features"][k] for k in layout.teachers},
-            "labels": group["labels"]}
+    """Every array with one object per shard (:meth:`Layout.array_names`), by name."""
+    return {name: group[name] for name in layout.array_names()}
 
 
 @dataclass(frozen=True)
@@ -440,9 +485,9 @@ class CacheWriter:
         group = zarr.open_group(store, mode="a")
         group.create_array("latents", dtype="float16",
                            **_array_kwargs(layout, (layout.variants, LATENT_CHANNELS, layout.resolution // 8, layout.resolution // 8)))
-        feats = group.create_group("features")
-        for name, (tokens, dim) in layout.teachers.items():
-            feats.create_array(name, dtype="float16", **_array_kwargs(layout, (layout.variants, tokens, dim)))
+        group.create_group("features")
+        for name in layout.teachers:
+            _create_teacher_arrays(group, layout, name)
         group.create_array("labels", dtype="int32", shape=(layout.num_rows,), chunks=(layout.shard_rows,),
                            compressors=None, fill_value=-1)
         group.create_group("build")
@@ -476,8 +521,13 @@ class CacheWriter:
         features: Mapping[str, np.ndarray],
         labels: np.ndarray,
         skipped: Iterable[Mapping[str, Any]] = (),
+        scales: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write every array of one shard, then its progress record (the commit point)."""
+        """Write every array of one shard, then its progress record (the commit point).
+
+        ``features`` maps each teacher to its tokens (n, F, T, D): float16 for a float16 teacher; for an
+        int8 teacher either int8 values with their float32 ``scales[name]`` (n, F, T), or float tokens,
+        which are quantised here (:func:`cache.quant.quantize_tokens`)."""
         lo, hi = self.layout.shard_rows_range(shard)
         n = hi - lo
         if latents.shape[0] != n or labels.shape[0] != n or any(f.shape[0] != n for f in features.values()):
@@ -486,12 +536,39 @@ class CacheWriter:
             raise CacheError(f"shard {shard}: features for {sorted(features)}, cache has {sorted(self.layout.teachers)}")
         sums = {"latents": self._write_rows(self.group["latents"], shard, latents)}
         for name, arr in features.items():
-            sums[f"features/{name}"] = self._write_rows(self.group["features"][name], shard, arr)
+            sums.update(self._write_tokens(name, shard, arr, (scales or {}).get(name)))
         labels_array = self.group["labels"]
         labels_array.with_config({"write_empty_chunks": True})[lo:hi] = labels.astype(np.int32)
         sums["labels"] = self._stored_checksum(labels_array, shard)
         record = {"shard": shard, "rows": [lo, hi], "skipped": list(skipped), "time": time.time(), "checksums": sums}
         _put(self.group, _progress_key(shard), json.dumps(record).encode())
+
+    def _write_tokens(self, name: str, shard: int, tokens: np.ndarray, scales: np.ndarray | None) -> dict[str, str]:
+        """Write one teacher's tokens of a shard (and its scales); returns the checksum of each object."""
+        tokens = np.asarray(tokens)
+        if not self.layout.quantized(name):
+            if scales is not None or not np.issubdtype(tokens.dtype, np.floating):
+                raise CacheError(f"shard {shard}: {tokens.dtype} tokens{' with scales' if scales is not None else ''} "
+                                 f"for {name!r}, whose tokens are stored in float16: give float tokens")
+            return {f"features/{name}": self._write_rows(self.group["features"][name], shard, tokens)}
+        if tokens.dtype != np.int8:
+            if scales is not None:
+                raise CacheError(f"shard {shard}: scales given with {tokens.dtype} tokens for {name!r}; give int8 "
+                                 "values with their scales, or float tokens alone (quantised here)")
+            import torch
+
+            from .quant import quantize_tokens
+
+            q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)))
+            tokens, scales = q.numpy(), s.numpy()
+        elif scales is None:
+            raise CacheError(f"shard {shard}: int8 tokens for {name!r} without their scales")
+        if tuple(np.shape(scales)) != tokens.shape[:-1]:
+            raise CacheError(f"shard {shard}: scales of {name!r} have shape {tuple(np.shape(scales))}, tokens "
+                             f"{tokens.shape}: one scale per token expected")
+        key = f"{SCALES_GROUP}/{name}"
+        return {f"features/{name}": self._write_rows(self.group["features"][name], shard, tokens),
+                key: self._write_rows(self.group[key], shard, np.asarray(scales, dtype=np.float32))}
 
     def _stored_checksum(self, array: Any, shard: int) -> str:
         """The checksum of a shard object as the store holds it (read back after zarr's own write)."""
@@ -643,7 +720,10 @@ class CacheReader(abc.ABC):
         manifest: the build manifest, a :class:`cache.manifest.Manifest`; layout: its :class:`Layout`
             (``manifest.layout``).
         latents: array-like (N, F, 8, R/8, R/8) float16 of posterior moments (``.shape``, ``[rows]``).
-        features: dict teacher name -> array-like (N, F, T, D) float16.
+        features: dict teacher name -> array-like (N, F, T, D): float16, or int8 for teachers stored as int8
+            (``layout.quantized(name)``), whose float32 scales (N, F, T) are in ``feature_scales[name]``
+            (tokens = values x scales, :func:`cache.quant.dequantize_tokens`).
+        feature_scales: dict int8 teacher name -> array-like (N, F, T) float32 (empty without int8 teachers).
         labels: numpy int32 (N,); -1 on skipped rows.
         rows: numpy int64 ids of the rows that hold data, ascending; ``len(cache)`` counts them.
     """
@@ -661,9 +741,21 @@ class CacheReader(abc.ABC):
         self.labels = np.asarray(labels)
         self.rows = np.flatnonzero(self.labels >= 0).astype(np.int64)
 
+    feature_scales: Mapping[str, Any] = MappingProxyType({})  # formats set their own; none without int8 teachers
+
     @property
     def complete(self) -> bool:
         return self.manifest.is_complete
+
+    def array(self, name: str) -> Any:
+        """The array-like of 'latents', 'features/<teacher>' or 'feature_scales/<teacher>'."""
+        if name == "latents":
+            return self.latents
+        group, _, teacher = name.partition("/")
+        arrays = {"features": self.features, SCALES_GROUP: self.feature_scales}.get(group)
+        if arrays is None or teacher not in arrays:
+            raise KeyError(f"{self.url} has no array {name!r}")
+        return arrays[teacher]
 
     def check_unchanged(self) -> None:  # noqa: B027 (a real default: formats that cannot tell check nothing)
         """Raise :class:`CacheChangedError` if the cache was replaced since it was opened (formats that
@@ -731,6 +823,7 @@ class Cache(CacheReader):
         try:
             self.latents = group["latents"]
             self.features = {name: group["features"][name] for name in self.layout.teachers}
+            self.feature_scales = {name: group[f"{SCALES_GROUP}/{name}"] for name in self.layout.quantized_teachers}
             labels = group["labels"]
         except (KeyError, ValueError, OSError) as e:
             raise CacheError(f"{self.url} is not a readable cache: an array is missing or unreadable "
@@ -777,8 +870,7 @@ class Cache(CacheReader):
     def row_reader(self, name: str) -> Any:
         from .loader import _RowReader
 
-        array = self.latents if name == "latents" else self.features[name.removeprefix("features/")]
-        return _RowReader(array, self.root, self.url, complete=self.complete)
+        return _RowReader(self.array(name), self.root, self.url, complete=self.complete)
 
     def progress_records(self) -> list[dict[str, Any]]:
         out = []
@@ -795,16 +887,20 @@ class Cache(CacheReader):
         if root is None:
             raise CacheError(f"{self.url} is not a local folder")
         out = {}
-        for name, arr in {"latents": self.latents, **{f"features/{k}": v for k, v in self.features.items()}}.items():
+        for name in self.layout.array_names()[:-1]:
+            arr = self.array(name)
             paths = [os.path.join(root, arr.path, shard_key(arr, s)) for s in range(self.layout.num_shards)]
             out[name] = [p for p in paths if os.path.exists(p)]
         return out
 
 def stored_bytes(group: zarr.Group) -> dict[str, int]:
-    """Bytes stored per array of a cache group ('latents', 'labels', 'features/<name>')."""
+    """Bytes stored per array of a cache group ('latents', 'labels', 'features/<name>',
+    'feature_scales/<name>')."""
     out = {"latents": int(group["latents"].nbytes_stored()), "labels": int(group["labels"].nbytes_stored())}
-    for name, arr in group["features"].arrays():
-        out[f"features/{name}"] = int(arr.nbytes_stored())
+    for sub in ("features", SCALES_GROUP):
+        if sub in group:
+            for name, arr in group[sub].arrays():
+                out[f"{sub}/{name}"] = int(arr.nbytes_stored())
     return out
 
 

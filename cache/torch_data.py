@@ -11,10 +11,13 @@ Two ways in:
   ``torch.distributed`` when it is initialised; every format (zarr, HDF5, FFCV); ``set_epoch(epoch)`` before each epoch; use with
   ``DataLoader(ds, batch_size=None)``.
 
-An item or batch is ``{"latents", "features", "labels", "index", "flip"}``: ``latents`` float16
-(8, h, w) posterior mean (channels 0-3) and std (4-7), so ``z = (mean + std * randn) * 0.18215``;
-``features`` name -> float16 (T, D) teacher tokens; ``labels`` int64 class; ``index`` int64 row id;
-``flip`` bool, whether the mirrored variant was read. Batched, each gains a leading batch dimension.
+An item or batch is ``{"latents", "features", "feature_scales", "labels", "index", "flip"}``: ``latents``
+float16 (8, h, w) posterior mean (channels 0-3) and std (4-7), so ``z = (mean + std * randn) * 0.18215``;
+``features`` name -> (T, D) teacher tokens; ``labels`` int64 class; ``index`` int64 row id; ``flip`` bool,
+whether the mirrored variant was read. Tokens are float16 with ``dequantize=True`` (the default here);
+with ``dequantize=False`` int8 teachers' tokens come as stored, int8 values with their float32 scales (T,)
+in ``feature_scales`` (``cache.quant.dequantize_tokens``), which a training step can dequantise on its
+device. Batched, each gains a leading batch dimension.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .loader import CacheLoader, rank_batches
+from .loader import CacheLoader, dequantize_into, rank_batches
+from .quant import SCALES_GROUP
 from .store import CacheChangedError, CacheReader, open_cache
 
 __all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
@@ -95,7 +99,7 @@ class CacheDataset(_ReopensByUrl, Dataset):
     _unpicklable = ("_readers",)
 
     def __init__(self, cache: CacheReader | str | os.PathLike, *, teachers: Sequence[str] | None = None,
-                 variant: int | str = 0) -> None:
+                 variant: int | str = 0, dequantize: bool = True) -> None:
         self.cache = _open(cache)
         if getattr(self.cache, "batch_source", None) is not None:
             raise ValueError(
@@ -108,6 +112,8 @@ class CacheDataset(_ReopensByUrl, Dataset):
         if variant != 0 and self.cache.num_variants < 2:
             raise ValueError(f"variant={variant!r} needs a cache built with --flip both (this one stores 1 variant)")
         self.variant = variant
+        self.dequantize = dequantize
+        self.quantized = [n for n in self.teachers if self.cache.layout.quantized(n)]
 
     def __len__(self) -> int:
         return len(self.cache.rows)
@@ -123,19 +129,26 @@ class CacheDataset(_ReopensByUrl, Dataset):
         v = int(torch.randint(0, 2, ())) if self.variant == "random" else int(self.variant)
         rows, variants = np.array([row], dtype=np.int64), np.array([v], dtype=np.int64)
         data = {}
-        for key in ["latents", *(f"features/{n}" for n in self.teachers)]:
+        for key in ["latents", *(f"features/{n}" for n in self.teachers), *(f"{SCALES_GROUP}/{n}" for n in self.quantized)]:
             reader = self._reader(key)
-            out = np.empty((1, *reader.variant_shape), dtype=np.float16)
+            out = np.empty((1, *reader.variant_shape), dtype=reader.dtype)
             try:
                 reader.read(rows, variants, out)
             except Exception:
                 self.cache.check_unchanged()  # a shard gone because the cache is being rebuilt says so
                 raise
-            data[key] = torch.from_numpy(out[0])
+            data[key] = out
         self.cache.check_unchanged()  # after the reads: rows of a rebuilt cache are never served
+        if self.dequantize:
+            for n in self.quantized:
+                tokens = np.empty(data[f"features/{n}"].shape, dtype=np.float16)
+                dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens)
+                data[f"features/{n}"] = tokens
+        data = {k: torch.from_numpy(v[0]) for k, v in data.items()}
         return {
             "latents": data["latents"],
             "features": {n: data[f"features/{n}"] for n in self.teachers},
+            "feature_scales": {n: data[f"{SCALES_GROUP}/{n}"] for n in self.quantized if not self.dequantize},
             "labels": torch.tensor(int(self.cache.labels[row]), dtype=torch.int64),
             "index": torch.tensor(row, dtype=torch.int64),
             "flip": torch.tensor(bool(v)),
@@ -168,7 +181,7 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
     def __init__(self, cache: CacheReader | str | os.PathLike, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  flip: bool = False, drop_last: bool = True, teachers: Sequence[str] | None = None,
                  num_workers: int = 4, prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, dequantize: bool = True) -> None:
         self.cache = _open(cache)
         self.teachers = _teachers(self.cache, teachers)
         if flip and self.cache.num_variants < 2:
@@ -177,6 +190,7 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
             raise ValueError("give both rank and world_size, or neither (then torch.distributed's are used)")
         self.batch_size, self.seed, self.shuffle, self.flip, self.drop_last = batch_size, seed, shuffle, flip, drop_last
         self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
+        self.dequantize = dequantize
         self._given = rank is not None
         self.rank, self.world_size = (rank, world_size) if self._given else distributed_rank()
         if not 0 <= self.rank < self.world_size:
@@ -199,7 +213,7 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
         loader = CacheLoader(
             self.cache, self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch, rank=self.rank,
             world_size=self.world_size, start=self.start, flip=self.flip, drop_last=self.drop_last,
-            num_workers=self.num_workers, prefetch=self.prefetch, teachers=self.teachers,
+            num_workers=self.num_workers, prefetch=self.prefetch, teachers=self.teachers, dequantize=self.dequantize,
             pin_memory=False if worker is not None else self.pin_memory)  # workers leave pinning to the DataLoader
         if worker is not None:
             loader.batches = loader.batches[worker.id::worker.num_workers]

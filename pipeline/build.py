@@ -2,7 +2,7 @@
 
     python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
         [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
-        [--pos-embed repa|dinov2] [--flip none|both] [--precision tf32|fp32|bf16] [--compile] [--batch-size 128]
+        [--pos-embed repa|dinov2] [--feature-dtype fp16|int8] [--flip none|both] [--precision tf32|fp32|bf16] [--compile] [--batch-size 128]
         [--workers 8] [--limit N] [--classes K] [--overwrite] [--repair] [--dry-run]
 
     # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
+from cache.quant import STORED_DTYPES, quantize_tokens
 from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
@@ -53,6 +54,7 @@ from .encoders import (
 from .sources import SourceListing, list_image_folder, unsafe_source_path
 
 _logger = logging.getLogger("pipeline.build")
+_TORCH = {"float16": torch.float16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class BuildConfig:
     shard_rows: int = field(default=256, metadata={
         "help": "rows per shard (one object per array; the unit of work and of resume)", "min": 1})
     chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
+    feature_dtype: Literal["fp16", "int8"] = field(default="fp16", metadata={
+        "help": "teacher tokens as float16, or int8 with one float32 scale per token (absmax; about half the "
+                "bytes; docs/cache.md)"})
     compressor: Literal["none", "zstd"] = field(default="none", metadata={
         "help": "none (rows readable by byte range) or zstd"})
     max_pixels: int = field(default=1 << 28, metadata={
@@ -140,16 +145,19 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
 
 
 class Encoders(torch.nn.Module):
-    """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) and {teacher: (B, F, T, D)}, float16."""
+    """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) float16 and {teacher: tokens (B, F, T, D)}: float16,
+    or for the teachers in ``quantized`` (int8 values (B, F, T, D), float32 scales (B, F, T)), quantised
+    from the encoder's float32 output on the device."""
 
     def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool,
-                 autocast: torch.dtype | None):
+                 autocast: torch.dtype | None, quantized: tuple[str, ...] = ()):
         super().__init__()
         self.vae = vae
         self.names = list(teachers)  # timm names contain dots, which module names may not
         self.teachers = torch.nn.ModuleList(teachers.values())
         self.flip = flip
         self.autocast = autocast  # the dtype of apply_precision, None: no autocast
+        self.quantized = set(quantized)
 
     def compile(self) -> None:
         """torch.compile each encoder (one graph per encoder and batch shape)."""
@@ -164,10 +172,17 @@ class Encoders(torch.nn.Module):
             lat = self.vae(x)
             feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
-            return t.float().reshape(-1, n, *t.shape[1:]).transpose(0, 1).to(torch.float16)
+        def split(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
+            return t.reshape(-1, n, *t.shape[1:]).transpose(0, 1).to(dtype)
 
-        return split(lat), {k: split(v) for k, v in feats.items()}
+        out: dict[str, Any] = {}
+        for k, v in feats.items():
+            if k in self.quantized:
+                q, scale = quantize_tokens(v.float())
+                out[k] = (split(q, torch.int8), split(scale, torch.float32))
+            else:
+                out[k] = split(v.float())
+        return split(lat.float()), out
 
 
 def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, dict[str, torch.nn.Module], dict[str, Any]]:
@@ -184,7 +199,16 @@ def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, di
 def make_layout(cfg: BuildConfig, num_rows: int, teacher_infos: Mapping[str, Mapping[str, Any]]) -> Layout:
     return Layout(num_rows=num_rows, resolution=cfg.resolution, variants=2 if cfg.flip == "both" else 1,
                   teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
-                  shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor)
+                  shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor,
+                  feature_dtypes={k: v["dtype"] for k, v in teacher_infos.items()})
+
+
+def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each teacher's manifest record: what its loader reports, plus the stored dtype of its tokens and the
+    settings of the run that encoded it (a teacher added to a cache later records its own)."""
+    return {k: {**v, "dtype": STORED_DTYPES[cfg.feature_dtype],
+                "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile}}
+            for k, v in teacher_infos.items()}
 
 
 def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict) -> Manifest:
@@ -194,6 +218,7 @@ def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos:
     import timm
     import zarr
 
+    teacher_infos = teacher_records(cfg, teacher_infos)
     return Manifest.from_dict({
         "schema_version": SCHEMA_VERSION,
         "layout": make_layout(cfg, len(listing.files), teacher_infos).to_dict(),
@@ -228,8 +253,10 @@ class _ShardBuffers:
         self.n, self.filled, self.skipped = hi - self.lo, 0, []
         h = layout.resolution // 8
         self.latents = torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
-        self.features = {k: torch.empty((self.n, layout.variants, t, d), dtype=torch.float16, pin_memory=pin)
-                         for k, (t, d) in layout.teachers.items()}
+        self.features = {k: torch.empty((self.n, layout.variants, t, d), dtype=_TORCH[layout.feature_dtype(k)],
+                                        pin_memory=pin) for k, (t, d) in layout.teachers.items()}
+        self.scales = {k: torch.empty((self.n, layout.variants, layout.teachers[k][0]), dtype=torch.float32,
+                                      pin_memory=pin) for k in layout.quantized_teachers}
         self.labels = np.full(self.n, -1, np.int32)
         self.event: torch.cuda.Event | None = None
 
@@ -267,6 +294,7 @@ class _ShardWriter:
                     buf.event.synchronize()
                 self.writer.write_shard(buf.shard, latents=buf.latents.numpy(),
                                         features={k: v.numpy() for k, v in buf.features.items()},
+                                        scales={k: v.numpy() for k, v in buf.scales.items()},
                                         labels=buf.labels, skipped=buf.skipped)
         except BaseException as e:
             self.error = e
@@ -356,7 +384,8 @@ def build(cfg: BuildConfig) -> Manifest:
     _logger.info("%d of %d shards to encode (%d rows) on %d process(es), device %s", len(todo),
                  layout.num_shards, rows_todo, world, device)
 
-    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", autocast=autocast).to(device).eval()
+    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", autocast=autocast,
+                        quantized=tuple(layout.quantized_teachers)).to(device).eval()
     if cfg.compile:
         encoders.compile()
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
@@ -438,13 +467,14 @@ def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out:
 def _encode_into(encoders: Encoders, images: torch.Tensor | None, valid: np.ndarray, device: torch.device,
                  buf: _ShardBuffers, a: int, b: int) -> None:
     """Encode a batch and copy it into rows a..b of the shard buffers (zeros for skipped files)."""
-    targets = [buf.latents] + list(buf.features.values())
+    targets = [buf.latents, *buf.features.values(), *buf.scales.values()]
     if images is None:
         for t in targets:
             t[a:b].zero_()
         return
     lat, feats = encoders(images.to(device, non_blocking=True))
-    outputs = [lat] + [feats[k] for k in buf.features]
+    outputs = [lat, *(feats[k][0] if k in buf.scales else feats[k] for k in buf.features),
+               *(feats[k][1] for k in buf.scales)]
     all_valid = bool(valid.all())
     if not all_valid:
         idx = torch.from_numpy(np.flatnonzero(valid)).to(device)

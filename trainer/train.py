@@ -44,6 +44,7 @@ import torch
 
 import cache as cache_lib
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.quant import dequantize_tokens
 from cache.runtime import (
     SetupError,
     autocast_dtype,
@@ -297,11 +298,17 @@ class Trainer:
         self.loss_fn = torch.compile(self.losses) if cfg.compile else self.losses
 
     # -- the step ----------------------------------------------------------------------------
-    def losses(self, moments: torch.Tensor, features: torch.Tensor | None, labels: torch.Tensor,
-               t: torch.Tensor, z_noise: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor
+    def losses(self, moments: torch.Tensor, features: torch.Tensor | None, scales: torch.Tensor | None,
+               labels: torch.Tensor, t: torch.Tensor, z_noise: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Total loss and the detached [loss, loss_v, loss_align, loss_manifold] of one micro-batch."""
+        """Total loss and the detached [loss, loss_v, loss_align, loss_manifold] of one micro-batch.
+
+        ``features`` are the teacher tokens as the cache stores them: float16, or int8 with their float32
+        per-token ``scales``, dequantised here, on the device and inside the compiled step (so the host and
+        the host-to-device copy move the int8 bytes)."""
         cfg = self.cfg
+        if scales is not None:
+            features = dequantize_tokens(features, scales, torch.float32)
         x = self.latent.encode(moments, z_noise)
         xt = interpolate(x, eps, t)
         target = velocity_target(x, eps)
@@ -321,9 +328,13 @@ class Trainer:
             "moments": batch["latents"].to(self.device, non_blocking=True),
             "labels": batch["labels"].to(self.device, non_blocking=True),
             "features": None,
+            "scales": None,
         }
         if self.cfg.align_weight > 0:
             out["features"] = batch["features"][self.teacher].to(self.device, non_blocking=True)
+            scales = batch.get("feature_scales", {}).get(self.teacher)
+            if scales is not None:
+                out["scales"] = scales.to(self.device, non_blocking=True)
         return out
 
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, bool]:
@@ -336,7 +347,7 @@ class Trainer:
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model)
             with sync:
-                loss, stats = self.loss_fn(d["moments"], d["features"], d["labels"],
+                loss, stats = self.loss_fn(d["moments"], d["features"], d["scales"], d["labels"],
                                            *(noise[key][lo:lo + b] for key in ("t", "z_noise", "eps", "drop")))
                 (loss / len(micro_batches)).backward()
             totals += stats / len(micro_batches)

@@ -1,0 +1,160 @@
+"""int8 tokens: the quantiser against a float64 reference, and int8 caches through the writer, the
+loader (stored form, ``dequantize=True``, both I/O paths) and the map-style dataset."""
+
+import numpy as np
+import pytest
+import torch
+from common.synthetic import TEACHERS
+
+import cache
+from cache import CacheDataset, CacheError, CacheWriter, Layout
+from cache.quant import QMAX, dequantize_tokens, quantize_tokens
+
+pytestmark = pytest.mark.usefixtures("io_mode")
+
+
+def reference_quantize(x):
+    """Symmetric absmax per token, written out in float64 with numpy."""
+    x = np.asarray(x, np.float64)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = amax / 127.0
+    q = np.where(scale > 0, np.rint(x / np.where(scale > 0, scale, 1.0)), 0.0)
+    return q.astype(np.int8), scale[..., 0]
+
+
+def test_quantize_matches_the_reference_and_bounds_the_error():
+    x = torch.randn(7, 33, 96, generator=torch.Generator().manual_seed(0)) * torch.rand(7, 33, 1) * 5
+    x[0, 0] = 0  # a token of zeros (a skipped row)
+    q, s = quantize_tokens(x)
+    rq, rs = reference_quantize(x.numpy())
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == x.shape and s.shape == x.shape[:-1]
+    np.testing.assert_allclose(s.numpy(), rs, rtol=1e-6)
+    # float32 division may round a value lying exactly between two steps the other way: at most one step
+    assert np.abs(q.numpy().astype(int) - rq.astype(int)).max() <= 1
+    assert (q.numpy() == rq).mean() > 0.999
+    assert int(q.abs().max()) == QMAX and int(q.min()) >= -QMAX
+    err = (dequantize_tokens(q, s, torch.float64) - x.double()).abs()
+    assert bool((err <= s.double().unsqueeze(-1) / 2 * (1 + 1e-5) + 1e-12).all())  # half a step at most
+    assert s[0, 0] == 0 and not q[0, 0].any()
+
+
+def test_quantize_refuses_non_finite_tokens():
+    x = torch.ones(2, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_tokens(x)
+
+
+def test_dequantize_is_values_times_scales():
+    q = torch.tensor([[[-127, 0, 5, 127]]], dtype=torch.int8)
+    s = torch.tensor([[0.5]])
+    assert dequantize_tokens(q, s, torch.float64).tolist() == [[[-63.5, 0.0, 2.5, 63.5]]]
+
+
+def _float_tokens(rows, variants, t, d, j):
+    """Distinct, row-dependent float tokens for the int8 synthetic cache."""
+    g = np.random.default_rng(j)
+    base = g.standard_normal((t, d)).astype(np.float32)
+    return (base[None, None] * (1 + rows[:, None, None, None] / 10) + 3 * np.arange(variants)[None, :, None, None]
+            ).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def int8_cache(tmp_path_factory, io_mode):
+    """The synthetic layout with t_a in int8 (written from float tokens, quantised by the writer) and t_b
+    in float16; returns (cache, the float tokens of t_a)."""
+    n, variants = 40, 2
+    layout = Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16, chunk_rows=4,
+                    feature_dtypes={"t_a": "int8"})
+    sources = [{"path": f"c{i % 3}/img{i:04d}.jpg", "size": 10 + i, "label": i % 3} for i in range(n)]
+    path = tmp_path_factory.mktemp("q") / "c.zarr"
+    writer, _ = CacheWriter.create_or_resume(path, layout=layout, sources=sources, manifest={
+        "classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}})
+    full = {}
+    for s in range(layout.num_shards):
+        lo, hi = layout.shard_rows_range(s)
+        rows = np.arange(lo, hi)
+        feats = {k: _float_tokens(rows, variants, t, d, j) for j, (k, (t, d)) in enumerate(TEACHERS.items())}
+        full.setdefault("t_a", []).append(feats["t_a"])
+        feats["t_b"] = feats["t_b"].astype(np.float16)
+        writer.write_shard(s, latents=np.zeros((hi - lo, variants, 8, 2, 2), np.float16), features=feats,
+                           labels=(rows % 3).astype(np.int32))
+    writer.finalize({"seconds": 0})
+    return cache.open_cache(path), np.concatenate(full["t_a"])
+
+
+def test_int8_cache_stores_values_and_scales(int8_cache):
+    c, tokens = int8_cache
+    assert c.layout.feature_dtype("t_a") == "int8" and c.layout.feature_dtype("t_b") == "float16"
+    assert c.features["t_a"].dtype == np.int8 and c.feature_scales["t_a"].dtype == np.float32
+    assert set(c.feature_scales) == {"t_a"}
+    q, s = quantize_tokens(torch.from_numpy(tokens))
+    np.testing.assert_array_equal(c.features["t_a"][:], q.numpy())
+    np.testing.assert_array_equal(c.feature_scales["t_a"][:], s.numpy())
+    reopened = cache.open_cache(c.url)  # the layout's dtypes survive the manifest
+    assert reopened.layout == c.layout and reopened.manifest.to_dict()["layout"]["dtypes"]["features"] == {
+        "t_a": "int8", "t_b": "float16"}
+    assert c.verify_shards() == []
+
+
+def test_loader_hands_out_stored_int8_or_dequantized_float16(int8_cache):
+    c, _ = int8_cache
+    stored = list(c.loader(8, seed=1, flip=True, num_workers=2, pin_memory=False))
+    fp16 = list(c.loader(8, seed=1, flip=True, num_workers=3, pin_memory=False, dequantize=True))
+    assert len(stored) == len(fp16) == 5
+    for a, b in zip(stored, fp16):
+        assert a["features"]["t_a"].dtype == torch.int8 and a["feature_scales"]["t_a"].dtype == torch.float32
+        assert a["features"]["t_a"].shape == (8, *TEACHERS["t_a"]) and a["feature_scales"]["t_a"].shape == (8, 6)
+        assert set(a["feature_scales"]) == {"t_a"} and b["feature_scales"] == {}
+        assert b["features"]["t_a"].dtype == torch.float16 and a["features"]["t_b"].dtype == torch.float16
+        rows, variants = a["index"].numpy(), a["flip"].numpy().astype(int)
+        np.testing.assert_array_equal(a["features"]["t_a"].numpy(), c.features["t_a"][:][rows, variants])
+        np.testing.assert_array_equal(a["feature_scales"]["t_a"].numpy(), c.feature_scales["t_a"][:][rows, variants])
+        want = dequantize_tokens(a["features"]["t_a"], a["feature_scales"]["t_a"], torch.float16)
+        assert torch.equal(b["features"]["t_a"], want)
+        assert torch.equal(a["features"]["t_b"], b["features"]["t_b"]) and torch.equal(a["index"], b["index"])
+
+
+def test_dequantized_tokens_are_close_to_the_float_tokens(int8_cache):
+    c, tokens = int8_cache
+    batch = next(iter(c.loader(40, shuffle=False, pin_memory=False, dequantize=True)))
+    got = batch["features"]["t_a"].double().numpy()
+    want = tokens[:, 0].astype(np.float64)
+    cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+    assert cos.min() > 0.999
+
+
+def test_map_style_dataset_on_int8(int8_cache):
+    c, _ = int8_cache
+    item = CacheDataset(c, variant=1)[5]
+    raw = CacheDataset(c, variant=1, dequantize=False)[5]
+    assert item["features"]["t_a"].dtype == torch.float16 and item["feature_scales"] == {}
+    assert raw["features"]["t_a"].dtype == torch.int8 and raw["feature_scales"]["t_a"].shape == (6,)
+    row = int(c.rows[5])
+    np.testing.assert_array_equal(raw["features"]["t_a"].numpy(), c.features["t_a"][row, 1])
+    assert torch.equal(item["features"]["t_a"], dequantize_tokens(raw["features"]["t_a"], raw["feature_scales"]["t_a"],
+                                                                   torch.float16))
+
+
+def test_writer_refuses_mismatched_token_inputs(tmp_path):
+    layout = Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3), "b": (2, 3)}, shard_rows=4,
+                    chunk_rows=4, feature_dtypes={"a": "int8"})
+    writer, _ = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, sources=[], manifest={
+        "classes": ["x"], "teachers": {}})
+    lat, labels = np.zeros((4, 1, 8, 2, 2), np.float16), np.zeros(4, np.int32)
+    q, f16 = np.zeros((4, 1, 2, 3), np.int8), np.zeros((4, 1, 2, 3), np.float16)
+    with pytest.raises(CacheError, match="without their scales"):
+        writer.write_shard(0, latents=lat, features={"a": q, "b": f16}, labels=labels)
+    with pytest.raises(CacheError, match="stored in float16"):
+        writer.write_shard(0, latents=lat, features={"a": f16, "b": q}, labels=labels)
+    with pytest.raises(CacheError, match="one scale per token"):
+        writer.write_shard(0, latents=lat, features={"a": q, "b": f16}, labels=labels, scales={"a": np.zeros((4, 1))})
+
+
+def test_layout_refuses_unknown_token_dtypes():
+    with pytest.raises(CacheError, match="token dtype"):
+        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "int4"})
+    with pytest.raises(CacheError, match="not a teacher"):
+        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"b": "int8"})
+    assert Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "float16"}) == \
+        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)})
