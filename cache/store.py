@@ -36,6 +36,7 @@ that every object exists; ``pipeline.build --repair`` re-encodes the shards it n
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ __all__ = [
 
 MANIFEST_KEY = "urepa_cache"
 LATENT_CHANNELS = 8  # posterior mean (4) and std (4) of the SD-VAE
+ADDING_KEY = "adding"  # manifest entry: teachers being added to a finished cache, with their records
 IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
 CREATED_BY = "pipeline.build"
 READER_KEYS = ("schema_version", "layout", "classes")  # manifest entries every reader needs
@@ -327,6 +329,97 @@ def _progress_key(shard: int) -> str:
     return f"build/progress/shard-{shard:06d}.json"
 
 
+def _addition_key(shard: int) -> str:
+    """The record of a shard whose tokens of the teachers being added are written."""
+    return f"build/adding/shard-{shard:06d}.json"
+
+
+def _put_delete(group: zarr.Group, key: str) -> None:
+    store, prefix = _store_and_prefix(group)
+    _store_delete(store, prefix + key)
+
+
+def _has_array(group: zarr.Group, name: str) -> bool:
+    try:
+        group[name]
+    except KeyError:
+        return False
+    return True
+
+
+def _delete_teacher_arrays(group: zarr.Group, name: str) -> None:
+    """Delete the token (and scale) arrays of teacher ``name`` from a cache group, where they exist."""
+    store, prefix = _store_and_prefix(group)
+    for sub in ("features", SCALES_GROUP):
+        sync(store.delete_dir(f"{prefix}{sub}/{name}"))
+
+
+def _with_teachers(layout: Layout, pending: Mapping[str, Mapping[str, Any]]) -> Layout:
+    """``layout`` with the teachers of an addition (name -> {tokens, dim, dtype, record}) appended."""
+    if not pending:
+        return layout
+    return dataclasses.replace(
+        layout, teachers={**layout.teachers, **{k: (v["tokens"], v["dim"]) for k, v in pending.items()}},
+        feature_dtypes={**layout.feature_dtypes, **{k: v["dtype"] for k, v in pending.items()}})
+
+
+_PER_RUN = ("encode", "dtype")  # a teacher record's entries that belong to the run that encoded it
+
+
+def _addition(url: str | os.PathLike, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """When the run whose manifest is ``new`` names every teacher of the cache ``old`` and more, and agrees
+    with it on everything else: the teachers to add (name -> {tokens, dim, dtype, record}); None when the
+    run adds no teacher. A run that adds teachers but differs in anything else, a cache that is not
+    finished, or an unfinished addition of other teachers or settings is refused (CacheMismatchError).
+
+    The teachers already in the cache are compared by what they are (spec, weights, position table, ...),
+    not by the settings of the run that encoded them (``encode``, ``dtype``): those are theirs, and this
+    run's apply to the added teachers alone; so is the cache's ``encode`` record (the first build's)."""
+    old_teachers, new_teachers = old["layout"]["teachers"], new["layout"]["teachers"]
+    if not set(old_teachers) < set(new_teachers):
+        return None
+    added = [k for k in new_teachers if k not in old_teachers]
+    projected = json.loads(json.dumps(new))
+    lay = projected["layout"]
+    lay["teachers"] = {k: lay["teachers"][k] for k in old_teachers}
+    lay["dtypes"] = old["layout"].get("dtypes")
+    records = projected.get("teachers") or {}
+    projected["teachers"] = {}
+    for k in old_teachers:
+        if k not in records and k not in (old.get("teachers") or {}):
+            continue
+        rec = {e: v for e, v in records.get(k, {}).items() if e not in _PER_RUN}
+        rec.update({e: v for e, v in (old.get("teachers") or {}).get(k, {}).items() if e in _PER_RUN})
+        projected["teachers"][k] = rec
+    for key in ("encode", ADDING_KEY):
+        projected.pop(key, None)
+        if key in old:
+            projected[key] = old[key]
+    diffs = manifest_diff(old, projected)
+    where = os.fspath(url)
+    if diffs:
+        raise CacheMismatchError(
+            f"{where}: this run adds teacher(s) {', '.join(added)}, but differs from the cache in more than its "
+            "teachers; run it with the cache's settings, choose another OUT, or pass --overwrite to rebuild:\n  "
+            + "\n  ".join(diffs))
+    if not old.get("complete"):
+        raise CacheMismatchError(
+            f"{where} is not finished: rerun its build with its own teachers "
+            f"({', '.join(old_teachers)}) to finish it, then add {', '.join(added)}")
+    layout = Layout.from_dict(new["layout"])
+    adding = {k: {"tokens": new_teachers[k][0], "dim": new_teachers[k][1], "dtype": layout.feature_dtype(k),
+                  "record": (new.get("teachers") or {}).get(k, {})} for k in added}
+    pending = old.get(ADDING_KEY)
+    if pending is not None and pending != adding:
+        drop = " ".join(f"--drop-teacher {k}" for k in pending)
+        raise CacheMismatchError(
+            f"{where} has an unfinished addition of teacher(s) {', '.join(pending)} with other teachers or settings "
+            f"than this run's ({', '.join(added)}): rerun that addition's command to finish it, or drop it with "
+            f"`python -m cache.edit {where} {drop}`:\n  "
+            + "\n  ".join(f"{name}: {_describe(a, b)}" for name, a, b in nested_diff(pending, adding)))
+    return adding
+
+
 def _data_arrays(group: zarr.Group, layout: Layout) -> dict[str, Any]:
     """Every array with one object per shard (:meth:`Layout.array_names`), by name."""
     return {name: group[name] for name in layout.array_names()}
@@ -403,8 +496,17 @@ class CacheWriter:
         self.url = os.fspath(url)
         self.group = group
         self.manifest = manifest
-        self.layout = manifest.layout
+        pending = manifest.extra.get(ADDING_KEY) or {}
+        #: Teachers being added to this finished cache (their tokens alone are written); () for a build.
+        self.adding: tuple[str, ...] = tuple(pending)
+        #: The layout the writes fill: the manifest's, plus the teachers being added.
+        self.layout = _with_teachers(manifest.layout, pending)
         self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
+
+    @property
+    def teachers_to_encode(self) -> list[str]:
+        """The teachers whose tokens this run writes: those being added, or all of them."""
+        return list(self.adding) if self.adding else list(self.layout.teachers)
 
     # -- creation -------------------------------------------------------------------------
     @classmethod
@@ -421,7 +523,10 @@ class CacheWriter:
 
         Returns ``(writer, resumed)``. A cache whose manifest differs in anything but bookkeeping
         raises :class:`CacheMismatchError` naming each difference, unless ``overwrite`` is set,
-        in which case the old cache is deleted first. Call on one process only (rank 0). ``manifest``
+        in which case the old cache is deleted first. A run that names every teacher of a finished
+        cache and more, and agrees with it on everything else, adds the new teachers: the writer's
+        :attr:`adding` lists them, and only their tokens are written (``resumed``: an earlier run began
+        this addition). Call on one process only (rank 0). ``manifest``
         is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``).
         """
         manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
@@ -452,12 +557,33 @@ class CacheWriter:
                     old = Manifest.from_dict(old).to_dict()  # compared as every reader sees it
                 except ManifestError:
                     pass
+                if (ADDING_KEY in old and not overwrite
+                        and set(old["layout"]["teachers"]) == set(manifest["layout"]["teachers"])):
+                    pending = ", ".join(old[ADDING_KEY])
+                    raise CacheMismatchError(
+                        f"{url} is finished but has an unfinished addition of teacher(s) {pending}: rerun that "
+                        f"addition's command (its --teacher lists them) to finish it, or drop it with "
+                        f"`python -m cache.edit {url} --drop-teacher NAME`")
                 diffs = manifest_diff(old, manifest)
                 if not diffs:
                     return cls(url, zarr.open_group(url, mode="r+"), _typed(url, old)), True
+                try:
+                    addition = _addition(url, old, manifest)
+                except CacheMismatchError:
+                    if not overwrite:
+                        raise
+                    addition = None
+                if addition is not None:
+                    return cls._begin_addition(url, old, addition), ADDING_KEY in old
                 if not overwrite:
+                    have, want = list(old["layout"]["teachers"]), list(manifest["layout"]["teachers"])
+                    hint = ""
+                    if set(have) != set(want):
+                        hint = (f" (the cache holds teachers {', '.join(have)}: to add teachers, list those too, e.g. "
+                                f"--teacher {','.join(have + [t for t in want if t not in have])}; to remove one, "
+                                f"`python -m cache.edit {url} --drop-teacher NAME`)")
                     raise CacheMismatchError(
-                        f"{url} holds a cache built with other settings; rerun with the same settings to "
+                        f"{url} holds a cache built with other settings{hint}; rerun with the same settings to "
                         "resume, choose another OUT, or pass --overwrite to rebuild it:\n  " + "\n  ".join(diffs))
             _delete(url, store)
         elif unreadable is not None:
@@ -496,6 +622,76 @@ class CacheWriter:
         return cls(url, group, _typed(url, manifest)), False
 
     @classmethod
+    def _begin_addition(cls, url: str | os.PathLike, old: dict[str, Any], adding: dict[str, Any]) -> CacheWriter:
+        """Record the teachers to add in the manifest (first: from then on their arrays are provably ours),
+        then create their arrays. A resumed addition keeps its arrays and progress records."""
+        group = zarr.open_group(url, mode="r+")
+        if ADDING_KEY not in old:
+            _logger.info("%s: adding teacher(s) %s to the finished cache", url, ", ".join(adding))
+            for key in _list(group, "build/adding/"):  # left by an addition that was dropped: not this one's
+                _put_delete(group, key)
+            group.attrs[MANIFEST_KEY] = {**old, ADDING_KEY: adding}
+            old = group.attrs[MANIFEST_KEY]
+        else:
+            _logger.info("%s: resuming the addition of teacher(s) %s", url, ", ".join(adding))
+        writer = cls(url, group, _typed(url, old))
+        for name in adding:
+            if ADDING_KEY in old and _has_array(group, f"features/{name}"):
+                continue
+            _delete_teacher_arrays(group, name)  # a dropped teacher's arrays left by a killed drop
+            _create_teacher_arrays(group, writer.layout, name)
+        return writer
+
+    @classmethod
+    def drop_teacher(cls, url: str | os.PathLike, name: str) -> Manifest:
+        """Remove teacher ``name`` from a finished cache (or a teacher being added) without touching the
+        other arrays: the manifest first (readers opened from then on do not see it), then its arrays,
+        then its checksums in the progress records. Returns the new manifest."""
+        store = _store_for(url)
+        group, unreadable = _probe_group(url)
+        if group is None or _identity(store) is None:
+            raise CacheError(f"{os.fspath(url)} is not a cache this program created"
+                             + (f" ({unreadable})" if unreadable else ""))
+        group = zarr.open_group(url, mode="r+")
+        stored = group.attrs.get(MANIFEST_KEY)
+        manifest = _typed(url, stored)
+        pending = dict(manifest.extra.get(ADDING_KEY) or {})
+        teachers = list(manifest.layout.teachers)
+        if name in pending:
+            del pending[name]
+            new = {k: v for k, v in stored.items() if k != ADDING_KEY}
+            if pending:
+                new[ADDING_KEY] = pending
+        elif name in teachers:
+            if not manifest.is_complete:
+                raise CacheError(f"{os.fspath(url)} is not finished: rerun its build command first, then drop "
+                                 f"teacher {name!r}")
+            lay = manifest.layout
+            layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
+                            teachers={k: v for k, v in lay.teachers.items() if k != name}, shard_rows=lay.shard_rows,
+                            chunk_rows=lay.chunk_rows, compressor=lay.compressor,
+                            feature_dtypes={k: v for k, v in lay.feature_dtypes.items() if k != name})
+            new = {**stored, "layout": layout.to_dict(),
+                   "teachers": {k: v for k, v in (stored.get("teachers") or {}).items() if k != name}}
+        else:
+            raise CacheError(f"{os.fspath(url)} has no teacher {name!r}; it holds {teachers}"
+                             + (f" and is adding {sorted(pending)}" if pending else ""))
+        new = _typed(url, new).to_dict()
+        group.attrs[MANIFEST_KEY] = new
+        _delete_teacher_arrays(group, name)
+        if not pending:
+            for key in _list(group, "build/adding/"):
+                _put_delete(group, key)
+        gone = {f"features/{name}", f"{SCALES_GROUP}/{name}"}
+        for key in _list(group, "build/progress/"):
+            record = json.loads(_get(group, key) or b"{}")
+            sums = record.get("checksums") or {}
+            if gone & set(sums):
+                record["checksums"] = {k: v for k, v in sums.items() if k not in gone}
+                _put(group, key, json.dumps(record).encode())
+        return _typed(url, new)
+
+    @classmethod
     def open(cls, url: str | os.PathLike) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
         group = zarr.open_group(url, mode="r+")
@@ -503,11 +699,18 @@ class CacheWriter:
 
     # -- progress -------------------------------------------------------------------------
     def completed_shards(self) -> set[int]:
+        """Shards whose data this writer's job has written: all of a build's arrays, or while adding
+        teachers, the tokens of every teacher being added."""
         done = set()
-        for key in _list(self.group, "build/progress/"):
+        for key in _list(self.group, "build/adding/" if self.adding else "build/progress/"):
             name = key.rsplit("/", 1)[-1]
-            if name.startswith("shard-") and name.endswith(".json"):
-                done.add(int(name[6:-5]))
+            if not (name.startswith("shard-") and name.endswith(".json")):
+                continue
+            if self.adding:
+                record = json.loads(_get(self.group, key) or b"{}")
+                if not set(self.adding) <= set(record.get("teachers") or ()):
+                    continue
+            done.add(int(name[6:-5]))
         return done
 
     def sources(self) -> list[dict[str, Any]]:
@@ -517,9 +720,9 @@ class CacheWriter:
         self,
         shard: int,
         *,
-        latents: np.ndarray,
+        latents: np.ndarray | None = None,
         features: Mapping[str, np.ndarray],
-        labels: np.ndarray,
+        labels: np.ndarray | None = None,
         skipped: Iterable[Mapping[str, Any]] = (),
         scales: Mapping[str, np.ndarray] | None = None,
     ) -> None:
@@ -527,9 +730,27 @@ class CacheWriter:
 
         ``features`` maps each teacher to its tokens (n, F, T, D): float16 for a float16 teacher; for an
         int8 teacher either int8 values with their float32 ``scales[name]`` (n, F, T), or float tokens,
-        which are quantised here (:func:`cache.quant.quantize_tokens`)."""
+        which are quantised here (:func:`cache.quant.quantize_tokens`).
+
+        While adding teachers (:attr:`adding`), ``features`` holds the added teachers alone and
+        ``latents``, ``labels`` and ``skipped`` are not given: the shard's record of the addition is written
+        after its tokens."""
         lo, hi = self.layout.shard_rows_range(shard)
         n = hi - lo
+        if self.adding:
+            if latents is not None or labels is not None or set(features) != set(self.adding):
+                raise CacheError(f"shard {shard}: adding {sorted(self.adding)} writes their tokens alone, got "
+                                 f"{sorted(features)}{' and latents/labels' if latents is not None or labels is not None else ''}")
+            if any(f.shape[0] != n for f in features.values()):
+                raise CacheError(f"shard {shard} holds rows {lo}..{hi}: expected {n} rows per array")
+            sums = {}
+            for name, arr in features.items():
+                sums.update(self._write_tokens(name, shard, arr, (scales or {}).get(name)))
+            record = {"shard": shard, "teachers": sorted(self.adding), "time": time.time(), "checksums": sums}
+            _put(self.group, _addition_key(shard), json.dumps(record).encode())
+            return
+        if latents is None or labels is None:
+            raise CacheError(f"shard {shard}: a build writes latents, labels and every teacher's tokens")
         if latents.shape[0] != n or labels.shape[0] != n or any(f.shape[0] != n for f in features.values()):
             raise CacheError(f"shard {shard} holds rows {lo}..{hi}: expected {n} rows per array")
         if set(features) != set(self.layout.teachers):
@@ -599,10 +820,14 @@ class CacheWriter:
         return self._stored_checksum(array, shard)
 
     def finalize(self, stats: Mapping[str, Any]) -> Manifest:
-        """Check that every shard is present, gather the skip list, mark the manifest complete."""
+        """Check that every shard is present, gather the skip list, mark the manifest complete. While adding
+        teachers: move each shard's checksums of the added arrays into its progress record, then list the
+        teachers in the manifest (the commit point), then remove the records of the addition."""
         missing = sorted(set(range(self.layout.num_shards)) - self.completed_shards())
         if missing:
             raise CacheError(f"cannot finalize: {len(missing)} shards missing (first {missing[:5]})")
+        if self.adding:
+            return self._finish_addition()
         skipped = []
         for shard in range(self.layout.num_shards):
             record = json.loads(_get(self.group, _progress_key(shard)))
@@ -611,6 +836,24 @@ class CacheWriter:
         manifest.update(complete=True, skipped=skipped, stats=dict(stats))
         self.manifest = _typed(self.url, manifest)
         self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        return self.manifest
+
+    def _finish_addition(self) -> Manifest:
+        for shard in range(self.layout.num_shards):
+            added = json.loads(_get(self.group, _addition_key(shard)))
+            record = json.loads(_get(self.group, _progress_key(shard)))
+            record["checksums"] = {**record.get("checksums", {}), **added["checksums"]}
+            _put(self.group, _progress_key(shard), json.dumps(record).encode())
+        stored = dict(self.group.attrs[MANIFEST_KEY])
+        pending = stored.pop(ADDING_KEY)
+        stored["layout"] = self.layout.to_dict()
+        stored["teachers"] = {**(stored.get("teachers") or {}), **{k: v["record"] for k, v in pending.items()}}
+        self.manifest = _typed(self.url, stored)
+        self.group.attrs[MANIFEST_KEY] = self.manifest.to_dict()
+        for key in _list(self.group, "build/adding/"):
+            _put_delete(self.group, key)
+        _logger.info("%s: added teacher(s) %s", self.url, ", ".join(self.adding))
+        self.adding = ()
         return self.manifest
 
     def forget_damaged(self) -> list[ShardDamage]:

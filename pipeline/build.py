@@ -161,15 +161,15 @@ class Encoders(torch.nn.Module):
 
     def compile(self) -> None:
         """torch.compile each encoder (one graph per encoder and batch shape)."""
-        self.vae = torch.compile(self.vae)
+        self.vae = None if self.vae is None else torch.compile(self.vae)
         self.teachers = torch.nn.ModuleList(torch.compile(t) for t in self.teachers)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any]]:
         n = images.shape[0]
         x = torch.cat([images, images.flip(2)]) if self.flip else images
         with torch.autocast(images.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            lat = self.vae(x)
+            lat = self.vae(x) if self.vae is not None else None
             feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
 
         def split(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
@@ -182,7 +182,7 @@ class Encoders(torch.nn.Module):
                 out[k] = (split(q, torch.int8), split(scale, torch.float32))
             else:
                 out[k] = split(v.float())
-        return split(lat.float()), out
+        return (None if lat is None else split(lat.float())), out
 
 
 def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, dict[str, torch.nn.Module], dict[str, Any]]:
@@ -247,16 +247,17 @@ class _ShardBuffers:
     """One shard being filled: encoder outputs land in place (pinned on CUDA, so the device copies
     straight into it), then the whole shard goes to the writer thread."""
 
-    def __init__(self, layout: Layout, shard: int, pin: bool) -> None:
+    def __init__(self, layout: Layout, shard: int, pin: bool, teachers: list[str], latents: bool = True) -> None:
         self.shard = shard
         self.lo, hi = layout.shard_rows_range(shard)
         self.n, self.filled, self.skipped = hi - self.lo, 0, []
         h = layout.resolution // 8
-        self.latents = torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
-        self.features = {k: torch.empty((self.n, layout.variants, t, d), dtype=_TORCH[layout.feature_dtype(k)],
-                                        pin_memory=pin) for k, (t, d) in layout.teachers.items()}
+        self.latents = (torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
+                        if latents else None)
+        self.features = {k: torch.empty((self.n, layout.variants, *layout.teachers[k]),
+                                        dtype=_TORCH[layout.feature_dtype(k)], pin_memory=pin) for k in teachers}
         self.scales = {k: torch.empty((self.n, layout.variants, layout.teachers[k][0]), dtype=torch.float32,
-                                      pin_memory=pin) for k in layout.quantized_teachers}
+                                      pin_memory=pin) for k in teachers if layout.quantized(k)}
         self.labels = np.full(self.n, -1, np.int32)
         self.event: torch.cuda.Event | None = None
 
@@ -292,10 +293,13 @@ class _ShardWriter:
             while (buf := self.queue.get()) is not None:
                 if buf.event is not None:
                     buf.event.synchronize()
-                self.writer.write_shard(buf.shard, latents=buf.latents.numpy(),
-                                        features={k: v.numpy() for k, v in buf.features.items()},
-                                        scales={k: v.numpy() for k, v in buf.scales.items()},
-                                        labels=buf.labels, skipped=buf.skipped)
+                features = {k: v.numpy() for k, v in buf.features.items()}
+                scales = {k: v.numpy() for k, v in buf.scales.items()}
+                if buf.latents is None:  # adding teachers: their tokens alone
+                    self.writer.write_shard(buf.shard, features=features, scales=scales)
+                else:
+                    self.writer.write_shard(buf.shard, latents=buf.latents.numpy(), features=features, scales=scales,
+                                            labels=buf.labels, skipped=buf.skipped)
         except BaseException as e:
             self.error = e
             while self.queue.get() is not None:  # drain so that the producer never blocks
@@ -369,23 +373,26 @@ def build(cfg: BuildConfig) -> Manifest:
         raise CacheError(result[1])
     if rank != 0:
         writer = CacheWriter.open(cfg.out)
-    if writer.manifest.is_complete:
+    if writer.manifest.is_complete and not writer.adding:
         _logger.info("cache %s is already complete; nothing to do", cfg.out)
         return writer.manifest
 
     layout = writer.layout
+    adding = writer.adding  # teachers added to a finished cache: the VAE is not run, the rows stay as they are
+    names = writer.teachers_to_encode
     sources = writer.sources()
     check_sources(sources, writer.manifest.source, cfg.out)
+    base_labels = np.asarray(writer.group["labels"][:]) if adding else None
     todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
     rows_todo = sum(hi - lo for lo, hi in map(layout.shard_rows_range, todo))
     my_rows = sum(hi - lo for lo, hi in map(layout.shard_rows_range, mine))
-    _logger.info("%d of %d shards to encode (%d rows) on %d process(es), device %s", len(todo),
-                 layout.num_shards, rows_todo, world, device)
+    _logger.info("%d of %d shards to encode (%d rows%s) on %d process(es), device %s", len(todo),
+                 layout.num_shards, rows_todo, f", teacher(s) {', '.join(adding)} only" if adding else "", world, device)
 
-    encoders = Encoders(vae, teachers, flip=cfg.flip == "both", autocast=autocast,
-                        quantized=tuple(layout.quantized_teachers)).to(device).eval()
+    encoders = Encoders(None if adding else vae, {k: teachers[k] for k in names}, flip=cfg.flip == "both",
+                        autocast=autocast, quantized=tuple(k for k in names if layout.quantized(k))).to(device).eval()
     if cfg.compile:
         encoders.compile()
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
@@ -406,9 +413,12 @@ def build(cfg: BuildConfig) -> Manifest:
             rows, valid = batch["rows"], batch["valid"]
             shard = int(rows[0]) // layout.shard_rows
             if shard not in buffers:
-                buffers[shard] = _ShardBuffers(layout, shard, pin=device.type == "cuda")
+                buffers[shard] = _ShardBuffers(layout, shard, pin=device.type == "cuda", teachers=names,
+                                               latents=not adding)
             buf = buffers[shard]
             a, b = int(rows[0]) - buf.lo, int(rows[-1]) + 1 - buf.lo  # a batch is a run of rows
+            if adding:
+                batch, valid = _as_in_cache(batch, base_labels[rows], cfg.out)
             _encode_into(encoders, batch["images"], valid, device, buf, a, b)
             buf.labels[a:b][valid] = [sources[r]["label"] for r in rows[valid]]
             buf.skipped += [{"row": int(r), "path": sources[r]["path"], "reason": why}
@@ -464,16 +474,34 @@ def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out:
                              "a build reads only files inside SOURCE: rebuild with --overwrite")
 
 
+def _as_in_cache(batch: dict[str, Any], labels: np.ndarray, out: str) -> tuple[dict[str, Any], np.ndarray]:
+    """A decoded batch for a teacher being added, made to match the cache's rows: rows the first build
+    skipped (label -1) stay zeros even if they decode now; a row that has data but does not decode now
+    means the source changed, which is refused (its tokens would not match its latents)."""
+    rows, valid = batch["rows"], batch["valid"]
+    lost = valid < (labels >= 0)
+    if lost.any():
+        i = int(np.flatnonzero(lost)[0])
+        raise CacheError(f"{out}: row {int(rows[i])} was encoded by the first build but does not decode now "
+                         f"({batch['reasons'][i]}): the source changed since; rebuild with --overwrite")
+    keep = labels >= 0
+    if (keep == valid).all():
+        return batch, valid
+    images = batch["images"][torch.from_numpy(keep[valid])] if keep.any() else None
+    return {**batch, "images": images, "valid": keep}, keep
+
+
 def _encode_into(encoders: Encoders, images: torch.Tensor | None, valid: np.ndarray, device: torch.device,
                  buf: _ShardBuffers, a: int, b: int) -> None:
     """Encode a batch and copy it into rows a..b of the shard buffers (zeros for skipped files)."""
-    targets = [buf.latents, *buf.features.values(), *buf.scales.values()]
+    lat_target = [] if buf.latents is None else [buf.latents]
+    targets = [*lat_target, *buf.features.values(), *buf.scales.values()]
     if images is None:
         for t in targets:
             t[a:b].zero_()
         return
     lat, feats = encoders(images.to(device, non_blocking=True))
-    outputs = [lat, *(feats[k][0] if k in buf.scales else feats[k] for k in buf.features),
+    outputs = [*([lat] if lat_target else []), *(feats[k][0] if k in buf.scales else feats[k] for k in buf.features),
                *(feats[k][1] for k in buf.scales)]
     all_valid = bool(valid.all())
     if not all_valid:

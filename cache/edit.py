@@ -1,0 +1,64 @@
+"""Change a finished zarr cache in place without re-encoding what stays: drop a teacher.
+
+    python -m cache.edit PATH --drop-teacher NAME[,NAME...] [--dry-run]
+
+Dropping a teacher removes it from the manifest first (readers opened from then on do not see it),
+then deletes its token (and int8 scale) arrays and its checksums in the progress records; every other
+array keeps its bytes. It also removes a teacher whose addition is unfinished. A teacher is added by
+running the build again with the cache's teachers and the new one
+(``python -m pipeline.build SOURCE PATH --teacher OLD,NEW``), which encodes only the new teacher. Do
+not drop a teacher while a job reads it. HDF5 and FFCV caches are converted copies: edit the zarr
+cache and convert again (``python -m cache.convert``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from .config import ConfigError, check_fields, parse_config
+from .store import CacheError, CacheWriter, detect_format
+
+__all__ = ["EditConfig", "main"]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Change a finished zarr cache in place: drop teachers."""
+
+    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT)"})
+    drop_teacher: str = field(default="", metadata={
+        "help": "comma-separated teachers to remove (their arrays are deleted; the other arrays are untouched)"})
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("give the cache PATH")
+        if not self.teachers:
+            raise ConfigError("nothing to do: give --drop-teacher NAME")
+        check_fields(self)
+
+    @property
+    def teachers(self) -> list[str]:
+        return [t.strip() for t in self.drop_teacher.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, dry_run = parse_config(EditConfig, argv, positional=("path",), description=__doc__.splitlines()[0])
+    if dry_run:
+        return 0
+    try:
+        fmt = detect_format(cfg.path)
+        if fmt != "zarr":
+            raise CacheError(f"{cfg.path} is an {fmt} cache, a converted copy: drop the teacher from the zarr cache "
+                             "it was converted from and convert again (`python -m cache.convert`)")
+        for name in cfg.teachers:
+            manifest = CacheWriter.drop_teacher(cfg.path, name)
+            print(f"dropped teacher {name}; {cfg.path} holds {', '.join(manifest.layout.teachers) or 'no teacher'}")
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
