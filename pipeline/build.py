@@ -10,7 +10,9 @@
     torchrun --nproc_per_node 8 -m pipeline.build SOURCE OUT
 
 Interrupted builds resume when the same command runs again; a changed source, encoder or setting
-is refused unless ``--overwrite``. A resumed build trusts its stored source list only if it hashes
+is refused unless ``--overwrite``. On a finished cache, ``--teacher`` naming its teachers and new ones
+encodes the new teachers alone and adds them (``python -m cache.edit OUT --drop-teacher NAME`` removes
+one). A resumed build trusts its stored source list only if it hashes
 to the fingerprint in the manifest and every path stays inside SOURCE. Files that cannot be read
 (dangling symlinks, link loops, no permission, links out of SOURCE, folders named like images)
 are skipped and recorded with their reason, like any undecodable image.
@@ -68,7 +70,8 @@ class BuildConfig:
         "help": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights"})
     teacher: str = field(default=DEFAULT_TEACHER, metadata={
         "help": "comma-separated timm ViT names (docs/teachers.md); 'tiny', 'tiny:<name>' or 'random:<name>' "
-                "for random weights"})
+                "for random weights. On a finished cache, its teachers plus new ones encodes the new ones alone "
+                "(docs/cache.md, adding and dropping teachers)"})
     teacher_weights: str = field(default="", metadata={
         "help": "comma-separated local weight files, one per teacher (empty: timm/HF hub)"})
     pos_embed: str = field(default="repa", metadata={
@@ -92,7 +95,7 @@ class BuildConfig:
     chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
     feature_dtype: Literal["fp16", "int8"] = field(default="fp16", metadata={
         "help": "teacher tokens as float16, or int8 with one float32 scale per token (absmax; about half the "
-                "bytes; docs/cache.md)"})
+                "bytes; docs/cache.md); for the teachers this run encodes"})
     compressor: Literal["none", "zstd"] = field(default="none", metadata={
         "help": "none (rows readable by byte range) or zstd"})
     max_pixels: int = field(default=1 << 28, metadata={
