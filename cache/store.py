@@ -860,6 +860,9 @@ class CacheWriter:
         """Verify every finished shard (:func:`verify_shards`) and forget the damaged ones, so that the
         resume path encodes them again: the manifest is marked incomplete first, then each damaged
         shard's progress record is deleted, then its objects. Returns the damage found."""
+        if self.adding:
+            raise CacheError(f"{self.url} is adding teacher(s) {', '.join(self.adding)}: finish that (rerun its command) "
+                             "or drop it (`python -m cache.edit ... --drop-teacher NAME`) before --repair")
         damage = verify_shards(self.group, self.url, self.layout)
         shards = sorted({d.shard for d in damage})
         if shards and self.manifest.is_complete:

@@ -124,6 +124,15 @@ def test_dequantized_tokens_are_close_to_the_float_tokens(int8_cache):
     assert cos.min() > 0.999
 
 
+def test_batches_dataset_hands_out_float16_by_default(int8_cache):
+    c, _ = int8_cache
+    default = next(iter(cache.CacheBatches(c, 8, seed=2, num_workers=1, pin_memory=False)))
+    stored = next(iter(cache.CacheBatches(c, 8, seed=2, num_workers=1, pin_memory=False, dequantize=False)))
+    assert default["features"]["t_a"].dtype == torch.float16 and default["feature_scales"] == {}
+    assert torch.equal(default["features"]["t_a"], dequantize_tokens(stored["features"]["t_a"],
+                                                                     stored["feature_scales"]["t_a"], torch.float16))
+
+
 def test_map_style_dataset_on_int8(int8_cache):
     c, _ = int8_cache
     item = CacheDataset(c, variant=1)[5]
