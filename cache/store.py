@@ -626,7 +626,8 @@ class CacheWriter:
         """Record the teachers to add in the manifest (first: from then on their arrays are provably ours),
         then create their arrays. A resumed addition keeps its arrays and progress records."""
         group = zarr.open_group(url, mode="r+")
-        if ADDING_KEY not in old:
+        fresh = ADDING_KEY not in old
+        if fresh:
             _logger.info("%s: adding teacher(s) %s to the finished cache", url, ", ".join(adding))
             for key in _list(group, "build/adding/"):  # left by an addition that was dropped: not this one's
                 _put_delete(group, key)
@@ -636,7 +637,8 @@ class CacheWriter:
             _logger.info("%s: resuming the addition of teacher(s) %s", url, ", ".join(adding))
         writer = cls(url, group, _typed(url, old))
         for name in adding:
-            if ADDING_KEY in old and _has_array(group, f"features/{name}"):
+            wanted = [f"features/{name}", *([f"{SCALES_GROUP}/{name}"] if writer.layout.quantized(name) else [])]
+            if not fresh and all(_has_array(group, a) for a in wanted):
                 continue
             _delete_teacher_arrays(group, name)  # a dropped teacher's arrays left by a killed drop
             _create_teacher_arrays(group, writer.layout, name)
