@@ -1,7 +1,8 @@
 """Copy a finished cache into another format (zarr, HDF5 or FFCV): every row, variant, label and skipped
 row, the source list and the whole manifest.
 
-    python -m cache.convert SRC DST --format zarr|hdf5|ffcv [--teachers NAME,...] [--overwrite]
+    python -m cache.convert SRC DST --format zarr|hdf5|ffcv [--teachers NAME,...]
+        [--feature-dtype keep|fp16|int8] [--overwrite]
 
 SRC is any cache :func:`cache.open_cache` reads. The result is written under a temporary name beside
 DST (``DST.partial``) and renamed to DST at the end, so a killed conversion never leaves anything at
@@ -10,8 +11,16 @@ an FFCV target its staged blocks (raw ``.npy`` arrays in ``DST.partial/stage``, 
 makes the .beton); an HDF5 target starts again (it costs one read of the source). ``--teachers`` keeps
 a subset of the teachers (the manifest then lists only those).
 
-The manifest is copied verbatim (a zarr target gets its own ``generation`` and ``created``: it is a new
-store); the HDF5 and FFCV formats record the crc32c of their data beside it, which ``python -m
+``--feature-dtype`` sets how the copy stores teacher tokens: ``keep`` (default) copies each teacher's
+stored form bit for bit; ``int8`` quantises float16 teachers (:func:`cache.quant.quantize_tokens` of the
+float16 tokens: one float32 absmax scale per token) and keeps int8 ones; ``fp16`` dequantises int8
+teachers (:func:`cache.quant.dequantize_tokens` to float16) and keeps float16 ones. int8 made here comes
+from the cache's float16 tokens, a build's from the encoder's float32 output: values may differ by that
+rounding. A teacher whose dtype changes gets ``dtype`` (and ``converted_from``, the dtype it had) in its
+manifest record, and the layout records the new dtypes.
+
+Otherwise the manifest is copied verbatim (a zarr target gets its own ``generation`` and ``created``: it
+is a new store); the HDF5 and FFCV formats record the crc32c of their data beside it, which ``python -m
 cache.inspect DST --verify`` checks.
 """
 
@@ -22,7 +31,6 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,8 +39,9 @@ from tqdm import tqdm
 
 from .config import ConfigError, check_fields, parse_config
 from .manifest import Manifest, ManifestError
+from .quant import FEATURE_DTYPES, SCALES_GROUP, STORED_DTYPES, dequantize_tokens, quantize_tokens
 from .runtime import setup_logging
-from .store import FORMATS, LATENT_CHANNELS, CacheError, CacheReader, CacheWriter, Layout, open_cache
+from .store import FORMATS, CacheError, CacheReader, CacheWriter, Layout, open_cache
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -42,12 +51,17 @@ PARTIAL = ".partial"
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """Copy a finished cache into another format."""
+    """Copy a finished cache into another format (and its teacher tokens into another dtype)."""
 
     src: str = field(default="", metadata={"help": "the cache to copy (zarr folder, .h5 file or FFCV folder)"})
     dst: str = field(default="", metadata={"help": "where the copy goes (it must not exist, unless --overwrite)"})
     format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": FORMATS})
     teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (default: all)"})
+    feature_dtype: str = field(default="keep", metadata={
+        "help": "teacher tokens in the copy: keep (as stored, bit for bit), fp16 (int8 teachers dequantised) or "
+                "int8 (float16 teachers quantised from their float16 values, one float32 scale per token; may "
+                "differ from a --feature-dtype int8 build by the rounding of that float16 intermediate)",
+        "choices": ("keep", *FEATURE_DTYPES)})
     block_rows: int = field(default=0, metadata={
         "help": "rows read and written at a time (0: the source's shard rows)", "min": 0})
     compression: Literal["none", "gzip"] = field(default="none", metadata={
@@ -61,42 +75,77 @@ class ConvertConfig:
             raise ConfigError("--compression applies to --format hdf5 only")
 
 
-def target_manifest(src: CacheReader, teachers: list[str]) -> tuple[Manifest, Layout]:
+def target_dtypes(src: CacheReader, teachers: list[str], feature_dtype: str = "keep") -> dict[str, str]:
+    """The stored dtype ('float16' or 'int8') of each kept teacher's tokens in the copy."""
+    if feature_dtype == "keep":
+        return {t: src.layout.feature_dtype(t) for t in teachers}
+    return {t: STORED_DTYPES[feature_dtype] for t in teachers}
+
+
+def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = "keep") -> tuple[Manifest, Layout]:
     """The source's manifest (a copy of its stored dict, ``to_dict()``) and layout, reduced to
-    ``teachers``, typed again: the one place a conversion changes a manifest."""
-    if teachers == list(src.layout.teachers):
+    ``teachers`` and with their tokens in ``feature_dtype``, typed again: the one place a conversion
+    changes a manifest. A teacher whose dtype changes gets ``dtype`` and ``converted_from`` in its record."""
+    dtypes = target_dtypes(src, teachers, feature_dtype)
+    changed = {t: src.layout.feature_dtype(t) for t in teachers if dtypes[t] != src.layout.feature_dtype(t)}
+    if teachers == list(src.layout.teachers) and not changed:
         return src.manifest, src.layout
     manifest = src.manifest.to_dict()
     lay = src.layout
     layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
                     teachers={t: lay.teachers[t] for t in teachers}, shard_rows=lay.shard_rows,
-                    chunk_rows=lay.chunk_rows, compressor=lay.compressor)
+                    chunk_rows=lay.chunk_rows, compressor=lay.compressor, feature_dtypes=dtypes)
     manifest["layout"] = layout.to_dict()
     if manifest.get("teachers") is not None:
         manifest["teachers"] = {t: v for t, v in manifest["teachers"].items() if t in teachers}
+        for t, old in changed.items():
+            if isinstance(manifest["teachers"].get(t), dict):
+                manifest["teachers"][t] = {**manifest["teachers"][t], "dtype": dtypes[t], "converted_from": old}
     try:
         return Manifest.from_dict(manifest), layout
     except ManifestError as e:
         raise CacheError(f"{src.url}: the manifest reduced to teachers {teachers} is malformed: {e}") from None
 
 
-def _blocks(src: CacheReader, names: Mapping[str, str], lo: int, hi: int) -> dict[str, np.ndarray]:
-    """Rows lo..hi of the source: 'latents', 'features/<t>' (float16 (n, F, ...)) and 'labels'."""
+def _blocks(src: CacheReader, layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows lo..hi of every array of the target ``layout`` (:meth:`Layout.array_names`) from the source:
+    'latents' float16, 'features/<t>' float16 or int8 and 'feature_scales/<t>' float32 (n, F, ...) as the
+    target stores them, 'labels' int32. A teacher stored as the target stores it is copied as it is."""
+    import torch
+
     out = {"latents": np.asarray(src.latents[lo:hi], dtype=np.float16)}
-    for key, teacher in names.items():
-        out[key] = np.asarray(src.features[teacher][lo:hi], dtype=np.float16)
+    for t in layout.teachers:
+        tokens = np.asarray(src.features[t][lo:hi])
+        scales = np.asarray(src.feature_scales[t][lo:hi], dtype=np.float32) if src.layout.quantized(t) else None
+        if layout.quantized(t) and scales is None:  # float16 -> int8
+            try:
+                q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)))
+            except ValueError as e:
+                raise CacheError(f"{src.url}: teacher {t!r} rows {lo}..{hi} cannot be stored as int8 ({e}); convert "
+                                 "with --feature-dtype keep or fp16") from None
+            tokens, scales = q.numpy(), s.numpy()
+        elif not layout.quantized(t) and scales is not None:  # int8 -> float16
+            tokens = dequantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int8)),
+                                       torch.from_numpy(scales), torch.float16).numpy()
+            scales = None
+        out[f"features/{t}"] = np.asarray(tokens, dtype=np.int8 if layout.quantized(t) else np.float16)
+        if scales is not None:
+            out[f"{SCALES_GROUP}/{t}"] = scales
     out["labels"] = src.labels[lo:hi].astype(np.int32)
     return out
 
 
 def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format: str,
-            teachers: list[str] | None = None, block_rows: int = 0, compression: str = "none", workers: int = 2,
-            overwrite: bool = False, progress: bool = True) -> CacheReader:
-    """Copy the cache at ``src_path`` to ``dst_path`` in ``format``; returns the copy, opened. See the
-    module docstring for atomicity and resuming."""
+            teachers: list[str] | None = None, feature_dtype: str = "keep", block_rows: int = 0,
+            compression: str = "none", workers: int = 2, overwrite: bool = False, progress: bool = True) -> CacheReader:
+    """Copy the cache at ``src_path`` to ``dst_path`` in ``format``, teacher tokens as ``feature_dtype``
+    says ('keep', 'fp16', 'int8'); returns the copy, opened. See the module docstring for the dtypes,
+    atomicity and resuming."""
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path).rstrip("/")
     if format not in FORMATS:
         raise CacheError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    if feature_dtype not in ("keep", *FEATURE_DTYPES):
+        raise CacheError(f"unknown feature dtype {feature_dtype!r}: use one of keep, {', '.join(FEATURE_DTYPES)}")
     src = open_cache(src_path)
     names = list(src.layout.teachers) if not teachers else list(teachers)
     unknown = sorted(set(names) - set(src.layout.teachers))
@@ -108,19 +157,18 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format:
         if not overwrite:
             raise CacheError(f"{dst_path} exists; choose another DST, or pass --overwrite to replace it")
         open_cache(dst_path, allow_incomplete=True)  # only ever replace a cache, never a folder we merely find
-    manifest, layout = target_manifest(src, names)
+    manifest, layout = target_manifest(src, names, feature_dtype)
     block = block_rows or layout.shard_rows
     tmp = dst_path + PARTIAL
     sources = src.sources()
-    keys = {f"features/{t}": t for t in names}
     bar = tqdm(total=layout.num_rows, unit="row", desc=f"convert to {format}", disable=not progress, file=sys.stderr)
     try:
         if format == "zarr":
-            _to_zarr(src, tmp, manifest, layout, sources, keys, bar)
+            _to_zarr(src, tmp, manifest, layout, sources, bar)
         elif format == "hdf5":
-            _to_hdf5(src, tmp, manifest, layout, sources, keys, bar, block, compression)
+            _to_hdf5(src, tmp, manifest, layout, sources, bar, block, compression)
         else:
-            _to_ffcv(src, tmp, manifest, layout, sources, keys, bar, block, workers)
+            _to_ffcv(src, tmp, manifest, layout, sources, bar, block, workers)
     finally:
         bar.close()
     if os.path.lexists(dst_path):
@@ -138,7 +186,7 @@ def _remove(path: str) -> None:
 
 
 def _to_zarr(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             keys: Mapping[str, str], bar: tqdm) -> None:
+             bar: tqdm) -> None:
     writer, resumed = CacheWriter.create_or_resume(tmp, layout=layout, manifest=manifest, sources=sources,
                                                    overwrite=True)
     done = writer.completed_shards() if resumed else set()
@@ -146,15 +194,16 @@ def _to_zarr(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
     for shard in range(layout.num_shards):
         lo, hi = layout.shard_rows_range(shard)
         if shard not in done:
-            data = _blocks(src, keys, lo, hi)
-            writer.write_shard(shard, latents=data["latents"], features={t: data[k] for k, t in keys.items()},
+            data = _blocks(src, layout, lo, hi)
+            writer.write_shard(shard, latents=data["latents"], features={t: data[f"features/{t}"] for t in layout.teachers},
+                               scales={t: data[f"{SCALES_GROUP}/{t}"] for t in layout.quantized_teachers},
                                labels=data["labels"], skipped=[s for s in skipped if lo <= s["row"] < hi])
         bar.update(hi - lo)
     writer.finalize(manifest.stats.to_dict() if manifest.stats is not None else {})
 
 
 def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             keys: Mapping[str, str], bar: tqdm, block: int, compression: str) -> None:
+             bar: tqdm, block: int, compression: str) -> None:
     from .h5cache import H5Writer
 
     if os.path.lexists(tmp):  # an HDF5 file is not safely resumable: start again
@@ -164,9 +213,7 @@ def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
     try:
         for lo in range(0, layout.num_rows, block):
             hi = min(lo + block, layout.num_rows)
-            data = _blocks(src, keys, lo, hi)
-            writer.write_block(lo, {"latents": data["latents"], "labels": data["labels"],
-                                    **{k: data[k] for k in keys}})
+            writer.write_block(lo, _blocks(src, layout, lo, hi))
             bar.update(hi - lo)
         writer.finish()
     finally:
@@ -174,10 +221,10 @@ def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
 
 
 def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             keys: Mapping[str, str], bar: tqdm, block: int, workers: int) -> None:
+             bar: tqdm, block: int, workers: int) -> None:
     """Stage the rows as raw .npy arrays block by block (resumable: one record per finished block), then
     let FFCV's writer make the .beton from them, then drop the stage."""
-    from .ffcvcache import write_ffcv
+    from .ffcvcache import array_dtypes, variant_shapes, write_ffcv
 
     stage = os.path.join(tmp, "stage")
     os.makedirs(stage, exist_ok=True)
@@ -192,21 +239,20 @@ def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
         os.makedirs(stage)
         with open(plan_path, "w") as f:
             json.dump(plan, f)
-    names = ["latents", *keys, "labels"]
+    names = layout.array_names()
     files = {name: os.path.join(stage, name.replace("/", "__") + ".npy") for name in names}
-    h = layout.resolution // 8
-    shapes = {"latents": (layout.variants, LATENT_CHANNELS, h, h), "labels": (),
-              **{k: (layout.variants, *layout.teachers[t]) for k, t in keys.items()}}
+    shapes = {**{k: (layout.variants, *s) for k, s in variant_shapes(layout).items()}, "labels": ()}
+    dtypes = {**array_dtypes(layout), "labels": np.dtype("<i4")}
     arrays = {}
     for name, path in files.items():
         mode = "r+" if os.path.exists(path) else "w+"
-        arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=np.int32 if name == "labels" else np.float16,
+        arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=dtypes[name],
                                                  shape=(layout.num_rows, *shapes[name]))
     for lo in range(0, layout.num_rows, block):
         hi = min(lo + block, layout.num_rows)
         marker = os.path.join(stage, f"block-{lo:012d}.done")
         if not os.path.exists(marker):
-            data = _blocks(src, keys, lo, hi)
+            data = _blocks(src, layout, lo, hi)
             for name in names:
                 arrays[name][lo:hi] = data[name]
                 arrays[name].flush()
@@ -217,7 +263,7 @@ def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
     beton = os.path.join(tmp, "data.beton")
     if os.path.exists(beton):
         os.remove(beton)
-    write_ffcv(tmp, stage={k: files[k] for k in ["latents", *keys]}, layout=layout, manifest=manifest,
+    write_ffcv(tmp, stage={k: files[k] for k in names if k != "labels"}, layout=layout, manifest=manifest,
                sources=sources, labels=labels, num_workers=workers)
     shutil.rmtree(stage)
 
@@ -229,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(0, None)
     try:
         convert(cfg.src, cfg.dst, format=cfg.format, teachers=[t for t in cfg.teachers.split(",") if t] or None,
-                block_rows=cfg.block_rows, compression=cfg.compression, workers=cfg.workers,
+                feature_dtype=cfg.feature_dtype, block_rows=cfg.block_rows, compression=cfg.compression, workers=cfg.workers,
                 overwrite=cfg.overwrite)
     except CacheError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,8 +10,11 @@ This module is the only code that knows this layout::
     <root>/labels.npy      (N,) int32; -1 marks a skipped source file
     <root>/data.beton      FFCV's file: one sample per (row, variant), sample ``row * F + variant``;
                            fields ``latents`` (8, h, w), ``f0``, ``f1``, ... (T, D) per teacher in the
-                           manifest's order, ``label``. float16 values are stored as their int16 bit
-                           patterns (FFCV's loader hangs on float16 fields) and viewed back.
+                           manifest's order, then ``s<i>`` float32 per-token scales for each int8
+                           teacher ``f<i>`` (stored (T, 1), read as (T,)), then ``label``. A teacher's tokens are float16 or int8 as the
+                           manifest's layout says. float16 values are stored as their int16 bit patterns
+                           (FFCV's loader hangs on float16 fields) and viewed back; int8 and float32
+                           are stored as they are.
 
 Skipped rows are stored too (zeros, label -1) so that row i stays source file i; the loader's order
 never visits them.
@@ -21,7 +24,8 @@ cache handling), fed the sample ids of this epoch's and this rank's positions in
 (``indices=``, ``order=OrderOption.SEQUENTIAL``, ``drop_last=False``, our batch size), so its batches
 are ours (:mod:`cache.loader`). FFCV trusts its file: on a truncated file it may hang or crash. So the
 .beton's size and header are checked against the record before FFCV sees the file, at open and before
-every epoch's loader; :meth:`FfcvCache.verify` checks the whole file's crc32c.
+every epoch's loader, and the header's field descriptors (name, dtype, shape) against the manifest's
+layout at open; :meth:`FfcvCache.verify` checks the whole file's crc32c.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest
+from .quant import SCALES_GROUP
 from .shardfile import checksum
 from .store import (
     FFCV_RECORD,
@@ -55,13 +60,39 @@ LABELS = "labels.npy"
 
 
 def field_names(layout: Layout) -> dict[str, str]:
-    """Array name -> FFCV field name (FFCV allows 16 bytes; teacher names are longer)."""
-    return {"latents": "latents", **{f"features/{t}": f"f{i}" for i, t in enumerate(layout.teachers)}}
+    """Array name -> FFCV field name (FFCV allows 16 bytes; teacher names are longer): 'latents', teacher
+    i's tokens 'f<i>', its scales 's<i>' (int8 teachers), in the order of the file."""
+    index = {t: i for i, t in enumerate(layout.teachers)}
+    return {"latents": "latents", **{f"features/{t}": f"f{i}" for t, i in index.items()},
+            **{f"{SCALES_GROUP}/{t}": f"s{index[t]}" for t in layout.quantized_teachers}}
 
 
 def variant_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The shape of one (row, variant) of every array: (8, h, w), tokens (T, D), scales (T,)."""
     h = layout.resolution // 8
-    return {"latents": (LATENT_CHANNELS, h, h), **{f"features/{t}": tuple(td) for t, td in layout.teachers.items()}}
+    return {"latents": (LATENT_CHANNELS, h, h), **{f"features/{t}": tuple(td) for t, td in layout.teachers.items()},
+            **{f"{SCALES_GROUP}/{t}": (layout.teachers[t][0],) for t in layout.quantized_teachers}}
+
+
+def array_dtypes(layout: Layout) -> dict[str, np.dtype]:
+    """The dtype of every array as read: latents float16, tokens float16 or int8 (the layout's), scales float32."""
+    out = {"latents": np.dtype("<f2")}
+    out.update({f"features/{t}": np.dtype("i1" if layout.quantized(t) else "<f2") for t in layout.teachers})
+    out.update({f"{SCALES_GROUP}/{t}": np.dtype("<f4") for t in layout.quantized_teachers})
+    return out
+
+
+def _field_dtype(dtype: np.dtype) -> np.dtype:
+    """How an array's values are stored in an FFCV field: float16 as its int16 bit patterns (FFCV's loader
+    hangs on float16 fields), int8 and float32 as they are."""
+    return np.dtype("<i2") if dtype == np.float16 else dtype
+
+
+def _field_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of an array's FFCV field: a 1-D array (scales (T,)) is stored as (T, 1), because FFCV's
+    decoder of 1-D fields leaves numba dispatchers whose finalizer fails ("Exception ignored ... KeyError")
+    when collected; read back in the array's own shape."""
+    return (*shape, 1) if len(shape) == 1 else tuple(shape)
 
 
 def file_checksum(path: str, block: int = 1 << 24) -> str:
@@ -90,24 +121,28 @@ class _Samples:
         if self.arrays is None:
             self.arrays = {k: np.load(p, mmap_mode="r") for k, p in self.stage.items()}
         row, v = divmod(int(j), self.layout.variants)
-        out = [np.ascontiguousarray(self.arrays[k][row, v]).view(np.int16) for k in field_names(self.layout)]
+        dtypes = array_dtypes(self.layout)
+        out = [np.ascontiguousarray(self.arrays[k][row, v], dtype=dtypes[k]).view(_field_dtype(dtypes[k]))
+               .reshape(_field_shape(self.arrays[k].shape[2:])) for k in field_names(self.layout)]
         return (*out, int(self.labels[row]))
 
 
 def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifest: Manifest,
                sources: list[dict[str, Any]], labels: np.ndarray, num_workers: int = 2) -> None:
     """Write an FFCV cache into ``folder`` (the caller's temporary name, which exists) from raw staged
-    arrays: ``stage`` maps 'latents' and 'features/<teacher>' to ``.npy`` files of shape (N, F, ...)
-    float16. The record ``ffcv.json`` is written last."""
+    arrays: ``stage`` maps every array but the labels ('latents', 'features/<teacher>', 'feature_scales/<teacher>'
+    for int8 teachers) to ``.npy`` files of shape (N, F, ...) in their stored dtype (:func:`array_dtypes`).
+    The record ``ffcv.json`` is written last."""
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
 
     names = field_names(layout)
     shapes = variant_shapes(layout)
-    fields: dict[str, Any] = {names[k]: NDArrayField(np.dtype("int16"), shapes[k]) for k in names}
+    dtypes = array_dtypes(layout)
+    fields: dict[str, Any] = {names[k]: NDArrayField(_field_dtype(dtypes[k]), _field_shape(shapes[k])) for k in names}
     fields["label"] = IntField()
     beton = os.path.join(folder, BETON)
-    largest = max(int(np.prod(s)) * 2 for s in shapes.values()) * (len(shapes) + 1)
+    largest = max(int(np.prod(shapes[k])) * dtypes[k].itemsize for k in names) * (len(shapes) + 1)
     page = 1 << 23
     while page < 2 * largest:
         page <<= 1
@@ -129,12 +164,43 @@ def _write_json(path: str, data: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _expected_fields(layout: Layout) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """FFCV field name -> (stored dtype, shape) of every field the manifest's layout implies, label last."""
+    shapes, dtypes = variant_shapes(layout), array_dtypes(layout)
+    out = {field: (_field_dtype(dtypes[k]).str, _field_shape(shapes[k])) for k, field in field_names(layout).items()}
+    out["label"] = ("int", ())
+    return out
+
+
+def _field_descriptors(descriptors: np.ndarray) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """The fields a .beton's header describes, as :func:`_expected_fields` spells them (None: unreadable)."""
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.types import TYPE_ID_HANDLER
+    from ffcv.utils import decode_null_terminated_string
+
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    try:
+        for desc in descriptors:
+            name = decode_null_terminated_string(desc["name"])
+            handler = TYPE_ID_HANDLER.get(int(desc["type_id"]))
+            if handler is IntField:
+                out[name] = ("int", ())
+            elif handler is NDArrayField:
+                field = NDArrayField.from_binary(desc["arguments"])
+                out[name] = (np.dtype(field.dtype).str, tuple(int(d) for d in field.shape))
+            else:
+                out[name] = (f"type {int(desc['type_id'])}", ())
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError, IndexError):
+        return None
+    return out
+
+
 class _BetonArray:
     """A read-only view of one array of an FFCV cache: ``shape``, ``dtype``, ``[rows]`` (an int, a slice or
     an index array along rows; each read runs one FFCV loader over the rows' samples)."""
 
-    def __init__(self, cache: FfcvCache, name: str, shape: tuple[int, ...]) -> None:
-        self.cache, self.name, self.shape, self.dtype = cache, name, shape, np.dtype(np.float16)
+    def __init__(self, cache: FfcvCache, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.cache, self.name, self.shape, self.dtype = cache, name, shape, dtype
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -144,7 +210,7 @@ class _BetonArray:
         scalar = np.ndim(rows) == 0
         rows = np.atleast_1d(rows).astype(np.int64)
         f = self.shape[1]
-        out = np.empty((len(rows), *self.shape[1:]), np.float16)
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         if len(rows):
             ids = (rows[:, None] * f + np.arange(f)[None, :]).reshape(-1)
             got = np.concatenate([b[self.name] for b in self.cache._run([self.name], ids, batch_size=len(ids))])
@@ -192,17 +258,20 @@ class FfcvCache(CacheReader):
             raise CacheError(f"{os.path.join(self.url, LABELS)} does not match the record (shape {labels.shape} or its "
                              f"checksum): the folder is damaged; {reconvert}")
         n, f = self.layout.num_rows, self.layout.variants
-        shapes = variant_shapes(self.layout)
-        self.latents = _BetonArray(self, "latents", (n, f, *shapes["latents"]))
-        self.features = {t: _BetonArray(self, f"features/{t}", (n, f, *shapes[f"features/{t}"]))
-                         for t in self.layout.teachers}
+        shapes, dtypes = variant_shapes(self.layout), array_dtypes(self.layout)
+        self.latents = _BetonArray(self, "latents", (n, f, *shapes["latents"]), dtypes["latents"])
+        self.features = {t: _BetonArray(self, f"features/{t}", (n, f, *shapes[f"features/{t}"]),
+                                        dtypes[f"features/{t}"]) for t in self.layout.teachers}
+        self.feature_scales = {t: _BetonArray(self, f"{SCALES_GROUP}/{t}", (n, f, *shapes[f"{SCALES_GROUP}/{t}"]),
+                                              dtypes[f"{SCALES_GROUP}/{t}"]) for t in self.layout.quantized_teachers}
         self._set_labels(labels.astype(np.int32))
         self._sources: list[dict[str, Any]] | None = None
 
     def _check_file(self) -> tuple[int, int, int]:
         """Before FFCV reads the .beton: its size is the recorded one, its header names the samples and
-        fields this cache has and its allocation table lies inside the file. Returns (inode, mtime, size)."""
-        from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+        fields this cache has (each field's name, dtype and shape those of the manifest's layout) and its
+        allocation table lies inside the file. Returns (inode, mtime, size)."""
+        from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType
 
         try:
             st = os.stat(self.beton)
@@ -211,14 +280,22 @@ class FfcvCache(CacheReader):
         if st.st_size != self.record.get("size"):
             raise CacheError(f"{self.beton} has {st.st_size} bytes, {self.record.get('size')} when it was written: the "
                              f"file is truncated or was replaced; {self._reconvert}")
+        num_fields = len(self.record["fields"]) + 1
         with open(self.beton, "rb") as fh:
             header = np.frombuffer(fh.read(HeaderType.itemsize), dtype=HeaderType)
+            descriptors = np.frombuffer(fh.read(FieldDescType.itemsize * num_fields), dtype=np.uint8)
         samples = self.layout.num_rows * self.layout.variants
         if (len(header) != 1 or int(header["num_samples"][0]) != samples
-                or int(header["num_fields"][0]) != len(self.record["fields"]) + 1
+                or int(header["num_fields"][0]) != num_fields
                 or int(header["alloc_table_ptr"][0]) + samples * ALLOC_TABLE_TYPE.itemsize > st.st_size):
             raise CacheError(f"{self.beton}: its header does not match the cache's manifest ({samples} samples, "
-                             f"{len(self.record['fields']) + 1} fields) or points outside the file; {self._reconvert}")
+                             f"{num_fields} fields) or points outside the file; {self._reconvert}")
+        got = (_field_descriptors(descriptors.view(FieldDescType))
+               if descriptors.size == FieldDescType.itemsize * num_fields else None)
+        want = _expected_fields(self.layout)
+        if got != want:
+            raise CacheError(f"{self.beton}: its fields {got} do not match the cache's manifest, which says {want} "
+                             f"(name: dtype, shape): the file does not match its manifest; {self._reconvert}")
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def check_unchanged(self) -> None:
@@ -256,8 +333,8 @@ class FfcvCache(CacheReader):
 
     def _run(self, keys: Sequence[str], ids: np.ndarray, *, batch_size: int, num_workers: int = 1,
              prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-        """FFCV's loader over samples ``ids`` in this order, ``batch_size`` at a time: dicts key ->
-        float16 views of FFCV's buffers (valid until the next batch)."""
+        """FFCV's loader over samples ``ids`` in this order, ``batch_size`` at a time: dicts key -> views
+        of FFCV's buffers in the arrays' dtypes (:func:`array_dtypes`; valid until the next batch)."""
         import numba
         from ffcv.fields.decoders import NDArrayDecoder
         from ffcv.loader import Loader, OrderOption
@@ -273,11 +350,12 @@ class FfcvCache(CacheReader):
                         indices=np.asarray(ids, dtype=np.int64), drop_last=False, os_cache=True,
                         batches_ahead=max(1, prefetch), pipelines=pipelines)
         fields_in_order = [field for field in names.values() if field in wanted]  # FFCV yields the file's order
+        dtypes, shapes = array_dtypes(self.layout), variant_shapes(self.layout)
         it = iter(loader)
         try:
             for out in it:
-                yield {wanted[field]: np.asarray(arr).view(np.float16) for field, arr in zip(fields_in_order, out,
-                                                                                             strict=True)}
+                yield {wanted[field]: np.asarray(arr).view(dtypes[wanted[field]]).reshape(len(arr), *shapes[wanted[field]])
+                       for field, arr in zip(fields_in_order, out, strict=True)}
         finally:
             it.close()
 
@@ -287,8 +365,9 @@ class _FfcvSource:
 
     def __init__(self, cache: FfcvCache, keys: list[str], *, num_workers: int, prefetch: int) -> None:
         self.cache, self.keys, self.num_workers, self.prefetch = cache, keys, num_workers, prefetch
-        shapes = variant_shapes(cache.layout)
+        shapes, dtypes = variant_shapes(cache.layout), array_dtypes(cache.layout)
         self.variant_shapes = {k: shapes[k] for k in keys}
+        self.variant_dtypes = {k: dtypes[k] for k in keys}
 
     def batches(self, order: np.ndarray, variants: np.ndarray,
                 batches: Sequence[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:

@@ -2,14 +2,16 @@
 
 This module is the only code that knows this layout::
 
-    /latents              (N, F, 8, R/8, R/8) float16, contiguous, uncompressed (or chunked + gzip)
-    /features/<teacher>   (N, F, T, D) float16
-    /labels               (N,) int32; -1 marks a skipped source file (its row holds zeros)
-    /sources_json         uint8: the build's source list as JSON (relative path and size per row)
-    attrs["urepa_cache"]  the build manifest, verbatim, as a JSON string
-    attrs["urepa_hdf5"]   this format's record (JSON): version, block_rows, and the crc32c of every
-                          block of ``block_rows`` rows of every dataset (and of the source list),
-                          written last, so :meth:`H5Cache.verify` finds a flipped byte anywhere
+    /latents                  (N, F, 8, R/8, R/8) float16, contiguous, uncompressed (or chunked + gzip)
+    /features/<teacher>       (N, F, T, D) float16, or int8 for a teacher the layout stores as int8
+    /feature_scales/<teacher> (N, F, T) float32: one scale per token, int8 teachers only (cache.quant)
+    /labels                   (N,) int32; -1 marks a skipped source file (its row holds zeros)
+    /sources_json             uint8: the build's source list as JSON (relative path and size per row)
+    attrs["urepa_cache"]      the build manifest, verbatim, as a JSON string (its layout names each
+                              teacher's stored dtype; the datasets must match it)
+    attrs["urepa_hdf5"]       this format's record (JSON): version, block_rows, and the crc32c of every
+                              block of ``block_rows`` rows of every dataset (and of the source list),
+                              written last, so :meth:`H5Cache.verify` finds a flipped byte anywhere
 
 The same rows as the zarr cache it was converted from (``python -m cache.convert``), so row i is
 source file i. REPA-E stores its SD-VAE moments in one such file.
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest
+from .quant import SCALES_GROUP
 from .shardfile import ENV_LIBRARY_IO, checksum, library_io_forced
 from .store import LATENT_CHANNELS, MANIFEST_KEY, CacheError, CacheReader, Layout, reader_manifest
 
@@ -54,21 +57,27 @@ def _h5py() -> Any:
     return h5py
 
 
-def array_names(layout: Layout) -> list[str]:
-    return ["latents", *(f"features/{t}" for t in layout.teachers), "labels"]
-
-
 def row_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
-    """The shape of one row of every dataset: (F, 8, h, w), (F, T, D), ()."""
+    """The shape of one row of every dataset (:meth:`Layout.array_names`): (F, 8, h, w), (F, T, D),
+    scales (F, T), labels ()."""
     h = layout.resolution // 8
     out: dict[str, tuple[int, ...]] = {"latents": (layout.variants, LATENT_CHANNELS, h, h)}
     out.update({f"features/{t}": (layout.variants, *td) for t, td in layout.teachers.items()})
+    out.update({f"{SCALES_GROUP}/{t}": (layout.variants, layout.teachers[t][0]) for t in layout.quantized_teachers})
     out["labels"] = ()
-    return out
+    return {name: out[name] for name in layout.array_names()}
 
 
-def _dtype(name: str) -> np.dtype:
-    return np.dtype("<i4") if name == "labels" else np.dtype("<f2")
+def dataset_dtype(layout: Layout, name: str) -> np.dtype:
+    """The stored dtype of dataset ``name``: labels int32, scales float32, a teacher's tokens as its layout
+    says (float16 or int8), latents float16; little-endian."""
+    if name == "labels":
+        return np.dtype("<i4")
+    if name.startswith(SCALES_GROUP + "/"):
+        return np.dtype("<f4")
+    if name.startswith("features/") and layout.quantized(name.removeprefix("features/")):
+        return np.dtype("i1")
+    return np.dtype("<f2")
 
 
 class H5Writer:
@@ -81,23 +90,27 @@ class H5Writer:
         h5py = _h5py()
         self.path, self.layout, self.block_rows = path, layout, block_rows
         self.file = h5py.File(path, "w", libver="latest")  # dense attributes: a manifest may exceed 64 KiB
-        self.sums: dict[str, list[str]] = {name: [] for name in array_names(layout)}
+        self.sums: dict[str, list[str]] = {name: [] for name in layout.array_names()}
         for name, shape in row_shapes(layout).items():
             kw: dict[str, Any] = {}
             if compression is not None:
                 kw = dict(chunks=(min(block_rows, layout.num_rows), *shape), compression=compression)
-            self.file.create_dataset(name, shape=(layout.num_rows, *shape), dtype=_dtype(name), **kw)
+            self.file.create_dataset(name, shape=(layout.num_rows, *shape), dtype=dataset_dtype(layout, name), **kw)
         raw = json.dumps(list(sources)).encode()
         self.file.create_dataset(SOURCES, data=np.frombuffer(raw, dtype=np.uint8))
         self.sources_sum = checksum(raw)
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest.to_dict())
 
     def write_block(self, lo: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Rows ``lo .. lo + block_rows`` (fewer for the last block) of every dataset."""
+        """Rows ``lo .. lo + block_rows`` (fewer for the last block) of every dataset, each in its stored
+        dtype (int8 tokens with their float32 scales, never float tokens to be quantised here)."""
         if lo % self.block_rows:
             raise ValueError(f"block at row {lo} is not aligned to {self.block_rows} rows")
-        for name in array_names(self.layout):
-            data = np.ascontiguousarray(arrays[name], dtype=_dtype(name))
+        for name in self.layout.array_names():
+            want = dataset_dtype(self.layout, name)
+            if np.dtype(arrays[name].dtype).kind != want.kind or np.dtype(arrays[name].dtype).itemsize != want.itemsize:
+                raise CacheError(f"{self.path}: rows of '{name}' given as {arrays[name].dtype}, stored as {want}")
+            data = np.ascontiguousarray(arrays[name], dtype=want)
             self.file[name][lo:lo + len(data)] = data
             self.sums[name].append(checksum(data))
 
@@ -166,9 +179,10 @@ class H5Cache(CacheReader):
                 if name not in f or not isinstance(f[name], h5py.Dataset):
                     raise CacheError(f"{self.url} lacks the dataset '{name}' its manifest names; {reconvert}")
                 ds = f[name]
-                if ds.shape != want or ds.dtype.kind != _dtype(name).kind or ds.dtype.itemsize != _dtype(name).itemsize:
+                dtype = dataset_dtype(self.layout, name)
+                if ds.shape != want or ds.dtype.kind != dtype.kind or ds.dtype.itemsize != dtype.itemsize:
                     raise CacheError(f"{self.url}: dataset '{name}' is {ds.shape} {ds.dtype}, its manifest says "
-                                     f"{want} {_dtype(name)}: the file does not match its manifest; {reconvert}")
+                                     f"{want} {dtype}: the file does not match its manifest; {reconvert}")
                 shapes[name] = (want, ds.dtype)
                 self._offsets[name], self._why_not_direct[name] = _direct_offset(ds, self._stat[2])
             try:
@@ -177,6 +191,8 @@ class H5Cache(CacheReader):
                 raise CacheError(f"{self.url}: the labels cannot be read ({e}): the file is damaged; {reconvert}") from None
         self.latents = _H5Array(self.url, "latents", *shapes["latents"])
         self.features = {t: _H5Array(self.url, f"features/{t}", *shapes[f"features/{t}"]) for t in self.layout.teachers}
+        self.feature_scales = {t: _H5Array(self.url, f"{SCALES_GROUP}/{t}", *shapes[f"{SCALES_GROUP}/{t}"])
+                               for t in self.layout.quantized_teachers}
         self._set_labels(labels.astype(np.int32))
         self._sources: list[dict[str, Any]] | None = None
 
@@ -201,7 +217,7 @@ class H5Cache(CacheReader):
 
     def nbytes_stored(self) -> dict[str, int]:
         with _h5py().File(self.url, "r") as f:
-            return {name: int(f[name].id.get_storage_size()) for name in array_names(self.layout)}
+            return {name: int(f[name].id.get_storage_size()) for name in self.layout.array_names()}
 
     def verify(self) -> list[str]:
         """Every block of every dataset (and the source list) against the crc32c recorded at conversion."""
@@ -210,7 +226,7 @@ class H5Cache(CacheReader):
         sums = self.record.get("checksums", {})
         try:
             with _h5py().File(self.url, "r") as f:
-                for name in array_names(self.layout):
+                for name in self.layout.array_names():
                     recorded = sums.get(name, [])
                     for k, lo in enumerate(range(0, self.layout.num_rows, block)):
                         got = checksum(np.ascontiguousarray(f[name][lo:lo + block]))

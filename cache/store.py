@@ -958,9 +958,11 @@ class CacheReader(abc.ABC):
     :class:`cache.ffcvcache.FfcvCache`); each sets the attributes below in its constructor.
 
     Rows reach :class:`cache.loader.CacheLoader` one of two ways: a format that reads rows itself defines
-    ``row_reader(name)`` (a reader of single rows of 'latents' or 'features/<teacher>' into batches:
-    ``read(rows, variants, out)``, ``direct``, ``variant_shape``, ``close()``); a format whose own loader
-    assembles whole batches (FFCV) defines ``batch_source(keys, num_workers=, prefetch=)`` instead.
+    ``row_reader(name)`` (a reader of single rows of 'latents', 'features/<teacher>' or
+    'feature_scales/<teacher>' into batches: ``read(rows, variants, out)``, ``direct``, ``variant_shape``,
+    ``dtype``, ``close()``); a format whose own loader assembles whole batches (FFCV) defines
+    ``batch_source(keys, num_workers=, prefetch=)`` instead (``batches(...)``, ``variant_shapes``,
+    ``variant_dtypes``, ``close()``).
 
     Attributes:
         url: where the cache is; root: its local folder or file (None for remote stores).
