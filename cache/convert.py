@@ -41,7 +41,7 @@ from .config import ConfigError, check_fields, parse_config
 from .manifest import Manifest, ManifestError
 from .quant import FEATURE_DTYPES, SCALES_GROUP, STORED_DTYPES, dequantize_tokens, quantize_tokens
 from .runtime import setup_logging
-from .store import FORMATS, CacheError, CacheReader, CacheWriter, Layout, open_cache
+from .store import ADDING_KEY, FORMATS, CacheError, CacheReader, CacheWriter, Layout, open_cache
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -88,9 +88,11 @@ def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = 
     changes a manifest. A teacher whose dtype changes gets ``dtype`` and ``converted_from`` in its record."""
     dtypes = target_dtypes(src, teachers, feature_dtype)
     changed = {t: src.layout.feature_dtype(t) for t in teachers if dtypes[t] != src.layout.feature_dtype(t)}
-    if teachers == list(src.layout.teachers) and not changed:
+    pending = ADDING_KEY in src.manifest.extra  # a teacher being added to the source: not part of the copy
+    if teachers == list(src.layout.teachers) and not changed and not pending:
         return src.manifest, src.layout
     manifest = src.manifest.to_dict()
+    manifest.pop(ADDING_KEY, None)
     lay = src.layout
     layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
                     teachers={t: lay.teachers[t] for t in teachers}, shard_rows=lay.shard_rows,

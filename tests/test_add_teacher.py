@@ -151,6 +151,11 @@ def test_an_unfinished_addition_can_be_dropped(tmp_path):
         tmp_path / "c.zarr", layout=cache.Layout.from_dict(m["layout"]), manifest=m, sources=c.sources())
     assert resumed and again.completed_shards() == {0}
     assert cache.open_cache(tmp_path / "c.zarr").layout.teachers.keys() == TEACHERS.keys()
+    from cache.convert import convert
+
+    convert(tmp_path / "c.zarr", tmp_path / "copy.h5", format="hdf5")  # a copy leaves the unfinished addition out
+    copy = cache.open_cache(tmp_path / "copy.h5")
+    assert "adding" not in copy.manifest.extra and copy.layout.teachers.keys() == TEACHERS.keys()
     edit(tmp_path / "c.zarr", "--drop-teacher", "t_c")
     assert not (tmp_path / "c.zarr" / "features" / "t_c").exists() and not (tmp_path / "c.zarr" / "build" / "adding").exists() \
         or not os.listdir(tmp_path / "c.zarr" / "build" / "adding")
