@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from zarr.core.sync import sync
 
-from .quant import SCALES_GROUP, dequantize_tokens
+from .quant import SCALES_GROUP
 from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
 
 if TYPE_CHECKING:
@@ -249,11 +249,17 @@ _TORCH_DTYPES = {np.dtype(np.float16).str: torch.float16, np.dtype(np.int8).str:
                  np.dtype(np.float32).str: torch.float32}
 
 
+_DEQUANT_BLOCK = 1 << 20  # values per step of dequantize_into: its float32 temporary (4 MB) stays in cache
+
+
 def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
-    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...), in float32 then rounded once
-    (:func:`cache.quant.dequantize_tokens`)."""
-    out[...] = dequantize_tokens(torch.from_numpy(np.asarray(values)), torch.from_numpy(np.asarray(scales)),
-                                 torch.float16).numpy()
+    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...), in float32 then rounded once:
+    :func:`cache.quant.dequantize_tokens`'s values, computed a few rows at a time so that no batch-sized
+    float32 temporary is made (which would make it memory-bound and several times slower)."""
+    q, s, o = (torch.from_numpy(np.asarray(a)) for a in (values, scales, out))
+    step = max(1, _DEQUANT_BLOCK // max(1, q[0].numel() if len(q) else 1))
+    for i in range(0, len(q), step):
+        torch.mul(q[i:i + step].to(torch.float32), s[i:i + step].unsqueeze(-1), out=o[i:i + step])
 
 
 def _read_dequantized(values: Any, scales: Any, rows: np.ndarray, variants: np.ndarray, q: np.ndarray, sc: np.ndarray,
