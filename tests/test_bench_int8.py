@@ -115,3 +115,17 @@ def test_the_whole_bench_on_tiny_shapes(tmp_path, capsys):
     assert set(report["loader"]["variants"]) == {"fp16", "int8", "int8 dequantize"}
     assert 0.5 < report["loader"]["bytes_on_disk"]["features_ratio"] < 0.7  # zarr.json weighs in at 8 x 32
     assert "| absmax |" in capsys.readouterr().out
+
+
+def test_bench_train_reads_an_int8_cache(tmp_path):
+    """tools.bench.train --feature-dtypes int8: the loop reads int8 values and scales, the in-memory step
+    holds them resident, and both run the trainer's step (which dequantises)."""
+    from tools.bench import train
+
+    assert train.main(["--out", str(tmp_path), "--models", "tiny", "--batch-sizes", "4", "--feature-dtypes", "fp16",
+                       "int8", "--steps", "1", "--warmup", "1", "--rounds", "1", "--resolution", "64",
+                       "--skip-online", "--device", "cpu", "--loader-workers", "1"]) == 0
+    rows = json.loads((tmp_path / "bench_train.json").read_text())["results"]
+    assert [(r["feature_dtype"], r["tokens_read_as"]) for r in rows] == [("fp16", "float16"), ("int8", "int8")]
+    assert all(r["loop_img_s"] > 0 and r["limit_img_s"] > 0 for r in rows)
+    assert not list(tmp_path.glob("train-cache-*"))  # the synthetic caches are removed
