@@ -92,7 +92,7 @@ class BenchInt8Config:
     noise: float = field(default=0.1, metadata={
         "help": "synthetic: isotropic noise std per channel (the signal's is 1)", "min": 0.0})
     outliers: int = field(default=4, metadata={"help": "synthetic: number of outlier channels", "min": 0})
-    outlier_scales: tuple[float, ...] = field(default=(0.0, 10.0, 20.0, 50.0), metadata={
+    outlier_scales: tuple[float, ...] = field(default=(0.0, 5.0, 10.0, 20.0, 50.0), metadata={
         "help": "synthetic: magnitude of the outlier channels in signal stds, one set each"})
     outlier_jitter: float = field(default=0.25, metadata={
         "help": "synthetic: relative spread of an outlier channel around its fixed sign and magnitude", "min": 0.0})
@@ -408,8 +408,9 @@ def bench_teacher(bc: BenchInt8Config, out: Path) -> dict[str, Any]:
     for dtype in ("fp16", "int8"):
         cfg = BuildConfig(source=str(images), out=str(out / f"int8-teacher-{dtype}.zarr"), resolution=bc.resolution,
                           vae="tiny", teacher=bc.teacher, precision=bc.precision, batch_size=bc.build_batch,
-                          workers=bc.build_workers, device=bc.device, limit=bc.images, shard_rows=64,
-                          chunk_rows=16, feature_dtype=dtype, overwrite=True)
+                          workers=bc.build_workers, device=bc.device, limit=bc.images,
+                          shard_rows=16 * -(-max(64, bc.build_batch) // 16), chunk_rows=16, feature_dtype=dtype,
+                          overwrite=True)
         t = time.perf_counter()
         build(cfg)
         walls[dtype] = time.perf_counter() - t
