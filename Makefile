@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -94,6 +94,9 @@ bench-train: setup ## training step: loop from the cache vs in-memory limit vs o
 
 bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Inception throughput
 	$(PY) -m tools.bench.sample $(ARGS)
+
+bench-int8: setup ## int8 teacher tokens vs fp16: cosine, loss error, bytes, loader speed; ImageNet storage table
+	$(PY) -m tools.bench.int8 $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
 # Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.

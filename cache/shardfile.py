@@ -47,6 +47,7 @@ __all__ = [
     "decode_index",
     "write_shard_file",
     "checksum",
+    "shard_index_nbytes",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ ENV_IO = "UREPA_ZARR_IO"  # "zarr": every array through zarr's own reads and wri
 ENV_LIBRARY_IO = "UREPA_IO"  # "library": every format through its library's own I/O (zarr, h5py)
 EMPTY_CHUNK = 0xFFFFFFFFFFFFFFFF  # index entry (offset and nbytes) of a chunk that is not stored
 CHECKSUM_NBYTES = 4  # the crc32c after the index
+
+
+def shard_index_nbytes(chunks_per_shard: int) -> int:
+    """Bytes of a shard's index and its checksum: one (offset, nbytes) uint64 pair per inner chunk, then
+    the crc32c."""
+    return chunks_per_shard * 16 + CHECKSUM_NBYTES
 
 
 class ShardIndexError(ValueError):
@@ -123,7 +130,7 @@ class ShardFormat:
     @property
     def index_nbytes(self) -> int:
         """Bytes of the index and its checksum at the end of every shard file."""
-        return self.chunks_per_shard * 16 + CHECKSUM_NBYTES
+        return shard_index_nbytes(self.chunks_per_shard)
 
     def shard_key(self, shard: int) -> str:
         """The shard's object key inside the array's folder (e.g. ``c/3/0/0/0``)."""

@@ -64,6 +64,7 @@ from .shardfile import (
     decode_index,
     direct_format,
     log_io_choice,
+    shard_index_nbytes,
     shard_key,
     write_shard_file,
 )
@@ -165,6 +166,33 @@ class Layout:
         (int8 teachers), 'labels'."""
         return ["latents", *(f"features/{k}" for k in self.teachers),
                 *(f"{SCALES_GROUP}/{k}" for k in self.quantized_teachers), "labels"]
+
+    def row_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """(shape of one row, dtype) of every array of :meth:`array_names`."""
+        h = self.resolution // 8
+        return {"latents": ((self.variants, LATENT_CHANNELS, h, h), "float16"),
+                **{f"features/{k}": ((self.variants, *self.teachers[k]), self.feature_dtype(k)) for k in self.teachers},
+                **{f"{SCALES_GROUP}/{k}": ((self.variants, self.teachers[k][0]), "float32")
+                   for k in self.quantized_teachers},
+                "labels": ((), "int32")}
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of each array's objects in an uncompressed cache of this layout (zarr's ``zarr.json``
+        documents aside): per sharded array the inner chunks that hold rows (the last one padded to
+        ``chunk_rows``) plus every shard's index; for ``labels`` one chunk of ``shard_rows`` per shard.
+        Measured against a written cache in tests/test_store.py."""
+        if self.compressor != "none":
+            raise CacheError(f"nbytes: the size of a {self.compressor}-compressed cache depends on its data")
+        out = {}
+        chunks = -(-self.num_rows // self.chunk_rows)
+        for name, (shape, dtype) in self.row_shapes().items():
+            row = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if name == "labels":
+                out[name] = self.num_shards * self.shard_rows * row
+            else:
+                out[name] = (chunks * self.chunk_rows * row
+                             + self.num_shards * shard_index_nbytes(self.shard_rows // self.chunk_rows))
+        return out
 
     @property
     def num_shards(self) -> int:

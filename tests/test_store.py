@@ -49,6 +49,35 @@ def test_layout_validation():
         Layout(num_rows=10, resolution=16, variants=1, teachers={"a/b": (1, 1)})
 
 
+@pytest.mark.parametrize("rows, variants", [(38, 2), (48, 1)])
+def test_layout_nbytes_is_what_a_written_cache_stores(tmp_path, rows, variants):
+    """Layout.nbytes (the storage tables of README and tools/bench/int8.py) against the files a written cache
+    holds: a partial last shard and chunk (38 rows), an int8 teacher with its scales and a float16 one."""
+    import os
+
+    layout = Layout(num_rows=rows, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16,
+                    chunk_rows=4, feature_dtypes={"t_a": "int8"})
+    writer, _ = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, sources=[], manifest={
+        "classes": ["c0"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}})
+    rng = np.random.default_rng(0)
+    for s in range(layout.num_shards):
+        lo, hi = layout.shard_rows_range(s)
+        n = hi - lo
+        writer.write_shard(s, latents=np.ones((n, variants, 8, 2, 2), np.float16), labels=np.zeros(n, np.int32),
+                           features={k: rng.standard_normal((n, variants, t, d)).astype(np.float32)
+                                     for k, (t, d) in TEACHERS.items()})
+    writer.finalize({})
+    on_disk = {}
+    for name in layout.array_names():
+        folder = tmp_path / "c.zarr" / name
+        on_disk[name] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs
+                            if f != "zarr.json")
+    assert layout.nbytes() == on_disk
+    assert set(layout.row_shapes()) == set(layout.array_names())
+    with pytest.raises(CacheError, match="compressed"):
+        Layout(num_rows=4, resolution=16, variants=1, teachers=TEACHERS, compressor="zstd").nbytes()
+
+
 def test_interrupted_creation_is_finished(tmp_path, monkeypatch):
     """A creation killed before the manifest was written leaves its identity marker and a bare group; the
     rerun recognises it by the marker and recreates it."""

@@ -34,7 +34,7 @@ import torch
 
 from cache import CacheWriter, Layout, open_cache
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import resolve_device
+from cache.runtime import autocast_dtype, resolve_device
 from pipeline.build import BuildConfig, Encoders, build, load_encoders
 
 
@@ -130,7 +130,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def forward_only(cfg: BuildConfig, device: torch.device, iters: int) -> tuple[float, Encoders]:
     """img/s of the encoders alone on a device-resident uint8 batch (no decode, no copies, no writes)."""
     _, vae, teachers, _ = load_encoders(cfg)
-    enc = Encoders(vae, teachers, flip=False, bf16=cfg.precision == "bf16").to(device).eval()
+    enc = Encoders(vae, teachers, flip=False, autocast=autocast_dtype(cfg.precision)).to(device).eval()
     if cfg.compile:
         enc.compile()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -207,10 +207,12 @@ def bench_build(bc: BenchConfig, out: Path) -> list[dict[str, Any]]:
 
 
 def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: int = 256, chunk_rows: int = 16,
-                    *, resolution: int = 256, teacher: str = "dinov2_b", classes: int = 10) -> None:
-    """A cache of random moments and tokens with the shapes of a real one (for speed measurements)."""
+                    *, resolution: int = 256, teacher: str = "dinov2_b", classes: int = 10,
+                    feature_dtype: str = "float16") -> None:
+    """A cache of random moments and tokens with the shapes of a real one (for speed measurements); with
+    ``feature_dtype="int8"`` the same tokens stored as int8 with their scales (quantised by the writer)."""
     layout = Layout(num_rows=rows, resolution=resolution, variants=1, teachers={teacher: (tokens, dim)},
-                    shard_rows=shard_rows, chunk_rows=chunk_rows)
+                    shard_rows=shard_rows, chunk_rows=chunk_rows, feature_dtypes={teacher: feature_dtype})
     manifest = {"classes": [str(i) for i in range(classes)], "source": {"fingerprint": "synthetic"},
                 "vae": {"random_weights": True}, "teachers": {teacher: {"random_weights": True}},
                 "preprocessing": {"resolution": resolution}}

@@ -7,7 +7,11 @@
 #   all (default): suite, then train
 #   suite:  the WHOLE pytest suite (CUDA tests included), summary in $OUT/pytest.txt, JUnit in $OUT/pytest.xml
 #   train:  `tools.bench.train --preset gpu`, compiled (SiT-down-B at 256 and -XL at 64: loop from the cache
-#           vs in-memory step vs online teacher), within COMPILE_BUDGET seconds; EAGER=1 adds the eager run
+#           vs in-memory step vs online teacher), within COMPILE_BUDGET seconds; EAGER=1 adds the eager run;
+#           then SiT-down-B at 256, compiled, from an fp16 and from an int8 cache (each loop vs its in-memory
+#           step; int8 dequantised inside the step), within INT8_BUDGET seconds (train_int8.json)
+#   int8:   `tools.bench.int8 --preset gpu` (int8 vs fp16 tokens of DINOv2-B with random weights built on the GPU,
+#           synthetic sets, loader speed of both caches), within INT8_BUDGET seconds
 #   sample: `tools.bench.sample --preset gpu` (SiT-down-XL at 256, 25 SDE steps with CFG, decoder, Inception)
 #   cache:  `tools.bench.cache --preset gpu` (build vs forward-only, loader vs raw reads), eager then compiled
 # Everything lands in $OUT (default bench-out): logs, JSON, versions.txt. Copy the JSON to docs/bench/.
@@ -47,6 +51,16 @@ run_train() {
   timeout ${COMPILE_BUDGET:-360} python3 -m tools.bench.train --preset gpu --compile-modes on ${BENCH_ARGS:-} \
     --out /tmp/bench 2>&1 | tee "$OUT/train_compile.log" | tail -6
   cp /tmp/bench/bench_train.json "$OUT/train_compile.json" 2>/dev/null
+  timeout ${INT8_BUDGET:-300} python3 -m tools.bench.train --preset gpu --models sitdown-b --batch-sizes 256 \
+    --compile-modes on --feature-dtypes fp16 int8 --skip-online ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+    | tee "$OUT/train_int8.log" | tail -5
+  cp /tmp/bench/bench_train.json "$OUT/train_int8.json" 2>/dev/null
+}
+
+run_int8() {
+  timeout ${INT8_BUDGET:-300} python3 -m tools.bench.int8 --preset gpu ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+    | grep -v 'img/s]' | tee "$OUT/int8.log" | tail -60
+  cp /tmp/bench/bench_int8.json "$OUT/bench_int8.json" 2>/dev/null
 }
 
 run_sample() {
@@ -70,6 +84,7 @@ case "$WHAT" in
   train) run_train ;;
   sample) run_sample ;;
   cache) run_cache ;;
-  *) echo "WHAT must be all, suite, train, sample or cache" >&2; exit 2 ;;
+  int8) run_int8 ;;
+  *) echo "WHAT must be all, suite, train, sample, cache or int8" >&2; exit 2 ;;
 esac
 exit 0

@@ -1,7 +1,7 @@
 """Benchmark the training step: from the cache, against its in-memory limit and an online teacher.
 
     python -m tools.bench.train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
-        [--compile-modes off,on] [--steps 5] [--warmup 2]
+        [--compile-modes off,on] [--feature-dtypes fp16 int8] [--steps 5] [--warmup 2]
 
 For each model, batch size and compile setting, three ways to run the same training step
 (``trainer.train.Trainer.train_step``, U-REPA losses, AdamW, EMA):
@@ -11,6 +11,11 @@ For each model, batch size and compile setting, three ways to run the same train
 (b) limit  the same step on device-resident in-memory tensors (no reads, no copies);
 (c) online what REPA-style training must do: the SD-VAE encoder and DINOv2 run on the step's
            images (device-resident uint8, so decoding is not even counted) before the same step.
+
+``--feature-dtypes fp16 int8`` measures each storage of the teacher tokens: with int8, (a) reads int8
+values and their float32 scales and (b) holds them resident, and the step dequantises them on the device
+(``Trainer.losses``), so (a)/(b) is the loop from an int8 cache against the in-memory int8 step; (c)
+is the same either way (its teacher's tokens are fresh) and runs with fp16 only.
 
 The three take turns in blocks of consecutive steps (see ``timed``), each reports its median. Prints ms/step, img/s and
 peak memory (GPU; the resident set on CPU) for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
@@ -34,7 +39,8 @@ import torch
 
 from cache import open_cache
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import make_accelerator
+from cache.quant import STORED_DTYPES
+from cache.runtime import autocast_dtype, make_accelerator
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
 from tools.bench.cache import machine_info, sync, synthetic_cache
@@ -64,6 +70,9 @@ class BenchTrainConfig:
         "help": "online and cached teacher spec per model (same order), or one for all; default: tiny for "
                 "the tiny model, else DINOv2-B with random weights"})
     loader_workers: int = field(default=4, metadata={"help": "cache reader threads"})
+    feature_dtypes: tuple[Literal["fp16", "int8"], ...] = field(default=("fp16",), metadata={
+        "help": "teacher token storage of the synthetic cache, each measured: fp16, int8 (values and scales, "
+                "dequantised inside the step) or both"})
     skip_online: bool = field(default=False, metadata={"help": "skip (c)"})
 
     def __post_init__(self) -> None:
@@ -143,17 +152,21 @@ def timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict[
     return out
 
 
+def cache_path(out: Path, model: str, feature_dtype: str) -> Path:
+    return out / f"train-cache-{model}-{feature_dtype}.zarr"
+
+
 def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, device: torch.device,
-              out: Path) -> dict[str, Any]:
+              out: Path, feature_dtype: str = "fp16") -> dict[str, Any]:
     model, batch = bc.model_list[i], int(bc.per_model("batch_sizes", i))
     vae_spec, teacher_spec = bc.per_model("vae", i), bc.per_model("teacher", i)
     teacher = load_teacher(teacher_spec, resolution=bc.resolution)
     tokens, dim = teacher.info["tokens"], teacher.info["dim"]
-    path = out / f"train-cache-{model}.zarr"
+    path = cache_path(out, model, feature_dtype)
     rows = batch * (bc.warmup + bc.rounds * (bc.steps + 1) + 2)
     if not path.exists():
         synthetic_cache(path, rows, tokens, dim, shard_rows=64, chunk_rows=16, resolution=bc.resolution,
-                        teacher="teacher", classes=1000)
+                        teacher="teacher", classes=1000, feature_dtype=STORED_DTYPES[feature_dtype])
     c = open_cache(path)
     cfg = TrainConfig(cache=str(path), out=str(out / "unused"), model=model, batch_size=batch,
                       steps=bc.steps + bc.warmup, precision=bc.precision, compile=compiled,
@@ -161,6 +174,7 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
     trainer = Trainer(cfg, c, accelerator, device)
     steps_per_epoch = len(c) // batch
     row: dict[str, Any] = {"model": model, "batch_size": batch, "compile": compiled, "precision": bc.precision,
+                           "feature_dtype": feature_dtype,
                            "params_M": round(sum(p.numel() for p in trainer.params) / 1e6, 2)}
 
     # (a) the full loop from the cache
@@ -168,16 +182,18 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
                          teachers=trainer.teachers_read)
     fns = {"loop": lambda k: trainer.train_step(next(data)[1], k)}
 
-    # (b) the limit: the same step on device-resident tensors
+    # (b) the limit: the same step on device-resident tensors (int8: values and scales, as the loop gets them)
     first = next(iter(c.loader(batch, num_workers=bc.loader_workers)))
     resident = [{"latents": first["latents"].to(device), "labels": first["labels"].to(device),
-                 "features": {k: v.to(device) for k, v in first["features"].items()}}]
+                 "features": {k: v.to(device) for k, v in first["features"].items()},
+                 "feature_scales": {k: v.to(device) for k, v in first["feature_scales"].items()}}]
     fns["limit"] = lambda k: trainer.train_step(resident, k)
+    row["tokens_read_as"] = str(first["features"]["teacher"].dtype).removeprefix("torch.")
 
     # (c) online teacher: encode the step's images first, as REPA-style training must
-    if not bc.skip_online:
+    if not bc.skip_online and feature_dtype == "fp16":
         vae = load_vae(vae_spec)
-        enc = Encoders(vae.module, {"teacher": teacher.module}, flip=False, bf16=bc.precision == "bf16")
+        enc = Encoders(vae.module, {"teacher": teacher.module}, flip=False, autocast=autocast_dtype(bc.precision))
         enc = enc.to(device).eval()
         if compiled:
             enc.compile()
@@ -217,23 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i in range(len(bc.model_list)):
         for mode in bc.compile_modes.split(","):
-            rows.append(bench_one(bc, i, mode == "on", accelerator, device, out))
-            r = rows[-1]
-            print(f"{r['model']:11s} batch {r['batch_size']:4d} compile={mode:3s}: loop {r['loop_s'] * 1e3:9.1f} ms, "
-                  f"limit {r['limit_s'] * 1e3:9.1f} ms, online {r.get('online_s', float('nan')) * 1e3:9.1f} ms",
-                  flush=True)
-    for i in range(len(bc.model_list)):
-        shutil.rmtree(out / f"train-cache-{bc.model_list[i]}.zarr", ignore_errors=True)
+            for dtype in bc.feature_dtypes:
+                rows.append(bench_one(bc, i, mode == "on", accelerator, device, out, dtype))
+                r = rows[-1]
+                print(f"{r['model']:11s} batch {r['batch_size']:4d} compile={mode:3s} {dtype}: loop "
+                      f"{r['loop_s'] * 1e3:9.1f} ms, limit {r['limit_s'] * 1e3:9.1f} ms, online "
+                      f"{r.get('online_s', float('nan')) * 1e3:9.1f} ms", flush=True)
+    for model in bc.model_list:
+        for dtype in bc.feature_dtypes:
+            shutil.rmtree(cache_path(out, model, dtype), ignore_errors=True)
     (out / "bench_train.json").write_text(json.dumps({"config": config_to_dict(bc), "machine": machine,
                                                       "results": rows}, indent=2))
     print(f"\nmachine: {machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, {bc.precision}  "
           "(random weights: speed only)")
-    print(f"{'model':11s} {'batch':>5s} {'compile':>7s} {'(a) loop':>16s} {'(b) limit':>16s} {'(c) online':>16s} "
-          f"{'mem a/b/c GB':>16s} {'(a)/(b)':>8s} {'(c)/(a)':>8s}")
+    print(f"{'model':11s} {'batch':>5s} {'compile':>7s} {'tokens':>6s} {'(a) loop':>16s} {'(b) limit':>16s} "
+          f"{'(c) online':>16s} {'mem a/b/c GB':>16s} {'(a)/(b)':>8s} {'(c)/(a)':>8s}")
     for r in rows:
         online = f"{r['online_img_s']:8.1f} img/s" if "online_s" in r else f"{'-':>14s}"
         mem = "/".join(f"{r[k]:.1f}" for k in ("loop_mem_gb", "limit_mem_gb", "online_mem_gb") if k in r)
-        print(f"{r['model']:11s} {r['batch_size']:5d} {str(r['compile']):>7s} {r['loop_img_s']:10.1f} img/s "
+        print(f"{r['model']:11s} {r['batch_size']:5d} {str(r['compile']):>7s} {r['feature_dtype']:>6s} "
+              f"{r['loop_img_s']:10.1f} img/s "
               f"{r['limit_img_s']:10.1f} img/s {online:>16s} {mem:>16s} {r['loop_vs_limit']:8.3f} "
               f"{r.get('online_vs_loop', float('nan')):8.3f}")
     print("(a)/(b): loop throughput over the in-memory limit (goal >= 0.97 on a GPU); "
