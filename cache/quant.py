@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "quantize_tokens", "dequantize_tokens"]
+__all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "COSINE_GOAL", "quantize_tokens",
+           "dequantize_tokens", "token_cosine"]
 
 QMAX = 127
 SCALES_GROUP = "feature_scales"  # where a cache keeps int8 teachers' scales: 'feature_scales/<teacher>'
 #: What ``--feature-dtype`` accepts, and the dtype of the stored token array for each.
 FEATURE_DTYPES = ("fp16", "int8")
 STORED_DTYPES = {"fp16": "float16", "int8": "int8"}
+#: Per-token cosine between int8 and float tokens that the build checks (mean, minimum); below it, it warns.
+COSINE_GOAL = (0.9995, 0.999)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,3 +46,12 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q * scale`` in ``dtype``: int8 tokens (..., D) and their float32 scales (...)."""
     return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)).to(dtype)
+
+
+def token_cosine(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine (...,) between tokens ``x`` (..., D) and their int8 form ``q * scale``, in float32.
+    A token of zeros (both sides) counts as 1."""
+    x = x.float()
+    y = dequantize_tokens(q, scale, torch.float32)
+    dot, nx, ny = (x * y).sum(-1), x.norm(dim=-1), y.norm(dim=-1)
+    return torch.where((nx > 0) & (ny > 0), dot / (nx * ny).clamp_min(1e-30), (nx == ny).float())

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
-from cache.quant import STORED_DTYPES, quantize_tokens
+from cache.quant import COSINE_GOAL, STORED_DTYPES, quantize_tokens, token_cosine
 from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
@@ -161,6 +161,8 @@ class Encoders(torch.nn.Module):
         self.flip = flip
         self.autocast = autocast  # the dtype of apply_precision, None: no autocast
         self.quantized = set(quantized)
+        #: Per int8 teacher, on the device: [sum of per-token cosines to the float tokens, tokens, minimum].
+        self.int8_check: dict[str, torch.Tensor] = {}
 
     def compile(self) -> None:
         """torch.compile each encoder (one graph per encoder and batch shape)."""
@@ -182,6 +184,11 @@ class Encoders(torch.nn.Module):
         for k, v in feats.items():
             if k in self.quantized:
                 q, scale = quantize_tokens(v.float())
+                cos = token_cosine(v, q, scale)
+                acc = self.int8_check.setdefault(k, torch.tensor([0.0, 0.0, 1.0], device=v.device, dtype=torch.float64))
+                acc += torch.stack([cos.double().sum(), torch.tensor(cos.numel(), device=v.device, dtype=torch.float64),
+                                    torch.zeros((), device=v.device, dtype=torch.float64)])
+                acc[2] = torch.minimum(acc[2], cos.min().double())
                 out[k] = (split(q, torch.int8), split(scale, torch.float32))
             else:
                 out[k] = split(v.float())
@@ -438,12 +445,13 @@ def build(cfg: BuildConfig) -> Manifest:
     shard_writer.close()
     t_done = time.time()
     state.wait_for_everyone()
+    int8_check = _int8_check(encoders, [k for k in names if layout.quantized(k)], device, world)
     manifest = writer.manifest
     if rank == 0:
         seconds = t_done - t_enc
         stats = {"seconds": round(time.time() - t0, 3), "encode_seconds": round(seconds, 3),
                  "rows_this_run": int(rows_todo), "img_per_s": round(float(rows_todo) / max(seconds, 1e-9), 2),
-                 "world_size": world, "device": str(device)}
+                 "world_size": world, "device": str(device), **({"int8_check": int8_check} if int8_check else {})}
         manifest = writer.finalize(stats)
         total = sum(stored_bytes(writer.group).values())
         _logger.info("done: %d rows (%d skipped) in %d shards, %.3f GiB, %.1f s, %.1f img/s over %d process(es)",
@@ -453,6 +461,31 @@ def build(cfg: BuildConfig) -> Manifest:
             _logger.info("skipped row %d %s: %s", s.row, s.path, s.reason)
     state.wait_for_everyone()
     return manifest
+
+
+def _int8_check(encoders: Encoders, names: list[str], device: torch.device, world: int) -> dict[str, dict[str, Any]]:
+    """Per int8 teacher, over every token this run encoded on all ranks: the mean and minimum cosine between
+    its int8 form and the encoder's float32 output. Logged; a warning below :data:`cache.quant.COSINE_GOAL`."""
+    out = {}
+    for k in names:
+        acc = encoders.int8_check.get(k, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)).to(device)
+        if world > 1:
+            total, least = acc[:2].clone(), acc[2:].clone()
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+            acc = torch.cat([total, least])
+        total, count, least = acc.tolist()
+        if not count:
+            continue
+        out[k] = {"tokens": int(count), "cos_mean": total / count, "cos_min": least}
+        goal_mean, goal_min = COSINE_GOAL
+        ok = out[k]["cos_mean"] >= goal_mean and least >= goal_min
+        (_logger.info if ok else _logger.warning)(
+            "int8 teacher %s: per-token cosine to the float tokens mean %.6f, min %.6f over %d tokens%s", k,
+            out[k]["cos_mean"], least, int(count),
+            "" if ok else f" (below the goal mean {goal_mean}, min {goal_min}: the tokens have outlier values "
+                          "that one scale per token represents poorly; consider --feature-dtype fp16, docs/cache.md)")
+    return out
 
 
 def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out: str) -> None:

@@ -167,3 +167,32 @@ def test_layout_refuses_unknown_token_dtypes():
         Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"b": "int8"})
     assert Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "float16"}) == \
         Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)})
+
+
+def test_token_cosine_matches_numpy_in_float64():
+    from cache.quant import token_cosine
+
+    x = torch.randn(5, 9, 64, generator=torch.Generator().manual_seed(1))
+    x[0, 0] = 0
+    x[1, :, 3] *= 40  # an outlier channel: one scale per token represents the rest coarsely
+    q, s = quantize_tokens(x)
+    got = token_cosine(x, q, s).double().numpy()
+    xd, yd = x.double().numpy(), (q.double() * s.double().unsqueeze(-1)).numpy()
+    with np.errstate(invalid="ignore"):
+        want = (xd * yd).sum(-1) / np.linalg.norm(xd, axis=-1) / np.linalg.norm(yd, axis=-1)
+    want[0, 0] = 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert got[1].min() < got[2].min()
+
+
+def test_build_warns_when_int8_tokens_miss_the_cosine_goal(caplog):
+    from pipeline.build import Encoders, _int8_check
+
+    enc = Encoders(None, {}, flip=False, autocast=None)
+    enc.int8_check = {"good": torch.tensor([99.99, 100.0, 0.9999], dtype=torch.float64),
+                      "bad": torch.tensor([99.9, 100.0, 0.998], dtype=torch.float64)}
+    with caplog.at_level("INFO", logger="pipeline.build"):
+        out = _int8_check(enc, ["good", "bad"], torch.device("cpu"), 1)
+    assert out["bad"] == {"tokens": 100, "cos_mean": pytest.approx(0.999), "cos_min": pytest.approx(0.998)}
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "int8 teacher bad" in warned[0].getMessage() and "--feature-dtype fp16" in warned[0].getMessage()
