@@ -39,9 +39,26 @@ from tqdm import tqdm
 
 from .config import ConfigError, check_fields, parse_config
 from .manifest import Manifest, ManifestError
-from .quant import FEATURE_DTYPES, SCALES_GROUP, STORED_DTYPES, dequantize_tokens, quantize_tokens
+from .quant import (
+    CALIBRATION_ROWS,
+    FEATURE_DTYPES,
+    SCALES_GROUP,
+    STORED_DTYPES,
+    channel_scales,
+    dequantize_tokens,
+    quantize_tokens,
+)
 from .runtime import setup_logging
-from .store import ADDING_KEY, FORMATS, CacheError, CacheReader, CacheWriter, Layout, open_cache
+from .store import (
+    ADDING_KEY,
+    FORMATS,
+    CacheError,
+    CacheReader,
+    CacheWriter,
+    Layout,
+    manifest_channel_scales,
+    open_cache,
+)
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -102,17 +119,37 @@ def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = 
         manifest["teachers"] = {t: v for t, v in manifest["teachers"].items() if t in teachers}
         for t, old in changed.items():
             if isinstance(manifest["teachers"].get(t), dict):
-                manifest["teachers"][t] = {**manifest["teachers"][t], "dtype": dtypes[t], "converted_from": old}
+                record = {**manifest["teachers"][t], "dtype": dtypes[t], "converted_from": old}
+                record.pop("channel_scales", None)
+                if dtypes[t] == "int8":
+                    record["channel_scales"] = _calibrate(src, t)
+                manifest["teachers"][t] = record
     try:
         return Manifest.from_dict(manifest), layout
     except ManifestError as e:
         raise CacheError(f"{src.url}: the manifest reduced to teachers {teachers} is malformed: {e}") from None
 
 
-def _blocks(src: CacheReader, layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
+def _calibrate(src: CacheReader, teacher: str) -> list[float]:
+    """The channel scales of a float16 teacher quantised here: from its tokens (variant 0) of the first
+    :data:`cache.quant.CALIBRATION_ROWS` data rows, as a build measures them from its first images."""
+    import torch
+
+    rows = src.rows[:CALIBRATION_ROWS]
+    tokens = np.stack([np.asarray(src.features[teacher][int(r)], dtype=np.float32)[0] for r in rows]) if len(rows) else None
+    if tokens is None:
+        raise CacheError(f"{src.url} has no data rows to measure teacher {teacher!r}'s channel scales from")
+    try:
+        return channel_scales(torch.from_numpy(tokens)).tolist()
+    except ValueError as e:
+        raise CacheError(f"{src.url}: teacher {teacher!r} cannot be stored as int8 ({e})") from None
+
+
+def _blocks(src: CacheReader, target: Manifest, layout: Layout, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Rows lo..hi of every array of the target ``layout`` (:meth:`Layout.array_names`) from the source:
     'latents' float16, 'features/<t>' float16 or int8 and 'feature_scales/<t>' float32 (n, F, ...) as the
-    target stores them, 'labels' int32. A teacher stored as the target stores it is copied as it is."""
+    target stores them, 'labels' int32. A teacher stored as the target stores it is copied as it is; one
+    quantised here uses the channel scales of the ``target`` manifest, one dequantised the source's."""
     import torch
 
     out = {"latents": np.asarray(src.latents[lo:hi], dtype=np.float16)}
@@ -121,14 +158,18 @@ def _blocks(src: CacheReader, layout: Layout, lo: int, hi: int) -> dict[str, np.
         scales = np.asarray(src.feature_scales[t][lo:hi], dtype=np.float32) if src.layout.quantized(t) else None
         if layout.quantized(t) and scales is None:  # float16 -> int8
             try:
-                q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)))
+                channels = manifest_channel_scales(target, t, layout)
+                q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)),
+                                       None if channels is None else torch.from_numpy(channels))
             except ValueError as e:
                 raise CacheError(f"{src.url}: teacher {t!r} rows {lo}..{hi} cannot be stored as int8 ({e}); convert "
                                  "with --feature-dtype keep or fp16") from None
             tokens, scales = q.numpy(), s.numpy()
         elif not layout.quantized(t) and scales is not None:  # int8 -> float16
+            channels = src.channel_scales(t)
             tokens = dequantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int8)),
-                                       torch.from_numpy(scales), torch.float16).numpy()
+                                       torch.from_numpy(scales), None if channels is None else torch.from_numpy(channels),
+                                       dtype=torch.float16).numpy()
             scales = None
         out[f"features/{t}"] = np.asarray(tokens, dtype=np.int8 if layout.quantized(t) else np.float16)
         if scales is not None:
@@ -196,7 +237,7 @@ def _to_zarr(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
     for shard in range(layout.num_shards):
         lo, hi = layout.shard_rows_range(shard)
         if shard not in done:
-            data = _blocks(src, layout, lo, hi)
+            data = _blocks(src, manifest, layout, lo, hi)
             writer.write_shard(shard, latents=data["latents"], features={t: data[f"features/{t}"] for t in layout.teachers},
                                scales={t: data[f"{SCALES_GROUP}/{t}"] for t in layout.quantized_teachers},
                                labels=data["labels"], skipped=[s for s in skipped if lo <= s["row"] < hi])
@@ -215,7 +256,7 @@ def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
     try:
         for lo in range(0, layout.num_rows, block):
             hi = min(lo + block, layout.num_rows)
-            writer.write_block(lo, _blocks(src, layout, lo, hi))
+            writer.write_block(lo, _blocks(src, manifest, layout, lo, hi))
             bar.update(hi - lo)
         writer.finish()
     finally:
@@ -254,7 +295,7 @@ def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sou
         hi = min(lo + block, layout.num_rows)
         marker = os.path.join(stage, f"block-{lo:012d}.done")
         if not os.path.exists(marker):
-            data = _blocks(src, layout, lo, hi)
+            data = _blocks(src, manifest, layout, lo, hi)
             for name in names:
                 arrays[name][lo:hi] = data[name]
                 arrays[name].flush()

@@ -252,22 +252,28 @@ _TORCH_DTYPES = {np.dtype(np.float16).str: torch.float16, np.dtype(np.int8).str:
 _DEQUANT_BLOCK = 1 << 20  # values per step of dequantize_into: its float32 temporary (4 MB) stays in cache
 
 
-def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
-    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...), in float32 then rounded once:
-    :func:`cache.quant.dequantize_tokens`'s values, computed a few rows at a time so that no batch-sized
-    float32 temporary is made (which would make it memory-bound and several times slower)."""
+def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray, channels: np.ndarray | None = None) -> None:
+    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...) x ``channels`` (D,) (None: ones),
+    in float32 then rounded once: :func:`cache.quant.dequantize_tokens`'s values, computed a few rows at a
+    time so that no batch-sized float32 temporary is made (which would make it memory-bound and several
+    times slower)."""
     q, s, o = (torch.from_numpy(np.asarray(a)) for a in (values, scales, out))
+    c = None if channels is None else torch.from_numpy(np.asarray(channels, dtype=np.float32))
     step = max(1, _DEQUANT_BLOCK // max(1, q[0].numel() if len(q) else 1))
     for i in range(0, len(q), step):
-        torch.mul(q[i:i + step].to(torch.float32), s[i:i + step].unsqueeze(-1), out=o[i:i + step])
+        x = q[i:i + step].to(torch.float32) * s[i:i + step].unsqueeze(-1)
+        if c is None:
+            o[i:i + step].copy_(x)
+        else:
+            torch.mul(x, c, out=o[i:i + step])
 
 
-def _read_dequantized(values: Any, scales: Any, rows: np.ndarray, variants: np.ndarray, q: np.ndarray, sc: np.ndarray,
-                      out: np.ndarray) -> None:
-    """out (n, T, D) float16 = int8 values x scales of the given rows (one reader thread's part)."""
+def _read_dequantized(values: Any, scales: Any, channels: np.ndarray | None, rows: np.ndarray, variants: np.ndarray,
+                      q: np.ndarray, sc: np.ndarray, out: np.ndarray) -> None:
+    """out (n, T, D) float16 = int8 values x scales x channel scales of the given rows (one reader thread's part)."""
     values.read(rows, variants, q)
     scales.read(rows, variants, sc)
-    dequantize_into(q, sc, out)
+    dequantize_into(q, sc, out, channels)
 
 
 class _BufferPool:
@@ -318,7 +324,7 @@ class CacheLoader:
     Each batch: ``latents`` float16 (B, 8, h, w) posterior mean and std; ``features`` dict name ->
     (B, T, D) tokens as stored: float16, or int8 for teachers stored as int8, whose float32 scales
     (B, T) are in ``feature_scales`` (dict name -> scales, int8 teachers only; tokens =
-    ``cache.quant.dequantize_tokens(values, scales)``). With ``dequantize=True`` every teacher's tokens
+    ``cache.quant.dequantize_tokens(values, scales, loader.channel_scales[name])``). With ``dequantize=True`` every teacher's tokens
     are float16 and ``feature_scales`` is empty. ``labels`` int64 (B,); ``index`` int64 (B,) row ids;
     ``flip`` bool (B,).
     """
@@ -362,6 +368,8 @@ class CacheLoader:
         self.teachers = names
         self.dequantize = dequantize
         self.quantized = [n for n in names if cache.layout.quantized(n)]  # int8 teachers read
+        #: int8 teacher -> its (D,) float32 channel scales, or None (ones): tokens = values x scales x these
+        self.channel_scales = {n: cache.channel_scales(n) for n in self.quantized}
         keys = ["latents", *(f"features/{n}" for n in names), *(f"{SCALES_GROUP}/{n}" for n in self.quantized)]
         # A format whose own loader assembles whole batches (FFCV) offers ``batch_source``; the others
         # read rows into our batches through one row reader per array.
@@ -417,8 +425,8 @@ class CacheLoader:
                 sc = self._pool.get((n, *scales.variant_shape), scales.dtype)
                 for part in parts:
                     s = slice(part[0], part[-1] + 1)
-                    futures.append(pool.submit(_read_dequantized, reader, scales, rows[s], variants[s], q[s], sc[s],
-                                               dst[s]))
+                    futures.append(pool.submit(_read_dequantized, reader, scales, self.channel_scales[name], rows[s],
+                                               variants[s], q[s], sc[s], dst[s]))
                 continue
             for part in parts:
                 s = slice(part[0], part[-1] + 1)
@@ -448,7 +456,8 @@ class CacheLoader:
                     tensors[key].numpy()[...] = value
             if self.dequantize:
                 for n in self.quantized:
-                    dequantize_into(arrays[f"features/{n}"], arrays[f"{SCALES_GROUP}/{n}"], tensors[f"features/{n}"].numpy())
+                    dequantize_into(arrays[f"features/{n}"], arrays[f"{SCALES_GROUP}/{n}"], tensors[f"features/{n}"].numpy(),
+                                    self.channel_scales[n])
             self.cache.check_unchanged()
             yield self._batch(rows, variants, tensors)
 

@@ -134,6 +134,16 @@ class EncoderInfo(_Record):
 
     TYPES: ClassVar = {"spec": _OPT_STR, "weights_sha256": _OPT_STR, "random_weights": bool, "seed": _OPT_INT}
 
+    @property
+    def channel_scales(self) -> list[float] | None:
+        """An int8 teacher's per-channel scales (``cache.quant``), or None (ones)."""
+        value = self.extra.get("channel_scales")
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ManifestError(f"manifest entry 'channel_scales' of {self.spec!r} is not a list of numbers")
+        return value
+
 
 @dataclass(frozen=True)
 class EncodeSettings(_Record):

@@ -1,10 +1,19 @@
-"""int8 teacher tokens: symmetric quantisation with one scale per token.
+"""int8 teacher tokens: symmetric quantisation with one scale per token, after per-channel equalisation.
 
-A token ``x`` (D values) is stored as ``q = round(x / s)`` in int8 with ``s = max|x| / 127`` (absmax:
-every value fits in [-127, 127], -128 is never used, so ``-q`` is representable); the scale ``s`` is
-stored as float32 beside it. ``x ~ q * s``: each value is off by at most ``s / 2``. A token of zeros
-(a skipped row) has ``s = 0`` and ``q = 0``. For D = 768 a token takes 768 + 4 bytes instead of
-1,536 in float16 (0.503 of it).
+A teacher's int8 tokens carry two kinds of scales:
+
+- ``c`` (D,) float32, once per teacher (its manifest record, ``channel_scales``): how much louder than
+  the median channel each channel is, ``c_j = max(rms_j / median(rms), 1)``, from the root mean square
+  of each channel over the tokens of the first :data:`CALIBRATION_ROWS` images (:func:`channel_scales`).
+  Channels at or below the median have ``c_j = 1``; a few outlier channels (common in ViT features)
+  are divided down to the median's level, so that they do not set every token's scale alone.
+- ``s`` per token, stored as float32 beside the values: ``s = max|x / c| / 127``, ``q = round(x / c / s)``
+  in int8 (absmax: every value fits in [-127, 127], -128 is never used).
+
+``x ~ q * s * c``: each value is off by at most ``s * c_j / 2``. A token of zeros (a skipped row) has
+``s = 0`` and ``q = 0``. Without channel scales (``c = None``: caches written before them, or built
+without calibration) ``c`` is 1. For D = 768 a token takes 768 + 4 bytes instead of 1,536 in float16
+(0.503 of it). Measured accuracy against float16: docs/benchmarks.md (``make bench-int8``).
 
 These functions work on torch tensors of any device (the build quantises on the GPU, the trainer
 dequantises inside its compiled step) and on numpy arrays through ``torch.from_numpy``.
@@ -14,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "COSINE_GOAL", "quantize_tokens",
-           "dequantize_tokens", "token_cosine"]
+__all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "COSINE_GOAL", "CALIBRATION_ROWS",
+           "channel_scales", "quantize_tokens", "dequantize_tokens", "token_cosine"]
 
 QMAX = 127
 SCALES_GROUP = "feature_scales"  # where a cache keeps int8 teachers' scales: 'feature_scales/<teacher>'
@@ -24,18 +33,46 @@ FEATURE_DTYPES = ("fp16", "int8")
 STORED_DTYPES = {"fp16": "float16", "int8": "int8"}
 #: Per-token cosine between int8 and float tokens that the build checks (mean, minimum); below it, it warns.
 COSINE_GOAL = (0.9995, 0.999)
+#: Images whose tokens set a teacher's channel scales: the first ones with data, in row order.
+CALIBRATION_ROWS = 16
 
 
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_scales(calibration: torch.Tensor) -> torch.Tensor:
+    """float32 (D,) ``c_j = max(rms_j / median(rms), 1)`` over the calibration tokens (..., D), rms in float64
+    (the median of an even number of channels is the lower middle one).
+    All ones when the median channel is silent (nothing to equalise against)."""
+    if not bool(torch.isfinite(calibration).all()):
+        raise ValueError("channel_scales: the calibration tokens hold non-finite values")
+    x = calibration.detach().double().reshape(-1, calibration.shape[-1])
+    rms = x.square().mean(0).sqrt()
+    median = rms.median()
+    if not median > 0:
+        return torch.ones(rms.shape, dtype=torch.float32, device=calibration.device)
+    return torch.clamp(rms / median, min=1.0).float()
+
+
+def _channels(channels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    if channels is None:
+        return None
+    channels = torch.as_tensor(channels, dtype=torch.float32, device=like.device)
+    if channels.shape != like.shape[-1:]:
+        raise ValueError(f"channel scales of shape {tuple(channels.shape)} for tokens of width {like.shape[-1]}")
+    return channels
+
+
+def quantize_tokens(x: torch.Tensor, channels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (..., D), scale float32 (...)) of tokens ``x`` (..., D), computed in float32.
 
-    ``scale = max|x| / 127`` over the last axis and ``q = round(x / scale)`` (round half to even);
-    a token of zeros gets scale 0 and q 0. Non-finite input is refused: a scale of inf or NaN would
-    turn the whole token into garbage.
+    ``y = x / channels`` (channels: the teacher's (D,) channel scales, None: ones), ``scale = max|y| / 127``
+    over the last axis and ``q = round(y / scale)`` (round half to even); a token of zeros gets scale 0 and
+    q 0. Non-finite input is refused: a scale of inf or NaN would turn the whole token into garbage.
     """
     x = x.float()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("quantize_tokens: the tokens hold non-finite values")
+    c = _channels(channels, x)
+    if c is not None:
+        x = x / c
     amax = x.abs().amax(dim=-1)
     scale = amax / QMAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -43,15 +80,22 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q * scale`` in ``dtype``: int8 tokens (..., D) and their float32 scales (...)."""
-    return (q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)).to(dtype)
+def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor, channels: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale * channels`` in ``dtype`` (computed in float32, rounded once): int8 tokens (..., D), their
+    float32 scales (...) and the teacher's (D,) channel scales (None: ones)."""
+    out = q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+    c = _channels(channels, q)
+    if c is not None:
+        out = out * c
+    return out.to(dtype)
 
 
-def token_cosine(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-token cosine (...,) between tokens ``x`` (..., D) and their int8 form ``q * scale``, in float32.
-    A token of zeros (both sides) counts as 1."""
+def token_cosine(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token cosine (...,) between tokens ``x`` (..., D) and their int8 form, in float32. A token of
+    zeros (both sides) counts as 1."""
     x = x.float()
-    y = dequantize_tokens(q, scale, torch.float32)
+    y = dequantize_tokens(q, scale, channels)
     dot, nx, ny = (x * y).sum(-1), x.norm(dim=-1), y.norm(dim=-1)
     return torch.where((nx > 0) & (ny > 0), dot / (nx * ny).clamp_min(1e-30), (nx == ny).float())

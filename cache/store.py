@@ -343,6 +343,38 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
     )
 
 
+def manifest_channel_scales(manifest: Manifest, name: str, layout: Layout,
+                   pending: Mapping[str, Any] | None = None) -> np.ndarray | None:
+    """Teacher ``name``'s channel scales as float32 (D,) from its manifest record (or, for a teacher being
+    added, its pending record); None for a float16 teacher or a record without them."""
+    if name not in layout.teachers or not layout.quantized(name):
+        return None
+    if pending and name in pending:
+        values = (pending[name].get("record") or {}).get("channel_scales")
+    else:
+        info = manifest.teacher(name)
+        values = None if info is None else info.channel_scales
+    if values is None:
+        return None
+    out = np.asarray(values, dtype=np.float32)
+    if out.shape != (layout.teachers[name][1],) or not np.isfinite(out).all() or (out <= 0).any():
+        raise CacheError(f"teacher {name!r}: the channel scales in the manifest are not {layout.teachers[name][1]} "
+                         "positive finite numbers: the manifest is damaged; rebuild the cache")
+    return out
+
+
+def _keep_calibration(old: Mapping[str, Any], new: dict[str, Any]) -> None:
+    """Give the run's manifest ``new`` the channel scales the cache ``old`` already holds for the same teachers
+    (finished or being added): they were measured once, when the teacher was first encoded, and a rerun must
+    quantise as the first run did (a GPU may measure the last bits differently)."""
+    stored = {k: v.get("channel_scales") for k, v in (old.get("teachers") or {}).items() if isinstance(v, Mapping)}
+    stored.update({k: (v.get("record") or {}).get("channel_scales")
+                   for k, v in (old.get(ADDING_KEY) or {}).items() if isinstance(v, Mapping)})
+    for name, record in (new.get("teachers") or {}).items():
+        if isinstance(record, dict) and stored.get(name) is not None and "channel_scales" in record:
+            record["channel_scales"] = stored[name]
+
+
 def _create_teacher_arrays(group: zarr.Group, layout: Layout, name: str) -> None:
     """The token array of teacher ``name`` (and for int8 tokens its scales) in a cache group."""
     tokens, dim = layout.teachers[name]
@@ -391,7 +423,7 @@ def _with_teachers(layout: Layout, pending: Mapping[str, Mapping[str, Any]]) -> 
         feature_dtypes={**layout.feature_dtypes, **{k: v["dtype"] for k, v in pending.items()}})
 
 
-_PER_RUN = ("encode", "dtype")  # a teacher record's entries that belong to the run that encoded it
+_PER_RUN = ("encode", "dtype", "channel_scales")  # a teacher record's entries that belong to the run that encoded it
 
 
 def _addition(url: str | os.PathLike, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
@@ -531,6 +563,10 @@ class CacheWriter:
         self.layout = _with_teachers(manifest.layout, pending)
         self._direct: dict[str, ShardFormat | None] = {}  # array path -> its direct format, None: zarr's path
 
+    def channel_scales(self, name: str) -> np.ndarray | None:
+        """The channel scales teacher ``name``'s int8 tokens are written with (None: ones, or float16)."""
+        return manifest_channel_scales(self.manifest, name, self.layout, self.manifest.extra.get(ADDING_KEY))
+
     @property
     def teachers_to_encode(self) -> list[str]:
         """The teachers whose tokens this run writes: those being added, or all of them."""
@@ -585,6 +621,7 @@ class CacheWriter:
                     old = Manifest.from_dict(old).to_dict()  # compared as every reader sees it
                 except ManifestError:
                     pass
+                _keep_calibration(old, manifest)
                 if (ADDING_KEY in old and not overwrite
                         and set(old["layout"]["teachers"]) == set(manifest["layout"]["teachers"])):
                     pending = ", ".join(old[ADDING_KEY])
@@ -810,7 +847,9 @@ class CacheWriter:
 
             from .quant import quantize_tokens
 
-            q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)))
+            channels = self.channel_scales(name)
+            q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
+                                   None if channels is None else torch.from_numpy(channels))
             tokens, scales = q.numpy(), s.numpy()
         elif scales is None:
             raise CacheError(f"shard {shard}: int8 tokens for {name!r} without their scales")
@@ -1024,6 +1063,11 @@ class CacheReader(abc.ABC):
     @property
     def complete(self) -> bool:
         return self.manifest.is_complete
+
+    def channel_scales(self, name: str) -> np.ndarray | None:
+        """Teacher ``name``'s per-channel scales, float32 (D,), for int8 tokens (``cache.quant``): tokens =
+        values x scales x channel scales. None for float16 teachers and int8 caches without them (ones)."""
+        return manifest_channel_scales(self.manifest, name, self.layout)
 
     def array(self, name: str) -> Any:
         """The array-like of 'latents', 'features/<teacher>' or 'feature_scales/<teacher>'."""

@@ -16,8 +16,8 @@ float16 (8, h, w) posterior mean (channels 0-3) and std (4-7), so ``z = (mean + 
 ``features`` name -> (T, D) teacher tokens; ``labels`` int64 class; ``index`` int64 row id; ``flip`` bool,
 whether the mirrored variant was read. Tokens are float16 with ``dequantize=True`` (the default here);
 with ``dequantize=False`` int8 teachers' tokens come as stored, int8 values with their float32 scales (T,)
-in ``feature_scales`` (``cache.quant.dequantize_tokens``), which a training step can dequantise on its
-device. Batched, each gains a leading batch dimension.
+in ``feature_scales``, which a training step can dequantise on its device with the teacher's channel
+scales: ``cache.quant.dequantize_tokens(values, scales, cache.channel_scales(name))``. Batched, each gains a leading batch dimension.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ class CacheDataset(_ReopensByUrl, Dataset):
         if self.dequantize:
             for n in self.quantized:
                 tokens = np.empty(data[f"features/{n}"].shape, dtype=np.float16)
-                dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens)
+                dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens,
+                                self.cache.channel_scales(n))
                 data[f"features/{n}"] = tokens
         data = {k: torch.from_numpy(v[0]) for k, v in data.items()}
         return {

@@ -39,7 +39,14 @@ from torch.utils.data import DataLoader
 
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
-from cache.quant import COSINE_GOAL, STORED_DTYPES, quantize_tokens, token_cosine
+from cache.quant import (
+    CALIBRATION_ROWS,
+    COSINE_GOAL,
+    STORED_DTYPES,
+    channel_scales,
+    quantize_tokens,
+    token_cosine,
+)
 from cache.runtime import apply_precision, configure_device, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
@@ -149,18 +156,19 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
 
 class Encoders(torch.nn.Module):
     """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) float16 and {teacher: tokens (B, F, T, D)}: float16,
-    or for the teachers in ``quantized`` (int8 values (B, F, T, D), float32 scales (B, F, T)), quantised
-    from the encoder's float32 output on the device."""
+    or for the teachers in ``quantized`` (name -> its channel scales (D,), or None) int8 values (B, F, T, D)
+    and float32 scales (B, F, T), quantised from the encoder's float32 output on the device."""
 
     def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool,
-                 autocast: torch.dtype | None, quantized: tuple[str, ...] = ()):
+                 autocast: torch.dtype | None, quantized: Mapping[str, np.ndarray | None] | None = None):
         super().__init__()
         self.vae = vae
         self.names = list(teachers)  # timm names contain dots, which module names may not
         self.teachers = torch.nn.ModuleList(teachers.values())
         self.flip = flip
         self.autocast = autocast  # the dtype of apply_precision, None: no autocast
-        self.quantized = set(quantized)
+        self.quantized = dict(quantized or {})
+        self._channels: dict[str, torch.Tensor | None] = {}  # on the device of the tokens, made on first use
         #: Per int8 teacher, on the device: [sum of per-token cosines to the float tokens, tokens, minimum].
         self.int8_check: dict[str, torch.Tensor] = {}
 
@@ -183,8 +191,11 @@ class Encoders(torch.nn.Module):
         out: dict[str, Any] = {}
         for k, v in feats.items():
             if k in self.quantized:
-                q, scale = quantize_tokens(v.float())
-                cos = token_cosine(v, q, scale)
+                if k not in self._channels:
+                    c = self.quantized[k]
+                    self._channels[k] = None if c is None else torch.from_numpy(np.asarray(c, np.float32)).to(v.device)
+                q, scale = quantize_tokens(v.float(), self._channels[k])
+                cos = token_cosine(v, q, scale, self._channels[k])
                 acc = self.int8_check.setdefault(k, torch.tensor([0.0, 0.0, 1.0], device=v.device, dtype=torch.float64))
                 acc += torch.stack([cos.double().sum(), torch.tensor(cos.numel(), device=v.device, dtype=torch.float64),
                                     torch.zeros((), device=v.device, dtype=torch.float64)])
@@ -213,22 +224,58 @@ def make_layout(cfg: BuildConfig, num_rows: int, teacher_infos: Mapping[str, Map
                   feature_dtypes={k: v["dtype"] for k, v in teacher_infos.items()})
 
 
-def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each teacher's manifest record: what its loader reports, plus the stored dtype of its tokens and the
-    settings of the run that encoded it (a teacher added to a cache later records its own)."""
+def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, Any]],
+                    calibration: Mapping[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
+    """Each teacher's manifest record: what its loader reports, plus the stored dtype of its tokens, the
+    settings of the run that encoded it (a teacher added to a cache later records its own) and, for int8
+    tokens, the channel scales measured by :func:`calibrate`."""
     return {k: {**v, "dtype": STORED_DTYPES[cfg.feature_dtype],
-                "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile}}
+                "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile},
+                **({"channel_scales": (calibration or {})[k]} if k in (calibration or {}) else {})}
             for k, v in teacher_infos.items()}
 
 
-def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict) -> Manifest:
+@torch.no_grad()
+def calibrate(cfg: BuildConfig, listing: Any, teachers: Mapping[str, torch.nn.Module], device: torch.device,
+              autocast: torch.dtype | None) -> dict[str, list[float]]:
+    """For int8 tokens: each teacher's channel scales (:func:`cache.quant.channel_scales`) from its tokens of
+    the first :data:`cache.quant.CALIBRATION_ROWS` images that decode, encoded as the build encodes them.
+    A rerun or an addition keeps the scales the cache holds (the store sees to that)."""
+    if cfg.feature_dtype != "int8":
+        return {}
+    data = DecodedImages([f["path"] for f in listing.files], cfg.resolution, max_pixels=cfg.max_pixels,
+                         root=listing.root)
+    images = []
+    for i in range(len(data)):
+        image = data[i][1]
+        if image is not None:
+            images.append(image)
+        if len(images) == CALIBRATION_ROWS:
+            break
+    if not images:
+        return {}
+    x = torch.from_numpy(np.stack(images)).to(device)
+    out = {}
+    for name, module in teachers.items():
+        module.to(device).eval()
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            tokens = module(x)
+        try:
+            out[name] = channel_scales(tokens.float()).tolist()
+        except ValueError as e:
+            raise CacheError(f"teacher {name!r} gives non-finite tokens on the first images ({e})") from None
+    return out
+
+
+def make_manifest(cfg: BuildConfig, listing: Any, vae_info: dict, teacher_infos: dict,
+                  calibration: Mapping[str, list[float]] | None = None) -> Manifest:
     """The manifest of a new cache, before the store adds its creation time, generation and completion."""
     import diffusers
     import PIL
     import timm
     import zarr
 
-    teacher_infos = teacher_records(cfg, teacher_infos)
+    teacher_infos = teacher_records(cfg, teacher_infos, calibration)
     return Manifest.from_dict({
         "schema_version": SCHEMA_VERSION,
         "layout": make_layout(cfg, len(listing.files), teacher_infos).to_dict(),
@@ -363,7 +410,8 @@ def build(cfg: BuildConfig) -> Manifest:
     if rank == 0:
         try:
             listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
-            manifest = make_manifest(cfg, listing, vae_info, teacher_infos)
+            calibration = calibrate(cfg, listing, teachers, device, autocast)
+            manifest = make_manifest(cfg, listing, vae_info, teacher_infos, calibration)
             layout = manifest.layout
             writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
                                                            sources=listing.files, overwrite=cfg.overwrite)
@@ -402,7 +450,8 @@ def build(cfg: BuildConfig) -> Manifest:
                  layout.num_shards, rows_todo, f", teacher(s) {', '.join(adding)} only" if adding else "", world, device)
 
     encoders = Encoders(None if adding else vae, {k: teachers[k] for k in names}, flip=cfg.flip == "both",
-                        autocast=autocast, quantized=tuple(k for k in names if layout.quantized(k))).to(device).eval()
+                        autocast=autocast, quantized={k: writer.channel_scales(k) for k in names if layout.quantized(k)}
+                        ).to(device).eval()
     if cfg.compile:
         encoders.compile()
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)

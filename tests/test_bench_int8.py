@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cache import Layout
-from cache.quant import dequantize_tokens, quantize_tokens
+from cache.quant import channel_scales, dequantize_tokens, quantize_tokens
 from tools.bench import int8 as b
 
 TINY = b.BenchInt8Config(tokens=16, dim=64, rank=8, outliers=2, group=32, synthetic_images=6, calibration_images=4,
@@ -61,7 +61,9 @@ def test_rules_against_cache_quant():
     assert torch.equal(kept[..., channels], x[..., channels].half().float())
     # on an outlier-heavy set, pre-scaling and fp16 outliers beat absmax
     cos = {name: b.cosine_stats(rule(x, x, TINY), x)["cos_mean"] for name, (rule, _, _) in b.RULES.items()}
-    assert cos["prescale"] > cos["absmax"] and cos["outlier-fp16"] > cos["absmax"]
+    assert cos["prescale"] > cos["absmax"] and cos["outlier-fp16"] > cos["absmax"] and cos["cache"] > cos["absmax"]
+    c = channel_scales(x)  # the cache's rule is cache.quant with the calibration's channel scales
+    assert torch.equal(b.cache_rule(x, x, TINY), dequantize_tokens(*quantize_tokens(x, c), c))
     assert b.bytes_ratio("absmax", 768, TINY) == pytest.approx(772 / 1536)
     assert b.bytes_ratio("group", 768, b.BenchInt8Config(group=128)) == pytest.approx((768 + 24) / 1536)
 
@@ -107,14 +109,15 @@ def test_the_whole_bench_on_tiny_shapes(tmp_path, capsys):
     report = json.loads((tmp_path / "bench_int8.json").read_text())
     teacher = report["teacher"]
     assert teacher["built_int8_vs_requantised_fp16_max_steps"] <= 1  # both builds encoded the same tokens
-    built = teacher["rules"]["absmax (built)"]
+    built = teacher["rules"]["cache (built)"]
     assert 0.99 < built["cos_min"] <= built["cos_mean"] <= 1
     assert 0.5 < teacher["bytes_on_disk"]["ratio"] < 1
     assert [r["teacher"]["outlier_scale"] for r in report["synthetic"]] == [0, 20]
     assert report["synthetic"][0]["fp16_vs_fp32"]["cos_min"] > 0.9999
     assert set(report["loader"]["variants"]) == {"fp16", "int8", "int8 dequantize"}
     assert 0.5 < report["loader"]["bytes_on_disk"]["features_ratio"] < 0.7  # zarr.json weighs in at 8 x 32
-    assert "| absmax |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| absmax |" in printed and "| cache |" in printed
 
 
 def test_bench_train_reads_an_int8_cache(tmp_path):

@@ -24,7 +24,7 @@ from cache import CacheDataset, CacheError
 from cache import inspect as cache_inspect
 from cache.convert import convert
 from cache.convert import main as convert_main
-from cache.quant import dequantize_tokens, quantize_tokens
+from cache.quant import CALIBRATION_ROWS, channel_scales, dequantize_tokens, quantize_tokens
 
 ARRAYS = ["latents", "features/t_a", "features/t_b", "feature_scales/t_a"]
 
@@ -95,7 +95,7 @@ def test_loader_batches_are_matched_rows_in_stored_and_dequantized_form(q8):
         np.testing.assert_array_equal(a["features"]["t_b"].numpy(), t_b[idx, flip])
         assert b["features"]["t_a"].dtype == torch.float16
         assert torch.equal(b["features"]["t_a"], dequantize_tokens(a["features"]["t_a"], a["feature_scales"]["t_a"],
-                                                                   torch.float16))
+                                                                   dtype=torch.float16))
         assert torch.equal(a["features"]["t_b"], b["features"]["t_b"]) and torch.equal(a["latents"], b["latents"])
         seen += idx.tolist()
     assert sorted(seen) == [r for r in range(40) if r not in (5, 20)]
@@ -117,7 +117,7 @@ def test_map_style_dataset_on_int8(q8):
     np.testing.assert_array_equal(raw["features"]["t_a"].numpy(), q8.features["t_a"][row, 1])
     np.testing.assert_array_equal(raw["feature_scales"]["t_a"].numpy(), q8.feature_scales["t_a"][row, 1])
     assert torch.equal(item["features"]["t_a"], dequantize_tokens(raw["features"]["t_a"], raw["feature_scales"]["t_a"],
-                                                                   torch.float16))
+                                                                   dtype=torch.float16))
 
 
 def test_every_format_yields_the_same_batches_bit_for_bit(copies, monkeypatch):
@@ -235,7 +235,11 @@ def test_int8_from_fp16_is_quantize_tokens_of_the_float16_tokens(fp16_source, fm
     assert c.layout.quantized_teachers == ["t_a", "t_b"] and set(c.feature_scales) == {"t_a", "t_b"}
     assert c.manifest.to_dict()["layout"]["dtypes"]["features"] == {"t_a": "int8", "t_b": "int8"}
     for t in TEACHERS:
-        q, s = quantize_tokens(torch.from_numpy(np.asarray(fp16_source.features[t][:])))
+        # channel scales from the first CALIBRATION_ROWS data rows' tokens (variant 0), as a build measures them
+        first = np.asarray(fp16_source.features[t][:])[fp16_source.rows[:CALIBRATION_ROWS], 0].astype(np.float32)
+        channels = channel_scales(torch.from_numpy(first))
+        np.testing.assert_array_equal(c.channel_scales(t), channels.numpy())
+        q, s = quantize_tokens(torch.from_numpy(np.asarray(fp16_source.features[t][:])), channels)
         assert c.features[t].dtype == np.int8 and c.feature_scales[t].dtype == np.float32
         np.testing.assert_array_equal(np.asarray(c.features[t][:]), q.numpy())
         np.testing.assert_array_equal(np.asarray(c.feature_scales[t][:]), s.numpy())
@@ -254,7 +258,7 @@ def test_fp16_from_int8_is_dequantize_tokens(copies, fmt, tmp_path):
     assert c.layout.quantized_teachers == [] and c.feature_scales == {}
     assert c.layout.array_names() == ["latents", "features/t_a", "features/t_b", "labels"]
     want = dequantize_tokens(torch.from_numpy(np.asarray(src.features["t_a"][:])),
-                             torch.from_numpy(np.asarray(src.feature_scales["t_a"][:])), torch.float16)
+                             torch.from_numpy(np.asarray(src.feature_scales["t_a"][:])), dtype=torch.float16)
     got = np.asarray(c.features["t_a"][:])
     assert got.dtype == np.float16 and got.tobytes() == want.numpy().tobytes()
     assert np.asarray(c.features["t_b"][:]).tobytes() == np.asarray(src.features["t_b"][:]).tobytes()
@@ -297,10 +301,13 @@ def test_zarr_quantised_by_convert_opens_and_loads_like_an_int8_build(built_cach
 
     def comparable(m):
         d = {k: v for k, v in m.to_dict().items() if k not in m.VOLATILE}
-        d["teachers"] = {t: {k: v for k, v in r.items() if k != "converted_from"} for t, r in d["teachers"].items()}
+        d["teachers"] = {t: {k: v for k, v in r.items() if k not in ("converted_from", "channel_scales")}
+                         for t, r in d["teachers"].items()}
         return d
 
     assert comparable(c.manifest) == comparable(b.manifest)
+    # channel scales measured from the float16 tokens, not the encoder's float32 output: the same to rounding
+    np.testing.assert_allclose(c.channel_scales("tiny"), b.channel_scales("tiny"), rtol=2e-3)
     assert c.manifest.teacher("tiny").to_dict()["converted_from"] == "float16"
     x, y = next(iter(b.loader(24, seed=0, flip=True))), next(iter(c.loader(24, seed=0, flip=True)))
     assert torch.equal(x["index"], y["index"]) and torch.equal(x["latents"], y["latents"])
@@ -310,5 +317,5 @@ def test_zarr_quantised_by_convert_opens_and_loads_like_an_int8_build(built_cach
     torch.testing.assert_close(y["feature_scales"]["tiny"], x["feature_scales"]["tiny"], rtol=2e-3, atol=0)
     xd = next(iter(b.loader(24, seed=0, flip=True, dequantize=True)))["features"]["tiny"].float()
     yd = next(iter(c.loader(24, seed=0, flip=True, dequantize=True)))["features"]["tiny"].float()
-    step = x["feature_scales"]["tiny"].unsqueeze(-1)
+    step = x["feature_scales"]["tiny"].unsqueeze(-1) * torch.from_numpy(b.channel_scales("tiny"))  # per value
     assert bool(((xd - yd).abs() <= 1.6 * step + 1e-3).all())

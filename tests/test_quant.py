@@ -8,7 +8,7 @@ from common.synthetic import TEACHERS
 
 import cache
 from cache import CacheDataset, CacheError, CacheWriter, Layout
-from cache.quant import QMAX, dequantize_tokens, quantize_tokens
+from cache.quant import QMAX, channel_scales, dequantize_tokens, quantize_tokens, token_cosine
 
 pytestmark = pytest.mark.usefixtures("io_mode")
 
@@ -33,9 +33,40 @@ def test_quantize_matches_the_reference_and_bounds_the_error():
     assert np.abs(q.numpy().astype(int) - rq.astype(int)).max() <= 1
     assert (q.numpy() == rq).mean() > 0.999
     assert int(q.abs().max()) == QMAX and int(q.min()) >= -QMAX
-    err = (dequantize_tokens(q, s, torch.float64) - x.double()).abs()
+    err = (dequantize_tokens(q, s, dtype=torch.float64) - x.double()).abs()
     assert bool((err <= s.double().unsqueeze(-1) / 2 * (1 + 1e-5) + 1e-12).all())  # half a step at most
     assert s[0, 0] == 0 and not q[0, 0].any()
+
+
+def reference_channel_scales(calibration):
+    rms = np.sqrt((np.asarray(calibration, np.float64).reshape(-1, calibration.shape[-1]) ** 2).mean(0))
+    median = np.sort(rms)[(len(rms) - 1) // 2]  # the lower middle value for an even width, as torch.median
+    return np.maximum(rms / median, 1.0)
+
+
+def test_channel_scales_equalise_outlier_channels_and_help_the_cosine():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 64, 96, generator=g)
+    # two outlier channels, as real ViT features have: large in every token (magnitude 30 and 60, +-25%)
+    x[..., [5, 17]] = torch.tensor([30.0, 60.0]) * (1 + 0.25 * x[..., [5, 17]]).abs() * torch.sign(x[..., [6, 18]])
+    c = channel_scales(x[:2])
+    np.testing.assert_allclose(c.numpy(), reference_channel_scales(x[:2].numpy()), rtol=1e-6)
+    assert c.dtype == torch.float32 and float(c.min()) == 1.0 and c[5] > 20 and c[17] > 40
+    # quantisation with them against a float64 reference of x / c, then back
+    q, s = quantize_tokens(x, c)
+    rq, rs = reference_quantize(x.double().numpy() / c.double().numpy())
+    np.testing.assert_allclose(s.numpy(), rs, rtol=1e-6)
+    assert np.abs(q.numpy().astype(int) - rq.astype(int)).max() <= 1
+    back = dequantize_tokens(q, s, c, dtype=torch.float64)
+    assert bool(((back - x.double()).abs() <= (s.double().unsqueeze(-1) * c.double()) / 2 * (1 + 1e-5) + 1e-9).all())
+    plain = token_cosine(x, *quantize_tokens(x))
+    equalised = token_cosine(x, q, s, c)
+    # the outliers set every plain token's scale: equalised, the mean error (1 - cos) is several times smaller
+    assert float(1 - equalised.mean()) * 4 < float(1 - plain.mean()) and float(equalised.min()) > float(plain.min())
+    # a silent median channel: nothing to equalise against
+    assert torch.equal(channel_scales(torch.zeros(3, 8)), torch.ones(8))
+    with pytest.raises(ValueError, match="width"):
+        quantize_tokens(x, torch.ones(5))
 
 
 def test_quantize_refuses_non_finite_tokens():
@@ -48,7 +79,7 @@ def test_quantize_refuses_non_finite_tokens():
 def test_dequantize_is_values_times_scales():
     q = torch.tensor([[[-127, 0, 5, 127]]], dtype=torch.int8)
     s = torch.tensor([[0.5]])
-    assert dequantize_tokens(q, s, torch.float64).tolist() == [[[-63.5, 0.0, 2.5, 63.5]]]
+    assert dequantize_tokens(q, s, dtype=torch.float64).tolist() == [[[-63.5, 0.0, 2.5, 63.5]]]
 
 
 def _float_tokens(rows, variants, t, d, j):
@@ -57,6 +88,9 @@ def _float_tokens(rows, variants, t, d, j):
     base = g.standard_normal((t, d)).astype(np.float32)
     return (base[None, None] * (1 + rows[:, None, None, None] / 10) + 3 * np.arange(variants)[None, :, None, None]
             ).astype(np.float32)
+
+
+CHANNELS = np.array([1.0, 1.0, 7.5, 1.0, 1.25], np.float32)  # t_a's channel scales: channel 2 an outlier
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +103,8 @@ def int8_cache(tmp_path_factory, io_mode):
     sources = [{"path": f"c{i % 3}/img{i:04d}.jpg", "size": 10 + i, "label": i % 3} for i in range(n)]
     path = tmp_path_factory.mktemp("q") / "c.zarr"
     writer, _ = CacheWriter.create_or_resume(path, layout=layout, sources=sources, manifest={
-        "classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}})
+        "classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {},
+        "teachers": {"t_a": {"spec": "synthetic", "channel_scales": CHANNELS.tolist()}}})
     full = {}
     for s in range(layout.num_shards):
         lo, hi = layout.shard_rows_range(s)
@@ -88,7 +123,9 @@ def test_int8_cache_stores_values_and_scales(int8_cache):
     assert c.layout.feature_dtype("t_a") == "int8" and c.layout.feature_dtype("t_b") == "float16"
     assert c.features["t_a"].dtype == np.int8 and c.feature_scales["t_a"].dtype == np.float32
     assert set(c.feature_scales) == {"t_a"}
-    q, s = quantize_tokens(torch.from_numpy(tokens))
+    np.testing.assert_array_equal(c.channel_scales("t_a"), CHANNELS)
+    assert c.channel_scales("t_b") is None  # float16
+    q, s = quantize_tokens(torch.from_numpy(tokens), torch.from_numpy(CHANNELS))
     np.testing.assert_array_equal(c.features["t_a"][:], q.numpy())
     np.testing.assert_array_equal(c.feature_scales["t_a"][:], s.numpy())
     reopened = cache.open_cache(c.url)  # the layout's dtypes survive the manifest
@@ -110,7 +147,8 @@ def test_loader_hands_out_stored_int8_or_dequantized_float16(int8_cache):
         rows, variants = a["index"].numpy(), a["flip"].numpy().astype(int)
         np.testing.assert_array_equal(a["features"]["t_a"].numpy(), c.features["t_a"][:][rows, variants])
         np.testing.assert_array_equal(a["feature_scales"]["t_a"].numpy(), c.feature_scales["t_a"][:][rows, variants])
-        want = dequantize_tokens(a["features"]["t_a"], a["feature_scales"]["t_a"], torch.float16)
+        want = dequantize_tokens(a["features"]["t_a"], a["feature_scales"]["t_a"], torch.from_numpy(CHANNELS),
+                                 dtype=torch.float16)
         assert torch.equal(b["features"]["t_a"], want)
         assert torch.equal(a["features"]["t_b"], b["features"]["t_b"]) and torch.equal(a["index"], b["index"])
 
@@ -130,7 +168,8 @@ def test_batches_dataset_hands_out_float16_by_default(int8_cache):
     stored = next(iter(cache.CacheBatches(c, 8, seed=2, num_workers=1, pin_memory=False, dequantize=False)))
     assert default["features"]["t_a"].dtype == torch.float16 and default["feature_scales"] == {}
     assert torch.equal(default["features"]["t_a"], dequantize_tokens(stored["features"]["t_a"],
-                                                                     stored["feature_scales"]["t_a"], torch.float16))
+                                                                     stored["feature_scales"]["t_a"], CHANNELS,
+                                                                     dtype=torch.float16))
 
 
 def test_map_style_dataset_on_int8(int8_cache):
@@ -142,7 +181,7 @@ def test_map_style_dataset_on_int8(int8_cache):
     row = int(c.rows[5])
     np.testing.assert_array_equal(raw["features"]["t_a"].numpy(), c.features["t_a"][row, 1])
     assert torch.equal(item["features"]["t_a"], dequantize_tokens(raw["features"]["t_a"], raw["feature_scales"]["t_a"],
-                                                                   torch.float16))
+                                                                   CHANNELS, dtype=torch.float16))
 
 
 def test_writer_refuses_mismatched_token_inputs(tmp_path):
@@ -170,8 +209,6 @@ def test_layout_refuses_unknown_token_dtypes():
 
 
 def test_token_cosine_matches_numpy_in_float64():
-    from cache.quant import token_cosine
-
     x = torch.randn(5, 9, 64, generator=torch.Generator().manual_seed(1))
     x[0, 0] = 0
     x[1, :, 3] *= 40  # an outlier channel: one scale per token represents the rest coarsely

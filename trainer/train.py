@@ -279,6 +279,8 @@ class Trainer:
         self.micro = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank, per micro-batch
         self.teacher, overrides = model_overrides(cfg, cache)
         self.teachers_read = [self.teacher] if cfg.align_weight > 0 else []  # what the loader reads
+        channels = cache.channel_scales(self.teacher) if cfg.align_weight > 0 else None  # int8 tokens' (D,)
+        self.channel_scales = None if channels is None else torch.from_numpy(channels).to(device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank and device
         model = build_model(cfg, overrides)
         self.model_config = model.config
@@ -308,7 +310,7 @@ class Trainer:
         the host-to-device copy move the int8 bytes)."""
         cfg = self.cfg
         if scales is not None:
-            features = dequantize_tokens(features, scales, torch.float32)
+            features = dequantize_tokens(features, scales, self.channel_scales)
         x = self.latent.encode(moments, z_noise)
         xt = interpolate(x, eps, t)
         target = velocity_target(x, eps)

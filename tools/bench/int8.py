@@ -19,9 +19,9 @@ the relative error |L(int8) - L(fp16)| / |L(fp16)| of the U-REPA alignment and m
 (``trainer.losses.urepa_alignment``, goal <= 1e-3) for two students: ``aligned`` (a fixed random rotation of
 the float16 tokens mixed with them, cosine ``--student-cos``, plus noise; losses of the size training
 sees) and ``random`` (Gaussian, unrelated: its alignment loss is about 0, so its relative error says
-nothing); bytes per token against float16 (goal <= 0.52). The cache stores ``absmax`` (cache.quant:
-one float32 absmax scale per token); the other rules are measured here only, for comparison
-(:data:`RULES`). Bytes on disk come from the built caches (a) and from the loader's caches.
+nothing); bytes per token against float16 (goal <= 0.52). The cache stores ``cache`` (cache.quant: channels
+louder than the median divided down to it by per-teacher channel scales, then one float32 absmax scale
+per token); the other rules are measured here only, for comparison (:data:`RULES`). Bytes on disk come from the built caches (a) and from the loader's caches.
 
 Loader: two caches of the same shapes (``--rows`` rows of 256 x 768, random values), float16 and int8,
 read by ``CacheLoader`` in the same run, in interleaved rounds: float16, int8 as stored (values and
@@ -53,7 +53,7 @@ import torch
 
 from cache import Layout, open_cache
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.quant import QMAX, SCALES_GROUP, STORED_DTYPES, dequantize_tokens, quantize_tokens
+from cache.quant import QMAX, SCALES_GROUP, STORED_DTYPES, channel_scales, dequantize_tokens, quantize_tokens
 from cache.runtime import resolve_device
 from pipeline.build import BuildConfig, build
 from pipeline.encoders import teacher_grid, teacher_name
@@ -222,9 +222,17 @@ def channel_rms(calibration: torch.Tensor) -> torch.Tensor:
 
 
 def absmax(x: torch.Tensor, calibration: torch.Tensor, bc: BenchInt8Config) -> torch.Tensor:
-    """What the cache stores: cache.quant's one absmax scale per token."""
+    """One absmax scale per token, nothing else (cache.quant without channel scales)."""
     q, s = quantize_tokens(x)
     return dequantize_tokens(q, s)
+
+
+def cache_rule(x: torch.Tensor, calibration: torch.Tensor, bc: BenchInt8Config) -> torch.Tensor:
+    """What the cache stores (cache.quant): channels louder than the median divided down to it (channel
+    scales from the calibration tokens, D float32 per teacher), then one absmax scale per token."""
+    c = channel_scales(calibration)
+    q, s = quantize_tokens(x, c)
+    return dequantize_tokens(q, s, c)
 
 
 def prescale(x: torch.Tensor, calibration: torch.Tensor, bc: BenchInt8Config) -> torch.Tensor:
@@ -269,7 +277,8 @@ def outlier_fp16(x: torch.Tensor, calibration: torch.Tensor, bc: BenchInt8Config
 Rule = Callable[[torch.Tensor, torch.Tensor, BenchInt8Config], torch.Tensor]
 #: name -> (the rule, stored bytes per token for D channels, what it stores per teacher besides)
 RULES: dict[str, tuple[Rule, Callable[[int, BenchInt8Config], int], str]] = {
-    "absmax": (absmax, lambda d, bc: d + 4, "nothing (cache.quant: what the cache stores)"),
+    "cache": (cache_rule, lambda d, bc: d + 4, "D float32 channel scales (cache.quant: what the cache stores)"),
+    "absmax": (absmax, lambda d, bc: d + 4, "nothing"),
     "prescale": (prescale, lambda d, bc: d + 4, "D float32 channel scales"),
     "group": (grouped, lambda d, bc: d + 4 * -(-d // bc.group), "nothing"),
     "clip": (clipped, lambda d, bc: d + 4, "nothing"),
@@ -355,7 +364,7 @@ def measure_set(ref: torch.Tensor, tokens: torch.Tensor, calibration: torch.Tens
                 stored: torch.Tensor | None = None, exact: bool = True) -> dict[str, Any]:
     """Every rule on one token set: ``ref`` the float16 tokens (n, T, D), ``tokens`` the float32 tokens the
     rules quantise, ``stored`` (optional) the dequantised tokens of a built int8 cache, measured as
-    ``absmax (built)``. ``exact``: ``tokens`` are the exact values (not float16 ones made float32), so
+    ``cache (built)``. ``exact``: ``tokens`` are the exact values (not float16 ones made float32), so
     float16's own error against them is measured too."""
     students = make_students(ref, cos=bc.student_cos, noise=bc.student_noise, seed=bc.seed)
     ref_losses = {k: urepa_losses(s, ref, batch=bc.loss_batch) for k, s in students.items()}
@@ -363,7 +372,7 @@ def measure_set(ref: torch.Tensor, tokens: torch.Tensor, calibration: torch.Tens
     rules: dict[str, Any] = {}
     todo: dict[str, Callable[[], torch.Tensor]] = {}
     if stored is not None:
-        todo["absmax (built)"] = lambda: stored
+        todo["cache (built)"] = lambda: stored
     for name, (rule, _, _) in RULES.items():
         todo[name] = lambda rule=rule: rule(tokens, calibration, bc)
     for name, make in todo.items():
@@ -422,8 +431,10 @@ def bench_teacher(bc: BenchInt8Config, out: Path) -> dict[str, Any]:
     q = torch.from_numpy(c8.features[name][:][rows]).flatten(0, 1)
     scales = torch.from_numpy(c8.feature_scales[name][:][rows]).flatten(0, 1)
     tokens = ref.float()
-    requantised, _ = quantize_tokens(tokens)
-    res = measure_set(ref, tokens, tokens[:bc.calibration_images], bc, stored=dequantize_tokens(q, scales),
+    channels = c8.channel_scales(name)
+    channels = None if channels is None else torch.from_numpy(channels)
+    requantised, _ = quantize_tokens(tokens, channels)
+    res = measure_set(ref, tokens, tokens[:bc.calibration_images], bc, stored=dequantize_tokens(q, scales, channels),
                       exact=False)
     b16, b8 = _array_bytes(c16, name), _array_bytes(c8, name)
     res.update({
@@ -453,8 +464,8 @@ def bench_synthetic(bc: BenchInt8Config) -> list[dict[str, Any]]:
         ref = tokens.half()
         res = measure_set(ref, tokens, calibration, bc)
         results.append({"teacher": asdict(teacher), **res})
-        print(f"synthetic outlier scale {scale:g}: absmax cos mean {res['rules']['absmax']['cos_mean']:.6f} "
-              f"min {res['rules']['absmax']['cos_min']:.6f}", flush=True)
+        print(f"synthetic outlier scale {scale:g}: cache rule cos mean {res['rules']['cache']['cos_mean']:.6f} "
+              f"min {res['rules']['cache']['cos_min']:.6f}", flush=True)
     return results
 
 
