@@ -4,7 +4,7 @@ loader (stored form, ``dequantize=True``, both I/O paths) and the map-style data
 import numpy as np
 import pytest
 import torch
-from common.synthetic import TEACHERS
+from common.synthetic import TEACHERS, float_tokens, token_cache
 
 import cache
 from cache import CacheDataset, CacheError, CacheWriter, Layout
@@ -82,40 +82,15 @@ def test_dequantize_is_values_times_scales():
     assert dequantize_tokens(q, s, dtype=torch.float64).tolist() == [[[-63.5, 0.0, 2.5, 63.5]]]
 
 
-def _float_tokens(rows, variants, t, d, j):
-    """Distinct, row-dependent float tokens for the int8 synthetic cache."""
-    g = np.random.default_rng(j)
-    base = g.standard_normal((t, d)).astype(np.float32)
-    return (base[None, None] * (1 + rows[:, None, None, None] / 10) + 3 * np.arange(variants)[None, :, None, None]
-            ).astype(np.float32)
-
-
 CHANNELS = np.array([1.0, 1.0, 7.5, 1.0, 1.25], np.float32)  # t_a's channel scales: channel 2 an outlier
 
 
 @pytest.fixture(scope="module")
 def int8_cache(tmp_path_factory, io_mode):
-    """The synthetic layout with t_a in int8 (written from float tokens, quantised by the writer) and t_b
-    in float16; returns (cache, the float tokens of t_a)."""
-    n, variants = 40, 2
-    layout = Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16, chunk_rows=4,
-                    feature_dtypes={"t_a": "int8"})
-    sources = [{"path": f"c{i % 3}/img{i:04d}.jpg", "size": 10 + i, "label": i % 3} for i in range(n)]
-    path = tmp_path_factory.mktemp("q") / "c.zarr"
-    writer, _ = CacheWriter.create_or_resume(path, layout=layout, sources=sources, manifest={
-        "classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {},
-        "teachers": {"t_a": {"spec": "synthetic", "channel_scales": CHANNELS.tolist()}}})
-    full = {}
-    for s in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(s)
-        rows = np.arange(lo, hi)
-        feats = {k: _float_tokens(rows, variants, t, d, j) for j, (k, (t, d)) in enumerate(TEACHERS.items())}
-        full.setdefault("t_a", []).append(feats["t_a"])
-        feats["t_b"] = feats["t_b"].astype(np.float16)
-        writer.write_shard(s, latents=np.zeros((hi - lo, variants, 8, 2, 2), np.float16), features=feats,
-                           labels=(rows % 3).astype(np.int32))
-    writer.finalize({"seconds": 0})
-    return cache.open_cache(path), np.concatenate(full["t_a"])
+    """The synthetic layout with t_a in int8 (written from float tokens, quantised by the writer with
+    CHANNELS) and t_b in float16; returns (cache, the float tokens of t_a)."""
+    c = token_cache(tmp_path_factory.mktemp("q") / "c.zarr", n=40, skipped=(), channel_scales={"t_a": CHANNELS})
+    return c, float_tokens(np.arange(40), 2, *TEACHERS["t_a"], 0)
 
 
 def test_int8_cache_stores_values_and_scales(int8_cache):
