@@ -208,3 +208,20 @@ def test_build_warns_when_int8_tokens_miss_the_cosine_goal(caplog):
     assert out["bad"] == {"tokens": 100, "cos_mean": pytest.approx(0.999), "cos_min": pytest.approx(0.998)}
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "int8 teacher bad" in warned[0].getMessage() and "--feature-dtype fp16" in warned[0].getMessage()
+
+
+def test_a_rerun_keeps_the_channel_scales_the_cache_holds(tmp_path):
+    """Channel scales are measured once; a rerun whose own measurement differs in the last bits (a GPU) resumes
+    with the stored ones instead of being refused or re-quantising."""
+    c = token_cache(tmp_path / "c.zarr", n=16, skipped=(), channel_scales={"t_a": CHANNELS})
+    m = c.manifest.to_dict()
+    m["teachers"]["t_a"]["channel_scales"] = (CHANNELS * (1 + 1e-6)).tolist()
+    writer, resumed = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=c.layout, manifest=m,
+                                                   sources=c.sources())
+    assert resumed and writer.manifest.is_complete
+    np.testing.assert_array_equal(writer.channel_scales("t_a"), CHANNELS)
+    np.testing.assert_array_equal(cache.open_cache(tmp_path / "c.zarr").channel_scales("t_a"), CHANNELS)
+    # but a damaged record is refused by name
+    m["teachers"]["t_a"]["channel_scales"] = [1.0, -2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(CacheError, match="channel scales"):
+        cache.store.manifest_channel_scales(cache.Manifest.from_dict(m), "t_a", c.layout)
