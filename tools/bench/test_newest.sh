@@ -13,7 +13,7 @@ if [ ! -x "$ROOTFS/venv/bin/python" ]; then
   command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
   debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,g++,ca-certificates trixie "$ROOTFS"
   mkdir -p "$ROOTFS/wh"
-  plat=""; for v in 17 24 27 28 31 34; do plat="$plat --platform manylinux_2_${v}_x86_64"; done
+  plat=""; for v in $(seq 5 40); do plat="$plat --platform manylinux_2_${v}_x86_64"; done  # every glibc tag up to Debian 13's (2.41)
   # shellcheck disable=SC2086
   "$PY" -m pip download -q --only-binary=:all: --python-version 3.13 $plat --platform manylinux2014_x86_64 \
     --platform any --implementation cp --abi cp313 --abi none --abi abi3 -d "$ROOTFS/wh" $PKGS
