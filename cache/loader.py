@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from zarr.core.sync import sync
 
-from .quant import SCALES_GROUP
+from .quant import SCALES_GROUP, dequantize_into
 from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
 
 if TYPE_CHECKING:
     from .store import Cache
 
-__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError", "dequantize_into"]
+__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError"]
 
 _EMPTY = np.uint64(EMPTY_CHUNK)
 
@@ -245,29 +245,6 @@ class _RowReader:
                 got += n
 
 
-_TORCH_DTYPES = {np.dtype(np.float16).str: torch.float16, np.dtype(np.int8).str: torch.int8,
-                 np.dtype(np.float32).str: torch.float32}
-
-
-_DEQUANT_BLOCK = 1 << 20  # values per step of dequantize_into: its float32 temporary (4 MB) stays in cache
-
-
-def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray, channels: np.ndarray | None = None) -> None:
-    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...) x ``channels`` (D,) (None: ones),
-    in float32 then rounded once: :func:`cache.quant.dequantize_tokens`'s values, computed a few rows at a
-    time so that no batch-sized float32 temporary is made (which would make it memory-bound and several
-    times slower)."""
-    q, s, o = (torch.from_numpy(np.asarray(a)) for a in (values, scales, out))
-    c = None if channels is None else torch.from_numpy(np.asarray(channels, dtype=np.float32))
-    step = max(1, _DEQUANT_BLOCK // max(1, q[0].numel() if len(q) else 1))
-    for i in range(0, len(q), step):
-        x = q[i:i + step].to(torch.float32) * s[i:i + step].unsqueeze(-1)
-        if c is None:
-            o[i:i + step].copy_(x)
-        else:
-            torch.mul(x, c, out=o[i:i + step])
-
-
 def _read_dequantized(values: Any, scales: Any, channels: np.ndarray | None, rows: np.ndarray, variants: np.ndarray,
                       q: np.ndarray, sc: np.ndarray, out: np.ndarray) -> None:
     """out (n, T, D) float16 = int8 values x scales x channel scales of the given rows (one reader thread's part)."""
@@ -402,7 +379,7 @@ class CacheLoader:
 
     def _alloc(self, shape: tuple[int, ...], dtype: np.dtype, *, pin: bool) -> torch.Tensor:
         if pin:  # torch's caching host allocator recycles pinned blocks safely
-            return torch.empty(shape, dtype=_TORCH_DTYPES[dtype.str], pin_memory=True)
+            return torch.empty(shape, dtype=getattr(torch, dtype.name), pin_memory=True)  # float16, int8, float32
         return torch.from_numpy(self._pool.get(shape, dtype))
 
     def _empty(self, n: int) -> dict[str, torch.Tensor]:

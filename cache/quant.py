@@ -21,10 +21,11 @@ dequantises inside its compiled step) and on numpy arrays through ``torch.from_n
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "COSINE_GOAL", "CALIBRATION_ROWS",
-           "channel_scales", "quantize_tokens", "dequantize_tokens", "token_cosine"]
+           "channel_scales", "quantize_tokens", "dequantize_tokens", "dequantize_into", "token_cosine"]
 
 QMAX = 127
 SCALES_GROUP = "feature_scales"  # where a cache keeps int8 teachers' scales: 'feature_scales/<teacher>'
@@ -89,6 +90,25 @@ def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor, channels: torch.Tens
     if c is not None:
         out = out * c
     return out.to(dtype)
+
+
+_DEQUANT_BLOCK = 1 << 20  # values per step of dequantize_into: its float32 temporary (4 MB) stays in cache
+
+
+def dequantize_into(values: np.ndarray, scales: np.ndarray, out: np.ndarray, channels: np.ndarray | None = None) -> None:
+    """out (n, ..., D) float16 = int8 ``values`` x float32 ``scales`` (n, ...) x ``channels`` (D,) (None: ones),
+    in float32 then rounded once: :func:`dequantize_tokens`'s values, computed a few rows at a
+    time so that no batch-sized float32 temporary is made (which would make it memory-bound and several
+    times slower)."""
+    q, s, o = (torch.from_numpy(np.asarray(a)) for a in (values, scales, out))
+    c = None if channels is None else torch.from_numpy(np.asarray(channels, dtype=np.float32))
+    step = max(1, _DEQUANT_BLOCK // max(1, q[0].numel() if len(q) else 1))
+    for i in range(0, len(q), step):
+        x = q[i:i + step].to(torch.float32) * s[i:i + step].unsqueeze(-1)
+        if c is None:
+            o[i:i + step].copy_(x)
+        else:
+            torch.mul(x, c, out=o[i:i + step])
 
 
 def token_cosine(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,

@@ -49,13 +49,14 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .config import nested_diff
 from .manifest import SCHEMA_VERSION, Manifest, ManifestError
-from .quant import SCALES_GROUP
+from .quant import SCALES_GROUP, quantize_tokens
 from .shardfile import (
     ShardFormat,
     ShardIndexError,
@@ -223,7 +224,7 @@ class Layout:
         return cls(
             num_rows=d["num_rows"], resolution=d["resolution"], variants=d["variants"], teachers=teachers,
             shard_rows=d["shard_rows"], chunk_rows=d["chunk_rows"], compressor=d["compressor"],
-            feature_dtypes={k: v for k, v in dtypes.items() if v != "float16"},
+            feature_dtypes={k: v for k, v in dtypes.items() if v != "float16"},  # before the check of the names
         )
 
 
@@ -344,7 +345,7 @@ def _array_kwargs(layout: Layout, row_shape: tuple[int, ...]) -> dict[str, Any]:
 
 
 def manifest_channel_scales(manifest: Manifest, name: str, layout: Layout,
-                   pending: Mapping[str, Any] | None = None) -> np.ndarray | None:
+                            pending: Mapping[str, Any] | None = None) -> np.ndarray | None:
     """Teacher ``name``'s channel scales as float32 (D,) from its manifest record (or, for a teacher being
     added, its pending record); None for a float16 teacher or a record without them."""
     if name not in layout.teachers or not layout.quantized(name):
@@ -375,14 +376,18 @@ def _keep_calibration(old: Mapping[str, Any], new: dict[str, Any]) -> None:
             record["channel_scales"] = stored[name]
 
 
+def _create_array(group: zarr.Group, layout: Layout, name: str) -> None:
+    """The sharded array ``name`` of :meth:`Layout.row_shapes` ('latents', 'features/<t>', ...) in a cache group."""
+    shape, dtype = layout.row_shapes()[name]
+    parent, _, leaf = name.rpartition("/")
+    (group.require_group(parent) if parent else group).create_array(leaf, dtype=dtype, **_array_kwargs(layout, shape))
+
+
 def _create_teacher_arrays(group: zarr.Group, layout: Layout, name: str) -> None:
     """The token array of teacher ``name`` (and for int8 tokens its scales) in a cache group."""
-    tokens, dim = layout.teachers[name]
-    group.require_group("features").create_array(
-        name, dtype=layout.feature_dtype(name), **_array_kwargs(layout, (layout.variants, tokens, dim)))
+    _create_array(group, layout, f"features/{name}")
     if layout.quantized(name):
-        group.require_group(SCALES_GROUP).create_array(
-            name, dtype="float32", **_array_kwargs(layout, (layout.variants, tokens)))
+        _create_array(group, layout, f"{SCALES_GROUP}/{name}")
 
 
 def _progress_key(shard: int) -> str:
@@ -674,8 +679,7 @@ class CacheWriter:
         marker = {"created_by": CREATED_BY, "id": generation, "created": manifest["created"]}
         _store_set(store, IDENTITY_KEY, json.dumps(marker).encode())
         group = zarr.open_group(store, mode="a")
-        group.create_array("latents", dtype="float16",
-                           **_array_kwargs(layout, (layout.variants, LATENT_CHANNELS, layout.resolution // 8, layout.resolution // 8)))
+        _create_array(group, layout, "latents")
         group.create_group("features")
         for name in layout.teachers:
             _create_teacher_arrays(group, layout, name)
@@ -734,10 +738,8 @@ class CacheWriter:
                 raise CacheError(f"{os.fspath(url)} is not finished: rerun its build command first, then drop "
                                  f"teacher {name!r}")
             lay = manifest.layout
-            layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
-                            teachers={k: v for k, v in lay.teachers.items() if k != name}, shard_rows=lay.shard_rows,
-                            chunk_rows=lay.chunk_rows, compressor=lay.compressor,
-                            feature_dtypes={k: v for k, v in lay.feature_dtypes.items() if k != name})
+            layout = dataclasses.replace(lay, teachers={k: v for k, v in lay.teachers.items() if k != name},
+                                         feature_dtypes={k: v for k, v in lay.feature_dtypes.items() if k != name})
             new = {**stored, "layout": layout.to_dict(),
                    "teachers": {k: v for k, v in (stored.get("teachers") or {}).items() if k != name}}
         else:
@@ -843,10 +845,6 @@ class CacheWriter:
             if scales is not None:
                 raise CacheError(f"shard {shard}: scales given with {tokens.dtype} tokens for {name!r}; give int8 "
                                  "values with their scales, or float tokens alone (quantised here)")
-            import torch
-
-            from .quant import quantize_tokens
-
             channels = self.channel_scales(name)
             q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
                                    None if channels is None else torch.from_numpy(channels))

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .loader import CacheLoader, dequantize_into, rank_batches
-from .quant import SCALES_GROUP
+from .loader import CacheLoader, rank_batches
+from .quant import SCALES_GROUP, dequantize_into
 from .store import CacheChangedError, CacheReader, open_cache
 
 __all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
@@ -114,6 +114,7 @@ class CacheDataset(_ReopensByUrl, Dataset):
         self.variant = variant
         self.dequantize = dequantize
         self.quantized = [n for n in self.teachers if self.cache.layout.quantized(n)]
+        self.channel_scales = {n: self.cache.channel_scales(n) for n in self.quantized}
 
     def __len__(self) -> int:
         return len(self.cache.rows)
@@ -142,8 +143,7 @@ class CacheDataset(_ReopensByUrl, Dataset):
         if self.dequantize:
             for n in self.quantized:
                 tokens = np.empty(data[f"features/{n}"].shape, dtype=np.float16)
-                dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens,
-                                self.cache.channel_scales(n))
+                dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens, self.channel_scales[n])
                 data[f"features/{n}"] = tokens
         data = {k: torch.from_numpy(v[0]) for k, v in data.items()}
         return {

@@ -63,7 +63,6 @@ from .encoders import (
 from .sources import SourceListing, list_image_folder, unsafe_source_path
 
 _logger = logging.getLogger("pipeline.build")
-_TORCH = {"float16": torch.float16, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,8 @@ class BuildConfig:
         "help": "rows per shard (one object per array; the unit of work and of resume)", "min": 1})
     chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
     feature_dtype: Literal["fp16", "int8"] = field(default="fp16", metadata={
-        "help": "teacher tokens as float16, or int8 with one float32 scale per token (absmax; about half the "
-                "bytes; docs/cache.md); for the teachers this run encodes"})
+        "help": "teacher tokens as float16, or int8 with one float32 scale per token after equalising outlier "
+                "channels (about half the bytes; docs/cache.md); for the teachers this run encodes"})
     compressor: Literal["none", "zstd"] = field(default="none", metadata={
         "help": "none (rows readable by byte range) or zstd"})
     max_pixels: int = field(default=1 << 28, metadata={
@@ -197,8 +196,8 @@ class Encoders(torch.nn.Module):
                 q, scale = quantize_tokens(v.float(), self._channels[k])
                 cos = token_cosine(v, q, scale, self._channels[k])
                 acc = self.int8_check.setdefault(k, torch.tensor([0.0, 0.0, 1.0], device=v.device, dtype=torch.float64))
-                acc += torch.stack([cos.double().sum(), torch.tensor(cos.numel(), device=v.device, dtype=torch.float64),
-                                    torch.zeros((), device=v.device, dtype=torch.float64)])
+                acc[0] += cos.double().sum()
+                acc[1] += cos.numel()
                 acc[2] = torch.minimum(acc[2], cos.min().double())
                 out[k] = (split(q, torch.int8), split(scale, torch.float32))
             else:
@@ -312,7 +311,7 @@ class _ShardBuffers:
         self.latents = (torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
                         if latents else None)
         self.features = {k: torch.empty((self.n, layout.variants, *layout.teachers[k]),
-                                        dtype=_TORCH[layout.feature_dtype(k)], pin_memory=pin) for k in teachers}
+                                        dtype=getattr(torch, layout.feature_dtype(k)), pin_memory=pin) for k in teachers}
         self.scales = {k: torch.empty((self.n, layout.variants, layout.teachers[k][0]), dtype=torch.float32,
                                       pin_memory=pin) for k in teachers if layout.quantized(k)}
         self.labels = np.full(self.n, -1, np.int32)
@@ -532,8 +531,8 @@ def _int8_check(encoders: Encoders, names: list[str], device: torch.device, worl
         (_logger.info if ok else _logger.warning)(
             "int8 teacher %s: per-token cosine to the float tokens mean %.6f, min %.6f over %d tokens%s", k,
             out[k]["cos_mean"], least, int(count),
-            "" if ok else f" (below the goal mean {goal_mean}, min {goal_min}: the tokens have outlier values "
-                          "that one scale per token represents poorly; consider --feature-dtype fp16, docs/cache.md)")
+            "" if ok else f" (below the goal mean {goal_mean}, min {goal_min}: even with the channel scales, "
+                          "one scale per token represents these tokens poorly; consider --feature-dtype fp16, docs/cache.md)")
     return out
 
 
