@@ -26,39 +26,25 @@ cache.inspect DST --verify`` checks.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
+from .cli.advice import explain
 from .config import ConfigError, check_fields, parse_config
-from .manifest import Manifest, ManifestError
-from .quant import (
-    CALIBRATION_ROWS,
-    FEATURE_DTYPES,
-    SCALES_GROUP,
-    STORED_DTYPES,
-    channel_scales,
-    dequantize_tokens,
-    quantize_tokens,
-)
+from .errors import CacheError
+from .formats import FORMATS, format_named, open_cache
+from .layout import DTYPE_OPTIONS, SCALES_GROUP, Layout, stored_dtype
+from .manifest import Manifest, ManifestError, channel_scales_of
+from .quant import CALIBRATION_ROWS, channel_scales, dequantize_tokens, quantize_tokens
+from .reader import CacheReader
 from .runtime import setup_logging
-from .store import (
-    ADDING_KEY,
-    FORMATS,
-    CacheError,
-    CacheReader,
-    CacheWriter,
-    Layout,
-    manifest_channel_scales,
-    open_cache,
-)
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -72,15 +58,15 @@ class ConvertConfig:
 
     src: str = field(default="", metadata={"help": "the cache to copy (zarr folder, .h5 file or FFCV folder)"})
     dst: str = field(default="", metadata={"help": "where the copy goes (it must not exist, unless --overwrite)"})
-    format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": FORMATS})
+    format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": tuple(FORMATS)})
     teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (default: all)"})
     feature_dtype: str = field(default="keep", metadata={
         "help": "teacher tokens in the copy: keep (as stored, bit for bit), fp16 (int8 teachers dequantised) or "
                 "int8 (float16 teachers quantised from their float16 values, one float32 scale per token; may "
                 "differ from a --feature-dtype int8 build by the rounding of that float16 intermediate)",
-        "choices": ("keep", *FEATURE_DTYPES)})
+        "choices": ("keep", *DTYPE_OPTIONS)})
     block_rows: int = field(default=0, metadata={
-        "help": "rows read and written at a time (0: the source's shard rows)", "min": 0})
+        "help": "rows read and written at a time (0: what the source reads well, a zarr shard)", "min": 0})
     compression: Literal["none", "gzip"] = field(default="none", metadata={
         "help": "hdf5 only: none (contiguous, read by byte range) or gzip (chunked, read through h5py)"})
     workers: int = field(default=2, metadata={"help": "FFCV writer processes", "min": 1})
@@ -96,7 +82,7 @@ def target_dtypes(src: CacheReader, teachers: list[str], feature_dtype: str = "k
     """The stored dtype ('float16' or 'int8') of each kept teacher's tokens in the copy."""
     if feature_dtype == "keep":
         return {t: src.layout.feature_dtype(t) for t in teachers}
-    return {t: STORED_DTYPES[feature_dtype] for t in teachers}
+    return {t: stored_dtype(feature_dtype) for t in teachers}
 
 
 def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = "keep") -> tuple[Manifest, Layout]:
@@ -105,15 +91,12 @@ def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = 
     changes a manifest. A teacher whose dtype changes gets ``dtype`` and ``converted_from`` in its record."""
     dtypes = target_dtypes(src, teachers, feature_dtype)
     changed = {t: src.layout.feature_dtype(t) for t in teachers if dtypes[t] != src.layout.feature_dtype(t)}
-    pending = ADDING_KEY in src.manifest.extra  # a teacher being added to the source: not part of the copy
+    pending = bool(src.manifest.pending)  # a teacher being added to the source: not part of the copy
     if teachers == list(src.layout.teachers) and not changed and not pending:
         return src.manifest, src.layout
     manifest = src.manifest.to_dict()
-    manifest.pop(ADDING_KEY, None)
-    lay = src.layout
-    layout = Layout(num_rows=lay.num_rows, resolution=lay.resolution, variants=lay.variants,
-                    teachers={t: lay.teachers[t] for t in teachers}, shard_rows=lay.shard_rows,
-                    chunk_rows=lay.chunk_rows, compressor=lay.compressor, feature_dtypes=dtypes)
+    manifest.pop("adding", None)
+    layout = src.layout.with_teachers({t: src.layout.teachers[t] for t in teachers}, dtypes)
     manifest["layout"] = layout.to_dict()
     if manifest.get("teachers") is not None:
         manifest["teachers"] = {t: v for t, v in manifest["teachers"].items() if t in teachers}
@@ -127,7 +110,7 @@ def target_manifest(src: CacheReader, teachers: list[str], feature_dtype: str = 
     try:
         return Manifest.from_dict(manifest), layout
     except ManifestError as e:
-        raise CacheError(f"{src.url}: the manifest reduced to teachers {teachers} is malformed: {e}") from None
+        raise CacheError(f"{src.url}: the manifest reduced to teachers {teachers} is malformed: {e}", url=src.url) from None
 
 
 def _calibrate(src: CacheReader, teacher: str) -> list[float]:
@@ -158,12 +141,12 @@ def _blocks(src: CacheReader, target: Manifest, layout: Layout, lo: int, hi: int
         scales = np.asarray(src.feature_scales[t][lo:hi], dtype=np.float32) if src.layout.quantized(t) else None
         if layout.quantized(t) and scales is None:  # float16 -> int8
             try:
-                channels = manifest_channel_scales(target, t, layout)
+                channels = channel_scales_of(target, t, url=src.url)
                 q, s = quantize_tokens(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)),
                                        None if channels is None else torch.from_numpy(channels))
             except ValueError as e:
-                raise CacheError(f"{src.url}: teacher {t!r} rows {lo}..{hi} cannot be stored as int8 ({e}); convert "
-                                 "with --feature-dtype keep or fp16") from None
+                raise CacheError(f"{src.url}: teacher {t!r} rows {lo}..{hi} cannot be stored as int8 ({e})",
+                                 url=src.url) from None
             tokens, scales = q.numpy(), s.numpy()
         elif not layout.quantized(t) and scales is not None:  # int8 -> float16
             channels = src.channel_scales(t)
@@ -185,34 +168,36 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format:
     says ('keep', 'fp16', 'int8'); returns the copy, opened. See the module docstring for the dtypes,
     atomicity and resuming."""
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path).rstrip("/")
-    if format not in FORMATS:
-        raise CacheError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
-    if feature_dtype not in ("keep", *FEATURE_DTYPES):
-        raise CacheError(f"unknown feature dtype {feature_dtype!r}: use one of keep, {', '.join(FEATURE_DTYPES)}")
+    target = format_named(format)
+    if feature_dtype != "keep" and feature_dtype not in DTYPE_OPTIONS:
+        raise CacheError(f"unknown feature dtype {feature_dtype!r}: use one of keep, {', '.join(DTYPE_OPTIONS)}")
     src = open_cache(src_path)
     names = list(src.layout.teachers) if not teachers else list(teachers)
     unknown = sorted(set(names) - set(src.layout.teachers))
     if unknown:
-        raise CacheError(f"{src_path} has no teachers {unknown}; it has {sorted(src.layout.teachers)}")
+        raise CacheError(f"{src_path} has no teachers {unknown}; it has {sorted(src.layout.teachers)}", url=src_path)
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
-        raise CacheError(f"{dst_path} is the source itself; choose another DST")
+        raise CacheError(f"{dst_path} is the source itself; choose another DST", url=dst_path)
     if os.path.lexists(dst_path):
         if not overwrite:
-            raise CacheError(f"{dst_path} exists; choose another DST, or pass --overwrite to replace it")
+            raise CacheError(f"{dst_path} exists", url=dst_path, remedy="replace")
         open_cache(dst_path, allow_incomplete=True)  # only ever replace a cache, never a folder we merely find
     manifest, layout = target_manifest(src, names, feature_dtype)
-    block = block_rows or layout.shard_rows
     tmp = dst_path + PARTIAL
-    sources = src.sources()
+    writer = target.writer(tmp, layout=layout, manifest=manifest, sources=src.sources(),
+                           block_rows=block_rows or src.block_rows,
+                           compression=compression, workers=workers)
     bar = tqdm(total=layout.num_rows, unit="row", desc=f"convert to {format}", disable=not progress, file=sys.stderr)
     try:
-        if format == "zarr":
-            _to_zarr(src, tmp, manifest, layout, sources, bar)
-        elif format == "hdf5":
-            _to_hdf5(src, tmp, manifest, layout, sources, bar, block, compression)
-        else:
-            _to_ffcv(src, tmp, manifest, layout, sources, bar, block, workers)
+        done = writer.done_blocks()
+        for lo in range(0, layout.num_rows, writer.block_rows):
+            hi = min(lo + writer.block_rows, layout.num_rows)
+            if lo not in done:
+                writer.write_block(lo, _blocks(src, manifest, layout, lo, hi))
+            bar.update(hi - lo)
+        writer.finish()
     finally:
+        writer.close()
         bar.close()
     if os.path.lexists(dst_path):
         _remove(dst_path)
@@ -228,89 +213,6 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _to_zarr(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             bar: tqdm) -> None:
-    writer, resumed = CacheWriter.create_or_resume(tmp, layout=layout, manifest=manifest, sources=sources,
-                                                   overwrite=True)
-    done = writer.completed_shards() if resumed else set()
-    skipped = [s.to_dict() for s in manifest.skipped_files]
-    for shard in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(shard)
-        if shard not in done:
-            data = _blocks(src, manifest, layout, lo, hi)
-            writer.write_shard(shard, latents=data["latents"], features={t: data[f"features/{t}"] for t in layout.teachers},
-                               scales={t: data[f"{SCALES_GROUP}/{t}"] for t in layout.quantized_teachers},
-                               labels=data["labels"], skipped=[s for s in skipped if lo <= s["row"] < hi])
-        bar.update(hi - lo)
-    writer.finalize(manifest.stats.to_dict() if manifest.stats is not None else {})
-
-
-def _to_hdf5(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             bar: tqdm, block: int, compression: str) -> None:
-    from .h5cache import H5Writer
-
-    if os.path.lexists(tmp):  # an HDF5 file is not safely resumable: start again
-        _remove(tmp)
-    writer = H5Writer(tmp, layout=layout, manifest=manifest, sources=sources, block_rows=block,
-                      compression=None if compression == "none" else compression)
-    try:
-        for lo in range(0, layout.num_rows, block):
-            hi = min(lo + block, layout.num_rows)
-            writer.write_block(lo, _blocks(src, manifest, layout, lo, hi))
-            bar.update(hi - lo)
-        writer.finish()
-    finally:
-        writer.close()
-
-
-def _to_ffcv(src: CacheReader, tmp: str, manifest: Manifest, layout: Layout, sources: list[dict[str, Any]],
-             bar: tqdm, block: int, workers: int) -> None:
-    """Stage the rows as raw .npy arrays block by block (resumable: one record per finished block), then
-    let FFCV's writer make the .beton from them, then drop the stage."""
-    from .ffcvcache import array_dtypes, variant_shapes, write_ffcv
-
-    stage = os.path.join(tmp, "stage")
-    os.makedirs(stage, exist_ok=True)
-    plan = {"rows": layout.num_rows, "block": block, "layout": layout.to_dict(), "source": src.url}
-    plan_path = os.path.join(stage, "plan.json")
-    old = None
-    if os.path.exists(plan_path):
-        with open(plan_path) as f:
-            old = json.load(f)
-    if old != plan:  # another conversion's leftovers: start again
-        shutil.rmtree(tmp)
-        os.makedirs(stage)
-        with open(plan_path, "w") as f:
-            json.dump(plan, f)
-    names = layout.array_names()
-    files = {name: os.path.join(stage, name.replace("/", "__") + ".npy") for name in names}
-    shapes = {**{k: (layout.variants, *s) for k, s in variant_shapes(layout).items()}, "labels": ()}
-    dtypes = {**array_dtypes(layout), "labels": np.dtype("<i4")}
-    arrays = {}
-    for name, path in files.items():
-        mode = "r+" if os.path.exists(path) else "w+"
-        arrays[name] = np.lib.format.open_memmap(path, mode=mode, dtype=dtypes[name],
-                                                 shape=(layout.num_rows, *shapes[name]))
-    for lo in range(0, layout.num_rows, block):
-        hi = min(lo + block, layout.num_rows)
-        marker = os.path.join(stage, f"block-{lo:012d}.done")
-        if not os.path.exists(marker):
-            data = _blocks(src, manifest, layout, lo, hi)
-            for name in names:
-                arrays[name][lo:hi] = data[name]
-                arrays[name].flush()
-            open(marker, "w").close()  # after the block's data: a killed run writes this block again
-        bar.update(hi - lo)
-    labels = np.array(arrays.pop("labels"))
-    del arrays
-    beton = os.path.join(tmp, "data.beton")
-    if os.path.exists(beton):
-        os.remove(beton)
-    write_ffcv(tmp, stage={k: files[k] for k in names if k != "labels"}, layout=layout, manifest=manifest,
-               sources=sources, labels=labels, num_workers=workers)
-    shutil.rmtree(stage)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg, dry = parse_config(ConvertConfig, argv, positional=("src", "dst"))
     if dry:
@@ -321,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 feature_dtype=cfg.feature_dtype, block_rows=cfg.block_rows, compression=cfg.compression, workers=cfg.workers,
                 overwrite=cfg.overwrite)
     except CacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, out_flag='DST')}", file=sys.stderr)
         return 2
     return 0
 

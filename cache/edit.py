@@ -16,8 +16,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from .cli.advice import explain
 from .config import ConfigError, check_fields, parse_config
-from .store import CacheError, CacheWriter, detect_format
+from .errors import CacheError
+from .formats import detect_format
+from .formats.zarr import CacheWriter
 
 __all__ = ["EditConfig", "main"]
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run:
         return 0
     try:
-        fmt = detect_format(cfg.path)
+        fmt = detect_format(cfg.path).name
         if fmt != "zarr":
             raise CacheError(f"{cfg.path} is an {fmt} cache, a converted copy: drop the teacher from the zarr cache "
                              "it was converted from and convert again (`python -m cache.convert`)")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = CacheWriter.drop_teacher(cfg.path, name)
             print(f"dropped teacher {name}; {cfg.path} holds {', '.join(manifest.layout.teachers) or 'no teacher'}")
     except CacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, out_flag='PATH')}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,11 +2,11 @@
 
     python -m cache.inspect PATH [--verify] [--json]
 
-``--verify`` prints one ``PROBLEM: ...`` line per damaged shard object (missing, bytes that fail the
-checksum recorded at build time, an index that fails its crc32c) and per other fault, and exits 1;
-``python -m pipeline.build SOURCE PATH --repair`` re-encodes the damaged shards. PATH may be any format
-(:func:`cache.open_cache`); an HDF5 or FFCV cache is checked against the checksums recorded when it was
-converted (``python -m cache.convert``), and converting it again repairs it.
+``--verify`` prints one ``PROBLEM: ...`` line per fault :meth:`cache.reader.CacheReader.verify` finds
+(a damaged or missing stored object, bytes that fail the checksum recorded when they were written,
+labels out of range, non-finite values, all-zero data rows), each with what to do, and exits 1: a zarr
+cache's damaged shards are re-encoded by ``python -m pipeline.build SOURCE PATH --repair``, a converted
+HDF5 or FFCV copy is converted again. PATH may be any format (:func:`cache.open_cache`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from .cli.advice import explain, problem_advice
 from .config import ConfigError, check_fields, parse_config
+from .errors import CacheError
+from .formats import open_cache
+from .layout import SCALES_GROUP
 from .manifest import EncoderInfo
-from .quant import SCALES_GROUP
-from .store import CacheError, CacheReader, open_cache
+from .reader import CacheReader
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class InspectConfig:
 def summary(cache: CacheReader) -> dict[str, Any]:
     m = cache.manifest
     lay = cache.layout
-    sizes = cache.nbytes_stored()
+    sizes = cache.stored_bytes()
     return {
         "path": cache.url,
         "format": cache.format,
@@ -57,9 +58,8 @@ def summary(cache: CacheReader) -> dict[str, Any]:
         "features": {k: list(v.shape) for k, v in cache.features.items()},
         "vae": _encoder(m.vae),
         "teachers": {k: _teacher(cache, k, sizes) for k in lay.teachers},
-        "shard_rows": lay.shard_rows,
-        "chunk_rows": lay.chunk_rows,
-        "compressor": lay.compressor,
+        "storage": cache.describe_storage(),
+        **lay.storage,
         "bytes": sizes,
         "total_bytes": sum(sizes.values()),
         "source": {"root": m.source_root, "num_files": m.source.num_files if m.source else None,
@@ -84,90 +84,6 @@ def _teacher(cache: CacheReader, name: str, sizes: dict[str, int]) -> dict[str, 
             "encode": None if info is None else info.extra.get("encode")}
 
 
-def verify(cache: CacheReader) -> list[str]:
-    """Problems of the cache, one sentence each (empty when sound): shards without a progress record;
-    per damaged shard object (missing, bytes not matching the checksum recorded at build time, index
-    failing its crc32c) one line naming the array, the shard and the file; labels out of range;
-    non-finite values and all-zero data rows in the shards that pass those checks. An HDF5 or FFCV
-    cache: its data against the checksums recorded at conversion, then the same label and value checks."""
-    if cache.format != "zarr":
-        return _verify_converted(cache)
-    problems = []
-    finished = cache.finished_shards()
-    missing = sorted(set(range(cache.layout.num_shards)) - finished)
-    if missing:
-        problems.append(f"{len(missing)} shards have no progress record (first {missing[:5]}): the build has not "
-                        "finished them; rerun the build command")
-    damage = cache.verify_shards()
-    problems += [f"{d}; rebuild it with `python -m pipeline.build SOURCE {cache.url} --repair`" for d in damage]
-    damaged = {(d.shard, d.array) for d in damage} | {(d.shard, a) for d in damage if d.array == "progress"
-                                                         for a in ("latents", "labels", *_feature_names(cache))}
-    problems += _label_problems(cache)
-    labels = cache.labels
-    arrays = _data_arrays(cache)
-    for shard in sorted(finished):
-        lo, hi = cache.layout.shard_rows_range(shard)
-        data_rows = labels[lo:hi] >= 0
-        for name, arr in arrays.items():
-            if (shard, name) in damaged:
-                continue
-            where = f"{name} shard {shard} ({cache.shard_object(name, shard)})"
-            try:
-                block = arr[lo:hi]
-            except Exception as e:
-                problems.append(f"{where}: cannot be read ({type(e).__name__}: {e})")
-                continue
-            if not np.isfinite(block).all():
-                problems.append(f"{where}: non-finite values in rows {lo}..{hi}")
-            flat = block.reshape(block.shape[0], -1)
-            empty = ~flat.any(axis=1)
-            if (empty & data_rows).any():
-                row = lo + int(np.flatnonzero(empty & data_rows)[0])
-                problems.append(f"{where}: row {row} is all zeros (missing chunk?)")
-    return problems
-
-
-def _label_problems(cache: CacheReader) -> list[str]:
-    problems = []
-    labels = cache.labels
-    ncls = len(cache.manifest.classes)
-    if labels.size and (labels.max() >= ncls or labels.min() < -1):
-        problems.append(f"labels outside [-1, {ncls})")
-    skipped_rows = {s.row for s in cache.manifest.skipped_files}
-    if cache.complete and skipped_rows != set(np.flatnonzero(labels < 0).tolist()):
-        problems.append("rows with label -1 differ from the manifest's skip list")
-    return problems
-
-
-def _verify_converted(cache: CacheReader, block: int = 1024) -> list[str]:
-    """An HDF5 or FFCV cache: its checksums (:meth:`verify` of the format), labels, then non-finite values
-    and all-zero data rows, read in blocks of ``block`` rows (when the checksums pass)."""
-    problems = cache.verify() + _label_problems(cache)
-    if problems:
-        return problems
-    arrays = _data_arrays(cache)
-    for lo in range(0, cache.layout.num_rows, block):
-        hi = min(lo + block, cache.layout.num_rows)
-        data_rows = cache.labels[lo:hi] >= 0
-        for name, arr in arrays.items():
-            values = arr[lo:hi]
-            if not np.isfinite(values).all():
-                problems.append(f"{cache.url}: {name} has non-finite values in rows {lo}..{hi}")
-            empty = ~values.reshape(len(values), -1).any(axis=1) & data_rows
-            if empty.any():
-                problems.append(f"{cache.url}: {name} row {lo + int(np.flatnonzero(empty)[0])} is all zeros")
-    return problems
-
-
-def _feature_names(cache: CacheReader) -> list[str]:
-    return [name for name in cache.layout.array_names() if name not in ("latents", "labels")]
-
-
-def _data_arrays(cache: CacheReader) -> dict[str, Any]:
-    """Every per-row array but the labels: latents, each teacher's tokens and (int8 teachers) scales."""
-    return {name: cache.array(name) for name in cache.layout.array_names() if name != "labels"}
-
-
 def main(argv: list[str] | None = None) -> int:
     args, dry_run = parse_config(InspectConfig, argv, positional=("path",), description=__doc__.splitlines()[0])
     if dry_run:
@@ -175,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cache = open_cache(args.path, allow_incomplete=True)
     except CacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, out_flag='PATH')}", file=sys.stderr)
         return 2
     info = summary(cache)
     if args.json:
@@ -183,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print(info)
     if args.verify:
-        problems = verify(cache)
+        problems = cache.verify()
         for prob in problems:
-            print(f"PROBLEM: {prob}")
+            advice = problem_advice(prob.remedy, cache.url)
+            print(f"PROBLEM: {prob}" + (f"; {advice}" if advice else ""))
         print("verify: OK" if not problems else f"verify: {len(problems)} problems")
         return 1 if problems else 0
     return 0
@@ -203,11 +120,7 @@ def _print(info: dict[str, Any]) -> None:
         print(f"teacher    {name}: {t['tokens']} tokens x {t['dim']}, {t['dtype']}"
               f"{' + float32 scale per token' if t['dtype'] == 'int8' else ''}, {t['bytes'] / 2**30:.3f} GiB"
               f"{'  (random weights)' if t.get('random_weights') else ''}")
-    if info["format"] == "zarr":
-        print(f"storage    shards of {info['shard_rows']} rows, chunks of {info['chunk_rows']}, "
-              f"compressor {info['compressor']}, {gib:.3f} GiB")
-    else:
-        print(f"storage    {info['format']}, {gib:.3f} GiB")
+    print(f"storage    {info['storage']}, {gib:.3f} GiB")
     src = info["source"]
     print(f"source     {src['root']}  ({src['num_files']} files, fingerprint {str(src['fingerprint'])[:16]})")
     st = info["stats"]

@@ -7,32 +7,24 @@ r-th slice of B positions (:func:`rank_batches`). So the samples of a global bat
 on the number of ranks, ranks are disjoint and together cover the epoch, and ``start`` (samples
 already consumed by all ranks in this epoch) resumes exactly where a run stopped.
 
-Reading. Rows come in a fully random order, so the loader reads each row by itself. Where
-:mod:`cache.shardfile` confirms the layout (uncompressed shards in a local folder), it reads the
-row's bytes straight from the shard file with ``os.preadv`` into the output batch, after checking
-the shard's index (its crc32c) once; ``num_workers`` threads read in parallel (preadv releases the
-GIL). Other stores and codecs, ``UREPA_ZARR_IO=zarr``, and any direct read that fails for a reason
-other than damage go through zarr's own reads. A missing shard file or a damaged index of a
-finished cache is an error (:class:`ShardReadError`), never rows of zeros: on zarr's path, which
-serves fill values for a missing object, the loader asks the store once per shard whether the
-object exists. Batches are prefetched ``prefetch`` deep and come back as CPU tensors, pinned when
-CUDA is available.
+Reading. Rows come in a fully random order, so the loader reads each row by itself, through the
+row readers of the cache's format (:meth:`cache.reader.CacheReader.row_reader`: by byte range where the
+format allows it, else through its library), ``num_workers`` threads in parallel into preallocated
+batches. A format whose own loader assembles whole batches (FFCV) offers
+:meth:`cache.reader.CacheReader.batch_source` instead and is fed this rank's positions of the same
+order. This module names no format: order, ranks, resume, flips and the batch dict are shared by all.
+A damaged or missing object of a finished cache is an error (:class:`cache.errors.ShardReadError`),
+never rows of zeros. Batches are prefetched ``prefetch`` deep and come back as CPU tensors, pinned
+when CUDA is available.
 
-Formats. Only the row readers know a format: :meth:`cache.store.CacheReader.row_reader` gives one
-per array (zarr's :class:`_RowReader` here, :mod:`cache.h5cache`'s for HDF5). A format with its own
-batch loader (FFCV, :mod:`cache.ffcvcache`) offers ``batch_source`` instead and is fed this rank's
-positions of the same order. Order, ranks, resume, flips and the batch dict are shared by all.
-
-Rebuilds. Each batch, once read, is checked against the cache's generation (one small read of its
-identity marker, :meth:`cache.store.Cache.check_unchanged`): a cache rebuilt or removed while the
-loader reads it stops the loader with :class:`cache.store.CacheChangedError`, never mixed rows.
+Rebuilds. Each batch, once read, is checked against the cache (:meth:`cache.reader.CacheReader.check_unchanged`):
+a cache rebuilt or removed while the loader reads it stops the loader with
+:class:`cache.errors.CacheChangedError`, never mixed rows.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,21 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from zarr.core.sync import sync
 
-from .quant import SCALES_GROUP, dequantize_into
-from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
+from .errors import ShardReadError
+from .layout import SCALES_GROUP, ByTeacher
+from .quant import dequantize_into
 
-if TYPE_CHECKING:
-    from .store import Cache
+if TYPE_CHECKING:  # the contract imports this module to offer CacheReader.loader(): names only, no import at run time
+    from .reader import CacheReader
 
-__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader", "ShardReadError"]
-
-_EMPTY = np.uint64(EMPTY_CHUNK)
-
-
-class ShardReadError(RuntimeError):
-    """A shard of a finished cache is damaged or missing; the message names the file and what to do."""
+__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
 
 
 def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -99,152 +85,6 @@ def rank_batches(
     return out
 
 
-class _RowReader:
-    """Reads single rows (one variant each) of one zarr array into a preallocated batch: by byte range
-    where :func:`cache.shardfile.choose_io` allows it, else through zarr. A direct read that fails for
-    any reason but damage switches this array to zarr's path for good (logged once). ``complete``: the
-    cache is finished, so a missing shard object is damage (checked once per shard on zarr's path)."""
-
-    def __init__(self, array: Any, root: str | None, url: str, *, complete: bool = True) -> None:
-        self.array = array
-        self.url = url
-        self.complete = complete
-        self.root = root
-        self._present: set[int] = set()  # shards whose object zarr's path has seen in the store
-        self.row_shape = tuple(array.shape[1:])  # (F, ...)
-        self.variant_shape = self.row_shape[1:]
-        self.dtype = np.dtype(array.dtype)
-        self.variant_nbytes = int(np.prod(self.variant_shape)) * array.dtype.itemsize
-        self.row_nbytes = self.variant_nbytes * self.row_shape[0]
-        self.fmt, reason = choose_io(root, array)
-        if self.fmt is not None and self.fmt.row_nbytes != self.row_nbytes:
-            self.fmt, reason = None, f"rows of {self.fmt.row_nbytes} bytes in the metadata, {self.row_nbytes} in the array"
-        log_io_choice("reads", url, array.path, self.fmt, reason)
-        if self.fmt is not None:
-            self.base = os.path.join(root, array.path)
-        self._lock = threading.Lock()
-        self._index: dict[int, np.ndarray] = {}
-        self._fds: dict[int, int] = {}
-
-    @property
-    def direct(self) -> bool:
-        return self.fmt is not None
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def _shard(self, shard: int) -> tuple[int, np.ndarray]:
-        with self._lock:
-            if shard in self._fds:
-                return self._fds[shard], self._index[shard]
-            path = os.path.join(self.base, self.fmt.shard_key(shard))
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise ShardReadError(
-                    f"{path} is missing from the finished cache {self.url}: the cache is damaged; run "
-                    f"`python -m cache.inspect {self.url} --verify` and rebuild the shards it names") from None
-            try:
-                size = os.fstat(fd).st_size
-                n = self.fmt.index_nbytes
-                index = decode_index(self.fmt, os.pread(fd, n, max(size - n, 0)), file_size=size, what=path)
-            except ShardIndexError as e:
-                os.close(fd)
-                raise ShardReadError(f"{e}: the cache is damaged; run `python -m cache.inspect {self.url} --verify` "
-                                     "and rebuild the shards it names") from None
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fds[shard], self._index[shard] = fd, index
-            return fd, index
-
-    def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = array[rows[i], variants[i]]."""
-        if self.fmt is not None:
-            try:
-                self._read_direct(rows, variants, out)
-                return
-            except ShardReadError:
-                raise
-            except Exception as e:  # not damage: a layout or platform this code does not know; zarr is correct
-                self.fmt = None
-                log_io_choice("reads", self.url, self.array.path, None,
-                              f"a direct read failed ({type(e).__name__}: {e})", fell_back=True)
-        if self.complete:
-            self._check_present(rows)
-        order = np.argsort(rows, kind="stable")
-        try:
-            block = self.array.get_orthogonal_selection((rows[order],))
-        except Exception as e:  # zarr checks each shard index's crc32c, and raises on a damaged one
-            raise ShardReadError(
-                f"{self._failing_object(rows)}: reading it through zarr failed ({type(e).__name__}: {e}): the cache "
-                f"is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it names") from e
-        out[order] = block[np.arange(len(rows)), variants[order]]
-
-    @property
-    def _shard_rows(self) -> int:
-        return (self.array.shards or self.array.chunks)[0]
-
-    def _object(self, shard: int) -> tuple[str, str]:
-        """(store key, file or URL for messages) of one shard of this array."""
-        key = f"{self.array.path}/{shard_key(self.array, shard)}"
-        return key, os.path.join(self.root, *key.split("/")) if self.root else f"{self.url.rstrip('/')}/{key}"
-
-    def _failing_object(self, rows: np.ndarray) -> str:
-        """After a failed zarr read: the first shard whose own read fails (its index is read with any row)."""
-        for shard in np.unique(rows // self._shard_rows).tolist():
-            try:
-                self.array[shard * self._shard_rows]
-            except Exception:
-                return f"{self._object(shard)[1]} (shard {shard} of {self.array.path})"
-        return f"{self.url}: {self.array.path}"
-
-    def _check_present(self, rows: np.ndarray) -> None:
-        """zarr serves the fill value for a missing shard object; ask the store, once per shard."""
-        for shard in np.unique(rows // self._shard_rows).tolist():
-            if shard in self._present:
-                continue
-            key, where = self._object(shard)
-            if not sync(self.array.store.exists(key)):
-                raise ShardReadError(
-                    f"{where} (shard {shard} of {self.array.path}) is missing from the finished cache {self.url}: the "
-                    f"cache is damaged; run `python -m cache.inspect {self.url} --verify` and rebuild the shards it "
-                    "names")
-            with self._lock:
-                self._present.add(shard)
-
-    def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
-        fmt = self.fmt
-        shards, within = np.divmod(rows, fmt.shard_rows)
-        chunks, k = np.divmod(within, fmt.chunk_rows)
-        fds = np.empty(len(rows), dtype=np.int64)
-        offsets = np.empty(len(rows), dtype=np.int64)
-        for shard in np.unique(shards).tolist():
-            sel = shards == shard
-            fd, index = self._shard(shard)
-            fds[sel] = fd
-            starts = index[chunks[sel], 0]
-            offsets[sel] = np.where(starts == _EMPTY, -1, starts.astype(np.int64) + k[sel] * self.row_nbytes
-                                    + variants[sel] * self.variant_nbytes)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        size = self.variant_nbytes
-        for i, (fd, offset) in enumerate(zip(fds.tolist(), offsets.tolist())):
-            dst = view[i * size:(i + 1) * size]
-            if offset < 0:  # a chunk never stored: all fill value (0)
-                out[i] = 0
-                continue
-            got = os.preadv(fd, [dst], offset)
-            while got < size:  # short read
-                n = os.preadv(fd, [dst[got:]], offset + got)
-                if n == 0:
-                    raise ShardReadError(f"{self.base}: shard {int(shards[i])} ends early: the cache is damaged; run "
-                                         f"`python -m cache.inspect {self.url} --verify`")
-                got += n
-
-
 def _read_dequantized(values: Any, scales: Any, channels: np.ndarray | None, rows: np.ndarray, variants: np.ndarray,
                       q: np.ndarray, sc: np.ndarray, out: np.ndarray) -> None:
     """out (n, T, D) float16 = int8 values x scales x channel scales of the given rows (one reader thread's part)."""
@@ -279,7 +119,7 @@ class _BufferPool:
 
 
 class CacheLoader:
-    """Batches ``{"latents", "features", "labels", "index", "flip"}`` from a :class:`~cache.store.Cache`.
+    """Batches ``{"latents", "features", "labels", "index", "flip"}`` from a cache of any format.
 
     Args:
         cache: an opened cache.
@@ -308,7 +148,7 @@ class CacheLoader:
 
     def __init__(
         self,
-        cache: Cache,
+        cache: CacheReader,
         batch_size: int,
         *,
         shuffle: bool = True,
@@ -327,10 +167,7 @@ class CacheLoader:
     ) -> None:
         if flip and cache.num_variants < 2:
             raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
-        names = list(cache.features) if teachers is None else list(teachers)
-        unknown = set(names) - set(cache.features)
-        if unknown:
-            raise ValueError(f"unknown teachers {sorted(unknown)}; the cache has {sorted(cache.features)}")
+        names = cache.teacher_names(teachers)
         self.cache = cache
         self.batch_size = batch_size
         self.flip = flip
@@ -348,27 +185,20 @@ class CacheLoader:
         #: int8 teacher -> its (D,) float32 channel scales, or None (ones): tokens = values x scales x these
         self.channel_scales = {n: cache.channel_scales(n) for n in self.quantized}
         keys = ["latents", *(f"features/{n}" for n in names), *(f"{SCALES_GROUP}/{n}" for n in self.quantized)]
-        # A format whose own loader assembles whole batches (FFCV) offers ``batch_source``; the others
-        # read rows into our batches through one row reader per array.
-        make_source = getattr(cache, "batch_source", None)
-        self._source = None if make_source is None else make_source(keys, num_workers=self.num_workers,
-                                                                    prefetch=self.prefetch)
+        # A format whose own loader assembles whole batches (FFCV) offers a batch source; the others read
+        # rows into our batches through one row reader per array.
+        self._source = cache.batch_source(keys, num_workers=self.num_workers, prefetch=self.prefetch)
         self._readers = {} if self._source is not None else {key: cache.row_reader(key) for key in keys}
         self._pool = _BufferPool(keep=self.prefetch + 4)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    @property
-    def direct_reads(self) -> bool:
-        """Whether every array is read by byte range (the fast path; False for a format's own loader)."""
-        return self._source is None and all(r.direct for r in self._readers.values())
-
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """(variant shape, dtype) of each key the batches hold."""
         if self._source is not None:
-            dtypes = getattr(self._source, "variant_dtypes", {})
-            shapes = {k: (v, np.dtype(dtypes.get(k, np.float16))) for k, v in self._source.variant_shapes.items()}
+            dtypes = self._source.variant_dtypes
+            shapes = {k: (v, np.dtype(dtypes[k])) for k, v in self._source.variant_shapes.items()}
         else:
             shapes = {key: (reader.variant_shape, reader.dtype) for key, reader in self._readers.items()}
         if self.dequantize:  # int8 values and scales are read into scratch buffers, tokens handed out in float16
@@ -415,8 +245,8 @@ class CacheLoader:
         scaled = [] if self.dequantize else self.quantized
         return {
             "latents": tensors["latents"],
-            "features": {n: tensors[f"features/{n}"] for n in self.teachers},
-            "feature_scales": {n: tensors[f"{SCALES_GROUP}/{n}"] for n in scaled},
+            "features": ByTeacher({n: tensors[f"features/{n}"] for n in self.teachers}),
+            "feature_scales": ByTeacher({n: tensors[f"{SCALES_GROUP}/{n}"] for n in scaled}),
             "labels": labels.pin_memory() if self.pin_memory else labels,
             "index": torch.from_numpy(rows.copy()),
             "flip": torch.from_numpy(variants.astype(bool)),

@@ -1,6 +1,6 @@
 """The cache manifest as typed records: what a build writes and what every reader asks.
 
-The manifest is stored as one JSON object in the zarr attribute ``urepa_cache`` (see :mod:`cache.store`)::
+Every format stores the manifest as one JSON object, verbatim (zarr: the group attribute ``urepa_cache``)::
 
     schema_version, layout, classes            every reader needs these (the store refuses a cache without them)
     source {num_files, fingerprint, ...}        what was encoded; source_root the folder it was read from
@@ -10,6 +10,7 @@ The manifest is stored as one JSON object in the zarr attribute ``urepa_cache`` 
     encode {precision, batch_size, compile}
     software, created, complete, generation     bookkeeping
     skipped [{row, path, reason}], stats {...}  written when the build finishes
+    adding {name: {tokens, dim, dtype, record}} teachers being added to a finished cache (until they are)
 
 :meth:`Manifest.from_dict` and :meth:`Manifest.to_dict` are inverse on every manifest a build writes:
 ``Manifest.from_dict(d).to_dict() == d``. Keys this code does not name are preserved, not refused:
@@ -26,6 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
+from .diff import describe_change, nested_diff
+from .errors import CacheError
+from .layout import Layout
+
 __all__ = [
     "SCHEMA_VERSION",
     "ManifestError",
@@ -35,8 +42,17 @@ __all__ = [
     "EncodeSettings",
     "SkippedFile",
     "BuildStats",
+    "AddedTeacher",
     "Manifest",
+    "MANIFEST_KEY",
+    "READER_KEYS",
+    "check_manifest",
+    "manifest_diff",
+    "channel_scales_of",
 ]
+
+MANIFEST_KEY = "urepa_cache"  # the name every format stores the manifest under (zarr: a group attribute)
+READER_KEYS = ("schema_version", "layout", "classes")  # entries every reader needs
 
 SCHEMA_VERSION = 1
 
@@ -183,17 +199,35 @@ class BuildStats(_Record):
                        "world_size": _OPT_INT, "device": _OPT_STR}
 
 
+@dataclass(frozen=True)
+class AddedTeacher(_Record):
+    """A teacher being added to a finished cache: its token grid, stored dtype and the encoder record it
+    gets in ``teachers`` once every shard holds its tokens."""
+
+    tokens: int
+    dim: int
+    dtype: str
+    record: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    TYPES: ClassVar = {"tokens": _INT, "dim": _INT, "dtype": str, "record": dict}
+
+    @property
+    def channel_scales(self) -> list[float] | None:
+        return EncoderInfo.from_dict(self.record, where="adding.record").channel_scales
+
+
 # Top-level entries written only when present (None here: absent from the stored object).
 _OPTIONAL = ("source", "source_root", "preprocessing", "vae", "teachers", "encode", "software", "created",
-             "complete", "generation", "skipped", "stats")
+             "complete", "generation", "skipped", "stats", "adding")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The build manifest of one cache. ``layout`` is a :class:`cache.store.Layout`."""
+    """The build manifest of one cache."""
 
     schema_version: int
-    layout: Any
+    layout: Layout
     classes: tuple[str, ...]
     source: SourceInfo | None = None
     source_root: str | None = None
@@ -207,6 +241,7 @@ class Manifest:
     generation: str | None = None  # the id of the creation (None: built before generations were recorded)
     skipped: tuple[SkippedFile, ...] | None = None
     stats: BuildStats | None = None
+    adding: Mapping[str, AddedTeacher] | None = None  # teachers being added to this finished cache
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     #: Entries a rerun of the same build may change (time, versions, skips, generation).
@@ -231,15 +266,23 @@ class Manifest:
         info = self.teacher(teacher) if teacher is not None else None
         return bool(vae or (info is not None and info.random_weights))
 
-    def replace(self, **changes: Any) -> Manifest:
-        return dataclasses.replace(self, **changes)
+    @property
+    def pending(self) -> Mapping[str, AddedTeacher]:
+        """The teachers being added (empty when none)."""
+        return self.adding or {}
+
+    def layout_with_pending(self) -> Layout:
+        """The layout with the teachers being added appended: what the writes of an addition fill."""
+        if not self.pending:
+            return self.layout
+        lay = self.layout
+        return lay.with_teachers({**lay.teachers, **{k: (v.tokens, v.dim) for k, v in self.pending.items()}},
+                                 {**lay.feature_dtypes, **{k: v.dtype for k, v in self.pending.items()}})
 
     # -- JSON ---------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         """The typed manifest of a stored JSON object; ManifestError naming the first bad entry."""
-        from .store import CacheError, Layout
-
         if not isinstance(d, Mapping):
             raise ManifestError("the manifest is not a JSON object")
         for key in ("schema_version", "layout", "classes"):
@@ -260,6 +303,10 @@ class Manifest:
         skipped = get("skipped")
         if skipped is not None:
             skipped = tuple(SkippedFile.from_dict(s, where="skipped[]") for s in _check(skipped, list, "skipped"))
+        adding = get("adding")
+        if adding is not None:
+            _check(adding, dict, "adding")
+            adding = {k: AddedTeacher.from_dict(v, where=f"adding.{k}") for k, v in adding.items()}
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(
             schema_version=_check(d["schema_version"], int, "schema_version"),
@@ -278,6 +325,7 @@ class Manifest:
             generation=_check(get("generation"), _OPT_STR, "generation"),
             skipped=skipped,
             stats=None if get("stats") is None else BuildStats.from_dict(d["stats"], where="stats"),
+            adding=adding,
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -289,7 +337,7 @@ class Manifest:
             value = getattr(self, name)
             if value is None:
                 continue
-            if name == "teachers":
+            if name in ("teachers", "adding"):
                 value = {k: v.to_dict() for k, v in value.items()}
             elif name == "skipped":
                 value = [s.to_dict() for s in value]
@@ -300,3 +348,60 @@ class Manifest:
             out[name] = value
         out.update(self.extra)
         return out
+
+
+def check_manifest(url: str, manifest: Any, *, where: str, allow_incomplete: bool = False) -> Manifest:
+    """The manifest of a cache as every format stores it (the build's ``Manifest.to_dict()``, verbatim),
+    checked for what a reader needs, typed; a :class:`CacheError` naming ``where`` (the file or attribute
+    that holds it) otherwise. The one check of a stored manifest, shared by every format."""
+    if not isinstance(manifest, Mapping):
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is not a JSON object",
+                         url=url, remedy="rebuild")
+    lacking = [k for k in READER_KEYS if k not in manifest]
+    if lacking:
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) lacks {', '.join(map(repr, lacking))}",
+                         url=url, remedy="rebuild")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{url} has cache schema {manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}",
+                         url=url)
+    if not manifest.get("complete") and not allow_incomplete:
+        raise CacheError(f"{url} is incomplete", url=url, remedy="resume")
+    try:
+        Layout.from_dict(manifest["layout"])
+    except (KeyError, TypeError, ValueError, AttributeError, CacheError) as e:
+        raise CacheError(f"{url} is not a readable cache: the layout in its manifest ({where}) is malformed "
+                         f"({type(e).__name__}: {e})", url=url, remedy="rebuild") from None
+    try:
+        return Manifest.from_dict(manifest)
+    except ManifestError as e:
+        raise CacheError(f"{url} is not a readable cache: its manifest ({where}) is malformed ({e})",
+                         url=url, remedy="rebuild") from None
+
+
+def manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Each manifest entry that differs, ignoring bookkeeping (time, versions, skips, generation): its
+    dotted name and both values in full, or for two lists the items that differ."""
+    return [describe_change(name, a, b, sides=("the cache", "this run"))
+            for name, a, b in nested_diff(old, new, skip=frozenset(Manifest.VOLATILE))]
+
+
+def channel_scales_of(manifest: Manifest, name: str, *, url: str = "") -> np.ndarray | None:
+    """Teacher ``name``'s channel scales as float32 (D,) from its manifest record (or, for a teacher being
+    added, its pending record); None for a float16 teacher or a record without them (ones). Scales that are
+    not D positive finite numbers are a damaged manifest (:class:`CacheError`)."""
+    layout = manifest.layout_with_pending()
+    if name not in layout.teachers or not layout.quantized(name):
+        return None
+    if name in manifest.pending:
+        values = manifest.pending[name].channel_scales
+    else:
+        info = manifest.teacher(name)
+        values = None if info is None else info.channel_scales
+    if values is None:
+        return None
+    out = np.asarray(values, dtype=np.float32)
+    dim = layout.teachers[name][1]
+    if out.shape != (dim,) or not np.isfinite(out).all() or (out <= 0).any():
+        raise CacheError(f"{url or 'the cache'}: teacher {name!r}: the channel scales in the manifest are not {dim} "
+                         "positive finite numbers: the manifest is damaged", url=url or None, remedy="rebuild")
+    return out

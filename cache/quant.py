@@ -24,14 +24,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SCALES_GROUP", "QMAX", "FEATURE_DTYPES", "STORED_DTYPES", "COSINE_GOAL", "CALIBRATION_ROWS",
-           "channel_scales", "quantize_tokens", "dequantize_tokens", "dequantize_into", "token_cosine"]
+__all__ = ["QMAX", "COSINE_GOAL", "CALIBRATION_ROWS", "channel_scales", "quantize_tokens", "dequantize_tokens",
+           "dequantize_into", "token_cosine"]
 
 QMAX = 127
-SCALES_GROUP = "feature_scales"  # where a cache keeps int8 teachers' scales: 'feature_scales/<teacher>'
-#: What ``--feature-dtype`` accepts, and the dtype of the stored token array for each.
-FEATURE_DTYPES = ("fp16", "int8")
-STORED_DTYPES = {"fp16": "float16", "int8": "int8"}
 #: Per-token cosine between int8 and float tokens that the build checks (mean, minimum); below it, it warns.
 COSINE_GOAL = (0.9995, 0.999)
 #: Images whose tokens set a teacher's channel scales: the first ones with data, in row order.

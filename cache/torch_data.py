@@ -30,23 +30,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .errors import CacheChangedError
+from .formats import open_cache
+from .layout import SCALES_GROUP, ByTeacher
 from .loader import CacheLoader, rank_batches
-from .quant import SCALES_GROUP, dequantize_into
-from .store import CacheChangedError, CacheReader, open_cache
+from .quant import dequantize_into
+from .reader import CacheReader
 
 __all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
 
 
 def _open(cache: CacheReader | str | os.PathLike) -> CacheReader:
     return cache if isinstance(cache, CacheReader) else open_cache(cache)
-
-
-def _teachers(cache: CacheReader, teachers: Sequence[str] | None) -> list[str]:
-    names = list(cache.features) if teachers is None else list(teachers)
-    unknown = set(names) - set(cache.features)
-    if unknown:
-        raise ValueError(f"unknown teachers {sorted(unknown)}; the cache has {sorted(cache.features)}")
-    return names
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -82,18 +77,18 @@ class CacheDataset(_ReopensByUrl, Dataset):
     """Map-style dataset over the data rows of a cache: item ``i`` is row ``cache.rows[i]``.
 
     Args:
-        cache: an opened cache (:func:`cache.store.open_cache`), or its path or URL; zarr or HDF5.
+        cache: an opened cache (:func:`cache.open_cache`), or its path or URL; zarr or HDF5.
         teachers: teacher names to read (default all).
         variant: ``0`` (as encoded), ``1`` (mirrored; caches built with ``--flip both``), or
             ``"random"``: 0 or 1 drawn per item from torch's generator (so DataLoader workers, each
             seeded by the DataLoader, draw different ones).
 
-    Reads go through the format's row readers (:meth:`cache.store.CacheReader.row_reader`, as
+    Reads go through the format's row readers (:meth:`cache.reader.CacheReader.row_reader`, as
     :class:`~cache.loader.CacheLoader`'s), one row at a time. An FFCV cache is refused: FFCV reads whole
     batches through its own loader; use :class:`CacheBatches`, or convert the cache to zarr or HDF5
     (``python -m cache.convert``). A shard missing from a finished cache raises
-    :class:`~cache.loader.ShardReadError`; a cache rebuilt since it was opened raises
-    :class:`~cache.store.CacheChangedError`.
+    :class:`~cache.errors.ShardReadError`; a cache rebuilt since it was opened raises
+    :class:`~cache.errors.CacheChangedError`.
     """
 
     _unpicklable = ("_readers",)
@@ -101,12 +96,12 @@ class CacheDataset(_ReopensByUrl, Dataset):
     def __init__(self, cache: CacheReader | str | os.PathLike, *, teachers: Sequence[str] | None = None,
                  variant: int | str = 0, dequantize: bool = True) -> None:
         self.cache = _open(cache)
-        if getattr(self.cache, "batch_source", None) is not None:
+        if not self.cache.reads_rows:
             raise ValueError(
                 f"CacheDataset reads single rows, which the {self.cache.format} cache {self.cache.url} does not offer "
                 "(its own loader reads whole batches): use cache.CacheBatches over it, or convert it to zarr or HDF5 "
                 "(`python -m cache.convert SRC DST --format hdf5`) for a map-style dataset")
-        self.teachers = _teachers(self.cache, teachers)
+        self.teachers = self.cache.teacher_names(teachers)
         if variant not in (0, 1, "random"):
             raise ValueError(f"variant must be 0, 1 or 'random', got {variant!r}")
         if variant != 0 and self.cache.num_variants < 2:
@@ -148,8 +143,8 @@ class CacheDataset(_ReopensByUrl, Dataset):
         data = {k: torch.from_numpy(v[0]) for k, v in data.items()}
         return {
             "latents": data["latents"],
-            "features": {n: data[f"features/{n}"] for n in self.teachers},
-            "feature_scales": {n: data[f"{SCALES_GROUP}/{n}"] for n in self.quantized if not self.dequantize},
+            "features": ByTeacher({n: data[f"features/{n}"] for n in self.teachers}),
+            "feature_scales": ByTeacher({n: data[f"{SCALES_GROUP}/{n}"] for n in self.quantized if not self.dequantize}),
             "labels": torch.tensor(int(self.cache.labels[row]), dtype=torch.int64),
             "index": torch.tensor(row, dtype=torch.int64),
             "flip": torch.tensor(bool(v)),
@@ -184,7 +179,7 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
                  num_workers: int = 4, prefetch: int = 2, rank: int | None = None, world_size: int | None = None,
                  pin_memory: bool | None = None, dequantize: bool = True) -> None:
         self.cache = _open(cache)
-        self.teachers = _teachers(self.cache, teachers)
+        self.teachers = self.cache.teacher_names(teachers)
         if flip and self.cache.num_variants < 2:
             raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
         if (rank is None) != (world_size is None):

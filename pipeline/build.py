@@ -37,18 +37,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cache import CacheError, CacheWriter, Layout, zarr_layout
+from cache.cli.advice import explain
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.files import local_root
+from cache.layout import stored_dtype
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
 from cache.quant import (
     CALIBRATION_ROWS,
     COSINE_GOAL,
-    STORED_DTYPES,
     channel_scales,
     quantize_tokens,
     token_cosine,
 )
 from cache.runtime import apply_precision, configure_device, setup_logging
-from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import DecodedImages
 from .encoders import (
@@ -217,10 +219,10 @@ def load_encoders(cfg: BuildConfig) -> tuple[dict[str, Any], torch.nn.Module, di
 
 
 def make_layout(cfg: BuildConfig, num_rows: int, teacher_infos: Mapping[str, Mapping[str, Any]]) -> Layout:
-    return Layout(num_rows=num_rows, resolution=cfg.resolution, variants=2 if cfg.flip == "both" else 1,
-                  teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
-                  shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor,
-                  feature_dtypes={k: v["dtype"] for k, v in teacher_infos.items()})
+    return zarr_layout(num_rows=num_rows, resolution=cfg.resolution, variants=2 if cfg.flip == "both" else 1,
+                       teachers={k: (v["tokens"], v["dim"]) for k, v in teacher_infos.items()},
+                       shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, compressor=cfg.compressor,
+                       feature_dtypes={k: v["dtype"] for k, v in teacher_infos.items()})
 
 
 def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, Any]],
@@ -228,7 +230,7 @@ def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, A
     """Each teacher's manifest record: what its loader reports, plus the stored dtype of its tokens, the
     settings of the run that encoded it (a teacher added to a cache later records its own) and, for int8
     tokens, the channel scales measured by :func:`calibrate`."""
-    return {k: {**v, "dtype": STORED_DTYPES[cfg.feature_dtype],
+    return {k: {**v, "dtype": stored_dtype(cfg.feature_dtype),
                 "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile},
                 **({"channel_scales": (calibration or {})[k]} if k in (calibration or {}) else {})}
             for k, v in teacher_infos.items()}
@@ -303,12 +305,12 @@ class _ShardBuffers:
     """One shard being filled: encoder outputs land in place (pinned on CUDA, so the device copies
     straight into it), then the whole shard goes to the writer thread."""
 
-    def __init__(self, layout: Layout, shard: int, pin: bool, teachers: list[str], latents: bool = True) -> None:
+    def __init__(self, writer: CacheWriter, shard: int, pin: bool, teachers: list[str], latents: bool = True) -> None:
+        layout = writer.layout
         self.shard = shard
-        self.lo, hi = layout.shard_rows_range(shard)
+        self.lo, hi = writer.shard_range(shard)
         self.n, self.filled, self.skipped = hi - self.lo, 0, []
-        h = layout.resolution // 8
-        self.latents = (torch.empty((self.n, layout.variants, 8, h, h), dtype=torch.float16, pin_memory=pin)
+        self.latents = (torch.empty((self.n, *layout.row_shapes()["latents"][0]), dtype=torch.float16, pin_memory=pin)
                         if latents else None)
         self.features = {k: torch.empty((self.n, layout.variants, *layout.teachers[k]),
                                         dtype=getattr(torch, layout.feature_dtype(k)), pin_memory=pin) for k in teachers}
@@ -362,11 +364,11 @@ class _ShardWriter:
                 pass
 
 
-def _batches(layout: Layout, shards: list[int], batch_size: int) -> list[list[int]]:
+def _batches(writer: CacheWriter, shards: list[int], batch_size: int) -> list[list[int]]:
     """Row batches, each inside one shard, so that a shard's content never depends on others."""
     out = []
     for s in shards:
-        lo, hi = layout.shard_rows_range(s)
+        lo, hi = writer.shard_range(s)
         out += [list(range(a, min(a + batch_size, hi))) for a in range(lo, hi, batch_size)]
     return out
 
@@ -421,10 +423,10 @@ def build(cfg: BuildConfig) -> Manifest:
                 _logger.info("repair: %d damaged shard(s) to encode again", len({d.shard for d in damage}))
             writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
             _logger.info("%s cache %s: %d rows, %d classes, %d shards", "resuming" if resumed else "created",
-                         cfg.out, layout.num_rows, len(listing.classes), layout.num_shards)
+                         cfg.out, layout.num_rows, len(listing.classes), writer.num_shards)
             result = ("ok", listing.root)
         except (CacheError, FileNotFoundError, ValueError) as e:
-            result = ("error", str(e))
+            result = ("error", explain(e, source=cfg.source))
     result = _broadcast(result, state)
     if result[0] == "error":
         raise CacheError(result[1])
@@ -439,14 +441,14 @@ def build(cfg: BuildConfig) -> Manifest:
     names = writer.teachers_to_encode
     sources = writer.sources()
     check_sources(sources, writer.manifest.source, cfg.out)
-    base_labels = np.asarray(writer.group["labels"][:]) if adding else None
-    todo = sorted(set(range(layout.num_shards)) - writer.completed_shards())
+    base_labels = writer.labels() if adding else None
+    todo = sorted(set(range(writer.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
-    rows_todo = sum(hi - lo for lo, hi in map(layout.shard_rows_range, todo))
-    my_rows = sum(hi - lo for lo, hi in map(layout.shard_rows_range, mine))
+    rows_todo = sum(hi - lo for lo, hi in map(writer.shard_range, todo))
+    my_rows = sum(hi - lo for lo, hi in map(writer.shard_range, mine))
     _logger.info("%d of %d shards to encode (%d rows%s) on %d process(es), device %s", len(todo),
-                 layout.num_shards, rows_todo, f", teacher(s) {', '.join(adding)} only" if adding else "", world, device)
+                 writer.num_shards, rows_todo, f", teacher(s) {', '.join(adding)} only" if adding else "", world, device)
 
     encoders = Encoders(None if adding else vae, {k: teachers[k] for k in names}, flip=cfg.flip == "both",
                         autocast=autocast, quantized={k: writer.channel_scales(k) for k in names if layout.quantized(k)}
@@ -456,7 +458,7 @@ def build(cfg: BuildConfig) -> Manifest:
     root = result[1]  # this run's SOURCE, as rank 0 resolved it (the folder may have moved)
     loader = DataLoader(DecodedImages([s["path"] for s in sources], cfg.resolution, max_pixels=cfg.max_pixels,
                                       root=root),
-                        batch_sampler=_batches(layout, mine, cfg.batch_size), num_workers=cfg.workers,
+                        batch_sampler=_batches(writer, mine, cfg.batch_size), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None)
     shard_writer = _ShardWriter(writer)
@@ -469,9 +471,9 @@ def build(cfg: BuildConfig) -> Manifest:
     try:
         for batch in loader:
             rows, valid = batch["rows"], batch["valid"]
-            shard = int(rows[0]) // layout.shard_rows
+            shard = int(rows[0]) // writer.storage.shard_rows
             if shard not in buffers:
-                buffers[shard] = _ShardBuffers(layout, shard, pin=device.type == "cuda", teachers=names,
+                buffers[shard] = _ShardBuffers(writer, shard, pin=device.type == "cuda", teachers=names,
                                                latents=not adding)
             buf = buffers[shard]
             a, b = int(rows[0]) - buf.lo, int(rows[-1]) + 1 - buf.lo  # a batch is a run of rows
@@ -501,9 +503,9 @@ def build(cfg: BuildConfig) -> Manifest:
                  "rows_this_run": int(rows_todo), "img_per_s": round(float(rows_todo) / max(seconds, 1e-9), 2),
                  "world_size": world, "device": str(device), **({"int8_check": int8_check} if int8_check else {})}
         manifest = writer.finalize(stats)
-        total = sum(stored_bytes(writer.group).values())
+        total = writer.stored_bytes()
         _logger.info("done: %d rows (%d skipped) in %d shards, %.3f GiB, %.1f s, %.1f img/s over %d process(es)",
-                     layout.num_rows, len(manifest.skipped_files), layout.num_shards, total / 2**30,
+                     layout.num_rows, len(manifest.skipped_files), writer.num_shards, total / 2**30,
                      stats["seconds"], stats["img_per_s"], world)
         for s in manifest.skipped_files[:20]:
             _logger.info("skipped row %d %s: %s", s.row, s.path, s.reason)
@@ -606,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build(cfg)
     except (CacheError, WeightsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, source=cfg.source)}", file=sys.stderr)
         return 2
     return 0
 

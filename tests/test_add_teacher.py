@@ -14,7 +14,8 @@ import pytest
 from conftest import ROOT, TINY_BUILD, _env, run_build
 
 import cache
-from cache.store import manifest_diff
+from cache.manifest import manifest_diff
+from tools.bench.cachefiles import progress_records
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +59,8 @@ def test_added_teacher_changes_nothing_else_equals_a_build_with_both_and_can_be_
     assert manifest_diff(a.manifest.to_dict(), b.manifest.to_dict()) == []
     assert list(a.layout.teachers) == ["tiny", NEW_NAME] and "adding" not in a.manifest.extra
     assert a.manifest.teacher(NEW_NAME).extra["dtype"] == "int8"
-    assert [r["checksums"] for r in a.progress_records()] == [r["checksums"] for r in b.progress_records()]
-    assert a.verify_shards() == []
+    assert [r["checksums"] for r in progress_records(a)] == [r["checksums"] for r in progress_records(b)]
+    assert a.verify_stored() == []
     assert "already complete" in run_build(image_folder, added, *BASE, "--flip", "both", "--feature-dtype", "int8",
                                            "--teacher", f"tiny,{NEW}").stderr
     # drop it again: the cache is the base cache, byte for byte in every array
@@ -69,7 +70,7 @@ def test_added_teacher_changes_nothing_else_equals_a_build_with_both_and_can_be_
     assert files(added, kept) == before
     d = cache.open_cache(added)
     assert manifest_diff(d.manifest.to_dict(), cache.open_cache(base).manifest.to_dict()) == []
-    assert [r["checksums"] for r in d.progress_records()] == [r["checksums"] for r in cache.open_cache(base).progress_records()]
+    assert [r["checksums"] for r in progress_records(d)] == [r["checksums"] for r in progress_records(cache.open_cache(base))]
     unknown = edit(added, "--drop-teacher", "nope", check=False)
     assert unknown.returncode == 2 and "has no teacher 'nope'" in unknown.stderr
 
@@ -117,7 +118,7 @@ def test_addition_resumes_after_sigkill_and_refusals(tmp_path, image_folder):
     proc.wait()
     if killed and records.exists() and 0 < len(os.listdir(records)) < 4:
         c = cache.open_cache(out)  # the base cache stays readable while a teacher is added
-        assert list(c.layout.teachers) == ["tiny"] and NEW_NAME in c.manifest.extra["adding"]
+        assert list(c.layout.teachers) == ["tiny"] and NEW_NAME in c.manifest.pending
         pending = run_build(image_folder, out, *BASE, check=False)  # the base command: finish or drop the addition
         assert pending.returncode == 2 and "unfinished addition" in pending.stderr
     resumed = run_build(image_folder, out, *BASE, "--teacher", f"tiny,{NEW}")

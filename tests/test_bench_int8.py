@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cache import Layout
+import cache
+from cache import zarr_layout
 from cache.quant import channel_scales, dequantize_tokens, quantize_tokens
 from tools.bench import int8 as b
 
@@ -94,8 +95,8 @@ def test_storage_table_follows_the_layout():
     assert fp16["SD-VAE moments"] == 1008 * 8 * 32 * 32 * 2 + index
     assert mirrored["DINOv2-L"] == 2 * 1008 * 256 * 1024 * 2 + index
     assert int8["DINOv2-B"] / fp16["DINOv2-B"] <= 0.52
-    layout = Layout(num_rows=1000, resolution=256, variants=1, teachers={"vit_base_patch14_dinov2.lvd142m": (256, 768)})
-    assert fp16["DINOv2-B"] == layout.nbytes()["features/vit_base_patch14_dinov2.lvd142m"]
+    layout = zarr_layout(num_rows=1000, resolution=256, variants=1, teachers={"vit_base_patch14_dinov2.lvd142m": (256, 768)})
+    assert fp16["DINOv2-B"] == cache.ZarrStorage.of(layout).nbytes(layout)["features/vit_base_patch14_dinov2.lvd142m"]
     assert "| DINOv2-B |" in b.storage_markdown(table)
 
 

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from common.bad_files import MAX_PIXELS, write_bad_files
+from common.formats import direct_reads
 from conftest import ROOT, TINY_BUILD, _env, run_build
 from PIL import Image
 
 import cache
 from pipeline.decode import load_image
 from pipeline.encoders import load_teacher, load_vae
+from tools.bench.cachefiles import progress_records
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,7 @@ def assert_identical(a, b):
     for k in xa:
         assert xa[k].dtype == xb[k].dtype and xa[k].tobytes() == xb[k].tobytes(), k
     assert ma["skipped"] == mb["skipped"]
-    assert cache.store.manifest_diff(ma, mb) == []
+    assert cache.manifest.manifest_diff(ma, mb) == []
 
 
 def test_rows_match_their_images_and_mirrors(built_cache, image_folder):
@@ -114,7 +116,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, image_folder, rerun_io):
     assert kills >= 1, "the build finished before it could be killed"
     done = len(os.listdir(progress))
     assert 0 < done < 6
-    assert cache.store.Cache(out, allow_incomplete=True).manifest.to_dict()["complete"] is False
+    assert cache.ZarrCache(out, allow_incomplete=True).manifest.to_dict()["complete"] is False
     run_build(image_folder, out, "--resolution", "128", "--shard-rows", "4",
               env={"UREPA_ZARR_IO": "zarr"} if rerun_io == "zarr" else None)
     assert_identical(ref, out)
@@ -128,18 +130,18 @@ def test_zarr_path_build_is_byte_identical(tmp_path, image_folder, built_cache, 
     assert "latents writes through zarr: forced by UREPA_ZARR_IO=zarr" in proc.stderr
     direct, via_zarr = cache.open_cache(built_cache), cache.open_cache(out)
     for name in ["latents", "labels", "features/tiny"]:
-        for s in range(direct.layout.num_shards):
-            key = cache.shardfile.shard_key(direct.group[name], s)
+        for s in range(cache.ZarrStorage.of(direct.layout).num_shards(direct.layout)):
+            key = cache.formats.zarr.shardfile.shard_key(direct.group[name], s)
             assert (built_cache / name / key).read_bytes() == (out / name / key).read_bytes(), (name, s)
     # the checksums read back after zarr's writes equal those of the bytes the direct writer wrote
-    assert ([r["checksums"] for r in direct.progress_records()] == [r["checksums"] for r in via_zarr.progress_records()])
+    assert ([r["checksums"] for r in progress_records(direct)] == [r["checksums"] for r in progress_records(via_zarr)])
     batches = {}
     for mode in ("direct", "zarr"):
         if mode == "zarr":
             monkeypatch.setenv("UREPA_ZARR_IO", "zarr")
         for which, c in (("direct", direct), ("zarr", via_zarr)):
             loader = c.loader(5, seed=3, epoch=1, flip=True, drop_last=False)
-            assert loader.direct_reads == (mode == "direct")
+            assert direct_reads(loader) == (mode == "direct")
             batches[mode, which] = list(loader)
     ref = batches["direct", "direct"]
     for got in batches.values():
@@ -157,7 +159,7 @@ def test_two_process_build_equals_one_process(tmp_path, image_folder):
     proc = run_build(image_folder, two, launcher=launcher)
     assert "2 process(es)" in proc.stderr
     assert_identical(one, two)
-    ranks = {r["shard"] % 2 for r in cache.open_cache(two).progress_records()}
+    ranks = {r["shard"] % 2 for r in progress_records(cache.open_cache(two))}
     assert ranks == {0, 1}
 
 

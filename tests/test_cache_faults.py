@@ -6,6 +6,7 @@ never in rows of zeros, rows of another cache, or a traceback from the command-l
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from common.synthetic import TEACHERS, synthetic_cache
 from conftest import ROOT, _env, run_build
 
 import cache
-from cache import CacheChangedError, CacheError, CacheMismatchError, CacheWriter, Layout, ShardReadError
+from cache import CacheChangedError, CacheError, CacheMismatchError, CacheWriter, ShardReadError, zarr_layout
 from cache import inspect as cache_inspect
+from cache.cli.advice import explain
 
 DAMAGES = ["missing", "truncated", "index", "data"]
 
@@ -45,7 +47,7 @@ def snapshot(folder):
 
 
 def _layout(n=40, variants=1):
-    return Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16, chunk_rows=4)
+    return zarr_layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16, chunk_rows=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +69,7 @@ def test_damaged_shard_is_an_error_or_found_by_verify(tmp_path, io_mode, kind, c
         msg = str(err.value)
         assert "damaged" in msg and "cache.inspect" in msg and "--verify" in msg
         assert path in msg
-    found = c.verify_shards()
+    found = c.verify_stored()
     assert [(d.shard, d.array, d.where) for d in found] == [(1, "latents", path)]
     assert {"missing": "missing", "truncated": "checksum", "index": "checksum", "data": "checksum"}[kind] in found[0].problem
     assert cache_inspect.main([str(tmp_path / "c.zarr"), "--verify"]) == 1
@@ -84,7 +86,7 @@ def test_damaged_index_without_checksum_record_is_found(tmp_path, capsys):
     del record["checksums"]
     record_path.write_text(json.dumps(record))
     damage_file(c.shard_object("features/t_a", 2), "index")
-    found = c.verify_shards()
+    found = c.verify_stored()
     assert [(d.shard, d.array) for d in found] == [(2, "features/t_a")] and "crc32c" in found[0].problem
     assert cache_inspect.main([str(tmp_path / "c.zarr"), "--verify"]) == 1
     assert "PROBLEM: features/t_a shard 2" in capsys.readouterr().out
@@ -118,14 +120,15 @@ def test_garbage_zarr_json_is_a_sentence(tmp_path, capsys):
     (tmp_path / "c.zarr" / "zarr.json").write_text("{ not json")
     with pytest.raises(CacheError) as err:
         cache.open_cache(tmp_path / "c.zarr")
-    msg = str(err.value)
+    msg = explain(err.value)  # the facts from the library, the advice from the entry point
     assert "not a readable cache" in msg and str(tmp_path / "c.zarr" / "zarr.json") in msg
     assert "--overwrite" in msg and "restore" in msg
     assert cache_inspect.main([str(tmp_path / "c.zarr"), "--verify"]) == 2
     assert "not a readable cache" in capsys.readouterr().err
     # our own damaged cache: a build refuses without --overwrite and rebuilds with it
-    with pytest.raises(CacheMismatchError, match="damaged cache.*--overwrite"):
+    with pytest.raises(CacheMismatchError) as err:
         CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=_layout(20), manifest={"classes": []}, sources=[])
+    assert re.search("damaged cache.*--overwrite", explain(err.value))
     writer, resumed = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=_layout(20), manifest={"classes": []},
                                                    sources=[], overwrite=True)
     assert not resumed and writer.completed_shards() == set()
@@ -138,7 +141,7 @@ def test_manifest_missing_a_key_is_a_sentence(tmp_path):
     (tmp_path / "c.zarr" / "zarr.json").write_text(json.dumps(doc))
     with pytest.raises(CacheError) as err:
         cache.open_cache(tmp_path / "c.zarr")
-    msg = str(err.value)
+    msg = explain(err.value)
     assert "not a readable cache" in msg and "lacks 'layout'" in msg
     assert str(tmp_path / "c.zarr" / "zarr.json") in msg and "--overwrite" in msg
 
@@ -165,8 +168,8 @@ def _rebuild(path):
     layout = _layout(40)
     writer, _ = CacheWriter.create_or_resume(path, layout=layout, manifest={"classes": ["other"], "source": {}},
                                              sources=[], overwrite=True)
-    for s in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(s)
+    for s in range(cache.ZarrStorage.of(layout).num_shards(layout)):
+        lo, hi = cache.ZarrStorage.of(layout).shard_range(layout, s)
         writer.write_shard(s, latents=np.full((hi - lo, 1, 8, 2, 2), 7, np.float16),
                            features={k: np.full((hi - lo, 1, t, d), 7, np.float16) for k, (t, d) in TEACHERS.items()},
                            labels=np.zeros(hi - lo, np.int32))
@@ -213,15 +216,16 @@ def _foreign_group(path):
 
 def test_foreign_group_named_like_a_cache_survives(tmp_path):
     before = _foreign_group(tmp_path / "g.zarr")
-    with pytest.raises(CacheMismatchError, match="not a feature cache this program created.*--overwrite"):
+    with pytest.raises(CacheMismatchError) as err:
         CacheWriter.create_or_resume(tmp_path / "g.zarr", layout=_layout(20), manifest={"classes": []}, sources=[])
+    assert re.search("not a feature cache this program created.*--overwrite", explain(err.value))
     assert snapshot(tmp_path / "g.zarr") == before
     # a folder that is not even a zarr group is refused with --overwrite too
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "zarr.json").write_text("garbage")
     (tmp_path / "junk" / "notes.txt").write_text("keep")
     junk = snapshot(tmp_path / "junk")
-    with pytest.raises(CacheError, match="refusing to write into it, even with --overwrite"):
+    with pytest.raises(CacheError, match="refusing to write into it, even when told to replace it"):
         CacheWriter.create_or_resume(tmp_path / "junk", layout=_layout(20), manifest={"classes": []}, sources=[],
                                      overwrite=True)
     assert snapshot(tmp_path / "junk") == junk
@@ -261,4 +265,4 @@ def test_flipped_bytes_found_by_verify_and_repaired(tmp_path, image_folder, buil
     assert "repair: 2 damaged shard(s) to encode again" in repair.stderr
     assert "2 of 3 shards to encode" in repair.stderr
     assert snapshot(out / "latents") | snapshot(out / "features") | snapshot(out / "labels") == original
-    assert cache.open_cache(out).verify_shards() == []
+    assert cache.open_cache(out).verify_stored() == []

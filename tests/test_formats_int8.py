@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from common.formats import FORMAT_CASES, SUFFIX, io_env
+from common.formats import FORMAT_CASES, SUFFIX, direct_reads, io_env
 from common.synthetic import TEACHERS, expected_latent, float_tokens, token_cache
 from conftest import run_build
 
@@ -69,7 +69,7 @@ def test_stored_int8_values_and_scales_equal_the_zarr_source(q8, copies):
 def test_fast_path_for_int8_and_float32_datasets(q8):
     forced = bool(os.environ.get("UREPA_IO"))
     loader = q8.loader(4)
-    assert loader.direct_reads == (q8.format != "ffcv" and not forced)
+    assert direct_reads(loader) == (q8.format != "ffcv" and not forced)
     if q8.format == "hdf5":
         assert all((q8._offsets[name] is None) == forced for name in ARRAYS)
     if q8.format == "ffcv":

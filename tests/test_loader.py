@@ -6,6 +6,7 @@ format; the writer, Layout and refusals in tests/test_store.py."""
 
 import numpy as np
 import pytest
+from common.formats import direct_reads
 from common.synthetic import synthetic_cache
 
 from cache import epoch_flips, epoch_order, rank_batches
@@ -54,6 +55,6 @@ def test_rank_batches_disjoint_and_covering(n, batch, world, drop_last):
 def test_zarr_fallback_reads_equal_direct_reads(tmp_path, synth, io_mode):
     z = synthetic_cache(tmp_path / "zstd.zarr", compressor="zstd")
     direct, fallback = synth.loader(8, seed=9, flip=True), z.loader(8, seed=9, flip=True)
-    assert direct.direct_reads == (io_mode == "direct") and not fallback.direct_reads
+    assert direct_reads(direct) == (io_mode == "direct") and not direct_reads(fallback)
     for a, b in zip(direct, fallback):
         assert (a["latents"] == b["latents"]).all() and (a["features"]["t_a"] == b["features"]["t_a"]).all()

@@ -6,8 +6,7 @@ import pytest
 import zarr
 
 import cache
-from cache.manifest import EncoderInfo, Manifest, ManifestError, SourceInfo
-from cache.store import MANIFEST_KEY
+from cache.manifest import MANIFEST_KEY, EncoderInfo, Manifest, ManifestError, SourceInfo
 
 
 def test_a_built_manifest_round_trips_exactly(built_cache):

@@ -7,7 +7,7 @@ import torch
 from common.synthetic import TEACHERS, float_tokens, token_cache
 
 import cache
-from cache import CacheDataset, CacheError, CacheWriter, Layout
+from cache import CacheDataset, CacheError, CacheWriter, zarr_layout
 from cache.quant import QMAX, channel_scales, dequantize_tokens, quantize_tokens, token_cosine
 
 pytestmark = pytest.mark.usefixtures("io_mode")
@@ -106,7 +106,7 @@ def test_int8_cache_stores_values_and_scales(int8_cache):
     reopened = cache.open_cache(c.url)  # the layout's dtypes survive the manifest
     assert reopened.layout == c.layout and reopened.manifest.to_dict()["layout"]["dtypes"]["features"] == {
         "t_a": "int8", "t_b": "float16"}
-    assert c.verify_shards() == []
+    assert c.verify_stored() == []
 
 
 def test_loader_hands_out_stored_int8_or_dequantized_float16(int8_cache):
@@ -160,7 +160,7 @@ def test_map_style_dataset_on_int8(int8_cache):
 
 
 def test_writer_refuses_mismatched_token_inputs(tmp_path):
-    layout = Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3), "b": (2, 3)}, shard_rows=4,
+    layout = zarr_layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3), "b": (2, 3)}, shard_rows=4,
                     chunk_rows=4, feature_dtypes={"a": "int8"})
     writer, _ = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, sources=[], manifest={
         "classes": ["x"], "teachers": {}})
@@ -176,11 +176,11 @@ def test_writer_refuses_mismatched_token_inputs(tmp_path):
 
 def test_layout_refuses_unknown_token_dtypes():
     with pytest.raises(CacheError, match="token dtype"):
-        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "int4"})
+        zarr_layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "int4"})
     with pytest.raises(CacheError, match="not a teacher"):
-        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"b": "int8"})
-    assert Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "float16"}) == \
-        Layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)})
+        zarr_layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"b": "int8"})
+    assert zarr_layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)}, feature_dtypes={"a": "float16"}) == \
+        zarr_layout(num_rows=4, resolution=16, variants=1, teachers={"a": (2, 3)})
 
 
 def test_token_cosine_matches_numpy_in_float64():
@@ -224,4 +224,4 @@ def test_a_rerun_keeps_the_channel_scales_the_cache_holds(tmp_path):
     # but a damaged record is refused by name
     m["teachers"]["t_a"]["channel_scales"] = [1.0, -2.0, 1.0, 1.0, 1.0]
     with pytest.raises(CacheError, match="channel scales"):
-        cache.store.manifest_channel_scales(cache.Manifest.from_dict(m), "t_a", c.layout)
+        cache.manifest.channel_scales_of(cache.Manifest.from_dict(m), "t_a")

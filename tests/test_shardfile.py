@@ -9,10 +9,11 @@ import logging
 import numpy as np
 import pytest
 import zarr
+from common.formats import direct_reads
 
 import cache
-from cache import shardfile
-from cache.shardfile import (
+from cache.formats.zarr import shardfile
+from cache.formats.zarr.shardfile import (
     EMPTY_CHUNK,
     ShardIndexError,
     decode_index,
@@ -138,23 +139,23 @@ def test_failed_direct_write_and_read_fall_back_to_zarr(tmp_path, monkeypatch, c
         raise AttributeError("'str' object has no attribute 'value'")
 
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr("cache.store.write_shard_file", broken)
+    monkeypatch.setattr("cache.formats.zarr.writer.write_shard_file", broken)
     fell = synthetic_cache(tmp_path / "fell.zarr")
     monkeypatch.undo()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("latents writes through zarr from now on" in m for m in warnings) == 1
     for name in ["latents", "features/t_a", "features/t_b"]:
-        for s in range(ref.layout.num_shards):
+        for s in range(cache.ZarrStorage.of(ref.layout).num_shards(ref.layout)):
             key = shardfile.shard_key(ref.group[name], s)
             assert (tmp_path / "ref.zarr" / name / key).read_bytes() == (tmp_path / "fell.zarr" / name / key).read_bytes()
 
     loader = fell.loader(8, seed=1, flip=True)
-    assert loader.direct_reads
-    monkeypatch.setattr("cache.loader.os.preadv", broken)
+    assert direct_reads(loader)
+    monkeypatch.setattr("cache.formats.zarr.rows.os.preadv", broken)
     caplog.clear()
     got = list(loader)
     monkeypatch.undo()
-    assert not loader.direct_reads
+    assert not direct_reads(loader)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3 and all("reads through zarr from now on" in m for m in warnings)
     for a, b in zip(ref.loader(8, seed=1, flip=True), got):

@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+from common.formats import direct_reads
 from common.synthetic import TEACHERS, synthetic_cache
 
 import cache
-from cache import CacheError, CacheMismatchError, CacheWriter, Layout
+from cache import CacheError, CacheMismatchError, CacheWriter, zarr_layout
+from tools.bench.cachefiles import progress_records
 
 pytestmark = pytest.mark.usefixtures("io_mode")  # every test with direct shard I/O and with zarr's forced
 
@@ -16,7 +18,7 @@ def synth(tmp_path_factory, io_mode):
 
 
 def test_writer_refuses_mismatch_and_foreign_folders(tmp_path, synth):
-    layout = Layout(num_rows=100, resolution=16, variants=2, teachers=TEACHERS, shard_rows=16, chunk_rows=4)
+    layout = zarr_layout(num_rows=100, resolution=16, variants=2, teachers=TEACHERS, shard_rows=16, chunk_rows=4)
     manifest = synth.manifest.to_dict()
     writer, resumed = CacheWriter.create_or_resume(synth.url, layout=layout, manifest=manifest, sources=[])
     assert resumed
@@ -32,7 +34,7 @@ def test_writer_refuses_mismatch_and_foreign_folders(tmp_path, synth):
 
 
 def test_incomplete_cache_is_refused(tmp_path):
-    layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
+    layout = zarr_layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
     CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, manifest={"classes": []}, sources=[])
     with pytest.raises(CacheError, match="incomplete"):
         cache.open_cache(tmp_path / "c.zarr")
@@ -42,11 +44,11 @@ def test_incomplete_cache_is_refused(tmp_path):
 
 def test_layout_validation():
     with pytest.raises(CacheError):
-        Layout(num_rows=10, resolution=16, variants=3, teachers={})
+        zarr_layout(num_rows=10, resolution=16, variants=3, teachers={})
     with pytest.raises(CacheError):
-        Layout(num_rows=10, resolution=16, variants=1, teachers={}, shard_rows=10, chunk_rows=4)
+        zarr_layout(num_rows=10, resolution=16, variants=1, teachers={}, shard_rows=10, chunk_rows=4)
     with pytest.raises(CacheError):
-        Layout(num_rows=10, resolution=16, variants=1, teachers={"a/b": (1, 1)})
+        zarr_layout(num_rows=10, resolution=16, variants=1, teachers={"a/b": (1, 1)})
 
 
 @pytest.mark.parametrize("rows, variants", [(38, 2), (48, 1)])
@@ -55,13 +57,13 @@ def test_layout_nbytes_is_what_a_written_cache_stores(tmp_path, rows, variants):
     holds: a partial last shard and chunk (38 rows), an int8 teacher with its scales and a float16 one."""
     import os
 
-    layout = Layout(num_rows=rows, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16,
+    layout = zarr_layout(num_rows=rows, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=16,
                     chunk_rows=4, feature_dtypes={"t_a": "int8"})
     writer, _ = CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, sources=[], manifest={
         "classes": ["c0"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}})
     rng = np.random.default_rng(0)
-    for s in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(s)
+    for s in range(cache.ZarrStorage.of(layout).num_shards(layout)):
+        lo, hi = cache.ZarrStorage.of(layout).shard_range(layout, s)
         n = hi - lo
         writer.write_shard(s, latents=np.ones((n, variants, 8, 2, 2), np.float16), labels=np.zeros(n, np.int32),
                            features={k: rng.standard_normal((n, variants, t, d)).astype(np.float32)
@@ -72,10 +74,11 @@ def test_layout_nbytes_is_what_a_written_cache_stores(tmp_path, rows, variants):
         folder = tmp_path / "c.zarr" / name
         on_disk[name] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs
                             if f != "zarr.json")
-    assert layout.nbytes() == on_disk
+    assert cache.ZarrStorage.of(layout).nbytes(layout) == on_disk
     assert set(layout.row_shapes()) == set(layout.array_names())
     with pytest.raises(CacheError, match="compressed"):
-        Layout(num_rows=4, resolution=16, variants=1, teachers=TEACHERS, compressor="zstd").nbytes()
+        zl = zarr_layout(num_rows=4, resolution=16, variants=1, teachers=TEACHERS, compressor="zstd")
+        cache.ZarrStorage.of(zl).nbytes(zl)
 
 
 def test_interrupted_creation_is_finished(tmp_path, monkeypatch):
@@ -86,7 +89,7 @@ def test_interrupted_creation_is_finished(tmp_path, monkeypatch):
     def killed(self, *args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
+    layout = zarr_layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
     with monkeypatch.context() as m:
         m.setattr(zarr.Group, "create_group", killed)
         with pytest.raises(KeyboardInterrupt):
@@ -103,7 +106,7 @@ def test_direct_shard_file_is_what_zarr_writes(tmp_path, rows):
     """The build's direct shard writer produces zarr's own bytes (full, partial and tiny last shard)."""
     import zarr
 
-    from cache.shardfile import direct_format, write_shard_file
+    from cache.formats.zarr.shardfile import direct_format, write_shard_file
 
     data = np.random.default_rng(rows).standard_normal((rows, 1, 3, 5)).astype(np.float16)
     data[:4] = 0  # an all-zero chunk is still written (write_empty_chunks=True)
@@ -128,12 +131,12 @@ def test_any_store_url_works(synth, io_mode):
     remote = synthetic_cache(url)
     local = synth.loader(8, seed=2, flip=True)
     far = remote.loader(8, seed=2, flip=True)
-    assert not far.direct_reads
+    assert not direct_reads(far)
     for a, b in zip(local, far):
         assert (a["index"] == b["index"]).all() and (a["latents"] == b["latents"]).all()
         assert (a["features"]["t_b"] == b["features"]["t_b"]).all()
-    assert remote.source_path(7) == synth.source_path(7) and len(remote.progress_records()) == 7
-    layout = Layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
+    assert remote.source_path(7) == synth.source_path(7) and len(progress_records(remote)) == 7
+    layout = zarr_layout(num_rows=10, resolution=16, variants=1, teachers=TEACHERS, shard_rows=4, chunk_rows=2)
     writer, resumed = CacheWriter.create_or_resume(url, layout=layout,
                                                    manifest={"classes": []}, sources=[], overwrite=True)
     assert not resumed and writer.completed_shards() == set()

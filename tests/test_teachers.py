@@ -144,7 +144,7 @@ def test_trainer_refuses_a_teacher_grid_it_cannot_upsample_to(tmp_path):
     """A 3x3 teacher grid against the tiny model's 2x2 middle grid (8x8 latents): not an integer ratio."""
     from trainer.train import SetupError, TrainConfig, train
 
-    layout = cache.Layout(num_rows=8, resolution=64, variants=1, teachers={"odd": (9, 6)}, shard_rows=8, chunk_rows=4)
+    layout = cache.zarr_layout(num_rows=8, resolution=64, variants=1, teachers={"odd": (9, 6)}, shard_rows=8, chunk_rows=4)
     sources = [{"path": f"c{i % 2}/{i}.jpg", "size": 1, "label": i % 2} for i in range(8)]
     manifest = {"classes": ["c0", "c1"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": {}}
     writer, _ = cache.CacheWriter.create_or_resume(tmp_path / "c.zarr", layout=layout, manifest=manifest,

@@ -36,3 +36,8 @@ def io_env(mp: pytest.MonkeyPatch, io: str | None) -> None:
         mp.delenv("UREPA_IO", raising=False)
     else:
         mp.setenv("UREPA_IO", io)
+
+
+def direct_reads(loader: cache.CacheLoader) -> bool:
+    """Whether every array of a loader is read by byte range (the fast path; False for a format's own loader)."""
+    return loader._source is None and all(r.direct for r in loader._readers.values())

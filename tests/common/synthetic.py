@@ -3,7 +3,7 @@
 import numpy as np
 
 import cache
-from cache import CacheWriter, Layout
+from cache import CacheWriter, zarr_layout
 
 TEACHERS = {"t_a": (6, 5), "t_b": (4, 3)}
 
@@ -16,8 +16,8 @@ def _write_cache(path, layout, records, tokens, skipped):
     manifest = {"classes": ["c0", "c1", "c2"], "source": {"fingerprint": "x"}, "vae": {}, "teachers": records}
     writer, resumed = CacheWriter.create_or_resume(path, layout=layout, manifest=manifest, sources=sources)
     assert not resumed
-    for s in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(s)
+    for s in range(cache.ZarrStorage.of(layout).num_shards(layout)):
+        lo, hi = cache.ZarrStorage.of(layout).shard_range(layout, s)
         rows = np.arange(lo, hi)
         lat = np.zeros((hi - lo, variants, 8, 2, 2), np.float16)
         lat += (rows[:, None, None, None, None] + 1000 * np.arange(variants)[None, :, None, None, None]).astype(np.float16) / 8
@@ -37,7 +37,7 @@ def _write_cache(path, layout, records, tokens, skipped):
 
 def synthetic_cache(path, *, n=100, variants=2, skipped=(3, 50, 51), compressor="none", shard_rows=16, chunk_rows=4):
     """A cache whose every value encodes (row, variant), written shard by shard like a build."""
-    layout = Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=shard_rows,
+    layout = zarr_layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=shard_rows,
                     chunk_rows=chunk_rows, compressor=compressor)
 
     def tokens(rows, variants, lat):
@@ -66,7 +66,7 @@ def token_cache(path, *, n=40, variants=2, skipped=(5, 20), feature_dtypes=None,
     from the float32 tokens like a build; t_b float16), with teacher records like a build's (``dtype``,
     ``encode``, and ``channel_scales`` where given: name -> (D,))."""
     dtypes = {"t_a": "int8"} if feature_dtypes is None else dict(feature_dtypes)
-    layout = Layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=shard_rows,
+    layout = zarr_layout(num_rows=n, resolution=16, variants=variants, teachers=TEACHERS, shard_rows=shard_rows,
                     chunk_rows=chunk_rows, feature_dtypes=dtypes)
     records = {k: {"spec": f"tiny:{k}", "tokens": t, "dim": d, "dtype": layout.feature_dtype(k),
                    "encode": {"precision": "fp32", "batch_size": 4, "compile": False},

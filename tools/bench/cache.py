@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache import CacheWriter, Layout, open_cache
+from cache import CacheWriter, open_cache, zarr_layout
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.runtime import autocast_dtype, resolve_device
 from pipeline.build import BuildConfig, Encoders, build, load_encoders
+from tools.bench.cachefiles import progress_records, shard_paths
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def row_error(enc: Encoders, path: str, source: Path, device: torch.device, rows
 
 def steady_build_rate(path: str, skip_first: int = 2) -> float:
     """img/s between the commits of the first ``skip_first`` shards and the last one."""
-    records = sorted(open_cache(path).progress_records(), key=lambda r: r["time"])
+    records = sorted(progress_records(open_cache(path)), key=lambda r: r["time"])
     if len(records) <= skip_first + 1:
         skip_first = 0
     head, tail = records[skip_first], records[skip_first + 1:]
@@ -211,8 +212,8 @@ def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: in
                     feature_dtype: str = "float16") -> None:
     """A cache of random moments and tokens with the shapes of a real one (for speed measurements); with
     ``feature_dtype="int8"`` the same tokens stored as int8 with their scales (quantised by the writer)."""
-    layout = Layout(num_rows=rows, resolution=resolution, variants=1, teachers={teacher: (tokens, dim)},
-                    shard_rows=shard_rows, chunk_rows=chunk_rows, feature_dtypes={teacher: feature_dtype})
+    layout = zarr_layout(num_rows=rows, resolution=resolution, variants=1, teachers={teacher: (tokens, dim)},
+                         shard_rows=shard_rows, chunk_rows=chunk_rows, feature_dtypes={teacher: feature_dtype})
     manifest = {"classes": [str(i) for i in range(classes)], "source": {"fingerprint": "synthetic"},
                 "vae": {"random_weights": True}, "teachers": {teacher: {"random_weights": True}},
                 "preprocessing": {"resolution": resolution}}
@@ -224,8 +225,8 @@ def synthetic_cache(path: Path, rows: int, tokens: int, dim: int, shard_rows: in
     feat = rng.standard_normal((shard_rows, 1, tokens, dim), dtype=np.float32).astype(np.float16)
     lat = rng.standard_normal((shard_rows, 1, 8, h, h), dtype=np.float32).astype(np.float16)
     lat[:, :, 4:] = np.abs(lat[:, :, 4:])  # the std half of the moments
-    for s in range(layout.num_shards):
-        lo, hi = layout.shard_rows_range(s)
+    for s in range(writer.num_shards):
+        lo, hi = writer.shard_range(s)
         feat[:, 0, 0, 0] = np.arange(lo, lo + shard_rows)  # rows differ
         writer.write_shard(s, latents=lat[: hi - lo], features={teacher: feat[: hi - lo]},
                            labels=np.arange(lo, hi, dtype=np.int32) % classes)
@@ -252,7 +253,7 @@ def raw_random_rows(c: Any, threads: int, block: int) -> tuple[float, int]:
     same files into batch-sized buffers (``block`` bytes in all): the loader's access pattern with
     nothing else (no shard index, no batch assembly)."""
     jobs = []
-    for name, paths in c.shard_paths().items():
+    for name, paths in shard_paths(c).items():
         arr = c.latents if name == "latents" else c.features[name.split("/", 1)[1]]
         row_bytes = int(np.prod(arr.shape[1:])) * 2
         for p in paths:
@@ -286,7 +287,7 @@ def bench_loader(bc: BenchConfig, out: Path) -> dict[str, Any]:
     path = out / "loader.zarr"
     synthetic_cache(path, bc.loader_rows, bc.tokens, bc.dim)
     c = open_cache(path)
-    files = [Path(p) for paths in c.shard_paths().values() for p in paths]
+    files = [Path(p) for paths in shard_paths(c).values() for p in paths]
     block = bc.loader_batch * (bc.tokens * bc.dim + 8 * 32 * 32) * 2
     raw_sequential(files, block)  # warm the page cache
     seq_s, seq_bytes = min(raw_sequential(files, block) for _ in range(3))
@@ -319,8 +320,8 @@ def bench_loader(bc: BenchConfig, out: Path) -> dict[str, Any]:
 
 
 def _zarr_whole_shards(c: Any) -> None:
-    for s in range(c.layout.num_shards):
-        lo, hi = c.layout.shard_rows_range(s)
+    for s in range(c.storage.num_shards(c.layout)):
+        lo, hi = c.storage.shard_range(c.layout, s)
         c.features["dinov2_b"][lo:hi]
         c.latents[lo:hi]
 

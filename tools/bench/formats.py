@@ -27,6 +27,7 @@ from cache.config import check_fields, config_to_dict, parse_config
 from cache.convert import convert
 from cache.runtime import make_accelerator
 from tools.bench.cache import machine_info, raw_sequential, synthetic_cache
+from tools.bench.cachefiles import shard_paths
 from tools.bench.train import timed
 from trainer.train import TrainConfig, Trainer, micro_batches
 
@@ -56,7 +57,7 @@ class BenchFormatsConfig:
 def data_files(c: Any) -> list[Path]:
     """The files holding a cache's rows, for the raw read."""
     if c.format == "zarr":
-        return [Path(p) for paths in c.shard_paths().values() for p in paths]
+        return [Path(p) for paths in shard_paths(c).values() for p in paths]
     return [Path(c.url if c.format == "hdf5" else c.beton)]
 
 

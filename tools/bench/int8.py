@@ -51,13 +51,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cache import Layout, open_cache
+from cache import ZarrStorage, open_cache, zarr_layout
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.quant import QMAX, SCALES_GROUP, STORED_DTYPES, channel_scales, dequantize_tokens, quantize_tokens
+from cache.layout import SCALES_GROUP, stored_dtype
+from cache.quant import QMAX, channel_scales, dequantize_tokens, quantize_tokens
 from cache.runtime import resolve_device
 from pipeline.build import BuildConfig, build
 from pipeline.encoders import teacher_grid, teacher_name
 from tools.bench.cache import machine_info, raw_sequential, synthetic_cache, synthetic_folder
+from tools.bench.cachefiles import shard_paths
 from tools.demo_images import load_sources, make_demo_imagefolder
 from trainer.losses import urepa_alignment
 
@@ -402,7 +404,7 @@ def meets_goals(r: Mapping[str, Any]) -> bool:
 
 
 def _array_bytes(c: Any, name: str) -> dict[str, int]:
-    stored = c.nbytes_stored()
+    stored = c.stored_bytes()
     return {k: v for k, v in stored.items() if k in (f"features/{name}", f"{SCALES_GROUP}/{name}")}
 
 
@@ -444,9 +446,9 @@ def bench_teacher(bc: BenchInt8Config, out: Path) -> dict[str, Any]:
         # within one step of it: both builds encoded the same tokens
         "built_int8_vs_requantised_fp16_max_steps": int((q.int() - requantised.int()).abs().max()),
         "bytes_on_disk": {"fp16": b16, "int8": b8, "ratio": sum(b8.values()) / sum(b16.values()),
-                          "whole_cache_fp16": sum(c16.nbytes_stored().values()),
-                          "whole_cache_int8": sum(c8.nbytes_stored().values()),
-                          "layout_nbytes_fp16": c16.layout.nbytes(), "layout_nbytes_int8": c8.layout.nbytes()},
+                          "whole_cache_fp16": sum(c16.stored_bytes().values()),
+                          "whole_cache_int8": sum(c8.stored_bytes().values()),
+                          "layout_nbytes_fp16": c16.storage.nbytes(c16.layout), "layout_nbytes_int8": c8.storage.nbytes(c8.layout)},
     })
     return res
 
@@ -489,12 +491,12 @@ def bench_loader(bc: BenchInt8Config, out: Path) -> dict[str, Any]:
     caches = {}
     for dtype in ("fp16", "int8"):
         path = out / f"int8-loader-{dtype}.zarr"
-        synthetic_cache(path, bc.rows, bc.tokens, bc.dim, feature_dtype=STORED_DTYPES[dtype])
+        synthetic_cache(path, bc.rows, bc.tokens, bc.dim, feature_dtype=stored_dtype(dtype))
         caches[dtype] = open_cache(path)
     variants = {"fp16": (caches["fp16"], False), "int8": (caches["int8"], False),
                 "int8 dequantize": (caches["int8"], True)}
     for c in caches.values():  # the page cache holds both
-        files = [Path(p) for paths in c.shard_paths().values() for p in paths]
+        files = [Path(p) for paths in shard_paths(c).values() for p in paths]
         raw_sequential(files, 1 << 24)
     for c, deq in variants.values():  # warm-up: buffers, threads
         loader_epoch(c, bc, 99, dequantize=deq)
@@ -515,8 +517,8 @@ def bench_loader(bc: BenchInt8Config, out: Path) -> dict[str, Any]:
     base = res["variants"]["fp16"]["samples_s"]
     for v in res["variants"].values():
         v["vs_fp16"] = v["samples_s"] / base
-    b16 = caches["fp16"].nbytes_stored()
-    b8 = caches["int8"].nbytes_stored()
+    b16 = caches["fp16"].stored_bytes()
+    b8 = caches["int8"].stored_bytes()
     feats16 = b16["features/dinov2_b"]
     feats8 = b8["features/dinov2_b"] + b8[f"{SCALES_GROUP}/dinov2_b"]
     res["bytes_on_disk"] = {"fp16": b16, "int8": b8, "features_ratio": feats8 / feats16,
@@ -544,10 +546,10 @@ def storage_table(rows: int = IMAGENET_TRAIN_IMAGES, resolutions: tuple[int, ...
         for variants in (1, 2):
             for dtype in ("fp16", "int8"):
                 teachers = {timm: (tokens, dim) for timm, dim in STORAGE_TEACHERS.values()}
-                layout = Layout(num_rows=rows, resolution=res, variants=variants, teachers=teachers,
-                                shard_rows=256 if res <= 256 else 64, chunk_rows=16,
-                                feature_dtypes={k: STORED_DTYPES[dtype] for k in teachers})
-                nb = layout.nbytes()
+                layout = zarr_layout(num_rows=rows, resolution=res, variants=variants, teachers=teachers,
+                                     shard_rows=256 if res <= 256 else 64, chunk_rows=16,
+                                     feature_dtypes={k: stored_dtype(dtype) for k in teachers})
+                nb = ZarrStorage.of(layout).nbytes(layout)
                 parts = {"SD-VAE moments": nb["latents"], "labels": nb["labels"]}
                 for label, (timm, _) in STORAGE_TEACHERS.items():
                     parts[label] = nb[f"features/{timm}"] + nb.get(f"{SCALES_GROUP}/{timm}", 0)

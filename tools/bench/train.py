@@ -39,7 +39,7 @@ import torch
 
 from cache import open_cache
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.quant import STORED_DTYPES
+from cache.layout import stored_dtype
 from cache.runtime import autocast_dtype, make_accelerator
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
@@ -166,7 +166,7 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
     rows = batch * (bc.warmup + bc.rounds * (bc.steps + 1) + 2)
     if not path.exists():
         synthetic_cache(path, rows, tokens, dim, shard_rows=64, chunk_rows=16, resolution=bc.resolution,
-                        teacher="teacher", classes=1000, feature_dtype=STORED_DTYPES[feature_dtype])
+                        teacher="teacher", classes=1000, feature_dtype=stored_dtype(feature_dtype))
     c = open_cache(path)
     cfg = TrainConfig(cache=str(path), out=str(out / "unused"), model=model, batch_size=batch,
                       steps=bc.steps + bc.warmup, precision=bc.precision, compile=compiled,

@@ -32,26 +32,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .manifest import Manifest
-from .quant import SCALES_GROUP
-from .shardfile import checksum
-from .store import (
-    FFCV_RECORD,
-    LATENT_CHANNELS,
-    CacheChangedError,
-    CacheError,
-    CacheReader,
-    Layout,
-    reader_manifest,
-)
+from ..errors import CacheChangedError, CacheError
+from ..files import FileStamp, checksum, file_checksum, write_json
+from ..layout import SCALES_GROUP, ByTeacher, Layout
+from ..manifest import Manifest, check_manifest
+from ..reader import CacheReader, Problem
+from ..writer import CopyWriter, Format
 
-__all__ = ["FfcvCache", "write_ffcv", "FORMAT_VERSION", "BETON"]
+__all__ = ["FFCV", "FfcvCache", "FfcvWriter", "write_ffcv", "FORMAT_VERSION", "BETON", "RECORD"]
 
+RECORD = "ffcv.json"  # the record that makes a folder an FFCV cache
 FORMAT_VERSION = 1
 BETON = "data.beton"
 MANIFEST = "manifest.json"
@@ -68,18 +64,13 @@ def field_names(layout: Layout) -> dict[str, str]:
 
 
 def variant_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
-    """The shape of one (row, variant) of every array: (8, h, w), tokens (T, D), scales (T,)."""
-    h = layout.resolution // 8
-    return {"latents": (LATENT_CHANNELS, h, h), **{f"features/{t}": tuple(td) for t, td in layout.teachers.items()},
-            **{f"{SCALES_GROUP}/{t}": (layout.teachers[t][0],) for t in layout.quantized_teachers}}
+    """The shape of one (row, variant) of every array (:meth:`Layout.variant_shapes`)."""
+    return {k: shape for k, (shape, _) in layout.variant_shapes().items()}
 
 
 def array_dtypes(layout: Layout) -> dict[str, np.dtype]:
-    """The dtype of every array as read: latents float16, tokens float16 or int8 (the layout's), scales float32."""
-    out = {"latents": np.dtype("<f2")}
-    out.update({f"features/{t}": np.dtype("i1" if layout.quantized(t) else "<f2") for t in layout.teachers})
-    out.update({f"{SCALES_GROUP}/{t}": np.dtype("<f4") for t in layout.quantized_teachers})
-    return out
+    """The dtype of every array as read: the layout's, little-endian."""
+    return {k: np.dtype(dtype).newbyteorder("<") for k, (_, dtype) in layout.variant_shapes().items()}
 
 
 def _field_dtype(dtype: np.dtype) -> np.dtype:
@@ -93,17 +84,6 @@ def _field_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     decoder of 1-D fields leaves numba dispatchers whose finalizer fails ("Exception ignored ... KeyError")
     when collected; read back in the array's own shape."""
     return (*shape, 1) if len(shape) == 1 else tuple(shape)
-
-
-def file_checksum(path: str, block: int = 1 << 24) -> str:
-    """crc32c of a whole file, read in blocks."""
-    import google_crc32c
-
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            crc = google_crc32c.extend(crc, chunk)
-    return f"crc32c:{int(crc):08x}"
 
 
 class _Samples:
@@ -150,18 +130,66 @@ def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifes
     writer.from_indexed_dataset(_Samples(stage, layout, labels), chunksize=64)
     labels = np.ascontiguousarray(labels, dtype="<i4")
     np.save(os.path.join(folder, LABELS), labels)
-    _write_json(os.path.join(folder, MANIFEST), manifest.to_dict())
-    _write_json(os.path.join(folder, SOURCES), list(sources))
+    write_json(os.path.join(folder, MANIFEST), manifest.to_dict(), indent=None)
+    write_json(os.path.join(folder, SOURCES), list(sources), indent=None)
     record = {"format": "urepa-ffcv", "version": FORMAT_VERSION, "file": BETON,
               "size": os.path.getsize(beton), "checksum": file_checksum(beton), "variants": layout.variants,
               "fields": names, "labels": checksum(labels)}
-    _write_json(os.path.join(folder, FFCV_RECORD), record)
+    write_json(os.path.join(folder, RECORD), record, indent=None)
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
+class FfcvWriter(CopyWriter):
+    """An FFCV copy: the rows staged as raw .npy arrays block by block (resumable: one marker per finished
+    block, in ``<tmp>/stage``), then FFCV's writer makes the .beton from them, then the stage is dropped."""
+
+    def __init__(self, tmp: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
+                 block_rows: int, workers: int = 2) -> None:
+        self.tmp, self.layout, self.manifest, self.sources = tmp, layout, manifest, sources
+        self.block_rows, self.workers = block_rows, workers
+        self.stage = os.path.join(tmp, "stage")
+        os.makedirs(self.stage, exist_ok=True)
+        plan = {"rows": layout.num_rows, "block": block_rows, "layout": layout.to_dict(),
+                "manifest": manifest.to_dict()}
+        plan_path = os.path.join(self.stage, "plan.json")
+        old = None
+        if os.path.exists(plan_path):
+            with open(plan_path) as f:
+                old = json.load(f)
+        if old != plan:  # another conversion's leftovers (in our own temporary folder): start again
+            shutil.rmtree(tmp)
+            os.makedirs(self.stage)
+            write_json(plan_path, plan, indent=None)
+        shapes = {**{k: (layout.variants, *s) for k, s in variant_shapes(layout).items()}, "labels": ()}
+        dtypes = {**array_dtypes(layout), "labels": np.dtype("<i4")}
+        self.files = {name: os.path.join(self.stage, name.replace("/", "__") + ".npy") for name in layout.array_names()}
+        self.arrays = {name: np.lib.format.open_memmap(path, mode="r+" if os.path.exists(path) else "w+",
+                                                       dtype=dtypes[name], shape=(layout.num_rows, *shapes[name]))
+                       for name, path in self.files.items()}
+
+    def _marker(self, lo: int) -> str:
+        return os.path.join(self.stage, f"block-{lo:012d}.done")
+
+    def done_blocks(self) -> set[int]:
+        return {lo for lo in range(0, self.layout.num_rows, self.block_rows) if os.path.exists(self._marker(lo))}
+
+    def write_block(self, lo: int, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, arr in self.arrays.items():
+            arr[lo:lo + len(arrays[name])] = arrays[name]
+            arr.flush()
+        open(self._marker(lo), "w").close()  # after the block's data: a killed run writes this block again
+
+    def finish(self) -> None:
+        labels = np.array(self.arrays["labels"])
+        self.close()
+        beton = os.path.join(self.tmp, BETON)
+        if os.path.exists(beton):
+            os.remove(beton)
+        write_ffcv(self.tmp, stage={k: p for k, p in self.files.items() if k != "labels"}, layout=self.layout,
+                   manifest=self.manifest, sources=self.sources, labels=labels, num_workers=self.workers)
+        shutil.rmtree(self.stage)
+
+    def close(self) -> None:
+        self.arrays = {}
 
 
 def _expected_fields(layout: Layout) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -220,66 +248,70 @@ class _BetonArray:
 
 class FfcvCache(CacheReader):
     """A finished FFCV cache, opened for reading. Use :func:`cache.open_cache`; see
-    :class:`cache.store.CacheReader`."""
+    :class:`cache.reader.CacheReader`."""
 
     format = "ffcv"
+    reads_rows = False
 
     def __init__(self, folder: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.url = self.root = os.fspath(folder)
-        reconvert = f"convert it again (`python -m cache.convert SRC {self.url} --format ffcv`) or restore it from a copy"
-        self._reconvert = reconvert
-        record_path = os.path.join(self.url, FFCV_RECORD)
+        record_path = os.path.join(self.url, RECORD)
         try:
             with open(record_path) as f:
                 self.record = json.load(f)
             with open(os.path.join(self.url, MANIFEST)) as f:
                 manifest = json.load(f)
         except (OSError, ValueError) as e:
-            raise CacheError(f"{self.url} is not a readable FFCV cache ({type(e).__name__}: {e}); {reconvert}") from None
+            raise self._damaged(f"{self.url} is not a readable FFCV cache ({type(e).__name__}: {e})") from None
         if not isinstance(self.record, dict) or self.record.get("format") != "urepa-ffcv":
-            raise CacheError(f"{record_path} is not this code's FFCV cache record; {reconvert}")
+            raise CacheError(f"{record_path} is not this code's FFCV cache record", url=self.url, remedy="replace")
         if self.record.get("version") != FORMAT_VERSION:
-            raise CacheError(f"{record_path}: FFCV cache format {self.record.get('version')}, this code reads "
-                             f"{FORMAT_VERSION}; {reconvert}")
-        self.manifest = reader_manifest(self.url, manifest, where=os.path.join(self.url, MANIFEST),
-                                        rebuild=reconvert, allow_incomplete=allow_incomplete)
+            raise self._damaged(f"{record_path}: FFCV cache format {self.record.get('version')}, this code reads "
+                                f"{FORMAT_VERSION}")
+        try:
+            self.manifest = check_manifest(self.url, manifest, where=os.path.join(self.url, MANIFEST),
+                                           allow_incomplete=allow_incomplete)
+        except CacheError as e:
+            raise CacheError(str(e), url=self.url, remedy="reconvert" if e.remedy == "rebuild" else e.remedy) from None
         self.layout = self.manifest.layout
         self.generation = self.manifest.generation
         self.beton = os.path.join(self.url, self.record.get("file", BETON))
         if self.record.get("fields") != field_names(self.layout) or self.record.get("variants") != self.layout.variants:
-            raise CacheError(f"{record_path} does not match {os.path.join(self.url, MANIFEST)} (fields or variants "
-                             f"differ): the folder mixes two caches; {reconvert}")
-        self._stat = self._check_file()
+            raise self._damaged(f"{record_path} does not match {os.path.join(self.url, MANIFEST)} (fields or variants "
+                                "differ): the folder mixes two caches")
+        self._stamp = self._check_file()
         try:
             labels = np.load(os.path.join(self.url, LABELS))
         except (OSError, ValueError) as e:
-            raise CacheError(f"{os.path.join(self.url, LABELS)} cannot be read ({e}); {reconvert}") from None
+            raise self._damaged(f"{os.path.join(self.url, LABELS)} cannot be read ({e})") from None
         if labels.shape != (self.layout.num_rows,) or checksum(np.ascontiguousarray(labels)) != self.record.get("labels"):
-            raise CacheError(f"{os.path.join(self.url, LABELS)} does not match the record (shape {labels.shape} or its "
-                             f"checksum): the folder is damaged; {reconvert}")
+            raise self._damaged(f"{os.path.join(self.url, LABELS)} does not match the record (shape {labels.shape} or "
+                                "its checksum): the folder is damaged")
         n, f = self.layout.num_rows, self.layout.variants
         shapes, dtypes = variant_shapes(self.layout), array_dtypes(self.layout)
         self.latents = _BetonArray(self, "latents", (n, f, *shapes["latents"]), dtypes["latents"])
-        self.features = {t: _BetonArray(self, f"features/{t}", (n, f, *shapes[f"features/{t}"]),
-                                        dtypes[f"features/{t}"]) for t in self.layout.teachers}
-        self.feature_scales = {t: _BetonArray(self, f"{SCALES_GROUP}/{t}", (n, f, *shapes[f"{SCALES_GROUP}/{t}"]),
-                                              dtypes[f"{SCALES_GROUP}/{t}"]) for t in self.layout.quantized_teachers}
+        self.features = ByTeacher({t: _BetonArray(self, f"features/{t}", (n, f, *shapes[f"features/{t}"]),
+                                                  dtypes[f"features/{t}"]) for t in self.layout.teachers})
+        self.feature_scales = ByTeacher({t: _BetonArray(self, f"{SCALES_GROUP}/{t}", (n, f, *shapes[f"{SCALES_GROUP}/{t}"]),
+                                                        dtypes[f"{SCALES_GROUP}/{t}"]) for t in self.layout.quantized_teachers})
         self._set_labels(labels.astype(np.int32))
-        self._sources: list[dict[str, Any]] | None = None
 
-    def _check_file(self) -> tuple[int, int, int]:
+    def _damaged(self, message: str) -> CacheError:
+        return CacheError(message, url=self.url, remedy="reconvert")
+
+    def _check_file(self) -> FileStamp:
         """Before FFCV reads the .beton: its size is the recorded one, its header names the samples and
         fields this cache has (each field's name, dtype and shape those of the manifest's layout) and its
         allocation table lies inside the file. Returns (inode, mtime, size)."""
         from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType
 
         try:
-            st = os.stat(self.beton)
+            stamp = FileStamp.of(self.beton)
         except OSError as e:
-            raise CacheError(f"{self.beton} is missing ({e}); {self._reconvert}") from None
-        if st.st_size != self.record.get("size"):
-            raise CacheError(f"{self.beton} has {st.st_size} bytes, {self.record.get('size')} when it was written: the "
-                             f"file is truncated or was replaced; {self._reconvert}")
+            raise self._damaged(f"{self.beton} is missing ({e})") from None
+        if stamp.size != self.record.get("size"):
+            raise self._damaged(f"{self.beton} has {stamp.size} bytes, {self.record.get('size')} when it was written: "
+                                "the file is truncated or was replaced")
         num_fields = len(self.record["fields"]) + 1
         with open(self.beton, "rb") as fh:
             header = np.frombuffer(fh.read(HeaderType.itemsize), dtype=HeaderType)
@@ -287,44 +319,42 @@ class FfcvCache(CacheReader):
         samples = self.layout.num_rows * self.layout.variants
         if (len(header) != 1 or int(header["num_samples"][0]) != samples
                 or int(header["num_fields"][0]) != num_fields
-                or int(header["alloc_table_ptr"][0]) + samples * ALLOC_TABLE_TYPE.itemsize > st.st_size):
-            raise CacheError(f"{self.beton}: its header does not match the cache's manifest ({samples} samples, "
-                             f"{num_fields} fields) or points outside the file; {self._reconvert}")
+                or int(header["alloc_table_ptr"][0]) + samples * ALLOC_TABLE_TYPE.itemsize > stamp.size):
+            raise self._damaged(f"{self.beton}: its header does not match the cache's manifest ({samples} samples, "
+                                f"{num_fields} fields) or points outside the file")
         got = (_field_descriptors(descriptors.view(FieldDescType))
                if descriptors.size == FieldDescType.itemsize * num_fields else None)
         want = _expected_fields(self.layout)
         if got != want:
-            raise CacheError(f"{self.beton}: its fields {got} do not match the cache's manifest, which says {want} "
-                             f"(name: dtype, shape): the file does not match its manifest; {self._reconvert}")
-        return st.st_ino, st.st_mtime_ns, st.st_size
+            raise self._damaged(f"{self.beton}: its fields {got} do not match the cache's manifest, which says {want} "
+                                "(name: dtype, shape): the file does not match its manifest")
+        return stamp
 
     def check_unchanged(self) -> None:
-        try:
-            st = os.stat(self.beton)
-            now = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            now = None
-        if now != self._stat:
+        if FileStamp.now(self.beton) != self._stamp:
             raise CacheChangedError(f"the cache file {self.beton} was replaced or removed while this loader read it; "
-                                    "restart to read the cache as it is now")
+                                    "restart to read the cache as it is now", url=self.url)
 
     def sources(self) -> list[dict[str, Any]]:
         with open(os.path.join(self.url, SOURCES)) as f:
             return json.load(f)
 
-    def nbytes_stored(self) -> dict[str, int]:
+    def stored_bytes(self) -> dict[str, int]:
         return {"data.beton": os.path.getsize(self.beton), "labels": os.path.getsize(os.path.join(self.url, LABELS))}
 
-    def verify(self) -> list[str]:
+    def describe_storage(self) -> str:
+        return f"ffcv, {os.path.basename(self.beton)} (one sample per row and variant)"
+
+    def verify_stored(self) -> list[Problem]:
         """The whole .beton against the crc32c recorded at conversion (and its size and header)."""
         try:
             self._check_file()
         except CacheError as e:
-            return [str(e)]
+            return [Problem(self.beton, str(e), remedy="reconvert")]
         got = file_checksum(self.beton)
         if got != self.record.get("checksum"):
-            return [f"{self.beton} fails the checksum recorded at conversion ({got}, recorded "
-                    f"{self.record.get('checksum')}): the file is damaged; {self._reconvert}"]
+            return [Problem(self.beton, f"fails the checksum recorded at conversion ({got}, recorded "
+                            f"{self.record.get('checksum')}): the file is damaged", remedy="reconvert")]
         return []
 
     def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> _FfcvSource:
@@ -339,8 +369,8 @@ class FfcvCache(CacheReader):
         from ffcv.fields.decoders import NDArrayDecoder
         from ffcv.loader import Loader, OrderOption
 
-        if self._check_file() != self._stat:
-            raise CacheChangedError(f"the cache file {self.beton} was replaced while it was open; restart to read it")
+        if self._check_file() != self._stamp:
+            raise CacheChangedError(f"the cache file {self.beton} was replaced while it was open; restart to read it", url=self.url)
         names = field_names(self.layout)
         wanted = {names[k]: k for k in keys}
         pipelines: dict[str, Any] = {field: ([NDArrayDecoder()] if field in wanted else None) for field in names.values()}
@@ -383,3 +413,18 @@ class _FfcvSource:
 
     def close(self) -> None:
         """Nothing is held between epochs: each :meth:`batches` call owns its FFCV loader."""
+
+
+def _claims(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    if os.path.exists(os.path.join(path, RECORD)):
+        return True
+    if any(n.endswith(".beton") for n in os.listdir(path)):
+        raise CacheError(f"{path} holds .beton files but no {RECORD}: not a finished FFCV cache (a conversion that "
+                         "did not finish, or files copied by hand)", url=path, remedy="reconvert")
+    return False
+
+
+FFCV = Format(name="ffcv", claims=_claims, open=FfcvCache, copy_writer=FfcvWriter, options=("workers",),
+              description="an FFCV cache (a folder with ffcv.json and a .beton)")

@@ -37,18 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import Manifest
-from .quant import SCALES_GROUP
-from .shardfile import ENV_LIBRARY_IO, checksum, library_io_forced
-from .store import LATENT_CHANNELS, MANIFEST_KEY, CacheError, CacheReader, Layout, reader_manifest
+from ..errors import CacheChangedError, CacheError
+from ..files import ENV_LIBRARY_IO, FileStamp, checksum, library_io_forced
+from ..layout import SCALES_GROUP, ByTeacher, Layout
+from ..manifest import MANIFEST_KEY, Manifest, check_manifest
+from ..reader import CacheReader, Problem
+from ..writer import CopyWriter, Format
 
-__all__ = ["H5Cache", "H5Writer", "FORMAT_KEY", "FORMAT_VERSION"]
+__all__ = ["HDF5", "H5Cache", "H5Writer", "FORMAT_KEY", "FORMAT_VERSION", "SIGNATURE"]
 
 _logger = logging.getLogger(__name__)
 
 FORMAT_KEY = "urepa_hdf5"
 FORMAT_VERSION = 1
 SOURCES = "sources_json"
+SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of every HDF5 file
 
 
 def _h5py() -> Any:
@@ -57,41 +60,27 @@ def _h5py() -> Any:
     return h5py
 
 
-def row_shapes(layout: Layout) -> dict[str, tuple[int, ...]]:
-    """The shape of one row of every dataset (:meth:`Layout.array_names`): (F, 8, h, w), (F, T, D),
-    scales (F, T), labels ()."""
-    h = layout.resolution // 8
-    out: dict[str, tuple[int, ...]] = {"latents": (layout.variants, LATENT_CHANNELS, h, h)}
-    out.update({f"features/{t}": (layout.variants, *td) for t, td in layout.teachers.items()})
-    out.update({f"{SCALES_GROUP}/{t}": (layout.variants, layout.teachers[t][0]) for t in layout.quantized_teachers})
-    out["labels"] = ()
-    return {name: out[name] for name in layout.array_names()}
-
-
 def dataset_dtype(layout: Layout, name: str) -> np.dtype:
-    """The stored dtype of dataset ``name``: labels int32, scales float32, a teacher's tokens as its layout
-    says (float16 or int8), latents float16; little-endian."""
-    if name == "labels":
-        return np.dtype("<i4")
-    if name.startswith(SCALES_GROUP + "/"):
-        return np.dtype("<f4")
-    if name.startswith("features/") and layout.quantized(name.removeprefix("features/")):
-        return np.dtype("i1")
-    return np.dtype("<f2")
+    """The stored dtype of dataset ``name``: the layout's, little-endian."""
+    return np.dtype(layout.row_shapes()[name][1]).newbyteorder("<")
 
 
-class H5Writer:
+class H5Writer(CopyWriter):
     """Writes one HDF5 cache at ``path`` (the caller's temporary name) block by block; :meth:`finish`
-    records the block checksums last. ``compression``: None (contiguous, read by byte range) or "gzip"
-    (chunked by ``block_rows``, read through h5py)."""
+    records the block checksums last. ``compression``: "none" (contiguous, read by byte range) or "gzip"
+    (chunked by ``block_rows``, read through h5py). An HDF5 file is not safely resumable: a rerun starts
+    again (it costs one read of the source)."""
 
     def __init__(self, path: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
-                 block_rows: int = 256, compression: str | None = None) -> None:
+                 block_rows: int = 256, compression: str = "none") -> None:
         h5py = _h5py()
+        if os.path.lexists(path):  # our own temporary name, left by a killed conversion
+            os.remove(path)
+        compression = None if compression == "none" else compression
         self.path, self.layout, self.block_rows = path, layout, block_rows
         self.file = h5py.File(path, "w", libver="latest")  # dense attributes: a manifest may exceed 64 KiB
         self.sums: dict[str, list[str]] = {name: [] for name in layout.array_names()}
-        for name, shape in row_shapes(layout).items():
+        for name, (shape, _) in layout.row_shapes().items():
             kw: dict[str, Any] = {}
             if compression is not None:
                 kw = dict(chunks=(min(block_rows, layout.num_rows), *shape), compression=compression)
@@ -109,7 +98,8 @@ class H5Writer:
         for name in self.layout.array_names():
             want = dataset_dtype(self.layout, name)
             if np.dtype(arrays[name].dtype).kind != want.kind or np.dtype(arrays[name].dtype).itemsize != want.itemsize:
-                raise CacheError(f"{self.path}: rows of '{name}' given as {arrays[name].dtype}, stored as {want}")
+                raise CacheError(f"{self.path}: rows of '{name}' given as {arrays[name].dtype}, stored as {want}",
+                                 url=self.path)
             data = np.ascontiguousarray(arrays[name], dtype=want)
             self.file[name][lo:lo + len(data)] = data
             self.sums[name].append(checksum(data))
@@ -142,71 +132,70 @@ class _H5Array:
 
 class H5Cache(CacheReader):
     """A finished HDF5 cache, opened for reading. Use :func:`cache.open_cache`; see
-    :class:`cache.store.CacheReader`."""
+    :class:`cache.reader.CacheReader`."""
 
     format = "hdf5"
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.url = self.root = os.fspath(path)
-        reconvert = f"convert it again (`python -m cache.convert SRC {self.url} --format hdf5`) or restore it from a copy"
         h5py = _h5py()
-        self._stat = _stat(self.url)
+        self._stamp = FileStamp.of(self.url)
         try:
             f = h5py.File(self.url, "r")
         except OSError as e:
-            raise CacheError(f"{self.url} is not a readable HDF5 cache ({e}): the file is truncated or damaged; "
-                             f"{reconvert}") from None
+            raise CacheError(f"{self.url} is not a readable HDF5 cache ({e}): the file is truncated or damaged",
+                             url=self.url, remedy="reconvert") from None
         with f:
             if MANIFEST_KEY not in f.attrs or FORMAT_KEY not in f.attrs:
                 raise CacheError(f"{self.url} is an HDF5 file but not a finished feature cache (no '{MANIFEST_KEY}' "
                                  f"or '{FORMAT_KEY}' attribute: not written by cache.convert, or the conversion did "
-                                 f"not finish); {reconvert}")
+                                 "not finish)", url=self.url, remedy="replace")
             where = f"the '{MANIFEST_KEY}' attribute of {self.url}"
             try:
                 manifest = json.loads(f.attrs[MANIFEST_KEY])
                 self.record = json.loads(f.attrs[FORMAT_KEY])
             except (TypeError, ValueError) as e:
-                raise CacheError(f"{self.url}: its manifest or format record is not JSON ({e}); {reconvert}") from None
-            self.manifest = reader_manifest(self.url, manifest, where=where, rebuild=reconvert,
-                                            allow_incomplete=allow_incomplete)
+                raise CacheError(f"{self.url}: its manifest or format record is not JSON ({e})", url=self.url,
+                                 remedy="reconvert") from None
+            try:
+                self.manifest = check_manifest(self.url, manifest, where=where, allow_incomplete=allow_incomplete)
+            except CacheError as e:
+                raise CacheError(str(e), url=self.url, remedy="reconvert" if e.remedy == "rebuild" else e.remedy) from None
             self.layout = self.manifest.layout
             self.generation = self.manifest.generation
             shapes = {}
             self._offsets: dict[str, int | None] = {}
             self._why_not_direct: dict[str, str] = {}
-            for name, row_shape in row_shapes(self.layout).items():
+            for name, (row_shape, _) in self.layout.row_shapes().items():
                 want = (self.layout.num_rows, *row_shape)
                 if name not in f or not isinstance(f[name], h5py.Dataset):
-                    raise CacheError(f"{self.url} lacks the dataset '{name}' its manifest names; {reconvert}")
+                    raise CacheError(f"{self.url} lacks the dataset '{name}' its manifest names", url=self.url,
+                                     remedy="reconvert")
                 ds = f[name]
                 dtype = dataset_dtype(self.layout, name)
                 if ds.shape != want or ds.dtype.kind != dtype.kind or ds.dtype.itemsize != dtype.itemsize:
                     raise CacheError(f"{self.url}: dataset '{name}' is {ds.shape} {ds.dtype}, its manifest says "
-                                     f"{want} {dtype}: the file does not match its manifest; {reconvert}")
+                                     f"{want} {dtype}: the file does not match its manifest", url=self.url,
+                                     remedy="reconvert")
                 shapes[name] = (want, ds.dtype)
-                self._offsets[name], self._why_not_direct[name] = _direct_offset(ds, self._stat[2])
+                self._offsets[name], self._why_not_direct[name] = _direct_offset(ds, self._stamp.size)
             try:
                 labels = f["labels"][:]
             except OSError as e:
-                raise CacheError(f"{self.url}: the labels cannot be read ({e}): the file is damaged; {reconvert}") from None
+                raise CacheError(f"{self.url}: the labels cannot be read ({e}): the file is damaged", url=self.url,
+                                 remedy="reconvert") from None
         self.latents = _H5Array(self.url, "latents", *shapes["latents"])
-        self.features = {t: _H5Array(self.url, f"features/{t}", *shapes[f"features/{t}"]) for t in self.layout.teachers}
-        self.feature_scales = {t: _H5Array(self.url, f"{SCALES_GROUP}/{t}", *shapes[f"{SCALES_GROUP}/{t}"])
-                               for t in self.layout.quantized_teachers}
+        self.features = ByTeacher({t: _H5Array(self.url, f"features/{t}", *shapes[f"features/{t}"])
+                                   for t in self.layout.teachers})
+        self.feature_scales = ByTeacher({t: _H5Array(self.url, f"{SCALES_GROUP}/{t}", *shapes[f"{SCALES_GROUP}/{t}"])
+                                         for t in self.layout.quantized_teachers})
         self._set_labels(labels.astype(np.int32))
-        self._sources: list[dict[str, Any]] | None = None
 
     def check_unchanged(self) -> None:
         """The file was replaced or rewritten since it was opened: :class:`CacheChangedError` (one stat)."""
-        from .store import CacheChangedError
-
-        try:
-            now = _stat(self.url)
-        except OSError:
-            now = None
-        if now != self._stat:
+        if FileStamp.now(self.url) != self._stamp:
             raise CacheChangedError(f"the cache file {self.url} was replaced or removed while this loader read it; "
-                                    "restart to read the cache as it is now")
+                                    "restart to read the cache as it is now", url=self.url)
 
     def sources(self) -> list[dict[str, Any]]:
         with _h5py().File(self.url, "r") as f:
@@ -215,36 +204,39 @@ class H5Cache(CacheReader):
     def row_reader(self, name: str) -> _H5RowReader:
         return _H5RowReader(self, name)
 
-    def nbytes_stored(self) -> dict[str, int]:
+    def stored_bytes(self) -> dict[str, int]:
         with _h5py().File(self.url, "r") as f:
             return {name: int(f[name].id.get_storage_size()) for name in self.layout.array_names()}
 
-    def verify(self) -> list[str]:
+    @property
+    def block_rows(self) -> int:
+        return int(self.record.get("block_rows") or 256)
+
+    def describe_storage(self) -> str:
+        return f"hdf5, blocks of {self.record.get('block_rows')} rows checksummed"
+
+    def verify_stored(self) -> list[Problem]:
         """Every block of every dataset (and the source list) against the crc32c recorded at conversion."""
         problems = []
         block = int(self.record.get("block_rows", 0))
         sums = self.record.get("checksums", {})
+        n = self.layout.num_rows
         try:
             with _h5py().File(self.url, "r") as f:
                 for name in self.layout.array_names():
                     recorded = sums.get(name, [])
-                    for k, lo in enumerate(range(0, self.layout.num_rows, block)):
+                    for k, lo in enumerate(range(0, n, block)):
                         got = checksum(np.ascontiguousarray(f[name][lo:lo + block]))
                         want = recorded[k] if k < len(recorded) else None
                         if got != want:
-                            problems.append(f"{self.url}: dataset '{name}' rows {lo}..{min(lo + block, self.layout.num_rows)} "
-                                            f"fail the checksum recorded at conversion ({got}, recorded {want}); convert "
-                                            "the cache again")
+                            problems.append(Problem(self.url, f"dataset '{name}' rows {lo}..{min(lo + block, n)} fail "
+                                                    f"the checksum recorded at conversion ({got}, recorded {want})",
+                                                    name, rows=(lo, min(lo + block, n)), remedy="reconvert"))
                 if checksum(f[SOURCES][:].tobytes()) != self.record.get("sources"):
-                    problems.append(f"{self.url}: the source list fails its checksum; convert the cache again")
+                    problems.append(Problem(self.url, "the source list fails its checksum", remedy="reconvert"))
         except OSError as e:
-            problems.append(f"{self.url} cannot be read ({e}): the file is damaged; convert the cache again")
+            problems.append(Problem(self.url, f"cannot be read ({e}): the file is damaged", remedy="reconvert"))
         return problems
-
-
-def _stat(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _direct_offset(ds: Any, file_size: int) -> tuple[int | None, str]:
@@ -335,8 +327,8 @@ class _H5RowReader:
         try:
             block = f[self.name][rows[order]]
         except OSError as e:
-            raise CacheError(f"{self.path}: reading '{self.name}' through h5py failed ({e}): the file is damaged; run "
-                             f"`python -m cache.inspect {self.path} --verify`") from None
+            raise CacheError(f"{self.path}: reading '{self.name}' through h5py failed ({e}): the file is damaged",
+                             url=self.path, remedy="reconvert") from None
         out[order] = block[np.arange(len(rows)), variants[order]]
 
     def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
@@ -351,6 +343,16 @@ class _H5RowReader:
                 n = os.preadv(fd, [dst[got:]], offset + got)
                 if n == 0:
                     raise CacheError(f"{self.path} ends inside row {int(rows[i])} of '{self.name}': the file is "
-                                     f"truncated; run `python -m cache.inspect {self.path} --verify` and convert "
-                                     "the cache again")
+                                     "truncated", url=self.path, remedy="reconvert")
                 got += n
+
+
+def _claims(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(SIGNATURE)) == SIGNATURE
+
+
+HDF5 = Format(name="hdf5", claims=_claims, open=H5Cache, copy_writer=H5Writer, options=("compression",),
+              description="an HDF5 cache (one .h5 file that starts with HDF5's signature)")

@@ -15,7 +15,7 @@ of codec attributes, which change between zarr versions (3.1 keeps enums where 3
 When it cannot confirm the layout it says why, and callers use zarr's own reading and writing for
 that array (slower, always correct). Setting the environment variable ``UREPA_ZARR_IO=zarr`` forces
 zarr's path for every array, so the slow path can be exercised and compared; ``UREPA_IO=library``
-forces the library's own path for every format (zarr's here, h5py's in :mod:`cache.h5cache`).
+forces the library's own path for every format (:func:`cache.files.library_io_forced`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ...files import ENV_LIBRARY_IO, checksum, library_io_forced
+
 __all__ = [
     "ENV_IO",
     "EMPTY_CHUNK",
@@ -41,19 +43,15 @@ __all__ = [
     "shard_key",
     "metadata_document",
     "zarr_io_forced",
-    "library_io_forced",
-    "ENV_LIBRARY_IO",
     "encode_index",
     "decode_index",
     "write_shard_file",
-    "checksum",
     "shard_index_nbytes",
 ]
 
 _logger = logging.getLogger(__name__)
 
 ENV_IO = "UREPA_ZARR_IO"  # "zarr": every array through zarr's own reads and writes
-ENV_LIBRARY_IO = "UREPA_IO"  # "library": every format through its library's own I/O (zarr, h5py)
 EMPTY_CHUNK = 0xFFFFFFFFFFFFFFFF  # index entry (offset and nbytes) of a chunk that is not stored
 CHECKSUM_NBYTES = 4  # the crc32c after the index
 
@@ -66,15 +64,6 @@ def shard_index_nbytes(chunks_per_shard: int) -> int:
 
 class ShardIndexError(ValueError):
     """A shard's index is damaged (checksum mismatch, entries out of the file, wrong size)."""
-
-
-def library_io_forced() -> bool:
-    """Whether ``UREPA_IO=library`` asks every format for its library's own I/O (zarr's, h5py's) instead
-    of direct byte-range reads and writes."""
-    value = os.environ.get(ENV_LIBRARY_IO, "").strip().lower()
-    if value not in ("", "auto", "direct", "library"):
-        raise ValueError(f"{ENV_LIBRARY_IO}={value!r}: use 'library' (force each format's library I/O) or leave it unset")
-    return value == "library"
 
 
 def zarr_io_forced() -> bool:
@@ -248,20 +237,6 @@ def decode_index(fmt: ShardFormat, tail: bytes, *, file_size: int, what: str = "
         if (sizes != np.uint64(fmt.chunk_nbytes)).any() or (offsets > data_end - sizes).any() or (sizes > data_end).any():
             raise ShardIndexError(f"{what}: the shard index points outside the file's {file_size} bytes")
     return index
-
-
-def checksum(*parts: bytes | np.ndarray) -> str:
-    """The checksum the build records for a shard object's bytes (the parts in order): ``crc32c:`` and 8
-    hex digits. Catches any flipped byte or truncation of the object, which the index's own crc32c
-    (index bytes only) does not."""
-    import google_crc32c
-
-    crc = 0
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            part = np.ascontiguousarray(part).reshape(-1).view(np.uint8)  # no copy; google_crc32c takes arrays
-        crc = google_crc32c.extend(crc, part)
-    return f"crc32c:{int(crc):08x}"
 
 
 def write_shard_file(path: str, data: np.ndarray, fmt: ShardFormat) -> str:

@@ -1,0 +1,50 @@
+"""The advice the entry points give for the errors of ``cache``: the library raises facts with a kind of
+remedy (:data:`cache.errors.REMEDIES`); this turns the remedy into the commands a user types."""
+
+from __future__ import annotations
+
+from ..errors import CacheError, CacheMismatchError
+
+__all__ = ["explain", "problem_advice"]
+
+
+def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURCE") -> str:
+    """``error`` as the one line (plus its listed differences) an entry point prints: the facts, then what
+    to do. ``out_flag`` names the command's output argument, ``source`` its source."""
+    if not isinstance(error, CacheError) or error.remedy is None:
+        return str(error)
+    text = error.headline if isinstance(error, CacheMismatchError) else str(error)
+    url = error.url or out_flag
+    teachers = list(getattr(error, "teachers", ()))
+    advice = {
+        "rebuild": f"rebuild it (`python -m pipeline.build {source} {url} --overwrite`) or restore it from a copy",
+        "resume": "rerun its build command to finish it",
+        "repair": (f"run `python -m cache.inspect {url} --verify`, then rebuild the shards it names with "
+                   f"`python -m pipeline.build {source} {url} --repair`"),
+        "reconvert": f"convert it again (`python -m cache.convert SRC {url} --format FORMAT`) or restore it from a copy",
+        "settings": "rerun with the same settings to resume, choose another " + out_flag + ", or pass --overwrite to "
+                    "rebuild it",
+        "replace": f"choose another {out_flag}, or pass --overwrite to replace it",
+        "addition": (f"rerun that addition's command (its --teacher lists them) to finish it, or drop it with "
+                     f"`python -m cache.edit {url} --drop-teacher {','.join(teachers) or 'NAME'}`"),
+        "restart": "restart to read the cache as it is now",
+    }[error.remedy]
+    if isinstance(error, CacheMismatchError) and error.remedy == "settings" and teachers:
+        advice = (f"(the cache holds teachers {', '.join(teachers)}: to add teachers, list those too, e.g. "
+                  f"--teacher {','.join(teachers)},NEW; to remove one, `python -m cache.edit {url} --drop-teacher "
+                  f"NAME`); " + advice)
+    diffs = getattr(error, "differences", ())
+    return f"{text}; {advice}" + ("" if not diffs else ":\n  " + "\n  ".join(diffs))
+
+
+def problem_advice(remedy: str | None, url: str) -> str:
+    """What to do about one problem ``cache.inspect --verify`` found (empty when nothing applies)."""
+    if remedy == "repair":
+        return f"rebuild it with `python -m pipeline.build SOURCE {url} --repair`"
+    if remedy == "resume":
+        return "rerun the build command"
+    if remedy == "reconvert":
+        return "convert the cache again"
+    if remedy == "rebuild":
+        return f"rebuild it (`python -m pipeline.build SOURCE {url} --overwrite`)"
+    return ""

@@ -1,0 +1,57 @@
+"""The cache formats, and the registry that opens a cache in any of them.
+
+    zarr/     the build's format: a zarr v3 group, sharded rows read by byte range
+    hdf5.py   one .h5 file of contiguous datasets (cache.convert)
+    ffcv.py   a folder with one FFCV .beton, read by FFCV's own loader (cache.convert)
+
+Each format module claims its own on-disk signature and gives the registry one
+:class:`cache.writer.Format` entry; this module names no format's internals.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import CacheError
+from ..files import local_root
+from ..reader import CacheReader
+from ..writer import Format
+from .ffcv import FFCV
+from .hdf5 import HDF5
+from .zarr import ZARR
+
+__all__ = ["FORMATS", "format_named", "detect_format", "open_cache"]
+
+#: Every format, by name; the first is the build's and the default for store URLs.
+FORMATS: dict[str, Format] = {f.name: f for f in (ZARR, HDF5, FFCV)}
+
+
+def format_named(name: str) -> Format:
+    if name not in FORMATS:
+        raise CacheError(f"unknown format {name!r}: use one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def detect_format(url: str | os.PathLike) -> Format:
+    """The format of the cache at ``url``, from what is there: the format that claims a local file or
+    folder (an empty or foreign folder goes to the build's format, whose reader says what is missing); a
+    store URL (``s3://``, ...) to a format that reads store URLs. Anything else is a :class:`CacheError`
+    naming the path and what it holds."""
+    root = local_root(url)
+    if root is None:
+        return next(f for f in FORMATS.values() if f.remote)
+    for fmt in FORMATS.values():
+        if fmt.claims(root):
+            return fmt
+    if os.path.isdir(root):
+        return next(iter(FORMATS.values()))  # an empty or foreign folder: the build's format says what is missing
+    if os.path.isfile(root):
+        kinds = ", ".join(f"not {f.description}" for f in FORMATS.values())
+        raise CacheError(f"{root} is a file but {kinds}", url=root)
+    raise CacheError(f"no cache at {root}", url=root)
+
+
+def open_cache(url: str | os.PathLike, *, allow_incomplete: bool = False) -> CacheReader:
+    """Open a finished cache for reading, in any format (:func:`detect_format`): a zarr folder or store URL,
+    an HDF5 file, an FFCV folder. Every format offers :class:`cache.reader.CacheReader`."""
+    return detect_format(url).open(url, allow_incomplete=allow_incomplete)

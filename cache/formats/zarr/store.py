@@ -1,0 +1,158 @@
+"""The keys of a zarr cache and the raw objects beside its arrays, read and written through the zarr store,
+so that any store zarr supports works::
+
+    <root>/zarr.json                  group; attributes["urepa_cache"] holds the manifest
+    <root>/latents, features/<t>, feature_scales/<t>, labels     the arrays (:mod:`cache.layout`)
+    <root>/build/                     group of build records (no sample data)
+        urepa-cache.json              identity: written first at creation, removed first on deletion
+        sources.json                  relative path, size and content hash of every source file, in row order
+        progress/shard-000123.json    one record per finished shard, written after the shard's data,
+                                      with the checksum of every object of the shard
+        adding/shard-000123.json      the same for the tokens of teachers being added
+        config.json, log.txt          resolved config and log of the builds (local stores)
+
+Identity. Creation writes ``build/urepa-cache.json`` (who created it and a random id) before anything
+else, and deletion removes it first: a build deletes only what this marker proves its own (or, when
+told to replace it, a readable zarr group), never a folder it merely finds. The id is also the
+manifest's ``generation``; a reader remembers it at open and notices a rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from ...files import local_root
+
+__all__ = ["IDENTITY_KEY", "CREATED_BY", "SOURCES_KEY", "PROGRESS", "ADDING", "record_key", "record_shard",
+           "put", "get", "keys", "delete", "delete_dir", "store_for", "where", "identity", "probe_group", "is_empty", "delete_cache",
+           "store_get", "store_set", "store_delete", "write_identity"]
+
+IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
+CREATED_BY = "pipeline.build"
+SOURCES_KEY = "build/sources.json"
+PROGRESS = "build/progress/"  # one record per finished shard
+ADDING = "build/adding/"  # one record per shard whose tokens of the teachers being added are written
+
+
+def record_key(folder: str, shard: int) -> str:
+    """The key of shard ``shard``'s record in ``folder`` (:data:`PROGRESS` or :data:`ADDING`)."""
+    return f"{folder}shard-{shard:06d}.json"
+
+
+def record_shard(key: str) -> int | None:
+    """The shard a record key names ('.../shard-000123.json' -> 123), None for any other key."""
+    name = key.rsplit("/", 1)[-1]
+    if not (name.startswith("shard-") and name.endswith(".json")):
+        return None
+    digits = name[len("shard-"):-len(".json")]
+    return int(digits) if digits.isdigit() else None
+
+
+def _prefix(group: zarr.Group) -> str:
+    return group.path + "/" if group.path else ""
+
+
+def store_set(store: Any, key: str, data: bytes) -> None:
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def store_get(store: Any, key: str) -> bytes | None:
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def _store_list(store: Any, prefix: str) -> list[str]:
+    async def collect() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def store_delete(store: Any, key: str) -> None:
+    if sync(store.exists(key)):
+        sync(store.delete(key))
+
+
+def put(group: zarr.Group, key: str, data: bytes) -> None:
+    store_set(group.store, _prefix(group) + key, data)
+
+
+def get(group: zarr.Group, key: str) -> bytes | None:
+    return store_get(group.store, _prefix(group) + key)
+
+
+def keys(group: zarr.Group, prefix_key: str) -> list[str]:
+    prefix = _prefix(group)
+    return [k[len(prefix):] for k in _store_list(group.store, prefix + prefix_key)]
+
+
+def delete(group: zarr.Group, key: str) -> None:
+    store_delete(group.store, _prefix(group) + key)
+
+
+def delete_dir(group: zarr.Group, key: str) -> None:
+    sync(group.store.delete_dir(_prefix(group) + key))
+
+
+def store_for(url: str | os.PathLike) -> Any:
+    """A writable zarr store at ``url`` (which need not exist yet), for the keys written before the group."""
+    root = local_root(url)
+    if root is not None:
+        return zarr.storage.LocalStore(root)
+    return zarr.storage.FsspecStore.from_url(os.fspath(url))
+
+
+def where(url: str | os.PathLike, key: str) -> str:
+    """The file (local caches) or URL of the object ``key`` of the cache at ``url``, for messages."""
+    root = local_root(url)
+    return os.path.join(root, *key.split("/")) if root is not None else f"{os.fspath(url).rstrip('/')}/{key}"
+
+
+def identity(store: Any) -> dict[str, Any] | None:
+    """The creation marker of a cache this code created, or None (absent, unreadable or someone else's)."""
+    try:
+        raw = store_get(store, IDENTITY_KEY)
+        marker = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("created_by") == CREATED_BY and isinstance(marker.get("id"), str):
+        return marker
+    return None
+
+
+def write_identity(store: Any, marker: dict[str, Any]) -> None:
+    store_set(store, IDENTITY_KEY, json.dumps(marker).encode())
+
+
+def probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
+    """(the zarr group at ``url``, None), (None, None) where there is none, or (None, why it is unreadable)."""
+    try:
+        return zarr.open_group(url, mode="r"), None
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None, None
+    except Exception as e:  # garbage zarr.json and the like
+        return None, f"{where(url, 'zarr.json')} cannot be read: {type(e).__name__}: {e}"
+
+
+def is_empty(url: str | os.PathLike, store: Any) -> bool:
+    root = local_root(url)
+    if root is not None:
+        return not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))
+    return not _store_list(store, "")
+
+
+def delete_cache(url: str | os.PathLike, store: Any) -> None:
+    """Delete a cache: its identity marker first, so that readers and builds see at once that it is gone."""
+    store_delete(store, IDENTITY_KEY)
+    root = local_root(url)
+    if root is not None:
+        shutil.rmtree(root)
+    else:
+        sync(store.delete_dir(""))

@@ -1,0 +1,261 @@
+"""The reader contract: what every cache format offers the loader, the ``torch.utils.data`` datasets,
+``cache.inspect`` and ``cache.convert``, which reach a format through it alone.
+
+A format subclasses :class:`CacheReader` and gets rows to the loader one of two ways:
+
+- :meth:`CacheReader.row_reader` (formats that read rows, :attr:`CacheReader.reads_rows`): a
+  :class:`RowReader` per array reads single rows into the loader's batches;
+- :meth:`CacheReader.batch_source` (formats whose own loader assembles whole batches, such as FFCV):
+  a :class:`BatchSource` is fed this rank's positions of the loader's order.
+
+Checking a cache is :meth:`CacheReader.verify`: the format's own checks of what it stored
+(:meth:`CacheReader.verify_stored`: checksums, presence, indexes), then the same label and value
+checks in every format; each finding is one :class:`Problem`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from .errors import CacheError, Remedy
+from .layout import SCALES_GROUP, Layout
+from .loader import CacheLoader
+from .manifest import Manifest, channel_scales_of
+
+__all__ = ["Problem", "RowReader", "BatchSource", "CacheReader"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fault of a cache, as :meth:`CacheReader.verify` finds it. ``where``: the object, file or URL;
+    ``array``: 'latents', 'features/<t>', 'feature_scales/<t>', 'labels', 'progress' (a shard's record) or
+    None (the cache as a whole); ``rows`` (lo, hi) where it is (None: everywhere), and for zarr the
+    ``shard``; ``remedy``: which kind of fix applies (:data:`cache.errors.REMEDIES`)."""
+
+    where: str
+    problem: str
+    array: str | None = None
+    shard: int | None = None
+    rows: tuple[int, int] | None = None
+    remedy: Remedy | None = None
+
+    def __str__(self) -> str:
+        if self.shard is not None:
+            return f"{self.array} shard {self.shard} ({self.where}): {self.problem}"
+        if self.array is not None and self.rows is not None:
+            return f"{self.where}: {self.array} rows {self.rows[0]}..{self.rows[1]}: {self.problem}"
+        return f"{self.where}: {self.problem}"
+
+
+class RowReader(Protocol):
+    """Reads single rows (one variant each) of one array into a batch."""
+
+    variant_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def direct(self) -> bool:
+        """Whether rows are read by byte range (the fast path) rather than through the format's library."""
+
+    def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = array[rows[i], variants[i]]``."""
+
+    def close(self) -> None: ...
+
+
+class BatchSource(Protocol):
+    """Whole batches of one epoch and rank from a format's own loader, in the loader's order."""
+
+    variant_shapes: Mapping[str, tuple[int, ...]]
+    variant_dtypes: Mapping[str, np.dtype]
+
+    def batches(self, order: np.ndarray, variants: np.ndarray,
+                batches: Sequence[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
+        """One dict key -> (n, ...) array per ``(lo, hi)`` of ``batches`` (views valid until the next)."""
+
+    def close(self) -> None: ...
+
+
+class CacheReader(abc.ABC):
+    """A finished cache opened for reading, in any format (:func:`cache.open_cache`).
+
+    Attributes (set by each format's constructor):
+        url: where the cache is; root: its local folder or file (None for remote stores).
+        format: the format's name ('zarr', 'hdf5', 'ffcv').
+        manifest: the build manifest (:class:`cache.manifest.Manifest`); layout: its :class:`Layout`.
+        latents: array-like (N, F, 8, R/8, R/8) float16 of posterior moments (``.shape``, ``[rows]``).
+        features: dict teacher name -> array-like (N, F, T, D): float16, or int8 for teachers stored as int8
+            (``layout.quantized(name)``), whose float32 scales (N, F, T) are in ``feature_scales[name]``
+            (tokens = values x scales x channel scales, :func:`cache.quant.dequantize_tokens`).
+        feature_scales: dict int8 teacher name -> array-like (N, F, T) float32 (empty without int8 teachers).
+        labels: numpy int32 (N,); -1 on skipped rows.
+        rows: numpy int64 ids of the rows that hold data, ascending; ``len(cache)`` counts them.
+        generation: the id of the cache's creation (None: not recorded).
+    """
+
+    format: ClassVar[str]
+    #: Whether :meth:`row_reader` reads single rows (False: only whole batches, :meth:`batch_source`).
+    reads_rows: ClassVar[bool] = True
+    url: str
+    root: str | None
+    manifest: Manifest
+    layout: Layout
+    labels: np.ndarray
+    rows: np.ndarray
+    latents: Any
+    features: Mapping[str, Any]
+    feature_scales: Mapping[str, Any] = MappingProxyType({})
+    generation: str | None = None
+    _sources: list[dict[str, Any]] | None = None
+
+    def _set_labels(self, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels)
+        self.rows = np.flatnonzero(self.labels >= 0).astype(np.int64)
+
+    # -- what a format defines ---------------------------------------------------------------
+    @abc.abstractmethod
+    def sources(self) -> list[dict[str, Any]]:
+        """The build's source list (relative path, size and content hash of every source file, in row order)."""
+
+    @abc.abstractmethod
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes stored per array (or per file of the format)."""
+
+    @abc.abstractmethod
+    def describe_storage(self) -> str:
+        """One line on how the format stores this cache (for ``cache.inspect``)."""
+
+    @abc.abstractmethod
+    def verify_stored(self) -> list[Problem]:
+        """The format's own check of what it stored (presence, recorded checksums, indexes)."""
+
+    def row_reader(self, name: str) -> RowReader:
+        """A reader of single rows of 'latents', 'features/<teacher>' or 'feature_scales/<teacher>'. A format
+        that reads whole batches only (:attr:`reads_rows` False) refuses."""
+        raise CacheError(f"the {self.format} cache {self.url} reads whole batches only (its own loader), not single "
+                         "rows", url=self.url)
+
+    def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> BatchSource | None:
+        """The format's own batch loader over ``keys``, or None: rows are read by :meth:`row_reader` (the default)."""
+        return None
+
+    def check_unchanged(self) -> None:  # noqa: B027 (a real default: formats that cannot tell check nothing)
+        """Raise :class:`cache.errors.CacheChangedError` if the cache was replaced since it was opened."""
+
+    @property
+    def block_rows(self) -> int:
+        """Rows the format reads well at once (zarr: a shard): what copies and checks read at a time."""
+        return 256
+
+    def verify_blocks(self) -> list[tuple[int, int]]:
+        """Row ranges whose values :meth:`verify` checks (default: every row, :attr:`block_rows` at a time)."""
+        n, step = self.layout.num_rows, self.block_rows
+        return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    # -- shared ----------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.manifest.is_complete
+
+    def channel_scales(self, name: str) -> np.ndarray | None:
+        """Teacher ``name``'s per-channel scales, float32 (D,), for int8 tokens (``cache.quant``): tokens =
+        values x scales x channel scales. None for float16 teachers and int8 caches without them (ones)."""
+        return channel_scales_of(self.manifest, name, url=self.url)
+
+    def array(self, name: str) -> Any:
+        """The array-like of 'latents', 'features/<teacher>' or 'feature_scales/<teacher>'."""
+        if name == "latents":
+            return self.latents
+        group, _, teacher = name.partition("/")
+        arrays = {"features": self.features, SCALES_GROUP: self.feature_scales}.get(group)
+        if arrays is None or teacher not in arrays:
+            raise KeyError(f"{self.url} has no array {name!r}")
+        return arrays[teacher]
+
+    def teacher_names(self, wanted: Sequence[str] | None = None) -> list[str]:
+        """``wanted`` (default: every teacher of the cache), checked: an unknown name is a ValueError that
+        lists the teachers the cache holds."""
+        names = list(self.layout.teachers) if wanted is None else list(wanted)
+        unknown = [n for n in names if n not in self.layout.teachers]
+        if unknown:
+            raise ValueError(f"unknown teachers {unknown}: {self.url} holds "
+                             f"{', '.join(map(repr, self.layout.teachers)) or 'no teacher'}")
+        return names
+
+    def source_path(self, row: int) -> str:
+        """Path of the source image of ``row``, relative to the build's SOURCE folder."""
+        if self._sources is None:
+            self._sources = self.sources()
+        return self._sources[row]["path"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.url!r}, rows={len(self)}/{self.layout.num_rows}, "
+                f"variants={self.num_variants}, teachers={ {k: tuple(v) for k, v in self.layout.teachers.items()} })")
+
+    @property
+    def num_variants(self) -> int:
+        return self.layout.variants
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+    def loader(self, batch_size: int, **kwargs: Any) -> CacheLoader:
+        """A :class:`cache.loader.CacheLoader` over this cache; see its docstring for the options."""
+        return CacheLoader(self, batch_size, **kwargs)
+
+    # -- checking --------------------------------------------------------------------------
+    def verify(self) -> list[Problem]:
+        """Every fault found, one :class:`Problem` each (empty when sound): :meth:`verify_stored`; labels out
+        of range or disagreeing with the skip list; then, in the blocks of :meth:`verify_blocks` that passed
+        those checks, non-finite values and all-zero data rows."""
+        stored = self.verify_stored()
+        problems = stored + self._label_problems()
+        if any(p.rows is None and p.remedy != "resume" for p in stored):  # the whole store is in doubt
+            return problems
+        damaged = [p for p in stored if p.rows is not None]
+        for lo, hi in self.verify_blocks():
+            data_rows = self.labels[lo:hi] >= 0
+            for name in self.layout.array_names(labels=False):
+                if any(_overlaps(p, name, lo, hi) for p in damaged):
+                    continue
+                try:
+                    block = np.asarray(self.array(name)[lo:hi])
+                except Exception as e:
+                    problems.append(Problem(self.url, f"cannot be read ({type(e).__name__}: {e})", name,
+                                            rows=(lo, hi), remedy="repair"))
+                    continue
+                if not np.isfinite(block).all():
+                    problems.append(Problem(self.url, f"non-finite values in rows {lo}..{hi}", name, rows=(lo, hi),
+                                            remedy="repair"))
+                empty = ~block.reshape(len(block), -1).any(axis=1) & data_rows
+                if empty.any():
+                    row = lo + int(np.flatnonzero(empty)[0])
+                    problems.append(Problem(self.url, f"row {row} is all zeros (missing chunk?)", name, rows=(lo, hi),
+                                            remedy="repair"))
+        return problems
+
+    def _label_problems(self) -> list[Problem]:
+        problems = []
+        ncls = len(self.manifest.classes)
+        if self.labels.size and (self.labels.max() >= ncls or self.labels.min() < -1):
+            problems.append(Problem(self.url, f"labels outside [-1, {ncls})", "labels", remedy="repair"))
+        skipped_rows = {s.row for s in self.manifest.skipped_files}
+        if self.complete and skipped_rows != set(np.flatnonzero(self.labels < 0).tolist()):
+            problems.append(Problem(self.url, "rows with label -1 differ from the manifest's skip list", "labels",
+                                    remedy="repair"))
+        return problems
+
+
+def _overlaps(p: Problem, name: str, lo: int, hi: int) -> bool:
+    """Whether problem ``p`` already covers array ``name`` in rows lo..hi (a damaged object is not read again)."""
+    return p.array in (name, "progress") and p.rows is not None and p.rows[0] < hi and lo < p.rows[1]
