@@ -28,19 +28,38 @@ import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import ShardReadError
-from .layout import SCALES_GROUP, ByTeacher
+from .layout import SCALES_GROUP, ByTeacher, Layout
 from .quant import dequantize_into
 
-if TYPE_CHECKING:  # the contract imports this module to offer CacheReader.loader(): names only, no import at run time
-    from .reader import CacheReader
-
 __all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
+
+
+class Source(Protocol):
+    """What the loader reads: an opened cache of any format (:class:`cache.reader.CacheReader` is one; the
+    contract offers ``loader()``, so the loader states what it uses instead of importing the contract)."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    layout: Layout
+
+    @property
+    def num_variants(self) -> int: ...
+
+    def teacher_names(self, wanted: Sequence[str] | None = None) -> list[str]: ...
+
+    def channel_scales(self, name: str) -> np.ndarray | None: ...
+
+    def row_reader(self, name: str) -> Any: ...
+
+    def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> Any: ...
+
+    def check_unchanged(self) -> None: ...
 
 
 def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -148,7 +167,7 @@ class CacheLoader:
 
     def __init__(
         self,
-        cache: CacheReader,
+        cache: Source,
         batch_size: int,
         *,
         shuffle: bool = True,

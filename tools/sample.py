@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 import cache as cache_lib
+from cache.cli.advice import explain
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.runtime import SetupError, claim_folder, make_accelerator, setup_logging, write_json
 from pipeline.encoders import (
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = sample(cfg)
     except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, out_flag='--out')}", file=sys.stderr)
         return 2
     if result["rank"] == 0:
         print(result["npz"])

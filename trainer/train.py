@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 import cache as cache_lib
+from cache.cli.advice import explain
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.quant import dequantize_tokens
 from cache.runtime import (
@@ -197,7 +198,7 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, 
     return LatentTransform(scale=scale, shift=shift).encode(moments, noise)
 
 
-def cache_identity(cache: cache_lib.Cache, teacher: str) -> CacheIdentity:
+def cache_identity(cache: cache_lib.CacheReader, teacher: str) -> CacheIdentity:
     """What makes a cache the same data for a resumed run: source, encoders, rows."""
     m = cache.manifest
     if m.source is None or m.vae is None or m.preprocessing is None:
@@ -217,7 +218,7 @@ def cache_identity(cache: cache_lib.Cache, teacher: str) -> CacheIdentity:
     )
 
 
-def model_overrides(cfg: TrainConfig, cache: cache_lib.Cache) -> tuple[str, dict[str, Any]]:
+def model_overrides(cfg: TrainConfig, cache: cache_lib.CacheReader) -> tuple[str, dict[str, Any]]:
     """(teacher name, create_model overrides) that fit ``cache``; a mismatch is a SetupError."""
     _, variants, channels, h, w = cache.latents.shape
     if h != w or channels % 2:
@@ -268,7 +269,7 @@ class Trainer:
     ranks) and whether they are finite.
     """
 
-    def __init__(self, cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, cache: cache_lib.CacheReader, accelerator: Any, device: torch.device) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = device
@@ -393,7 +394,7 @@ class Trainer:
 # Data
 
 
-def micro_batches(cache: cache_lib.Cache, cfg: TrainConfig, *, micro: int, rank: int, world: int, step: int,
+def micro_batches(cache: cache_lib.CacheReader, cfg: TrainConfig, *, micro: int, rank: int, world: int, step: int,
                   steps_per_epoch: int, teachers: list[str]):
     """Yield (step, [grad_accum micro-batches of this rank]) from ``step`` on, epoch after epoch,
     reading the tokens of ``teachers`` only.
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
     except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {explain(e, out_flag='--cache')}", file=sys.stderr)
         return 2
     return 0
 
