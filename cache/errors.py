@@ -45,15 +45,17 @@ class CacheError(RuntimeError):
 class CacheMismatchError(CacheError):
     """An existing cache was built from another source, encoder or setting, or something that is not this
     cache is in the way. ``differences``: one line per differing manifest entry (may be empty);
-    ``teachers``: the teachers the cache at ``url`` holds (for the advice on adding or dropping one)."""
+    ``teachers``: the teachers the cache at ``url`` holds, ``wanted``: those the refused run names (for the
+    advice on adding or dropping one)."""
 
     remedy: Remedy | None = "settings"
 
     def __init__(self, message: str, *, url: str | None = None, remedy: Remedy | None = None,
-                 differences: Sequence[str] = (), teachers: Sequence[str] = ()) -> None:
+                 differences: Sequence[str] = (), teachers: Sequence[str] = (), wanted: Sequence[str] = ()) -> None:
         super().__init__(message, url=url, remedy=remedy)
         self.differences = tuple(differences)
         self.teachers = tuple(teachers)
+        self.wanted = tuple(wanted)  # the teachers the refused run names
 
     @property
     def headline(self) -> str:

@@ -29,9 +29,11 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
                      f"`python -m cache.edit {url} --drop-teacher {','.join(teachers) or 'NAME'}`"),
         "restart": "restart to read the cache as it is now",
     }[error.remedy]
-    if isinstance(error, CacheMismatchError) and error.remedy == "settings" and teachers:
+    wanted = list(getattr(error, "wanted", ()))
+    if isinstance(error, CacheMismatchError) and error.remedy == "settings" and wanted and set(teachers) != set(wanted):
+        listed = teachers + [t for t in wanted if t not in teachers]
         advice = (f"(the cache holds teachers {', '.join(teachers)}: to add teachers, list those too, e.g. "
-                  f"--teacher {','.join(teachers)},NEW; to remove one, `python -m cache.edit {url} --drop-teacher "
+                  f"--teacher {','.join(listed)}; to remove one, `python -m cache.edit {url} --drop-teacher "
                   f"NAME`); " + advice)
     diffs = getattr(error, "differences", ())
     return f"{text}; {advice}" + ("" if not diffs else ":\n  " + "\n  ".join(diffs))

@@ -303,7 +303,8 @@ class CacheWriter:
             return cls._begin_addition(url, old, addition), "adding" in old
         if not overwrite:
             raise CacheMismatchError(f"{url} holds a cache built with other settings", url=url, differences=diffs,
-                                     teachers=list(old["layout"]["teachers"]))
+                                     teachers=list(old["layout"]["teachers"]),
+                                     wanted=list(manifest["layout"]["teachers"]))
         return None
 
     @classmethod
