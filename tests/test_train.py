@@ -354,3 +354,33 @@ def test_fp16_nonfinite_loss_is_still_a_failure(built_cache, tmp_path, monkeypat
     assert main(["--cache", str(built_cache), "--out", str(tmp_path / "r"), "--steps", "2",
                  *[a if a != "fp32" else "fp16" for a in TINY_ARGS]]) == 2
     assert "step 1: the loss or the gradient norm is not finite" in capsys.readouterr().err
+
+
+def test_a_run_from_before_bias_free_resampling_resumes_and_samples(built_cache, tmp_path, monkeypatch, capsys):
+    """A run recorded without ``resample_bias`` had biased down/up convolutions: it resumes and loads with them; a
+    record that contradicts its weights is refused naming the field."""
+    import dataclasses as dc
+
+    from trainer import models
+    from trainer.run import CheckpointError
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:  # the code before this change: biased convolutions, no field in the record
+        m.setitem(models.MODEL_PRESETS, "tiny", dc.replace(models.MODEL_PRESETS["tiny"], resample_bias=True))
+        run(built_cache, out, steps=2)
+    record = json.loads((out / "config.json").read_text())
+    del record["model"]["resample_bias"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert "down.conv.bias" in weights(out)
+    run(built_cache, out, steps=4)  # resumes with the biases (no "changed setting" refusal)
+    assert "down.conv.bias" in weights(out) and losses(out)[-1][0] == 4
+    assert json.loads((out / "config.json").read_text())["model"]["resample_bias"] is True
+    record["model"]["resample_bias"] = False  # a record contradicting its weights
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r'has down/up convolution biases .* "resample_bias": false: set it '
+                                              r'to true'):
+        load_run_model(str(out))
+    del record["model"]["resample_bias"]
+    (out / "config.json").write_text(json.dumps(record))
+    model, _ = load_run_model(str(out))
+    assert model.config.resample_bias and model.down.conv.bias is not None

@@ -74,7 +74,14 @@ from .checkpoint import (
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
 from .metrics import MetricsLog, plot_losses, read_metrics
 from .models import MODEL_PRESETS, create_model
-from .run import CacheIdentity, LatentTransform, RunRecord, refuse_changed_rerun
+from .run import (
+    CacheIdentity,
+    LatentTransform,
+    RunRecord,
+    legacy_model_fields,
+    recorded_model,
+    refuse_changed_rerun,
+)
 
 _logger = logging.getLogger("trainer.train")
 
@@ -291,7 +298,8 @@ class Trainer:
     ranks) and whether they are finite.
     """
 
-    def __init__(self, cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device, *,
+                 legacy: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = device
@@ -301,6 +309,7 @@ class Trainer:
                              f"{cfg.grad_accum} accumulation steps")
         self.micro = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank, per micro-batch
         self.teacher, overrides = model_overrides(cfg, cache)
+        overrides.update(legacy or {})  # a run recorded before a model field existed keeps what it was built with
         self.teachers_read = [self.teacher] if cfg.align_weight > 0 else []  # what the loader reads
         channels = cache.channel_scales(self.teacher) if cfg.align_weight > 0 else None  # int8 tokens' (D,)
         self.channel_scales = None if channels is None else torch.from_numpy(channels).to(device)
@@ -506,11 +515,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     cache = cache_lib.open_cache(cfg.cache)
-    trainer = Trainer(cfg, cache, accelerator, device)
+    legacy = legacy_model_fields(recorded_model(cfg.out))  # e.g. a run from before bias-free down/up convolutions
+    trainer = Trainer(cfg, cache, accelerator, device, legacy=legacy)
     record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
                        cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
     run_config = record.to_dict()
-    free = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+    free = (frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+            | {f"model.{k}" for k in legacy})
     refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size
     if steps_per_epoch < 1:
