@@ -42,7 +42,7 @@ demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -
 	$(PY) -m cache.inspect demo/cache.zarr --verify
 	$(PY) -m trainer.train --preset demo --cache demo/cache.zarr --out demo/run
 	$(PY) -m tools.sample --preset demo --run demo/run --out demo/run/samples
-	$(PY) -m tools.evaluate demo/run/samples/samples.npz demo/cache.zarr --json demo/run/samples/metrics.json
+	$(PY) -m tools.evaluate demo/run/samples/samples.npz demo/cache.zarr --json demo/run/samples/metrics.json --print summary
 	$(PY) -m tools.report demo/run
 	@echo "demo: sample grid demo/run/samples/grid.png, report demo/run/report/report.md."
 	@echo "demo: the encoders have RANDOM weights: the FID above shows that the pipeline runs end to end;"
