@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 bench-teacher-precision \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -42,7 +42,7 @@ demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -
 	$(PY) -m cache.inspect demo/cache.zarr --verify
 	$(PY) -m trainer.train --preset demo --cache demo/cache.zarr --out demo/run
 	$(PY) -m tools.sample --preset demo --run demo/run --out demo/run/samples
-	$(PY) -m tools.evaluate demo/run/samples/samples.npz demo/cache.zarr --json demo/run/samples/metrics.json
+	$(PY) -m tools.evaluate demo/run/samples/samples.npz demo/cache.zarr --json demo/run/samples/metrics.json --print summary
 	$(PY) -m tools.report demo/run
 	@echo "demo: sample grid demo/run/samples/grid.png, report demo/run/report/report.md."
 	@echo "demo: the encoders have RANDOM weights: the FID above shows that the pipeline runs end to end;"
@@ -97,6 +97,9 @@ bench-sample: setup ## sampler loop vs bare model forwards, VAE decoder and Ince
 
 bench-int8: setup ## int8 teacher tokens vs fp16: cosine, loss error, bytes, loader speed; ImageNet storage table
 	$(PY) -m tools.bench.int8 $(ARGS)
+
+bench-teacher-precision: setup ## DINOv2-B (random weights) tokens under fp16 autocast vs TF32: relative L2, U-REPA loss difference
+	$(PY) -m tools.bench.teacher_precision $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
 # Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.

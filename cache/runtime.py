@@ -10,6 +10,8 @@ Precision means the same in every entry point (``pipeline.build``, ``trainer.tra
     fp32   strict float32: TF32 off for matmuls and convolutions
     tf32   float32 with TF32 matmuls and convolutions (on GPUs that have them)
     bf16   the networks under bfloat16 autocast; TF32 for what runs outside autocast
+    fp16   the networks under float16 autocast (REPA's setting; training adds a dynamic gradient scaler);
+           TF32 for what runs outside autocast
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 __all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "claim_folder", "configure_device",
            "file_sha256", "make_accelerator", "resolve_device", "setup_logging", "write_json"]
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
 class SetupError(RuntimeError):
@@ -33,16 +35,16 @@ class SetupError(RuntimeError):
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype the networks run under for ``precision``: ``torch.bfloat16`` for bf16, None (no autocast)
-    otherwise."""
+    """The dtype the networks run under for ``precision``: ``torch.bfloat16`` for bf16, ``torch.float16`` for
+    fp16, None (no autocast) otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.bfloat16 if precision == "bf16" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def apply_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Set the process's TF32 switches for ``precision`` (see the module docstring) and return the autocast
-    dtype the networks run under: ``torch.bfloat16`` for bf16, None (no autocast) otherwise. Every entry
+    dtype the networks run under (:func:`autocast_dtype`). Every entry
     point calls this once, after :func:`configure_device`; nothing else touches the switches except
     ``tools.inception``, which holds them off around the Inception network."""
     dtype = autocast_dtype(precision)

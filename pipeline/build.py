@@ -2,7 +2,8 @@
 
     python -m pipeline.build SOURCE OUT [--preset imagenet256|imagenet512|demo] [--resolution 256]
         [--vae stabilityai/sd-vae-ft-ema] [--teacher vit_base_patch14_dinov2.lvd142m[,...]]
-        [--pos-embed repa|dinov2] [--feature-dtype fp16|int8] [--flip none|both] [--precision tf32|fp32|bf16] [--compile] [--batch-size 128]
+        [--pos-embed repa|dinov2] [--feature-dtype fp16|int8] [--flip none|both] [--precision tf32|fp32|bf16]
+        [--teacher-precision same|fp16|bf16|tf32|fp32] [--compile] [--batch-size 128]
         [--workers 8] [--limit N] [--classes K] [--overwrite] [--repair] [--dry-run]
 
     # several GPUs or nodes: every rank writes its own shards, the result equals a 1-process build
@@ -22,6 +23,7 @@ written and encodes the damaged ones again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,7 +52,7 @@ from cache.quant import (
     quantize_tokens,
     token_cosine,
 )
-from cache.runtime import apply_precision, configure_device, setup_logging
+from cache.runtime import apply_precision, autocast_dtype, configure_device, setup_logging
 
 from .decode import DecodedImages
 from .encoders import (
@@ -91,6 +93,10 @@ class BuildConfig:
     precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
         "help": "encoder precision: fp32 (strict), tf32 (TF32 matmuls and convolutions on GPU) or bf16 "
                 "(autocast; TF32 outside it)"})
+    teacher_precision: Literal["same", "fp32", "tf32", "bf16", "fp16"] = field(default="same", metadata={
+        "help": "teacher precision: same (as --precision), or fp16 (float16 autocast, as REPA runs DINOv2 inside its "
+                "fp16 training), bf16, tf32 or fp32; the VAE keeps --precision. Recorded per teacher in the "
+                "manifest (teachers.<name>.encode.precision)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the encoders"})
     batch_size: int = field(default=128, metadata={
         "help": "images per encoder batch (batches never straddle a shard)", "min": 1})
@@ -128,6 +134,11 @@ class BuildConfig:
             raise ConfigError("--teacher-weights needs one file per teacher (comma-separated, same order)")
 
     @property
+    def resolved_teacher_precision(self) -> str:
+        """The teachers' precision: ``--teacher-precision``, or ``--precision`` for "same"."""
+        return self.precision if self.teacher_precision == "same" else self.teacher_precision
+
+    @property
     def teacher_specs(self) -> list[str]:
         return [t.strip() for t in self.teacher.split(",") if t.strip()]
 
@@ -155,19 +166,36 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
 # Encoding
 
 
+@contextlib.contextmanager
+def teacher_precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the teachers in ``precision`` (a :data:`cache.runtime.PRECISIONS` name) whatever the build's: its
+    autocast, and its TF32 switches for what runs outside autocast, restored on exit."""
+    dtype = autocast_dtype(precision)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    try:
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class Encoders(torch.nn.Module):
     """uint8 (B, R, R, 3) -> latents (B, F, 8, R/8, R/8) float16 and {teacher: tokens (B, F, T, D)}: float16,
     or for the teachers in ``quantized`` (name -> its channel scales (D,), or None) int8 values (B, F, T, D)
     and float32 scales (B, F, T), quantised from the encoder's float32 output on the device."""
 
     def __init__(self, vae: torch.nn.Module, teachers: Mapping[str, torch.nn.Module], *, flip: bool,
-                 autocast: torch.dtype | None, quantized: Mapping[str, np.ndarray | None] | None = None):
+                 autocast: torch.dtype | None, quantized: Mapping[str, np.ndarray | None] | None = None,
+                 teacher_precision: str | None = None):
         super().__init__()
         self.vae = vae
         self.names = list(teachers)  # timm names contain dots, which module names may not
         self.teachers = torch.nn.ModuleList(teachers.values())
         self.flip = flip
         self.autocast = autocast  # the dtype of apply_precision, None: no autocast
+        # the teachers' own precision (--teacher-precision), None: the same as the VAE's
+        self.teacher_precision = teacher_precision
         self.quantized = dict(quantized or {})
         self._channels: dict[str, torch.Tensor | None] = {}  # on the device of the tokens, made on first use
         #: Per int8 teacher, on the device: [sum of per-token cosines to the float tokens, tokens, minimum].
@@ -184,7 +212,11 @@ class Encoders(torch.nn.Module):
         x = torch.cat([images, images.flip(2)]) if self.flip else images
         with torch.autocast(images.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             lat = self.vae(x) if self.vae is not None else None
-            feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
+            if self.teacher_precision is None:
+                feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
+        if self.teacher_precision is not None:
+            with teacher_precision_context(self.teacher_precision, images.device):
+                feats = {name: t(x) for name, t in zip(self.names, self.teachers)}
 
         def split(t: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:  # (F*n, ...) -> (n, F, ...)
             return t.reshape(-1, n, *t.shape[1:]).transpose(0, 1).to(dtype)
@@ -231,14 +263,15 @@ def teacher_records(cfg: BuildConfig, teacher_infos: Mapping[str, Mapping[str, A
     settings of the run that encoded it (a teacher added to a cache later records its own) and, for int8
     tokens, the channel scales measured by :func:`calibrate`."""
     return {k: {**v, "dtype": stored_dtype(cfg.feature_dtype),
-                "encode": {"precision": cfg.precision, "batch_size": cfg.batch_size, "compile": cfg.compile},
+                "encode": {"precision": cfg.resolved_teacher_precision, "batch_size": cfg.batch_size,
+                           "compile": cfg.compile},
                 **({"channel_scales": (calibration or {})[k]} if k in (calibration or {}) else {})}
             for k, v in teacher_infos.items()}
 
 
 @torch.no_grad()
-def calibrate(cfg: BuildConfig, listing: Any, teachers: Mapping[str, torch.nn.Module], device: torch.device,
-              autocast: torch.dtype | None) -> dict[str, list[float]]:
+def calibrate(cfg: BuildConfig, listing: Any, teachers: Mapping[str, torch.nn.Module], device: torch.device
+              ) -> dict[str, list[float]]:
     """For int8 tokens: each teacher's channel scales (:func:`cache.quant.channel_scales`) from its tokens of
     the first :data:`cache.quant.CALIBRATION_ROWS` images that decode, encoded as the build encodes them.
     A rerun or an addition keeps the scales the cache holds (the store sees to that)."""
@@ -259,7 +292,7 @@ def calibrate(cfg: BuildConfig, listing: Any, teachers: Mapping[str, torch.nn.Mo
     out = {}
     for name, module in teachers.items():
         module.to(device).eval()
-        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with teacher_precision_context(cfg.resolved_teacher_precision, device):
             tokens = module(x)
         try:
             out[name] = channel_scales(tokens.float()).tolist()
@@ -411,7 +444,7 @@ def build(cfg: BuildConfig) -> Manifest:
     if rank == 0:
         try:
             listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
-            calibration = calibrate(cfg, listing, teachers, device, autocast)
+            calibration = calibrate(cfg, listing, teachers, device)
             manifest = make_manifest(cfg, listing, vae_info, teacher_infos, calibration)
             layout = manifest.layout
             writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
@@ -451,7 +484,8 @@ def build(cfg: BuildConfig) -> Manifest:
                  writer.num_shards, rows_todo, f", teacher(s) {', '.join(adding)} only" if adding else "", world, device)
 
     encoders = Encoders(None if adding else vae, {k: teachers[k] for k in names}, flip=cfg.flip == "both",
-                        autocast=autocast, quantized={k: writer.channel_scales(k) for k in names if layout.quantized(k)}
+                        autocast=autocast, quantized={k: writer.channel_scales(k) for k in names if layout.quantized(k)},
+                        teacher_precision=None if cfg.teacher_precision == "same" else cfg.teacher_precision
                         ).to(device).eval()
     if cfg.compile:
         encoders.compile()

@@ -222,3 +222,23 @@ def test_position_table_choice_is_recorded_and_a_resume_with_the_other_is_refuse
     with torch.no_grad():
         np.testing.assert_allclose(c.features["tiny"][0, 0].astype(np.float32), dino(image)[0].half().float().numpy(),
                                    rtol=2e-3, atol=2e-3)
+
+
+def test_teacher_precision_fp16_is_used_and_recorded_per_teacher(tmp_path, image_folder):
+    """--teacher-precision fp16: the teacher's tokens are its float16-autocast output (checked against the module
+    run under torch.autocast directly), the VAE keeps --precision, and the teacher's encode record says fp16."""
+    out = tmp_path / "c.zarr"
+    run_build(image_folder, out, "--limit", "4", "--precision", "fp32", "--teacher-precision", "fp16")
+    c = cache.open_cache(out)
+    m = c.manifest.to_dict()
+    assert m["teachers"]["tiny"]["encode"]["precision"] == "fp16" and m["encode"]["precision"] == "fp32"
+    teacher, vae = load_teacher("tiny", resolution=64).module, load_vae("tiny").module
+    images = torch.from_numpy(np.stack([load_image(str(image_folder / c.source_path(i)), 64, max_pixels=1 << 28)
+                                        for i in range(4)]))  # the build's one batch of 4
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            want = teacher(images).half().numpy()
+        fp32 = teacher(images).half().numpy()
+        lat = vae(images).half().numpy()
+    assert c.features["tiny"][:4, 0].tobytes() == want.tobytes() != fp32.tobytes()
+    assert c.latents[:4, 0].tobytes() == lat.tobytes()

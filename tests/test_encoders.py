@@ -245,3 +245,23 @@ def test_missing_weights_say_how_to_supply_them(tmp_path):
         load_teacher("vit_small_patch14_dinov2.lvd142m", resolution=64, weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="timm has no model"):
         load_teacher("not_a_model_name", resolution=64)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", None)])
+def test_encoders_run_the_teacher_in_its_own_precision(precision, dtype):
+    """Encoders(teacher_precision=...) runs the teachers under that autocast while the VAE keeps the build's
+    (none here), and restores the TF32 switches afterwards."""
+    from pipeline.build import Encoders
+
+    torch.manual_seed(0)
+    vae, teacher = load_vae("tiny").module, load_teacher("tiny", resolution=32).module
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    enc = Encoders(vae, {"t": teacher}, flip=False, autocast=None, teacher_precision=precision).eval()
+    lat, feats = enc(images)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        want = teacher(images).float().half()
+    with torch.no_grad():
+        want_lat = vae(images).float().half()
+    assert torch.equal(feats["t"][:, 0], want) and torch.equal(lat[:, 0], want_lat)

@@ -132,3 +132,61 @@ def test_unknown_protocol_choices_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         main(["a.npz", "b.npz", flag, "other"])
     assert flag in capsys.readouterr().err
+
+
+def test_comparability_warning_only_for_50000_samples_against_adms_batch():
+    from tools.evaluate import comparability_warning
+
+    assert comparability_warning(50_000, "adm-reference") is None
+    for n, kind, says in ((49_999, "adm-reference", "49,999 samples, not 50,000"),
+                          (10_000, "adm-reference", "10,000 samples"), (30_000, "adm-reference", "30,000 samples"),
+                          (50_000, "folder", "a folder reference, not ADM's batch"),
+                          (50_000, "statistics", "a statistics reference"), (50_000, "cache", "a cache reference")):
+        line = comparability_warning(n, kind)
+        assert says in line and "not comparable with published numbers" in line and "\n" not in line
+    both = comparability_warning(1_000, "images")
+    assert "1,000 samples" in both and " and an images reference" in both
+
+
+def test_summary_lines_show_the_metrics_count_and_sampler():
+    from tools.evaluate import summary_lines
+
+    result = {"fid": 2.345678, "sfid": 4.5, "inception_score": None, "precision": 0.78, "recall": 0.6123,
+              "num_samples": 50_000, "resolution": 256, "reference": "/r/VIRTUAL_imagenet256_labeled.npz",
+              "reference_kind": "adm-reference", "num_reference": 10_000, "comparable_with_papers": True,
+              "sampling": {"sampler": "sde", "steps": 250, "solver": None, "cfg": 1.8, "interval": [0.0, 0.7],
+                           "run": "/runs/xl", "step": 4_000_000, "weights": "ema"}}
+    lines = summary_lines(result)
+    assert lines[0] == "FID 2.3457  sFID 4.5000  IS n/a  precision 0.7800  recall 0.6123"
+    assert "50,000 samples at 256 px" in lines[1] and "adm-reference" in lines[1]
+    assert lines[2] == "made by: sde sampler, 250 steps, CFG 1.8 on t in [0.0, 0.7]; step 4000000 (ema weights) of /runs/xl"
+    assert len(lines) == 3  # no warning
+    lines = summary_lines({**result, "num_samples": 10_000, "comparable_with_papers": False, "sampling": None})
+    assert lines[-1].startswith("WARNING: not comparable") and "10,000 samples" in lines[-1]
+    assert "unknown (no tools.sample record" in lines[2]
+
+
+def test_metrics_record_the_sampler_and_warn_about_the_count(samples, tmp_path, capsys):
+    """The JSON keeps the tools.sample record's settings; the summary and one warning say the count is not 50,000."""
+    path, arr = samples
+    folder = tmp_path / "s"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", arr_0=arr)
+    (folder / "config.json").write_text(json.dumps({
+        "samples": {"sampler": "ode", "steps": 50, "solver": "heun", "nfe": 99, "t_last": None, "cfg": 1.0,
+                    "interval": None, "labels": "uniform", "seed": 0, "precision": "tf32", "quantize": "truncate"},
+        "model": {"run": "/runs/r", "step": 300, "weights": "ema"}}))
+    ref = tmp_path / "adm.npz"
+    np.savez(ref, arr_0=arr[:12], mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    assert main([str(folder / "samples.npz"), str(ref), "--json", str(tmp_path / "m.json"), "--print", "summary"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert lines[0].startswith("FID ") and "recall 1.0000" in lines[0] and len(lines) == 4
+    assert "24 samples" in lines[1] and lines[2].startswith("made by: ode sampler, 50 steps (heun), no guidance")
+    assert lines[3] == "WARNING: not comparable with published numbers: 24 samples, not 50,000; the papers' FID, IS, " \
+                       "precision and recall use 50,000 samples against ADM's reference batch"
+    assert out.err.count("not comparable with published numbers") == 1
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["num_samples"] == 24 and m["comparable_with_papers"] is False
+    assert m["sampling"]["sampler"] == "ode" and m["sampling"]["steps"] == 50 and m["sampling"]["cfg"] == 1.0
+    assert m["sampling"]["step"] == 300 and m["notes"][0].startswith("not comparable")

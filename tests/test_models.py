@@ -314,3 +314,30 @@ def test_head_projects_then_upsamples():
     expected = upsample_tokens(model.head.projector(features), 2, "bilinear")
     torch.testing.assert_close(model.head(features), expected)
     assert math.isqrt(expected.shape[1]) == 16
+
+
+def test_down_up_convolutions_are_u_dits_bias_free_ones():
+    """Down: Conv3x3(C -> C/4, bias=False) -> PixelUnshuffle(2); up: Conv3x3(C -> 4C, bias=False) -> PixelShuffle(2),
+    checked against torch.nn's own modules in float64; resample_bias=True (older runs) adds 4.25 C parameters."""
+    torch.manual_seed(0)
+    model = create_model("tiny").double()
+    width, grid = model.config.width, model.config.grid
+    assert model.down.conv.bias is None and model.up.conv.bias is None and not model.config.resample_bias
+    names = {n for n, _ in model.named_parameters()}
+    assert "down.conv.bias" not in names and "up.conv.bias" not in names
+    x = torch.randn(2, grid * grid, width, dtype=torch.float64)
+    image = x.transpose(1, 2).reshape(2, width, grid, grid)
+    down = torch.nn.Sequential(torch.nn.Conv2d(width, width // 4, 3, padding=1, bias=False), torch.nn.PixelUnshuffle(2))
+    down = down.double()
+    down[0].weight.data.copy_(model.down.conv.weight)
+    ref = down(image).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.down(x), ref, rtol=0, atol=1e-12)
+    h = torch.randn(2, (grid // 2) ** 2, width, dtype=torch.float64)
+    up = torch.nn.Sequential(torch.nn.Conv2d(width, 4 * width, 3, padding=1, bias=False), torch.nn.PixelShuffle(2))
+    up = up.double()
+    up[0].weight.data.copy_(model.up.conv.weight)
+    ref = up(h.transpose(1, 2).reshape(2, width, grid // 2, grid // 2)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.up(h), ref, rtol=0, atol=1e-12)
+    old = create_model("tiny", resample_bias=True)
+    assert count_params(old) - count_params(model) == width // 4 + 4 * width
+    assert torch.equal(old.down.conv.bias, torch.zeros(width // 4))  # zero-initialised as before

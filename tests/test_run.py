@@ -56,11 +56,13 @@ def test_precision_sets_tf32_and_autocast():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         assert apply_precision("bf16", torch.device("cpu")) is torch.bfloat16
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert apply_precision("fp16", torch.device("cpu")) is torch.float16
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         with pytest.raises(ValueError, match="fp16"):
-            apply_precision("fp16", torch.device("cpu"))
+            apply_precision("fp8", torch.device("cpu"))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-    assert PRECISIONS == ("fp32", "tf32", "bf16")
+    assert PRECISIONS == ("fp32", "tf32", "bf16", "fp16")
 
 
 @pytest.mark.parametrize("flags, warned", [

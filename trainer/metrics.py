@@ -75,6 +75,8 @@ def plot_losses(rows: Sequence[Mapping[str, Any]], path: str, *, title: str = ""
     import matplotlib.pyplot as plt
 
     keys = [k for k in LOSS_KEYS if any(k in r for r in rows)]
+    if not keys:  # every logged window was skipped (fp16 overflows, --skip-nonfinite): no losses to draw
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes[0], keys):

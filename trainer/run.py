@@ -24,7 +24,18 @@ from cache.runtime import SetupError
 from .checkpoint import CheckpointError, _load_file, checkpoints, verify_checkpoint
 
 __all__ = ["LatentTransform", "CacheIdentity", "RandomWeights", "RunRecord", "read_run_record", "latest_checkpoint",
-           "find_checkpoint", "load_run_model", "refuse_changed_rerun"]
+           "find_checkpoint", "load_run_model", "refuse_changed_rerun", "LEGACY_MODEL_FIELDS", "legacy_model_fields"]
+
+#: ModelConfig fields added after runs were recorded without them, with the value such a record means (what
+#: the code that wrote it built): SiT-down's down/up convolutions had biases before U-DiT's bias-free ones
+#: became the default.
+LEGACY_MODEL_FIELDS: dict[str, Any] = {"resample_bias": True}
+
+
+def legacy_model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of :data:`LEGACY_MODEL_FIELDS` a recorded ModelConfig lacks, with the values the code that wrote
+    it used; {} for a record that has them all (or no record)."""
+    return {k: v for k, v in LEGACY_MODEL_FIELDS.items() if model and k not in model}
 
 
 @dataclass(frozen=True)
@@ -193,16 +204,33 @@ def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = Non
     path = latest_checkpoint(folder) if step is None else os.path.join(folder, f"step-{step:08d}")
     if path is None or not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {folder}")
-    model = create_model(run.model_name, **run.model)
+    model = create_model(run.model_name, **{**run.model, **legacy_model_fields(run.model)})
     name = "ema.safetensors" if weights == "ema" else "model.safetensors"
     verify_checkpoint(path, (name,))
     state = _load_file(os.path.join(path, name), device)
+    biases = "down.conv.bias" in state
+    if biases != bool(getattr(model.config, "resample_bias", False)) and getattr(model.config, "kind", "") == "sitdown":
+        have = "has" if biases else "lacks"
+        raise CheckpointError(f"{os.path.join(path, name)} {have} down/up convolution biases (down.conv.bias) but "
+                              f"{os.path.join(run_dir, 'config.json')} records \"resample_bias\": "
+                              f"{str(not biases).lower()}: set it to {str(biases).lower()} in the \"model\" record "
+                              "to load these weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{os.path.join(path, name)} does not hold the weights of the run's model "
                               f"({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), run
+
+
+def recorded_model(out: str) -> dict[str, Any]:
+    """The ModelConfig record of the run in ``out`` (its config.json), or {} if there is none yet."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return dict(model) if isinstance(model, Mapping) else {}
 
 
 def refuse_changed_rerun(out: str, record: Mapping[str, Any], *, free: frozenset[str], what: str) -> None:

@@ -21,6 +21,15 @@ A non-finite loss or gradient norm stops the run with an error naming the step, 
 is applied (``--skip-nonfinite N`` skips up to N such steps instead, with no optimizer or EMA
 update); no checkpoint with non-finite weights is ever written.
 
+``--precision fp16`` is REPA's setting (its train.py default, accelerate's float16 mixed precision):
+float16 autocast and a dynamic gradient scaler (``torch.amp.GradScaler``, initial scale 2^16, halved on
+an overflow, doubled after 2000 clean steps). The loss is scaled before backward, the gradients are
+unscaled before clipping, and a step whose gradients overflow float16 (finite loss, non-finite gradient
+norm) is skipped with no optimizer or EMA update: that is the scaler at work, not a failure, so it is
+counted (``skipped_overflow`` in metrics.jsonl and the checkpoint state, one log line per metrics
+window) and never stops the run. The scaler's state is part of the checkpoint, so a resumed run equals
+an uninterrupted one in fp16 too.
+
 Outputs in OUT: urepa-run.json (marks the folder as a run, written first: a non-empty folder without
 it is refused), config.json (the resolved config, model and cache identity), log.txt,
 metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000).
@@ -66,7 +75,14 @@ from .checkpoint import (
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
 from .metrics import MetricsLog, plot_losses, read_metrics
 from .models import MODEL_PRESETS, create_model
-from .run import CacheIdentity, LatentTransform, RunRecord, refuse_changed_rerun
+from .run import (
+    CacheIdentity,
+    LatentTransform,
+    RunRecord,
+    legacy_model_fields,
+    recorded_model,
+    refuse_changed_rerun,
+)
 
 _logger = logging.getLogger("trainer.train")
 
@@ -78,6 +94,8 @@ RUN_MARKER = "urepa-run.json"
 #: What :meth:`Trainer.train_step` returns, in this order (a 1-d tensor on device).
 STEP_STATS = ("loss", "loss_v", "loss_align", "loss_manifold", "grad_norm")
 _S = {name: i for i, name in enumerate(STEP_STATS)}
+#: What became of one step's update (the second value :meth:`Trainer.train_step` returns).
+APPLIED, OVERFLOW, NONFINITE = "applied", "overflow", "nonfinite"
 
 
 @dataclass(frozen=True)
@@ -116,8 +134,11 @@ class TrainConfig:
     latent_shift: float = field(default=0.0, metadata={"help": "see latent_scale"})
     flip: bool = field(default=False, metadata={
         "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
-    precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={
-        "help": "bf16 (autocast; TF32 outside it), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = field(default="bf16", metadata={
+        "help": "bf16 (autocast; TF32 outside it), fp16 (float16 autocast with a dynamic gradient scaler: REPA's "
+                "train.py default, the setting that reproduces the papers of --preset repa-sit-xl-256 and "
+                "urepa-xl-256; those presets use bf16, recommended: the range of float32, no loss scale, no "
+                "skipped steps), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
     seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
@@ -151,10 +172,19 @@ class TrainConfig:
         if self.latent_scale == 0:
             raise ConfigError("--latent-scale must not be 0 (x = (z - shift) * scale would be all zeros)")
 
+#: The precision each paper trained in: REPA's train.py defaults to float16 mixed precision (accelerate's, with
+#: a dynamic gradient scaler) and U-REPA follows REPA's training. The presets below use bf16 instead,
+#: which we recommend: bfloat16 has float32's exponent range, so nothing overflows, no loss scale is
+#: needed and no step is skipped; its 8-bit mantissa (float16: 11) costs nothing measurable in these
+#: losses. ``--precision fp16`` reproduces the papers' setting exactly.
+PAPER_PRECISION = "fp16"
+
 PRESETS: dict[str, dict[str, Any]] = {
     # U-REPA's main ImageNet 256 setting: SiT-down-XL/2, block 18, lambda 0.5, w 3 (FID 1.48 at 1M, CFG).
+    # bf16 recommended; the paper's own precision is fp16 (REPA's, see PAPER_PRECISION): add --precision fp16.
     "urepa-xl-256": dict(model="sitdown-xl", batch_size=256, steps=1_000_000, precision="bf16", compile=True),
-    # REPA's SiT-XL/2 at block 8 with the token loss only (FID 1.42 at 4M, CFG).
+    # REPA's SiT-XL/2 at block 8 with the token loss only (FID 1.42 at 4M, CFG). bf16 recommended;
+    # REPA's train.py runs fp16 with a gradient scaler: add --precision fp16 to reproduce it.
     "repa-sit-xl-256": dict(model="sit-xl", manifold_weight=0.0, batch_size=256, steps=4_000_000,
                             precision="bf16", compile=True),
     # The tiny model on the demo cache, a few CPU minutes. A higher learning rate and a shorter EMA
@@ -269,7 +299,8 @@ class Trainer:
     ranks) and whether they are finite.
     """
 
-    def __init__(self, cfg: TrainConfig, cache: cache_lib.CacheReader, accelerator: Any, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, cache: cache_lib.CacheReader, accelerator: Any, device: torch.device, *,
+                 legacy: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
         self.device = device
@@ -279,6 +310,7 @@ class Trainer:
                              f"{cfg.grad_accum} accumulation steps")
         self.micro = cfg.batch_size // (self.world * cfg.grad_accum)  # per rank, per micro-batch
         self.teacher, overrides = model_overrides(cfg, cache)
+        overrides.update(legacy or {})  # a run recorded before a model field existed keeps what it was built with
         self.teachers_read = [self.teacher] if cfg.align_weight > 0 else []  # what the loader reads
         channels = cache.channel_scales(self.teacher) if cfg.align_weight > 0 else None  # int8 tokens' (D,)
         self.channel_scales = None if channels is None else torch.from_numpy(channels).to(device)
@@ -298,6 +330,8 @@ class Trainer:
         self.model = accelerator.prepare_model(model) if self.world > 1 else model
         self.latent = LatentTransform(scale=cfg.latent_scale, shift=cfg.latent_shift)
         self.autocast = autocast_dtype(cfg.precision)
+        # fp16 only: scale the loss, unscale before clipping, skip steps whose gradients overflow (REPA's).
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = torch.compile(self.losses) if cfg.compile else self.losses
 
     # -- the step ----------------------------------------------------------------------------
@@ -340,7 +374,7 @@ class Trainer:
                 out["scales"] = scales.to(self.device, non_blocking=True)
         return out
 
-    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, bool]:
+    def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> tuple[torch.Tensor, str]:
         cfg, b = self.cfg, self.micro
         noise = step_noise(cfg.seed, step, cfg.batch_size, self.latent_shape, self.device)
         totals = torch.zeros(4, device=self.device)
@@ -352,8 +386,11 @@ class Trainer:
             with sync:
                 loss, stats = self.loss_fn(d["moments"], d["features"], d["scales"], d["labels"],
                                            *(noise[key][lo:lo + b] for key in ("t", "z_noise", "eps", "drop")))
-                (loss / len(micro_batches)).backward()
+                self.scaler.scale(loss / len(micro_batches)).backward()  # fp16: times the loss scale
             totals += stats / len(micro_batches)
+        scaling = self.scaler.is_enabled()
+        if scaling:
+            self.scaler.unscale_(self.optimizer)  # true gradients before clipping and the logged norm
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # the norm is logged either way
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         stats = torch.cat([totals, grad_norm.detach().float().view(1)])
@@ -361,18 +398,40 @@ class Trainer:
         # same decision; one host sync per step keeps a non-finite update from ever being applied.
         finite = bool(torch.isfinite(stats if self.world == 1 else stats[_S["grad_norm"]:]).all())
         if finite:
-            self.optimizer.step()
+            outcome = APPLIED
+        elif scaling and not bool(torch.isfinite(grad_norm)) and self._losses_finite(totals):
+            outcome = OVERFLOW  # float16 gradients overflowed at this loss scale: the scaler skips and lowers it
+        else:
+            outcome = NONFINITE
+        if finite:
+            if scaling:
+                self.scaler.step(self.optimizer)  # steps: the unscaled gradients were checked finite above
+            else:
+                self.optimizer.step()
+        if scaling:
+            self.scaler.update()  # halves the scale after an overflow, doubles it after growth_interval clean steps
         self.optimizer.zero_grad(set_to_none=True)
         if finite:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, self.params, 1.0 - cfg.ema_decay)
-        return stats, finite
+        return stats, outcome
+
+    def _losses_finite(self, totals: torch.Tensor) -> bool:
+        """Whether every rank's losses of this step are finite: with float16 gradients that overflowed, a finite
+        loss means the scaler's overflow (skip and lower the scale), a non-finite one a real failure. Every rank
+        calls it together (the gradient norm they all saw is the same)."""
+        ok = torch.isfinite(totals).all().float().view(1)
+        if self.world > 1:
+            ok = self.accelerator.reduce(ok, reduction="sum") / self.world
+        return bool(ok.item() == 1.0)
 
     # -- state -------------------------------------------------------------------------------
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         return {**self.raw.state_dict(), **dict(zip(self.param_names, self.ema))}
 
     def save(self, folder: str, step: int, state: dict[str, Any]) -> str:
+        if self.scaler.is_enabled():
+            state = {**state, "grad_scaler": self.scaler.state_dict()}
         return save_checkpoint(folder, step, model=self.raw.state_dict(), ema=self.ema_state_dict(),
                                optimizer=self.optimizer, state=state)
 
@@ -387,6 +446,12 @@ class Trainer:
             for name, e in zip(self.param_names, self.ema):
                 e.copy_(ck["ema"][name])
         self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scaler.is_enabled():
+            scaler = ck["state"].get("grad_scaler")
+            if not isinstance(scaler, dict) or not math.isfinite(scaler.get("scale", math.nan)):
+                raise CheckpointError(f"{path}/state.json holds no gradient scaler state, which every fp16 checkpoint "
+                                      "has: not a checkpoint of this run")
+            self.scaler.load_state_dict(scaler)
         return ck["state"]
 
 
@@ -451,11 +516,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     cache = cache_lib.open_cache(cfg.cache)
-    trainer = Trainer(cfg, cache, accelerator, device)
+    legacy = legacy_model_fields(recorded_model(cfg.out))  # e.g. a run from before bias-free down/up convolutions
+    trainer = Trainer(cfg, cache, accelerator, device, legacy=legacy)
     record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
                        cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
     run_config = record.to_dict()
-    free = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+    free = (frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+            | {f"model.{k}" for k in legacy})
     refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -469,6 +536,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     latest, state = resume(trainer, ckpt_dir, rank=rank)
     accelerator.wait_for_everyone()
     step, skipped = int(state.get("step", 0)), int(state.get("skipped_nonfinite", 0))
+    overflows = int(state.get("skipped_overflow", 0))  # fp16 steps the gradient scaler skipped (not failures)
     n_params = sum(p.numel() for p in trainer.params)
     _logger.info("model %s: %.2fM parameters, %s; cache %s: %d samples, teacher %s; %d rank(s) x %d samples x %d "
                  "accumulation = global batch %d; %d steps per epoch; %s", cfg.model, n_params / 1e6,
@@ -492,15 +560,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         data = micro_batches(cache, cfg, micro=trainer.micro, rank=rank, world=accelerator.num_processes,
                              step=step, steps_per_epoch=steps_per_epoch, teachers=trainer.teachers_read)
         window = torch.zeros(len(STEP_STATS), device=device)
-        t_window, n_window, n_taken = time.perf_counter(), 0, 0
+        t_window, n_window, n_taken, n_overflow = time.perf_counter(), 0, 0, 0
         try:
             for s, batches in data:
-                stats_s, finite = trainer.train_step(batches, s)
+                stats_s, outcome = trainer.train_step(batches, s)
                 n_window += 1
                 step = s + 1
-                if finite:
+                if outcome == APPLIED:
                     window += stats_s
                     n_taken += 1
+                elif outcome == OVERFLOW:  # the scaler's own skip: counted and logged, never a failure
+                    overflows += 1
+                    n_overflow += 1
                 else:
                     skipped += 1
                     values = dict(zip(STEP_STATS, stats_s.tolist()))
@@ -531,16 +602,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                         img_s=f"{n_window * cfg.batch_size / elapsed:.1f}")
                     last.update(img_per_s=n_window * cfg.batch_size / elapsed, mem_gb=_memory_gb(device),
                                 skipped_nonfinite=skipped)
+                    if trainer.scaler.is_enabled():
+                        last.update(skipped_overflow=overflows, loss_scale=trainer.scaler.get_scale())
+                        if n_overflow:
+                            _logger.info("steps %d..%d: %d step(s) skipped by the fp16 gradient scaler (gradients "
+                                         "overflowed float16; %d in all), loss scale now %g", step - n_window + 1,
+                                         step, n_overflow, overflows, trainer.scaler.get_scale())
                     if log is not None:
                         log.write(last)
                     window.zero_()
-                    t_window, n_window, n_taken = time.perf_counter(), 0, 0
+                    t_window, n_window, n_taken, n_overflow = time.perf_counter(), 0, 0, 0
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     t_ckpt = time.perf_counter()
                     if rank == 0:
                         try:
                             path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch,
-                                                                 "skipped_nonfinite": skipped})
+                                                                 "skipped_nonfinite": skipped,
+                                                                 "skipped_overflow": overflows})
                         except CheckpointError as e:  # non-finite weights: nothing written, nothing pruned
                             raise NonFiniteError(f"{e}; training stops, the checkpoints in {ckpt_dir} are "
                                                  "intact. Lower --lr or check the cache for NaN values") from None

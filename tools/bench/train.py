@@ -3,24 +3,27 @@
     python -m tools.bench.train [--preset cpu|gpu] [--models tiny,sitdown-b] [--batch-sizes 8,2]
         [--compile-modes off,on] [--feature-dtypes fp16 int8] [--steps 5] [--warmup 2]
 
-For each model, batch size and compile setting, three ways to run the same training step
+For each model, batch size and compile setting, four ways to run the same training step
 (``trainer.train.Trainer.train_step``, U-REPA losses, AdamW, EMA):
 
 (a) loop   the full loop: batches read by the cache loader (a cache with the real shapes, random
            values), copied to the device, the step;
 (b) limit  the same step on device-resident in-memory tensors (no reads, no copies);
-(c) online what REPA-style training must do: the SD-VAE encoder and DINOv2 run on the step's
-           images (device-resident uint8, so decoding is not even counted) before the same step.
+(c) online both encoders online: the SD-VAE encoder and DINOv2 run on the step's images
+           (device-resident uint8, so decoding is not even counted) before the same step.
+(d) repa   REPA's own arrangement: the VAE latents come from the cache through the loader (REPA's
+           preprocessing stores them), DINOv2 runs online on the step's images before the step.
 
 ``--feature-dtypes fp16 int8`` measures each storage of the teacher tokens: with int8, (a) reads int8
 values and their float32 scales and (b) holds them resident, and the step dequantises them on the device
 (``Trainer.losses``), so (a)/(b) is the loop from an int8 cache against the in-memory int8 step; (c)
-is the same either way (its teacher's tokens are fresh) and runs with fp16 only.
+and (d) are the same either way (their teacher's tokens are fresh) and run with fp16 only.
 
 The three take turns in blocks of consecutive steps (see ``timed``), each reports its median. Prints ms/step, img/s and
-peak memory (GPU; the resident set on CPU) for each, then (a)/(b) as a throughput ratio (goal >= 0.97 on
-a GPU) and (c)/(a) (how much slower an online teacher is). Random weights: speed only. Writes
-``OUT/bench_train.json``.
+peak memory (GPU; the resident set on CPU) for each, then throughput ratios, each its own column:
+(a)/(b) (goal >= 0.97 on a GPU), (c)/(a) (both encoders online against the cache) and (d)/(a) (REPA's
+online DINOv2 against the cache; 1 / that ratio is how many times faster the cache trains). Random
+weights: speed only. Writes ``OUT/bench_train.json``.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ class BenchTrainConfig:
     models: str = field(default="tiny,sitdown-b", metadata={"help": "comma-separated model presets"})
     batch_sizes: str = field(default="8,2", metadata={"help": "global batch per model (same order), or one for all"})
     compile_modes: str = field(default="off", metadata={"help": "off, on, or off,on"})
-    precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
-        "help": "training precision (trainer.train --precision)"})
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = field(default="fp32", metadata={
+        "help": "training precision (trainer.train --precision); the online encoders of (c) and (d) run under the "
+                "same autocast, as REPA runs DINOv2 under its training's"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     steps: int = field(default=4, metadata={
         "help": "timed steps per block (each variant runs rounds blocks, in turns)", "min": 1})
@@ -73,7 +77,7 @@ class BenchTrainConfig:
     feature_dtypes: tuple[Literal["fp16", "int8"], ...] = field(default=("fp16",), metadata={
         "help": "teacher token storage of the synthetic cache, each measured: fp16, int8 (values and scales, "
                 "dequantised inside the step) or both"})
-    skip_online: bool = field(default=False, metadata={"help": "skip (c)"})
+    skip_online: bool = field(default=False, metadata={"help": "skip (c) and (d)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -152,6 +156,20 @@ def timed(device: torch.device, steps: int, warmup: int, rounds: int, fns: dict[
     return out
 
 
+#: Throughput ratios of the table, each against its denominator: name -> (numerator, denominator) variants.
+RATIOS = {"loop_vs_limit": ("loop", "limit"), "online_vs_loop": ("online", "loop"), "repa_vs_loop": ("repa", "loop")}
+
+
+def throughput_ratios(row: dict[str, Any], batch: int) -> dict[str, float]:
+    """img/s of each timed variant (``<name>_s`` seconds per step of ``batch`` images) and the :data:`RATIOS`
+    of their throughputs (numerator img/s over denominator img/s) where both were timed."""
+    out = {f"{k}_img_s": batch / row[f"{k}_s"] for k in ("loop", "limit", "online", "repa") if f"{k}_s" in row}
+    for name, (a, b) in RATIOS.items():
+        if f"{a}_s" in row and f"{b}_s" in row:
+            out[name] = row[f"{b}_s"] / row[f"{a}_s"]
+    return out
+
+
 def cache_path(out: Path, model: str, feature_dtype: str) -> Path:
     return out / f"train-cache-{model}-{feature_dtype}.zarr"
 
@@ -190,32 +208,42 @@ def bench_one(bc: BenchTrainConfig, i: int, compiled: bool, accelerator: Any, de
     fns["limit"] = lambda k: trainer.train_step(resident, k)
     row["tokens_read_as"] = str(first["features"]["teacher"].dtype).removeprefix("torch.")
 
-    # (c) online teacher: encode the step's images first, as REPA-style training must
+    online_data = None
     if not bc.skip_online and feature_dtype == "fp16":
+        autocast = autocast_dtype(bc.precision)
         vae = load_vae(vae_spec)
-        enc = Encoders(vae.module, {"teacher": teacher.module}, flip=False, autocast=autocast_dtype(bc.precision))
-        enc = enc.to(device).eval()
-        if compiled:
-            enc.compile()
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (batch, bc.resolution, bc.resolution, 3), dtype=torch.uint8,
                                generator=gen).to(device)
         labels = first["labels"].to(device)
+        # (c) both encoders online: encode the step's images first
+        enc = Encoders(vae.module, {"teacher": teacher.module}, flip=False, autocast=autocast).to(device).eval()
+        # (d) REPA's arrangement: latents from the cache (the loader reads no tokens), DINOv2 online
+        dino = Encoders(None, {"teacher": teacher.module}, flip=False, autocast=autocast).to(device).eval()
+        if compiled:
+            enc.compile()
+            dino.compile()
 
         def online(k: int) -> None:
             lat, feats = enc(images)
             trainer.train_step([{"latents": lat[:, 0], "labels": labels,
                                  "features": {"teacher": feats["teacher"][:, 0]}}], k)
 
+        online_data = micro_batches(c, cfg, micro=trainer.micro, rank=0, world=1, step=0,
+                                    steps_per_epoch=steps_per_epoch, teachers=[])
+
+        def repa(k: int) -> None:
+            batches = next(online_data)[1]
+            _, feats = dino(images[:len(batches[0]["labels"])])
+            trainer.train_step([{**b, "features": {"teacher": feats["teacher"][:, 0]}} for b in batches], k)
+
         fns["online"] = online
+        fns["repa"] = repa
     row.update(timed(device, bc.steps, bc.warmup, bc.rounds, fns))
     data.close()
-    for key in ("loop", "limit", "online"):
-        if f"{key}_s" in row:
-            row[f"{key}_img_s"] = batch / row[f"{key}_s"]
-    row["loop_vs_limit"] = row["limit_s"] / row["loop_s"]
-    if "online_s" in row:
-        row["online_vs_loop"] = row["loop_s"] / row["online_s"]
+    if online_data is not None:
+        online_data.close()
+    row.update(throughput_ratios(row, batch))
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -238,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = rows[-1]
                 print(f"{r['model']:11s} batch {r['batch_size']:4d} compile={mode:3s} {dtype}: loop "
                       f"{r['loop_s'] * 1e3:9.1f} ms, limit {r['limit_s'] * 1e3:9.1f} ms, online "
-                      f"{r.get('online_s', float('nan')) * 1e3:9.1f} ms", flush=True)
+                      f"{r.get('online_s', float('nan')) * 1e3:9.1f} ms, repa "
+                      f"{r.get('repa_s', float('nan')) * 1e3:9.1f} ms", flush=True)
     for model in bc.model_list:
         for dtype in bc.feature_dtypes:
             shutil.rmtree(cache_path(out, model, dtype), ignore_errors=True)
@@ -247,16 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmachine: {machine['device']}, {machine['cpus']} CPUs, torch {machine['torch']}, {bc.precision}  "
           "(random weights: speed only)")
     print(f"{'model':11s} {'batch':>5s} {'compile':>7s} {'tokens':>6s} {'(a) loop':>16s} {'(b) limit':>16s} "
-          f"{'(c) online':>16s} {'mem a/b/c GB':>16s} {'(a)/(b)':>8s} {'(c)/(a)':>8s}")
+          f"{'(c) online':>16s} {'(d) repa':>16s} {'mem a/b/c/d GB':>18s} {'(a)/(b)':>8s} {'(c)/(a)':>8s} "
+          f"{'(d)/(a)':>8s}")
     for r in rows:
-        online = f"{r['online_img_s']:8.1f} img/s" if "online_s" in r else f"{'-':>14s}"
-        mem = "/".join(f"{r[k]:.1f}" for k in ("loop_mem_gb", "limit_mem_gb", "online_mem_gb") if k in r)
+        online = f"{r['online_img_s']:8.2f} img/s" if "online_s" in r else f"{'-':>14s}"
+        repa = f"{r['repa_img_s']:8.2f} img/s" if "repa_s" in r else f"{'-':>14s}"
+        mem = "/".join(f"{r[k]:.1f}" for k in ("loop_mem_gb", "limit_mem_gb", "online_mem_gb", "repa_mem_gb")
+                       if k in r)
         print(f"{r['model']:11s} {r['batch_size']:5d} {str(r['compile']):>7s} {r['feature_dtype']:>6s} "
-              f"{r['loop_img_s']:10.1f} img/s "
-              f"{r['limit_img_s']:10.1f} img/s {online:>16s} {mem:>16s} {r['loop_vs_limit']:8.3f} "
-              f"{r.get('online_vs_loop', float('nan')):8.3f}")
-    print("(a)/(b): loop throughput over the in-memory limit (goal >= 0.97 on a GPU); "
-          "(c)/(a): online-teacher throughput over the cached loop")
+              f"{r['loop_img_s']:10.2f} img/s {r['limit_img_s']:10.2f} img/s {online:>16s} {repa:>16s} {mem:>18s} "
+              f"{r['loop_vs_limit']:8.3f} {r.get('online_vs_loop', float('nan')):8.3f} "
+              f"{r.get('repa_vs_loop', float('nan')):8.3f}")
+    print("throughput ratios: (a)/(b) loop over the in-memory limit (goal >= 0.97 on a GPU); (c)/(a) both encoders "
+          "online over the cached loop; (d)/(a) REPA's arrangement (cached latents, DINOv2 online) over the cached "
+          "loop (1 / ratio = how many times faster the cache trains)")
     return 0
 
 
