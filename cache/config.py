@@ -112,7 +112,12 @@ def nested_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: frozens
 
 def describe_change(name: str, old: Any, new: Any, *, items: int = 3) -> str:
     """One difference of :func:`nested_diff` for a refusal message: ``name: old -> new`` in full, except for
-    two lists, which show their lengths and the first ``items`` positions that differ."""
+    two lists, which show their lengths and the first ``items`` positions that differ, and a list against
+    something else, shown by its length alone."""
+    if isinstance(old, list) != isinstance(new, list):
+        def shown(v: Any) -> str:
+            return f"a list of {len(v)} items" if isinstance(v, list) else repr(v)
+        return f"{name}: {shown(old)} -> {shown(new)}"
     if isinstance(old, list) and isinstance(new, list):
         diffs = [i for i in range(max(len(old), len(new)))
                  if i >= len(old) or i >= len(new) or old[i] != new[i]][:items]

@@ -24,7 +24,7 @@ from cache.runtime import SetupError
 from .checkpoint import CheckpointError, _load_file, checkpoints, verify_checkpoint
 
 __all__ = ["LatentTransform", "CacheIdentity", "RandomWeights", "RunRecord", "read_run_record", "latest_checkpoint",
-           "find_checkpoint", "load_run_model", "refuse_changed_rerun"]
+           "find_checkpoint", "load_run_model", "refuse_changed_rerun", "unrecorded_cache_entries"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,15 @@ class LatentTransform:
 
 @dataclass(frozen=True)
 class CacheIdentity:
-    """What makes a cache the same data for a resumed run: source, encoders, rows. The per-encoder
-    random-weights flags are None in records written before they were kept apart (``random_weights``,
-    VAE or teacher, is always there)."""
+    """What makes a cache the same data for a resumed run: source, encoders, rows, and how the teacher's
+    tokens are stored: ``teacher_dtype`` ("float16" or "int8") and ``teacher_channel_scales`` (an int8
+    teacher's per-channel scales, ``cache.quant``; None for float16 or int8 without them), which decide the
+    tokens the loss sees. The per-encoder random-weights flags are None in records written before they were
+    kept apart (``random_weights``, VAE or teacher, is always there).
+
+    Records written before the storage entries were kept (:attr:`LATER`) lack them; a rerun of such a run
+    does not compare what its record never held (:func:`unrecorded_cache_entries`) and rewrites the record
+    with the entries of the cache it resumes on, so from then on they are compared too."""
 
     source_fingerprint: str | None = None
     vae_sha256: str | None = None
@@ -60,9 +66,13 @@ class CacheIdentity:
     random_weights: bool = False
     vae_random_weights: bool | None = None
     teacher_random_weights: bool | None = None
+    teacher_dtype: str | None = None
+    teacher_channel_scales: list[float] | None = None
 
     #: Entries decided by the weights' sha256, already compared: a rerun need not match them.
     DERIVED = ("vae_random_weights", "teacher_random_weights")
+    #: Entries added after the first records were written: a record without them did not say.
+    LATER = ("teacher_dtype", "teacher_channel_scales")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheIdentity:
@@ -221,3 +231,19 @@ def refuse_changed_rerun(out: str, record: Mapping[str, Any], *, free: frozenset
     if changes:
         raise SetupError(f"{out} holds {what} with other settings; rerun with the same ones, or choose "
                          "another --out. Changed: " + "; ".join(changes))
+
+
+def unrecorded_cache_entries(out: str) -> frozenset[str]:
+    """The dotted names (``cache.<entry>``) of the :attr:`CacheIdentity.LATER` entries that the record in
+    ``out`` lacks because it was written before they were kept: a rerun cannot compare them, so it leaves them
+    free (and writes them for the next rerun). Empty when there is no record yet or it holds them all."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return frozenset()  # none yet (or unreadable: refuse_changed_rerun says so)
+    recorded = old.get("cache") if isinstance(old, dict) else None
+    if not isinstance(recorded, dict):
+        return frozenset()
+    return frozenset(f"cache.{name}" for name in CacheIdentity.LATER if name not in recorded)

@@ -12,7 +12,8 @@
 Resume by running the same command again: the latest checkpoint in OUT/checkpoints restores the
 weights, EMA, optimizer and step; the data order and every random draw are pure functions of
 (seed, step), so nothing else needs saving. A rerun may change the length (``--steps``), where the
-cache or the run folder lives (same cache identity), and bookkeeping (workers, device, logging and
+cache or the run folder lives (same cache identity: source, encoders, rows, and the teacher's stored
+dtype and int8 channel scales, so an int8 copy of the cache is refused by name), and bookkeeping (workers, device, logging and
 checkpoint intervals, ``--compile``); any setting that changes the maths is refused with its name.
 A damaged latest checkpoint (checksums in its manifest.json) is set aside as damaged-step-* and the
 run resumes from the one before it.
@@ -65,7 +66,7 @@ from .checkpoint import (
 from .losses import interpolate, total_loss, urepa_alignment, velocity_loss, velocity_target
 from .metrics import MetricsLog, plot_losses, read_metrics
 from .models import MODEL_PRESETS, create_model
-from .run import CacheIdentity, LatentTransform, RunRecord, refuse_changed_rerun
+from .run import CacheIdentity, LatentTransform, RunRecord, refuse_changed_rerun, unrecorded_cache_entries
 
 _logger = logging.getLogger("trainer.train")
 
@@ -198,12 +199,14 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, 
 
 
 def cache_identity(cache: cache_lib.Cache, teacher: str) -> CacheIdentity:
-    """What makes a cache the same data for a resumed run: source, encoders, rows."""
+    """What makes a cache the same data for a resumed run: source, encoders, rows, the teacher's stored dtype
+    and channel scales."""
     m = cache.manifest
     if m.source is None or m.vae is None or m.preprocessing is None:
         raise SetupError(f"the manifest of {cache.url} lacks its source, VAE or preprocessing record: not a cache "
                          "pipeline.build wrote")
     info = m.teacher(teacher)
+    channels = cache.channel_scales(teacher)
     return CacheIdentity(
         source_fingerprint=m.source.fingerprint,
         vae_sha256=m.vae.weights_sha256,
@@ -214,6 +217,8 @@ def cache_identity(cache: cache_lib.Cache, teacher: str) -> CacheIdentity:
         random_weights=m.random_weights(teacher),
         vae_random_weights=m.vae.random_weights,
         teacher_random_weights=info.random_weights if info else None,
+        teacher_dtype=cache.layout.feature_dtype(teacher),
+        teacher_channel_scales=None if channels is None else [float(c) for c in channels],
     )
 
 
@@ -454,7 +459,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
                        cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
     run_config = record.to_dict()
-    free = frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+    free = (frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
+            | unrecorded_cache_entries(cfg.out))  # an older record did not say: not compared, written now
     refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size
     if steps_per_epoch < 1:
