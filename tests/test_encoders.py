@@ -245,3 +245,15 @@ def test_missing_weights_say_how_to_supply_them(tmp_path):
         load_teacher("vit_small_patch14_dinov2.lvd142m", resolution=64, weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="timm has no model"):
         load_teacher("not_a_model_name", resolution=64)
+
+
+def test_vae_decoder_refuses_nonfinite_output():
+    """An infinite latent decodes to NaN, which uint8 would show as black: the decoder raises, naming the images."""
+    from pipeline.encoders import NonFiniteOutput, load_vae_decoder
+
+    decoder = load_vae_decoder("tiny").module
+    z = torch.zeros(3, 4, 8, 8)
+    assert decoder(z).dtype == torch.uint8
+    z[1, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteOutput, match=r"images \[1\] of the batch of 3"):
+        decoder(z)

@@ -55,6 +55,7 @@ from cache.runtime import SetupError, claim_folder, make_accelerator, setup_logg
 from pipeline.encoders import (
     QUANTIZE_MODES,
     LoadedEncoder,
+    NonFiniteOutput,
     WeightsUnavailable,
     load_vae_decoder,
     weights_sha256,
@@ -70,6 +71,8 @@ from trainer.run import (
 )
 
 from .sampling import (
+    FiniteCheck,
+    NonFiniteSample,
     PerSampleNoise,
     Velocity,
     class_labels,
@@ -418,16 +421,24 @@ class Sampler:
     device: torch.device
 
     def __call__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (B, H, W, 3) and labels (B,) of images ``indices``."""
+        """uint8 images (B, H, W, 3) and labels (B,) of images ``indices``; NonFiniteSample naming the step
+        (or the decoder) where a NaN or an infinity appears."""
         cfg = self.cfg
         y = class_labels(indices, mode=cfg.labels, num_classes=self.num_classes, seed=cfg.seed)
         noise = PerSampleNoise(cfg.seed, indices, self.latent_shape, device=self.device)
         x1, yd = noise(), y.to(self.device)
+        velocity = FiniteCheck(self.velocity)
         if cfg.sampler == "sde":
-            x0 = euler_maruyama(self.velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
+            x0 = euler_maruyama(velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
         else:
-            x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(self.velocity, x1, yd, steps=cfg.steps)
-        return self.decoder(self.latent.decode(x0)).cpu().numpy(), y.numpy()
+            x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(velocity, x1, yd, steps=cfg.steps)
+        what = f"images {indices[0]}..{indices[-1]}: "
+        velocity.raise_first(x0, what=what)
+        try:
+            images = self.decoder(self.latent.decode(x0))
+        except NonFiniteOutput as e:
+            raise NonFiniteSample(f"{what}{e}, from finite latents; no images were written for them") from None
+        return images.cpu().numpy(), y.numpy()
 
 
 def save_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
@@ -505,14 +516,13 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     with logging_redirect_tqdm(), torch.inference_mode():
-        bar = tqdm(total=todo, unit="img", disable=rank != 0, dynamic_ncols=True, desc="sampling")
-        for chunk in chunks[rank::world]:
-            images, labels = sampler(chunk)
-            if cfg.png:
-                save_pngs(images_dir, chunk, images)
-            write_part(parts_dir, chunk, images, labels)
-            bar.update(min(len(chunk) * world, todo - bar.n))  # rank 0's progress stands for all ranks
-        bar.close()
+        with tqdm(total=todo, unit="img", disable=rank != 0, dynamic_ncols=True, desc="sampling") as bar:
+            for chunk in chunks[rank::world]:
+                images, labels = sampler(chunk)  # NonFiniteSample before anything of the batch is written
+                if cfg.png:
+                    save_pngs(images_dir, chunk, images)
+                write_part(parts_dir, chunk, images, labels)
+                bar.update(min(len(chunk) * world, todo - bar.n))  # rank 0's progress stands for all ranks
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
     npz = os.path.join(cfg.out, "samples.npz")
@@ -531,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = sample(cfg)
-    except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable) as e:
+    except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable, NonFiniteSample) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["rank"] == 0:

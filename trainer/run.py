@@ -21,7 +21,7 @@ import torch
 from cache.config import describe_change, nested_diff
 from cache.runtime import SetupError
 
-from .checkpoint import CheckpointError, _load_file, checkpoints, verify_checkpoint
+from .checkpoint import CheckpointError, _load_file, checkpoints, nonfinite_tensors, verify_checkpoint
 
 __all__ = ["LatentTransform", "CacheIdentity", "RandomWeights", "RunRecord", "read_run_record", "latest_checkpoint",
            "find_checkpoint", "load_run_model", "refuse_changed_rerun", "unrecorded_cache_entries"]
@@ -192,7 +192,9 @@ def find_checkpoint(run: str, step: int = 0) -> tuple[str, int]:
 def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = None,
                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunRecord]:
     """The model of a training run with its ``weights`` ("ema" or "raw") from the latest checkpoint
-    (or ``step``), in eval mode, and the run's record."""
+    (or ``step``), in eval mode, and the run's record. Weights holding a NaN or an infinity (a checkpoint
+    whose checksums were recomputed after the damage: training never writes them) are a CheckpointError
+    naming the file and the tensors."""
     from .models import create_model
 
     if weights not in ("ema", "raw"):
@@ -207,6 +209,11 @@ def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = Non
     name = "ema.safetensors" if weights == "ema" else "model.safetensors"
     verify_checkpoint(path, (name,))
     state = _load_file(os.path.join(path, name), device)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{os.path.join(path, name)} holds NaN or infinite weights in {', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}: it would sample garbage; choose another checkpoint "
+                              "with --step")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
