@@ -77,10 +77,12 @@ class EvalConfig:
     save_reference: str = field(default="", metadata={
         "help": "write the reference's statistics and pool features to this .npz, to reuse as REFERENCE"})
     log: str = field(default="", metadata={"help": "log file ('' = evaluate.log next to --json, else next to SAMPLES)"})
-    batch_size: int = field(default=100, metadata={"help": "images per Inception forward", "min": 1})
-    num: int = field(default=0, metadata={"help": "evaluate the first NUM samples only (0 = all)", "min": 0})
+    batch_size: int = field(default=100, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per Inception forward"})
+    num: int = field(default=0, metadata={
+        "min": 0, "max": 100_000_000, "help": "evaluate the first NUM samples only (0 = all)"})
     workers: int = field(default=4, metadata={
-        "help": "processes decoding reference image files (0 = in this process)", "min": 0})
+        "min": 0, "max": 256, "help": "processes decoding reference image files (0 = in this process)"})
     is_splits: str = field(default="adm", metadata={
         "help": "Inception Score splits: adm (chunks of 5000, the last one smaller; ADM evaluator) or equal "
                 "(ceil(N/5000) equal splits; torch-fidelity)", "choices": IS_SPLITS})

@@ -89,48 +89,60 @@ class TrainConfig:
     model: str = field(default="sitdown-xl", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
     teacher: str = field(default="", metadata={"help": "cached teacher to align to (default: the cache's only teacher)"})
     align_block: int = field(default=0, metadata={
-        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)", "min": 0})
+        "min": 0, "max": 1000,
+        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)"})
     upsample: Literal["bilinear", "nearest"] = field(default="bilinear",
                                                      metadata={"help": "projected tokens -> teacher grid"})
     batch_size: int = field(default=256, metadata={
-        "help": "global batch (all ranks and accumulation steps together)", "min": 1})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+        "min": 1, "max": 1 << 20, "help": "global batch (all ranks and accumulation steps together)"})
+    grad_accum: int = field(default=1, metadata={
+        "min": 1, "max": 4096, "help": "micro-batches per optimizer step"})
     steps: int = field(default=1_000_000, metadata={
-        "help": "optimizer steps in total (the one setting a rerun may change)", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)", "min": 0})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per step (fp32 copy)"})
+        "min": 1, "max": 1_000_000_000,
+        "help": "optimizer steps in total (the one setting a rerun may change)"})
+    lr: float = field(default=1e-4, metadata={"min": 0, "max": 1, "help": "AdamW learning rate (constant)"})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 1, "help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"min": 0, "max": 1, "help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "max": 10, "help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={
+        "min": 0, "max": 1000000.0, "help": "max global grad norm (0: no clipping)"})
+    ema_decay: float = field(default=0.9999, metadata={
+        "min": 0, "max": 1, "help": "EMA decay per step (fp32 copy)"})
     class_dropout: float = field(default=0.1, metadata={
-        "help": "probability of the null label (for classifier-free guidance)"})
+        "min": 0, "max": 1, "help": "probability of the null label (for classifier-free guidance)"})
     align_weight: float = field(default=0.5, metadata={
-        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head", "min": 0})
+        "min": 0, "max": 1000,
+        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head"})
     manifold_weight: float = field(default=3.0, metadata={
-        "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA", "min": 0})
+        "min": 0, "max": 1000, "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA"})
     cross_sample: bool = field(default=False, metadata={
         "help": "manifold loss across the samples of a batch instead of across tokens"})
     latent_scale: float = field(default=0.18215, metadata={
+        "min": 0, "max": 1000,
         "help": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments"})
-    latent_shift: float = field(default=0.0, metadata={"help": "see latent_scale"})
+    latent_shift: float = field(default=0.0, metadata={"min": -1000, "max": 1000, "help": "see latent_scale"})
     flip: bool = field(default=False, metadata={
         "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={
         "help": "bf16 (autocast; TF32 outside it), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
-    seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
-    log_every: int = field(default=100, metadata={"help": "steps per metrics line", "min": 1})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "model init, data order and every random draw"})
+    log_every: int = field(default=100, metadata={
+        "min": 1, "max": 1_000_000_000, "help": "steps per metrics line"})
     ckpt_every: int = field(default=10_000, metadata={
-        "help": "steps per checkpoint (one is also written at the end)", "min": 1})
-    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept (0: all)", "min": 0})
-    loader_workers: int = field(default=4, metadata={"help": "cache reader threads per rank", "min": 1})
+        "min": 1, "max": 1_000_000_000, "help": "steps per checkpoint (one is also written at the end)"})
+    keep_ckpts: int = field(default=2, metadata={
+        "min": 0, "max": 1_000_000, "help": "checkpoints kept (0: all)"})
+    loader_workers: int = field(default=4, metadata={
+        "min": 1, "max": 256, "help": "cache reader threads per rank"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
     skip_nonfinite: int = field(default=0, metadata={
+        "min": 0, "max": 1_000_000_000,
         "help": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop (0: stop at the "
-                "first)", "min": 0})
+                "first)"})
 
     def __post_init__(self) -> None:
         if not self.cache or not self.out:
@@ -138,11 +150,6 @@ class TrainConfig:
         check_fields(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
-        floats = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "align_weight",
-                  "manifold_weight", "latent_scale", "latent_shift")
-        for name in floats:
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         for name in ("beta1", "beta2", "class_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
