@@ -4,12 +4,14 @@ Each entry point (``pipeline.build``, ``trainer.train``, ``tools.*``, ``cache.in
 frozen dataclass, and each field says everything about itself::
 
     precision: Literal["fp32", "tf32", "bf16"] = field(default="bf16", metadata={"help": "model precision"})
-    batch_size: int = field(default=256, metadata={"help": "global batch", "min": 1})
+    batch_size: int = field(default=256, metadata={"help": "global batch", "min": 1, "max": 65536})
     model: str = field(default="tiny", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
 
 ``Literal[...]`` declares the choices (``metadata["choices"]`` does it for a set owned elsewhere,
-such as the keys of a preset table), ``metadata["help"]`` the help text and ``metadata["min"]`` an
-inclusive lower bound. :func:`check_fields` enforces the choices and bounds; every config's
+such as the keys of a preset table), ``metadata["help"]`` the help text and ``metadata["min"]`` and
+``metadata["max"]`` an inclusive range (every int and float field of an entry point declares both, and
+``--help`` shows it: ``(1 to 10000; default: 0)``; a NaN is outside every range). :func:`check_fields`
+enforces the choices and bounds, on each item of a tuple field; every config's
 ``__post_init__`` calls it first, so a config built in Python is checked like one built from the
 CLI, and keeps only the checks no single field can declare (finiteness, divisibility, consistency).
 
@@ -32,8 +34,8 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "check_fields", "field_choices", "parse_config", "config_to_dict", "nested_diff",
-           "describe_change"]
+__all__ = ["ConfigError", "check_fields", "field_choices", "field_range", "parse_config", "config_to_dict",
+           "nested_diff", "describe_change"]
 
 
 class ConfigError(ValueError):
@@ -72,9 +74,20 @@ def field_choices(cls: type, field: dataclasses.Field) -> tuple[Any, ...] | None
     return tuple(choices) if choices is not None else None
 
 
+def field_range(field: dataclasses.Field) -> str:
+    """The inclusive range a field declares, as ``--help`` and errors show it ("1 to 10000", ">= 0"), or ''."""
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    if low is not None and high is not None:
+        return f"{low} to {high}"
+    if low is not None:
+        return f">= {low}"
+    return f"<= {high}" if high is not None else ""
+
+
 def check_fields(cfg: Any) -> None:
-    """Raise ConfigError for the first field of the dataclass instance ``cfg`` whose value is not one
-    of its choices or is below its ``metadata["min"]``; the message names the flag and what it allows."""
+    """Raise ConfigError for the first field of the dataclass instance ``cfg`` whose value (each item, for a
+    tuple field) is not one of its choices or is outside its ``metadata["min"]`` .. ``metadata["max"]``
+    (inclusive; NaN is outside); the message names the flag and what it allows."""
     cls = type(cfg)
     for field in dataclasses.fields(cls):
         value = getattr(cfg, field.name)
@@ -83,9 +96,13 @@ def check_fields(cfg: Any) -> None:
         bad = [v for v in items if allowed is not None and v not in allowed]
         if bad:
             raise ConfigError(f"{_flag(field.name)} must be one of {', '.join(map(str, allowed))}, got {bad[0]!r}")
-        low = field.metadata.get("min")
-        if low is not None and value < low:
-            raise ConfigError(f"{_flag(field.name)} must be >= {low}, got {value}")
+        low, high = field.metadata.get("min"), field.metadata.get("max")
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if (low is not None and not v >= low) or (high is not None and not v <= high):
+                allowed = field_range(field)
+                raise ConfigError(f"{_flag(field.name)} must be {'from ' if ' to ' in allowed else ''}{allowed}, "
+                                  f"got {v}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -112,7 +129,12 @@ def nested_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: frozens
 
 def describe_change(name: str, old: Any, new: Any, *, items: int = 3) -> str:
     """One difference of :func:`nested_diff` for a refusal message: ``name: old -> new`` in full, except for
-    two lists, which show their lengths and the first ``items`` positions that differ."""
+    two lists, which show their lengths and the first ``items`` positions that differ, and a list against
+    something else, shown by its length alone."""
+    if isinstance(old, list) != isinstance(new, list):
+        def shown(v: Any) -> str:
+            return f"a list of {len(v)} items" if isinstance(v, list) else repr(v)
+        return f"{name}: {shown(old)} -> {shown(new)}"
     if isinstance(old, list) and isinstance(new, list):
         diffs = [i for i in range(max(len(old), len(new)))
                  if i >= len(old) or i >= len(new) or old[i] != new[i]][:items]
@@ -153,7 +175,8 @@ def parse_config(
             continue
         tp = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else None
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        bounds = field_range(field)
+        help_text = f"{field.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {default})"
         allowed = field_choices(cls, field)
         if tp is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,

@@ -66,10 +66,10 @@ class ConvertConfig:
                 "differ from a --feature-dtype int8 build by the rounding of that float16 intermediate)",
         "choices": ("keep", *DTYPE_OPTIONS)})
     block_rows: int = field(default=0, metadata={
-        "help": "rows read and written at a time (0: what the source reads well, a zarr shard)", "min": 0})
+        "min": 0, "max": 1 << 20, "help": "rows read and written at a time (0: what the source reads well, a zarr shard)"})
     compression: Literal["none", "gzip"] = field(default="none", metadata={
         "help": "hdf5 only: none (contiguous, read by byte range) or gzip (chunked, read through h5py)"})
-    workers: int = field(default=2, metadata={"help": "FFCV writer processes", "min": 1})
+    workers: int = field(default=2, metadata={"min": 1, "max": 256, "help": "FFCV writer processes"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing cache at DST"})
 
     def __post_init__(self) -> None:

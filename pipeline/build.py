@@ -75,7 +75,8 @@ class BuildConfig:
 
     source: str = field(default="", metadata={"help": "ImageNet-style folder SOURCE/<class_name>/<image>"})
     out: str = field(default="", metadata={"help": "cache location: a folder or any store URL zarr accepts"})
-    resolution: int = field(default=256, metadata={"help": "ADM center crop size (256 or 512; any multiple of 8)"})
+    resolution: int = field(default=256, metadata={
+        "min": 8, "max": 4096, "help": "ADM center crop size (256 or 512; any multiple of 8)"})
     vae: str = field(default=DEFAULT_VAE, metadata={
         "help": "AutoencoderKL: HF hub id or local folder; 'tiny' or 'random:<id>' for random weights"})
     teacher: str = field(default=DEFAULT_TEACHER, metadata={
@@ -99,22 +100,28 @@ class BuildConfig:
                 "manifest (teachers.<name>.encode.precision)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the encoders"})
     batch_size: int = field(default=128, metadata={
-        "help": "images per encoder batch (batches never straddle a shard)", "min": 1})
-    workers: int = field(default=8, metadata={"help": "decoding processes", "min": 0})
+        "min": 1, "max": 1 << 16, "help": "images per encoder batch (batches never straddle a shard)"})
+    workers: int = field(default=8, metadata={"min": 0, "max": 256, "help": "decoding processes"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    limit: int = field(default=0, metadata={"help": "keep only the first N images (0: all)", "min": 0})
-    classes: int = field(default=0, metadata={"help": "keep only the first K classes (0: all)", "min": 0})
+    limit: int = field(default=0, metadata={
+        "min": 0, "max": 1_000_000_000, "help": "keep only the first N images (0: all)"})
+    classes: int = field(default=0, metadata={
+        "min": 0, "max": 1_000_000, "help": "keep only the first K classes (0: all)"})
     shard_rows: int = field(default=256, metadata={
-        "help": "rows per shard (one object per array; the unit of work and of resume)", "min": 1})
-    chunk_rows: int = field(default=16, metadata={"help": "rows per inner chunk of a shard", "min": 1})
+        "min": 1, "max": 1 << 20,
+        "help": "rows per shard (one object per array; the unit of work and of resume)"})
+    chunk_rows: int = field(default=16, metadata={
+        "min": 1, "max": 1 << 20, "help": "rows per inner chunk of a shard"})
     feature_dtype: Literal["fp16", "int8"] = field(default="fp16", metadata={
         "help": "teacher tokens as float16, or int8 with one float32 scale per token after equalising outlier "
                 "channels (about half the bytes; docs/cache.md); for the teachers this run encodes"})
     compressor: Literal["none", "zstd"] = field(default="none", metadata={
         "help": "none (rows readable by byte range) or zstd"})
     max_pixels: int = field(default=1 << 28, metadata={
-        "help": "skip images with more pixels than this (0 would skip every image)", "min": 1})
-    seed: int = field(default=0, metadata={"help": "seed of random-weight encoders", "min": 0})
+        "min": 1, "max": 1 << 40,
+        "help": "skip images with more pixels than this (0 would skip every image)"})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "seed of random-weight encoders"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing cache built with other settings"})
     repair: bool = field(default=False, metadata={
         "help": "check every finished shard against its recorded checksums and encode the damaged ones again"})

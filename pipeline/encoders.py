@@ -188,8 +188,13 @@ _QUANTIZE_TEXT = {
 }
 
 
+class NonFiniteOutput(ValueError):
+    """A network's output holds NaN or infinite values (it would become black or garbage uint8 pixels)."""
+
+
 class VaeDecoder(nn.Module):
-    """Latents z (B, C, h, w) in the VAE's own latent space (not scaled) -> uint8 images (B, 8h, 8w, 3)."""
+    """Latents z (B, C, h, w) in the VAE's own latent space (not scaled) -> uint8 images (B, 8h, 8w, 3);
+    a decoded image holding NaN or infinity is a :class:`NonFiniteOutput` (uint8 would hide it)."""
 
     def __init__(self, vae: nn.Module, *, quantize: str = "truncate") -> None:
         super().__init__()
@@ -200,7 +205,12 @@ class VaeDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.decoder.conv_in.weight.dtype
-        return vae_output(self.vae.decode(z.to(dtype)).sample, quantize=self.quantize)
+        x = self.vae.decode(z.to(dtype)).sample
+        if not bool(torch.isfinite(x).all()):
+            bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(x).flatten(1).all(1)).flatten()})
+            raise NonFiniteOutput(f"the VAE decoder's output holds NaN or infinite values (images {bad[:5]} of the "
+                                  f"batch of {len(x)})")
+        return vae_output(x, quantize=self.quantize)
 
 
 def load_vae_decoder(spec: str, *, seed: int = 0, quantize: str = "truncate") -> LoadedEncoder:

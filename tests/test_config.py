@@ -84,7 +84,7 @@ def test_choices_and_bounds_are_checked_when_built_in_python():
         TrainConfig(cache="c", out="o", precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"--model must be one of .*sitdown-xl"):
         TrainConfig(cache="c", out="o", model="nope")
-    with pytest.raises(ConfigError, match=r"--batch-size must be >= 1"):
+    with pytest.raises(ConfigError, match=r"--batch-size must be from 1 to 1048576, got 0"):
         TrainConfig(cache="c", out="o", batch_size=0)
     for precision in ("fp32", "tf32", "bf16"):
         assert TrainConfig(cache="c", out="o", precision=precision).precision == precision
@@ -139,7 +139,7 @@ def test_help_comes_from_the_fields(capsys):
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert out.startswith("usage:") and "A toy config." in out
     assert "{fast,slow}" in out and "{a,b}" in out and "{x,y,z}" in out
-    assert "which way to run (default: fast)" in out and "how big it is (default: 8)" in out
+    assert "which way to run (default: fast)" in out and "how big it is (>= 1; default: 8)" in out
     assert "--compile, --no-compile compile it (default: False)" in out
 
 
@@ -148,5 +148,82 @@ def test_train_help_shows_each_choice_and_default_once(capsys):
         parse_config(TrainConfig, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--precision {fp32,tf32,bf16}" in out and "--upsample {bilinear,nearest}" in out
-    assert "global batch (all ranks and accumulation steps together) (default: 256)" in out
+    assert "global batch (all ranks and accumulation steps together) (1 to 1048576; default: 256)" in out
     assert out.count("(default: sitdown-xl)") == 1
+
+
+def _entry_point_configs() -> list[type]:
+    """The config dataclass of every module that builds a CLI with parse_config (found by reading the sources, so a
+    new entry point is walked too)."""
+    import dataclasses
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for package in ("pipeline", "trainer", "tools", "cache"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "config.py" and package == "cache" or "parse_config(" not in path.read_text():
+                continue
+            module = importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
+            configs = [c for c in vars(module).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+                       and c.__module__ == module.__name__ and f"parse_config({c.__name__}" in path.read_text()]
+            assert configs, f"{path}: no config dataclass passed to parse_config"
+            found += configs
+    return found
+
+
+def test_every_numeric_option_of_every_entry_point_declares_a_range_holding_its_default():
+    import dataclasses
+    import typing
+
+    from cache.config import _field_type
+
+    configs = _entry_point_configs()
+    names = {c.__name__ for c in configs}
+    assert {"BuildConfig", "TrainConfig", "SampleConfig", "EvalConfig", "ConvertConfig"} <= names, names
+    checked = 0
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            tp = _field_type(cls, f)
+            items = typing.get_args(tp) if typing.get_origin(tp) is tuple else (tp,)
+            if not set(items) - {Ellipsis} <= {int, float}:
+                continue
+            checked += 1
+            low, high = f.metadata.get("min"), f.metadata.get("max")
+            assert low is not None and high is not None and low <= high, f"{cls.__name__}.{f.name} declares no range"
+            defaults = f.default if isinstance(f.default, tuple) else (f.default,)
+            assert all(low <= d <= high for d in defaults), f"{cls.__name__}.{f.name}: default {f.default} outside range"
+    assert checked > 50
+
+
+def test_ranges_are_checked_with_a_maximum_and_shown_in_help(capsys):
+    from tools.sample import SampleConfig
+
+    with pytest.raises(SystemExit):
+        parse_config(SampleConfig, ["--help"])
+    assert "(0 to 10000; default: 0)" in " ".join(capsys.readouterr().out.split())
+    for value in ("10000000000", "100000000000000000000", "-1"):
+        with pytest.raises(SystemExit):
+            parse_config(SampleConfig, ["--run", "r", "--out", "o", "--steps", value])
+        assert f"--steps must be from 0 to 10000, got {value}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--interval must be from 0 to 1, got 1.5"):
+        SampleConfig(run="r", out="o", interval=(0.0, 1.5))
+    with pytest.raises(ConfigError, match=r"--cfg must be from 0 to 100, got nan"):
+        SampleConfig(run="r", out="o", cfg=float("nan"))
+
+
+def test_a_huge_step_count_is_one_parse_error_in_a_real_process(tmp_path):
+    """`tools.sample --steps 1e20` (as an integer): exit 2 with argparse's usage and one error line naming the option
+    and its range, before anything is read or written (today: an overflow traceback)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, _env
+
+    proc = subprocess.run([sys.executable, "-m", "tools.sample", "--run", str(tmp_path / "r"), "--out",
+                           str(tmp_path / "o"), "--steps", "1" + "0" * 20], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"sample.py: error: --steps must be from 0 to 10000, got 1{'0' * 20}"
+    assert not (tmp_path / "o").exists()

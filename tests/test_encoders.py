@@ -265,3 +265,15 @@ def test_encoders_run_the_teacher_in_its_own_precision(precision, dtype):
     with torch.no_grad():
         want_lat = vae(images).float().half()
     assert torch.equal(feats["t"][:, 0], want) and torch.equal(lat[:, 0], want_lat)
+
+
+def test_vae_decoder_refuses_nonfinite_output():
+    """An infinite latent decodes to NaN, which uint8 would show as black: the decoder raises, naming the images."""
+    from pipeline.encoders import NonFiniteOutput, load_vae_decoder
+
+    decoder = load_vae_decoder("tiny").module
+    z = torch.zeros(3, 4, 8, 8)
+    assert decoder(z).dtype == torch.uint8
+    z[1, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteOutput, match=r"images \[1\] of the batch of 3"):
+        decoder(z)

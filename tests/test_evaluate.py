@@ -190,3 +190,31 @@ def test_metrics_record_the_sampler_and_warn_about_the_count(samples, tmp_path, 
     assert m["num_samples"] == 24 and m["comparable_with_papers"] is False
     assert m["sampling"]["sampler"] == "ode" and m["sampling"]["steps"] == 50 and m["sampling"]["cfg"] == 1.0
     assert m["sampling"]["step"] == 300 and m["notes"][0].startswith("not comparable")
+
+
+def test_statistics_that_are_not_a_covariance_are_refused_before_encoding(samples, tmp_path, capsys):
+    """A reference sigma with one negative eigenvalue (not -I: a single direction), or an asymmetric one: one error
+    line naming the file and what is wrong, exit 2, no FID value (today: a negative FID, exit 0)."""
+    path, _ = samples
+    sigma = np.eye(2048)
+    sigma[7, 7] = -0.5
+    np.savez(tmp_path / "neg.npz", mu=np.zeros(2048), sigma=sigma)
+    code, m, err = _run(capsys, path, tmp_path / "neg.npz")
+    assert code == 2 and m is None and "neg.npz" in err and "not positive semi-definite" in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    asym = np.eye(2023)
+    asym[0, 5] = 0.3
+    np.savez(tmp_path / "asym.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=asym)
+    code, _, err = _run(capsys, path, tmp_path / "asym.npz")
+    assert code == 2 and "sigma_s is not a covariance: it is not symmetric" in err
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_too_few_samples_is_one_error_line(samples, tmp_path, count):
+    """An npz with no (or one) sample: one error line in a real process, no traceback (today: KeyError 'pool')."""
+    path, arr = samples
+    np.savez(tmp_path / "few.npz", arr_0=arr[:count])
+    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", str(tmp_path / "few.npz"), str(path)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "few.npz" in proc.stderr

@@ -69,10 +69,10 @@ def base_run(built_cache, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--lr", "inf", "--lr must be a finite number"), ("--lr", "nan", "--lr must be a finite number"),
-    ("--latent-scale", "nan", "--latent-scale must be a finite"), ("--latent-scale", "0", "--latent-scale must not be 0"),
-    ("--latent-shift", "-inf", "--latent-shift must be a finite"), ("--beta2", "1.0", "--beta2 must be in [0, 1)"),
-    ("--grad-clip", "nan", "--grad-clip must be a finite"), ("--skip-nonfinite", "-1", "--skip-nonfinite must be >= 0"),
+    ("--lr", "inf", "--lr must be from 0 to 1, got inf"), ("--lr", "nan", "--lr must be from 0 to 1, got nan"),
+    ("--latent-scale", "nan", "--latent-scale must be from 0 to"), ("--latent-scale", "0", "--latent-scale must not be 0"),
+    ("--latent-shift", "-inf", "--latent-shift must be from -1000 to 1000"), ("--beta2", "1.0", "--beta2 must be in [0, 1)"),
+    ("--grad-clip", "nan", "--grad-clip must be from 0 to"), ("--skip-nonfinite", "-1", "--skip-nonfinite must be from 0"),
 ])
 def test_non_finite_and_out_of_range_options_are_refused_at_parse_time(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -85,13 +85,14 @@ def test_other_entry_points_validate_their_numbers(capsys):
     from pipeline.build import main as build_main
     from tools.sample import main as sample_main
 
-    for argv, message in ((["src", "out", "--max-pixels", "0"], "--max-pixels must be >= 1"),
-                          (["src", "out", "--max-pixels", "-5"], "--max-pixels must be >= 1")):
+    for argv, message in ((["src", "out", "--max-pixels", "0"], "--max-pixels must be from 1 to"),
+                          (["src", "out", "--max-pixels", "-5"], "--max-pixels must be from 1 to")):
         with pytest.raises(SystemExit):
             build_main(argv)
         assert message in capsys.readouterr().err
-    for argv, message in ((["--cfg", "nan"], "--cfg must be a finite number"),
-                          (["--interval", "0", "nan"], "--interval needs")):
+    for argv, message in ((["--cfg", "nan"], "--cfg must be from 0 to 100, got nan"),
+                          (["--interval", "0", "nan"], "--interval must be from 0 to 1, got nan"),
+                          (["--interval", "0.5", "0.2"], "--interval needs")):
         with pytest.raises(SystemExit):
             sample_main(["--run", "r", "--out", "o", *argv])
         assert message in capsys.readouterr().err

@@ -250,3 +250,25 @@ def test_precision_recall_on_toy_clouds():
 def test_precision_recall_needs_more_than_k_points():
     with pytest.raises(ValueError, match="more than 3"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_fid_refuses_what_is_not_a_covariance_and_never_returns_a_negative():
+    """Asymmetric or indefinite sigmas (beyond the stated tolerance) are StatisticsError; a float32-rounded
+    rank-deficient covariance is still one (its tolerance is D * eps of float32); identical statistics give 0."""
+    from tools.fidelity import StatisticsError, check_covariance, covariance_tolerance
+
+    rng = np.random.default_rng(5)
+    d = 40
+    with pytest.raises(StatisticsError, match="not positive semi-definite"):
+        frechet_distance(np.zeros(d), -np.eye(d), np.zeros(d), np.eye(d))
+    s = _spd(rng, d)
+    s[0, 1] += 1e-3 * np.abs(s).max()
+    with pytest.raises(StatisticsError, match="sigma2 is not a covariance: it is not symmetric"):
+        frechet_distance(np.zeros(d), _spd(rng, d), np.zeros(d), s)
+    x = rng.standard_normal((10, d))  # 10 samples in 40 dims: rank 9, zero eigenvalues that rounding makes negative
+    _, low_rank = feature_statistics(x)
+    check_covariance(low_rank.astype(np.float32))
+    assert covariance_tolerance(low_rank.astype(np.float32)) == pytest.approx(d * np.finfo(np.float32).eps)
+    assert covariance_tolerance(low_rank) == 1e-6
+    mu, _ = feature_statistics(x)
+    assert frechet_distance(mu, low_rank, mu, low_rank) >= 0.0

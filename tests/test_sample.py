@@ -225,3 +225,51 @@ def test_two_processes_give_the_same_images(sampled, tmp_path):
     ref, ref_labels = arrays(sampled)
     assert np.array_equal(labels, ref_labels)
     assert_same_images(images, ref)  # the same batches on other ranks (one thread each there)
+
+
+def _with_ema_tensor(run: Path, dst: Path, name: str, value: float) -> Path:
+    """A copy of ``run`` whose latest checkpoint's EMA tensor ``name`` is filled with ``value``, its recorded
+    sha256 recomputed (the damage is not a checksum failure)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cache.runtime import file_sha256
+
+    shutil.copytree(run, dst)
+    ckpt = sorted((dst / "checkpoints").glob("step-*"))[-1]
+    path = ckpt / "ema.safetensors"
+    state = load_file(str(path))
+    state[name] = torch.full_like(state[name], value)
+    save_file(state, str(path), {"step": "2"})
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["ema.safetensors"] = {"sha256": file_sha256(str(path)), "bytes": path.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _sample_process(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.sample", "--run", str(run), "--out", str(out), *ARGS, *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_nonfinite_weights_are_refused_at_load(trained_run, tmp_path):
+    """An infinity in one EMA tensor (checksums recomputed): one error line naming the file and the tensor, exit 2,
+    no images."""
+    run = _with_ema_tensor(trained_run, tmp_path / "run", "y_embedder.weight", float("inf"))
+    proc = _sample_process(run, tmp_path / "out")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert "ema.safetensors" in lines[-1] and "y_embedder.weight" in lines[-1]
+    assert not list((tmp_path / "out").rglob("*.png")) and not list((tmp_path / "out").rglob("*.npz"))
+
+
+def test_a_velocity_that_blows_up_is_refused_naming_the_step(trained_run, tmp_path):
+    """Finite weights whose output overflows after a few steps (a final bias of 1e30): one error line naming the
+    step, exit 2, no part, PNG or samples.npz for the batch."""
+    run = _with_ema_tensor(trained_run, tmp_path / "run", "final_layer.linear.bias", 1e30)
+    proc = _sample_process(run, tmp_path / "out", "--sampler", "ode", "--steps", "20")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: images 0..3: ") and "Traceback" not in proc.stderr, \
+        proc.stderr
+    assert "NaN or infinite" in lines[-1]
+    assert not list((tmp_path / "out").rglob("*.png")) and not list((tmp_path / "out").rglob("*.npz"))

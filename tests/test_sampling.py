@@ -349,3 +349,27 @@ def test_model_velocity_feeds_the_model_its_dtype_and_a_time_vector():
         bf16 = model_velocity(model, autocast=torch.bfloat16)(x, 0.3, y)
     assert v.dtype == torch.float32 and torch.equal(v, ref)
     torch.testing.assert_close(bf16.float(), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("sampler", ["sde", "euler", "heun"])
+def test_finite_check_names_the_first_nonfinite_step(sampler):
+    """A velocity that turns NaN from t < 0.45 on: FiniteCheck names the first evaluation at such a t (the samplers
+    themselves run on), with one host sync after the batch."""
+    from tools.sampling import FiniteCheck, NonFiniteSample
+
+    def velocity(x, t, y):
+        return torch.full_like(x, float("nan")) if t < 0.45 else -x
+
+    check = FiniteCheck(velocity)
+    x1, y = torch.randn(2, 3), torch.zeros(2, dtype=torch.int64)
+    if sampler == "sde":
+        x0 = euler_maruyama(check, x1, y, noise=lambda: torch.randn(2, 3), steps=10)
+    else:
+        x0 = (ode_euler if sampler == "euler" else ode_heun)(check, x1, y, steps=10)
+    first = next(k for k, t in enumerate(check.times) if t < 0.45)
+    with pytest.raises(NonFiniteSample, match=rf"step {first + 1} of {len(check.times)} \(t = {check.times[first]:.4g}\)"):
+        check.raise_first(x0)
+    ok = FiniteCheck(lambda x, t, y: -x)
+    ok.raise_first(ode_euler(ok, x1, y, steps=4))  # nothing to say
+    with pytest.raises(NonFiniteSample, match="after the last of 4 steps"):
+        ok.raise_first(torch.tensor([float("inf")]))

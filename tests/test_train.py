@@ -384,3 +384,45 @@ def test_a_run_from_before_bias_free_resampling_resumes_and_samples(built_cache,
     (out / "config.json").write_text(json.dumps(record))
     model, _ = load_run_model(str(out))
     assert model.config.resample_bias and model.down.conv.bias is not None
+
+
+def _edit_channel_scales(src: Path, dst: Path, factor: float) -> None:
+    """A copy of the int8 zarr cache ``src`` whose teacher's first channel scale is multiplied by ``factor``
+    (still a scale the build could write: >= 1 and finite)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "zarr.json").read_text())
+    record = meta["attributes"]["urepa_cache"]["teachers"]["tiny"]
+    record["channel_scales"][0] = record["channel_scales"][0] * factor
+    (dst / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_resume_refuses_a_cache_whose_teacher_is_stored_otherwise(built_cache, int8_cache, tmp_path):
+    """The run's record names the teacher's stored dtype and channel scales: a resume on the int8 copy of a
+    float16 cache, or on an int8 cache whose channel scales differ, is refused by name; the same cache resumes."""
+    run(int8_cache, tmp_path / "r", steps=2, flip=True)
+    record = json.loads((tmp_path / "r" / "config.json").read_text())["cache"]
+    assert record["teacher_dtype"] == "int8"
+    np.testing.assert_array_equal(record["teacher_channel_scales"], cache.open_cache(int8_cache).channel_scales("tiny"))
+    with pytest.raises(SetupError, match=r"cache\.teacher_dtype: 'int8' -> 'float16'"):
+        run(built_cache, tmp_path / "r", steps=4, flip=True)
+    _edit_channel_scales(int8_cache, tmp_path / "scaled.zarr", 2.0)
+    with pytest.raises(SetupError, match=r"cache\.teacher_channel_scales: 96 -> 96 items, first differing: \[0\]"):
+        run(tmp_path / "scaled.zarr", tmp_path / "r", steps=4, flip=True)
+    assert run(int8_cache, tmp_path / "r", steps=4, flip=True)["step"] == 4
+
+
+def test_an_older_run_record_without_the_teacher_storage_resumes_and_then_keeps_it(built_cache, int8_cache, tmp_path):
+    """A record written before the teacher's dtype and channel scales were kept does not say what the run read: it
+    resumes on its cache, and the rewritten record holds them, so the next resume on another storage is refused."""
+    run(built_cache, tmp_path / "r", steps=2, flip=True)
+    path = tmp_path / "r" / "config.json"
+    old = json.loads(path.read_text())
+    for key in ("teacher_dtype", "teacher_channel_scales"):
+        del old["cache"][key]
+    path.write_text(json.dumps(old))
+    assert main(["--cache", str(built_cache), "--out", str(tmp_path / "r"), *TINY_ARGS, "--flip", "--steps", "4"]) == 0
+    assert json.loads(path.read_text())["cache"]["teacher_dtype"] == "float16"
+    with pytest.raises(SetupError, match="teacher_dtype: 'float16' -> 'int8'"):
+        run(int8_cache, tmp_path / "r", steps=6, flip=True)

@@ -197,8 +197,8 @@ class DemoImagesConfig:
     """Build a small ImageNet-style folder of real photos."""
 
     root: str = field(default="", metadata={"help": "output folder"})
-    per_class: int = field(default=40, metadata={"help": "images per class"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    per_class: int = field(default=40, metadata={"min": 1, "max": 10000, "help": "images per class"})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1, "help": "random seed"})
 
     def __post_init__(self) -> None:
         if not self.root:

@@ -56,6 +56,8 @@ from .fidelity import (
     PR_BATCH,
     PR_DISTANCES,
     PR_NEIGHBOURS,
+    StatisticsError,
+    check_covariance,
     feature_statistics,
     frechet_distance,
     inception_score,
@@ -80,10 +82,12 @@ class EvalConfig:
     save_reference: str = field(default="", metadata={
         "help": "write the reference's statistics and pool features to this .npz, to reuse as REFERENCE"})
     log: str = field(default="", metadata={"help": "log file ('' = evaluate.log next to --json, else next to SAMPLES)"})
-    batch_size: int = field(default=100, metadata={"help": "images per Inception forward", "min": 1})
-    num: int = field(default=0, metadata={"help": "evaluate the first NUM samples only (0 = all)", "min": 0})
+    batch_size: int = field(default=100, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per Inception forward"})
+    num: int = field(default=0, metadata={
+        "min": 0, "max": 100_000_000, "help": "evaluate the first NUM samples only (0 = all)"})
     workers: int = field(default=4, metadata={
-        "help": "processes decoding reference image files (0 = in this process)", "min": 0})
+        "min": 0, "max": 256, "help": "processes decoding reference image files (0 = in this process)"})
     is_splits: str = field(default="adm", metadata={
         "help": "Inception Score splits: adm (chunks of 5000, the last one smaller; ADM evaluator) or equal "
                 "(ceil(N/5000) equal splits; torch-fidelity)", "choices": IS_SPLITS})
@@ -125,6 +129,8 @@ class NpzImages:
             raise EvalError(f"{path}: {key} must be uint8 (N, H, W, 3) in C order, got {dtype} {shape}")
         if shape[1] != shape[2]:
             raise EvalError(f"{path}: images must be square, got {shape[1]}x{shape[2]}")
+        if shape[0] == 0:
+            raise EvalError(f"{path}: {key} holds no images (shape {shape})")
         self.count = shape[0] if not limit else min(limit, shape[0])
         self.resolution = shape[1]
 
@@ -307,7 +313,11 @@ def compute_metrics(samples: dict[str, np.ndarray], reference: Reference, ref_fe
             metrics[metric] = None
             notes.append(f"{metric}: the reference holds no {name} statistics and no images")
             continue
-        metrics[metric] = frechet_distance(*feature_statistics(samples[name]), *ref_stats)
+        try:
+            metrics[metric] = frechet_distance(*feature_statistics(samples[name]), *ref_stats)
+        except StatisticsError as e:  # sigma1: the samples' statistics, sigma2: the reference's
+            raise EvalError(f"{metric}: {e} (sigma1: the samples', sigma2: the reference's); no value is "
+                            "reported") from None
     if "logits" in samples:
         metrics["inception_score"] = inception_score(samples["logits"], splits=is_splits)
     else:
@@ -346,6 +356,11 @@ def _check_stats(reference: Reference) -> None:
             if mu.shape != (dims,) or sigma.shape != (dims, dims):
                 raise EvalError(f"REFERENCE {reference.path}: {name} statistics have shapes {mu.shape}, {sigma.shape}; "
                                 f"expected ({dims},) and ({dims}, {dims})")
+            key = "sigma" if name == "pool" else "sigma_s"
+            try:
+                check_covariance(sigma, what=key)
+            except StatisticsError as e:
+                raise EvalError(f"REFERENCE {reference.path}: {e}; no FID can be computed against it") from None
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -353,6 +368,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     apply_precision("fp32", device)  # always strict fp32: the numbers compare across machines and runs
     samples = NpzImages(cfg.samples, limit=cfg.num)
+    if len(samples) < 2:
+        raise EvalError(f"SAMPLES {cfg.samples} holds {len(samples)} image(s) in arr_0: the metrics need at least 2 "
+                        "(ADM's protocol uses 50,000)")
     reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
     _check_stats(reference)
     resolution_note = ""

@@ -12,6 +12,14 @@
   float16 by default, as ADM's ``DistanceBlock`` (float32 where a float16 block overflows), or in
   float32 (option), in blocks of 10,000 rows and columns. Near-ties can flip between the two.
 FID statistics are computed in float64, as ADM does (``np.cov`` on float64 activations).
+
+A covariance given to :func:`frechet_distance` must be one (:func:`check_covariance`): symmetric, and
+positive semi-definite up to rounding, ``min eig >= -tol * max|eig|`` with ``tol`` =
+:data:`COVARIANCE_RTOL` (1e-6) or ``D * eps`` of the dtype it is stored in, whichever is larger (rounding
+a D x D matrix to that dtype moves its eigenvalues by up to about ``D * eps * max|eig|``: 1e-6 for float64,
+2.4e-4 for a 2048-dimensional float32 one); asymmetry ``max|S - S^T| <= tol * max|S|``. The distance of two
+covariances is >= 0; a result below zero by at most ``tol * (tr S1 + tr S2)`` (rounding) is 0, and one
+further below is an error, never a value.
 """
 
 from __future__ import annotations
@@ -24,6 +32,40 @@ import torch
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURS = 3
 PR_BATCH = 10000  # ADM's ManifoldEstimator row and column batch
+COVARIANCE_RTOL = 1e-6
+
+
+class StatisticsError(ValueError):
+    """Statistics that cannot be a Gaussian's (a covariance that is not symmetric or not positive
+    semi-definite), or a Frechet distance below zero; the message says which and by how much."""
+
+
+def covariance_tolerance(sigma: np.ndarray) -> float:
+    """The relative tolerance of :func:`check_covariance` for ``sigma`` as stored (see the module docstring)."""
+    dtype = np.asarray(sigma).dtype
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else 0.0
+    return max(COVARIANCE_RTOL, np.asarray(sigma).shape[-1] * eps)
+
+
+def check_covariance(sigma: np.ndarray, *, what: str = "sigma") -> None:
+    """StatisticsError unless ``sigma`` (D, D) is symmetric and positive semi-definite within
+    :func:`covariance_tolerance`. A sigma holding NaN or infinity passes: its FID comes out non-finite, which
+    the caller reports as such."""
+    tol = covariance_tolerance(sigma)
+    x = np.asarray(sigma, dtype=np.float64)
+    if not np.isfinite(x).all():
+        return
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    asym = float(np.abs(x - x.T).max()) if x.size else 0.0
+    if asym > tol * scale:
+        raise StatisticsError(f"{what} is not a covariance: it is not symmetric (max |S - S^T| = {asym:.3g}, "
+                              f"{asym / scale:.3g} of max |S|; tolerance {tol:.3g})")
+    eig = np.linalg.eigvalsh(x)
+    top = float(np.abs(eig).max()) if eig.size else 0.0
+    if eig.size and eig[0] < -tol * top:
+        raise StatisticsError(f"{what} is not a covariance: it is not positive semi-definite (smallest eigenvalue "
+                              f"{eig[0]:.6g}, {int((eig < -tol * top).sum())} below -{tol:.3g} x the largest "
+                              f"magnitude {top:.6g})")
 
 
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -35,15 +77,26 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64."""
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64; StatisticsError for a sigma that
+    is not a covariance or a distance below zero beyond rounding (see the module docstring)."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+    for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+        check_covariance(np.atleast_2d(sigma), what=name)
+    tol = max(covariance_tolerance(np.atleast_2d(sigma1)), covariance_tolerance(np.atleast_2d(sigma2)))
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     out = fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
-    return float(out[KEY_METRIC_FID])
+    fid = float(out[KEY_METRIC_FID])
+    if fid < 0:
+        slack = tol * float(np.trace(sigma1) + np.trace(sigma2))
+        if fid < -slack:
+            raise StatisticsError(f"the Frechet distance came out {fid:.6g}, below zero by more than rounding "
+                                  f"({slack:.3g}): the statistics are not those of Gaussians")
+        fid = 0.0
+    return fid
 
 
 IS_SPLITS = ("adm", "equal")

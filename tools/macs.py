@@ -111,7 +111,7 @@ class MacsConfig:
 
     model: tuple[str, ...] = field(default=tuple(n for n in MODEL_PRESETS if n != "tiny"), metadata={
         "help": "presets", "choices": tuple(MODEL_PRESETS)})
-    input_size: int = field(default=32, metadata={"help": "latent size (32 = 256 px)"})
+    input_size: int = field(default=32, metadata={"min": 1, "max": 1024, "help": "latent size (32 = 256 px)"})
     head: Literal["paper", "yes", "no"] = field(default="paper", metadata={
         "help": "count the alignment head: as each paper does, always, or never"})
     json: str = field(default="", metadata={"help": "also write the rows to this JSON file"})

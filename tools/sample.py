@@ -56,6 +56,7 @@ from cache.runtime import SetupError, claim_folder, make_accelerator, setup_logg
 from pipeline.encoders import (
     QUANTIZE_MODES,
     LoadedEncoder,
+    NonFiniteOutput,
     WeightsUnavailable,
     load_vae_decoder,
     weights_sha256,
@@ -71,6 +72,8 @@ from trainer.run import (
 )
 
 from .sampling import (
+    FiniteCheck,
+    NonFiniteSample,
     PerSampleNoise,
     Velocity,
     class_labels,
@@ -94,26 +97,33 @@ class SampleConfig:
 
     run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
     out: str = field(default="", metadata={"help": "output folder (created; rerun the same command to resume)"})
-    num: int = field(default=50_000, metadata={"help": "number of images (indices 0 .. num-1)", "min": 1})
+    num: int = field(default=50_000, metadata={
+        "min": 1, "max": 10_000_000, "help": "number of images (indices 0 .. num-1)"})
     batch_size: int = field(default=64, metadata={
-        "help": "images per batch per rank (guided steps run 2x this through the model)", "min": 1})
+        "min": 1, "max": 1 << 16,
+        "help": "images per batch per rank (guided steps run 2x this through the model)"})
     sampler: Literal["sde", "ode"] = field(default="sde", metadata={"help": "sde (Euler-Maruyama, REPA) or ode"})
     solver: Literal["euler", "heun"] = field(default="euler", metadata={
         "help": "ode solver: euler (REPA generate.py's default, NFE = steps) or heun (2nd order, NFE 2 steps - 1)"})
     steps: int = field(default=0, metadata={
-        "help": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)", "min": 0})
+        "min": 0, "max": 10000,
+        "help": "sampling steps = NFE for sde and ode euler (0: 250 for sde, 50 for ode)"})
     t_last: float = field(default=0.04, metadata={
+        "min": 0, "max": 1,
         "help": "sde: last time of the stochastic steps before the final drift step to 0"})
-    cfg: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (1: no guidance)"})
+    cfg: float = field(default=1.0, metadata={
+        "min": 0, "max": 100, "help": "classifier-free guidance scale (1: no guidance)"})
     interval: tuple[float, float] = field(default=(0.0, 0.7), metadata={
-        "help": "guidance only for LO <= t <= HI (t = 1 is noise)"})
+        "min": 0, "max": 1, "help": "guidance only for LO <= t <= HI (t = 1 is noise)"})
     labels: str = field(default="uniform", metadata={
         "help": "uniform (random per index), balanced (index mod classes) or class ids 'A,B,...' cycled"})
     weights: Literal["ema", "raw"] = field(default="ema", metadata={"help": "EMA or raw weights of the checkpoint"})
-    step: int = field(default=0, metadata={"help": "checkpoint step (0: the latest)", "min": 0})
+    step: int = field(default=0, metadata={
+        "min": 0, "max": 1_000_000_000, "help": "checkpoint step (0: the latest)"})
     vae: str = field(default="", metadata={
         "help": "VAE spec for decoding (default: the one recorded in the run's cache manifest)"})
-    seed: int = field(default=0, metadata={"help": "labels and noise of image i come from (seed, i)", "min": 0})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "labels and noise of image i come from (seed, i)"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="tf32", metadata={
         "help": "fp32, tf32 (TF32 matmuls on GPU) or bf16 (model under bf16 autocast; VAE in tf32)"})
     quantize: str = field(default="truncate", metadata={
@@ -121,7 +131,8 @@ class SampleConfig:
                 "round (DiT, 127.5 (x + 1) rounded half up)", "choices": QUANTIZE_MODES})
     png: bool = field(default=True, metadata={
         "help": "also write OUT/images/<index>.png (for the images this call samples)"})
-    grid: int = field(default=64, metadata={"help": "images in OUT/grid.png (0: none)", "min": 0})
+    grid: int = field(default=64, metadata={
+        "min": 0, "max": 1024, "help": "images in OUT/grid.png (0: none)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
 
     def __post_init__(self) -> None:
@@ -130,10 +141,8 @@ class SampleConfig:
         check_fields(self)
         if not 0 < self.t_last < 1:
             raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
-        if not math.isfinite(self.cfg) or self.cfg < 0:
-            raise ConfigError(f"--cfg must be a finite number >= 0, got {self.cfg}")
-        lo, hi = self.interval
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= 1):
+        lo, hi = self.interval  # each in [0, 1] (its range), and in order
+        if not lo <= hi:
             raise ConfigError(f"--interval needs 0 <= LO <= HI <= 1, got {lo} {hi}")
         labels = self.labels.replace(" ", "")
         if labels not in ("uniform", "balanced") and not re.fullmatch(r"\d+(,\d+)*", labels):
@@ -419,16 +428,24 @@ class Sampler:
     device: torch.device
 
     def __call__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 images (B, H, W, 3) and labels (B,) of images ``indices``."""
+        """uint8 images (B, H, W, 3) and labels (B,) of images ``indices``; NonFiniteSample naming the step
+        (or the decoder) where a NaN or an infinity appears."""
         cfg = self.cfg
         y = class_labels(indices, mode=cfg.labels, num_classes=self.num_classes, seed=cfg.seed)
         noise = PerSampleNoise(cfg.seed, indices, self.latent_shape, device=self.device)
         x1, yd = noise(), y.to(self.device)
+        velocity = FiniteCheck(self.velocity)
         if cfg.sampler == "sde":
-            x0 = euler_maruyama(self.velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
+            x0 = euler_maruyama(velocity, x1, yd, noise=noise, steps=cfg.steps, t_last=cfg.t_last)
         else:
-            x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(self.velocity, x1, yd, steps=cfg.steps)
-        return self.decoder(self.latent.decode(x0)).cpu().numpy(), y.numpy()
+            x0 = (ode_heun if cfg.solver == "heun" else ode_euler)(velocity, x1, yd, steps=cfg.steps)
+        what = f"images {indices[0]}..{indices[-1]}: "
+        velocity.raise_first(x0, what=what)
+        try:
+            images = self.decoder(self.latent.decode(x0))
+        except NonFiniteOutput as e:
+            raise NonFiniteSample(f"{what}{e}, from finite latents; no images were written for them") from None
+        return images.cpu().numpy(), y.numpy()
 
 
 def save_pngs(folder: str, indices: Sequence[int], images: np.ndarray) -> None:
@@ -506,14 +523,13 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     with logging_redirect_tqdm(), torch.inference_mode():
-        bar = tqdm(total=todo, unit="img", disable=rank != 0, dynamic_ncols=True, desc="sampling")
-        for chunk in chunks[rank::world]:
-            images, labels = sampler(chunk)
-            if cfg.png:
-                save_pngs(images_dir, chunk, images)
-            write_part(parts_dir, chunk, images, labels)
-            bar.update(min(len(chunk) * world, todo - bar.n))  # rank 0's progress stands for all ranks
-        bar.close()
+        with tqdm(total=todo, unit="img", disable=rank != 0, dynamic_ncols=True, desc="sampling") as bar:
+            for chunk in chunks[rank::world]:
+                images, labels = sampler(chunk)  # NonFiniteSample before anything of the batch is written
+                if cfg.png:
+                    save_pngs(images_dir, chunk, images)
+                write_part(parts_dir, chunk, images, labels)
+                bar.update(min(len(chunk) * world, todo - bar.n))  # rank 0's progress stands for all ranks
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
     npz = os.path.join(cfg.out, "samples.npz")
@@ -532,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = sample(cfg)
-    except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable) as e:
+    except (SetupError, CheckpointError, cache_lib.CacheError, WeightsUnavailable, NonFiniteSample) as e:
         print(f"error: {explain(e, out_flag='--out')}", file=sys.stderr)
         return 2
     if result["rank"] == 0:

@@ -57,6 +57,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FiniteCheck",
+    "NonFiniteSample",
     "Velocity",
     "PerSampleNoise",
     "class_labels",
@@ -195,6 +197,40 @@ def model_velocity(model: torch.nn.Module, *, dtype: torch.dtype = torch.float32
             return model(xt, tt, y)[0]
 
     return velocity
+
+
+class NonFiniteSample(RuntimeError):
+    """The model's velocity or the sampled latents hold a NaN or an infinity; the message names the step."""
+
+
+class FiniteCheck:
+    """``velocity`` that records, on its device and without a host sync, whether each evaluation was finite;
+    :meth:`raise_first` (one sync, after the sampler) raises :class:`NonFiniteSample` naming the first
+    evaluation that was not (1-based, counted in velocity evaluations: the step for SDE and ODE Euler) and
+    its time, or if ``x0`` (the sampler's result) is not finite."""
+
+    def __init__(self, velocity: Velocity) -> None:
+        self.velocity = velocity
+        self.flags: list[Tensor] = []
+        self.times: list[float] = []
+
+    def __call__(self, x: Tensor, t: float, y: Tensor) -> Tensor:
+        v = self.velocity(x, t, y)
+        self.flags.append(torch.isfinite(v).all())
+        self.times.append(t)
+        return v
+
+    def raise_first(self, x0: Tensor, *, what: str = "") -> None:
+        flags = torch.stack([*self.flags, torch.isfinite(x0).all()]).cpu().tolist()
+        n = len(self.flags)
+        if all(flags):
+            return
+        k = flags.index(False)
+        if k < n:
+            raise NonFiniteSample(f"{what}the model's velocity at step {k + 1} of {n} (t = {self.times[k]:.4g}) holds "
+                                  "NaN or infinite values; no images were written for them")
+        raise NonFiniteSample(f"{what}the sampled latents after the last of {n} steps hold NaN or infinite values "
+                              "(the velocities were finite: they overflowed); no images were written for them")
 
 
 # ----------------------------------------------------------------------------------------------

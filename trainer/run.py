@@ -21,10 +21,11 @@ import torch
 from cache.config import describe_change, nested_diff
 from cache.runtime import SetupError
 
-from .checkpoint import CheckpointError, _load_file, checkpoints, verify_checkpoint
+from .checkpoint import CheckpointError, _load_file, checkpoints, nonfinite_tensors, verify_checkpoint
 
 __all__ = ["LatentTransform", "CacheIdentity", "RandomWeights", "RunRecord", "read_run_record", "latest_checkpoint",
-           "find_checkpoint", "load_run_model", "refuse_changed_rerun", "LEGACY_MODEL_FIELDS", "legacy_model_fields"]
+           "find_checkpoint", "load_run_model", "refuse_changed_rerun", "LEGACY_MODEL_FIELDS", "legacy_model_fields",
+           "unrecorded_cache_entries"]
 
 #: ModelConfig fields added after runs were recorded without them, with the value such a record means (what
 #: the code that wrote it built): SiT-down's down/up convolutions had biases before U-DiT's bias-free ones
@@ -58,9 +59,15 @@ class LatentTransform:
 
 @dataclass(frozen=True)
 class CacheIdentity:
-    """What makes a cache the same data for a resumed run: source, encoders, rows. The per-encoder
-    random-weights flags are None in records written before they were kept apart (``random_weights``,
-    VAE or teacher, is always there)."""
+    """What makes a cache the same data for a resumed run: source, encoders, rows, and how the teacher's
+    tokens are stored: ``teacher_dtype`` ("float16" or "int8") and ``teacher_channel_scales`` (an int8
+    teacher's per-channel scales, ``cache.quant``; None for float16 or int8 without them), which decide the
+    tokens the loss sees. The per-encoder random-weights flags are None in records written before they were
+    kept apart (``random_weights``, VAE or teacher, is always there).
+
+    Records written before the storage entries were kept (:attr:`LATER`) lack them; a rerun of such a run
+    does not compare what its record never held (:func:`unrecorded_cache_entries`) and rewrites the record
+    with the entries of the cache it resumes on, so from then on they are compared too."""
 
     source_fingerprint: str | None = None
     vae_sha256: str | None = None
@@ -71,9 +78,13 @@ class CacheIdentity:
     random_weights: bool = False
     vae_random_weights: bool | None = None
     teacher_random_weights: bool | None = None
+    teacher_dtype: str | None = None
+    teacher_channel_scales: list[float] | None = None
 
     #: Entries decided by the weights' sha256, already compared: a rerun need not match them.
     DERIVED = ("vae_random_weights", "teacher_random_weights")
+    #: Entries added after the first records were written: a record without them did not say.
+    LATER = ("teacher_dtype", "teacher_channel_scales")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheIdentity:
@@ -193,7 +204,9 @@ def find_checkpoint(run: str, step: int = 0) -> tuple[str, int]:
 def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = None,
                    device: torch.device | str = "cpu") -> tuple[torch.nn.Module, RunRecord]:
     """The model of a training run with its ``weights`` ("ema" or "raw") from the latest checkpoint
-    (or ``step``), in eval mode, and the run's record."""
+    (or ``step``), in eval mode, and the run's record. Weights holding a NaN or an infinity (a checkpoint
+    whose checksums were recomputed after the damage: training never writes them) are a CheckpointError
+    naming the file and the tensors."""
     from .models import create_model
 
     if weights not in ("ema", "raw"):
@@ -208,6 +221,11 @@ def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = Non
     name = "ema.safetensors" if weights == "ema" else "model.safetensors"
     verify_checkpoint(path, (name,))
     state = _load_file(os.path.join(path, name), device)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{os.path.join(path, name)} holds NaN or infinite weights in {', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}: it would sample garbage; choose another checkpoint "
+                              "with --step")
     biases = "down.conv.bias" in state
     if biases != bool(getattr(model.config, "resample_bias", False)) and getattr(model.config, "kind", "") == "sitdown":
         have = "has" if biases else "lacks"
@@ -249,3 +267,19 @@ def refuse_changed_rerun(out: str, record: Mapping[str, Any], *, free: frozenset
     if changes:
         raise SetupError(f"{out} holds {what} with other settings; rerun with the same ones, or choose "
                          "another --out. Changed: " + "; ".join(changes))
+
+
+def unrecorded_cache_entries(out: str) -> frozenset[str]:
+    """The dotted names (``cache.<entry>``) of the :attr:`CacheIdentity.LATER` entries that the record in
+    ``out`` lacks because it was written before they were kept: a rerun cannot compare them, so it leaves them
+    free (and writes them for the next rerun). Empty when there is no record yet or it holds them all."""
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return frozenset()  # none yet (or unreadable: refuse_changed_rerun says so)
+    recorded = old.get("cache") if isinstance(old, dict) else None
+    if not isinstance(recorded, dict):
+        return frozenset()
+    return frozenset(f"cache.{name}" for name in CacheIdentity.LATER if name not in recorded)

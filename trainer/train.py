@@ -12,7 +12,8 @@
 Resume by running the same command again: the latest checkpoint in OUT/checkpoints restores the
 weights, EMA, optimizer and step; the data order and every random draw are pure functions of
 (seed, step), so nothing else needs saving. A rerun may change the length (``--steps``), where the
-cache or the run folder lives (same cache identity), and bookkeeping (workers, device, logging and
+cache or the run folder lives (same cache identity: source, encoders, rows, and the teacher's stored
+dtype and int8 channel scales, so an int8 copy of the cache is refused by name), and bookkeeping (workers, device, logging and
 checkpoint intervals, ``--compile``); any setting that changes the maths is refused with its name.
 A damaged latest checkpoint (checksums in its manifest.json) is set aside as damaged-step-* and the
 run resumes from the one before it.
@@ -82,6 +83,7 @@ from .run import (
     legacy_model_fields,
     recorded_model,
     refuse_changed_rerun,
+    unrecorded_cache_entries,
 )
 
 _logger = logging.getLogger("trainer.train")
@@ -107,31 +109,38 @@ class TrainConfig:
     model: str = field(default="sitdown-xl", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
     teacher: str = field(default="", metadata={"help": "cached teacher to align to (default: the cache's only teacher)"})
     align_block: int = field(default=0, metadata={
-        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)", "min": 0})
+        "min": 0, "max": 1000,
+        "help": "blocks before the alignment head (0: the model's default, block 18 of 36 for XL)"})
     upsample: Literal["bilinear", "nearest"] = field(default="bilinear",
                                                      metadata={"help": "projected tokens -> teacher grid"})
     batch_size: int = field(default=256, metadata={
-        "help": "global batch (all ranks and accumulation steps together)", "min": 1})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+        "min": 1, "max": 1 << 20, "help": "global batch (all ranks and accumulation steps together)"})
+    grad_accum: int = field(default=1, metadata={
+        "min": 1, "max": 4096, "help": "micro-batches per optimizer step"})
     steps: int = field(default=1_000_000, metadata={
-        "help": "optimizer steps in total (the one setting a rerun may change)", "min": 1})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0: no clipping)", "min": 0})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per step (fp32 copy)"})
+        "min": 1, "max": 1_000_000_000,
+        "help": "optimizer steps in total (the one setting a rerun may change)"})
+    lr: float = field(default=1e-4, metadata={"min": 0, "max": 1, "help": "AdamW learning rate (constant)"})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 1, "help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"min": 0, "max": 1, "help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "max": 10, "help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={
+        "min": 0, "max": 1000000.0, "help": "max global grad norm (0: no clipping)"})
+    ema_decay: float = field(default=0.9999, metadata={
+        "min": 0, "max": 1, "help": "EMA decay per step (fp32 copy)"})
     class_dropout: float = field(default=0.1, metadata={
-        "help": "probability of the null label (for classifier-free guidance)"})
+        "min": 0, "max": 1, "help": "probability of the null label (for classifier-free guidance)"})
     align_weight: float = field(default=0.5, metadata={
-        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head", "min": 0})
+        "min": 0, "max": 1000,
+        "help": "lambda in L = L_v + lambda (L_align + w L_manifold); 0 trains without a head"})
     manifold_weight: float = field(default=3.0, metadata={
-        "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA", "min": 0})
+        "min": 0, "max": 1000, "help": "w in L = L_v + lambda (L_align + w L_manifold); 0 is REPA"})
     cross_sample: bool = field(default=False, metadata={
         "help": "manifold loss across the samples of a batch instead of across tokens"})
     latent_scale: float = field(default=0.18215, metadata={
+        "min": 0, "max": 1000,
         "help": "x = (z - shift) * scale for z ~ N(mean, std) from the cached moments"})
-    latent_shift: float = field(default=0.0, metadata={"help": "see latent_scale"})
+    latent_shift: float = field(default=0.0, metadata={"min": -1000, "max": 1000, "help": "see latent_scale"})
     flip: bool = field(default=False, metadata={
         "help": "use the cached mirrored variant with probability 1/2 (needs --flip both at build)"})
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = field(default="bf16", metadata={
@@ -141,17 +150,22 @@ class TrainConfig:
                 "skipped steps), tf32 (TF32 matmuls and convolutions on GPU) or fp32 (strict)"})
     compile: bool = field(default=False, metadata={
         "help": "torch.compile the training step (model and losses; fused AdamW on GPU)"})
-    seed: int = field(default=0, metadata={"help": "model init, data order and every random draw", "min": 0})
-    log_every: int = field(default=100, metadata={"help": "steps per metrics line", "min": 1})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "model init, data order and every random draw"})
+    log_every: int = field(default=100, metadata={
+        "min": 1, "max": 1_000_000_000, "help": "steps per metrics line"})
     ckpt_every: int = field(default=10_000, metadata={
-        "help": "steps per checkpoint (one is also written at the end)", "min": 1})
-    keep_ckpts: int = field(default=2, metadata={"help": "checkpoints kept (0: all)", "min": 0})
-    loader_workers: int = field(default=4, metadata={"help": "cache reader threads per rank", "min": 1})
+        "min": 1, "max": 1_000_000_000, "help": "steps per checkpoint (one is also written at the end)"})
+    keep_ckpts: int = field(default=2, metadata={
+        "min": 0, "max": 1_000_000, "help": "checkpoints kept (0: all)"})
+    loader_workers: int = field(default=4, metadata={
+        "min": 1, "max": 256, "help": "cache reader threads per rank"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
     skip_nonfinite: int = field(default=0, metadata={
+        "min": 0, "max": 1_000_000_000,
         "help": "skip up to N steps whose loss or gradient norm is NaN/inf (no update), then stop (0: stop at the "
-                "first)", "min": 0})
+                "first)"})
 
     def __post_init__(self) -> None:
         if not self.cache or not self.out:
@@ -159,11 +173,6 @@ class TrainConfig:
         check_fields(self)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
-        floats = ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "align_weight",
-                  "manifold_weight", "latent_scale", "latent_shift")
-        for name in floats:
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         for name in ("beta1", "beta2", "class_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
@@ -229,12 +238,14 @@ def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, 
 
 
 def cache_identity(cache: cache_lib.CacheReader, teacher: str) -> CacheIdentity:
-    """What makes a cache the same data for a resumed run: source, encoders, rows."""
+    """What makes a cache the same data for a resumed run: source, encoders, rows, the teacher's stored dtype
+    and channel scales."""
     m = cache.manifest
     if m.source is None or m.vae is None or m.preprocessing is None:
         raise SetupError(f"the manifest of {cache.url} lacks its source, VAE or preprocessing record: not a cache "
                          "pipeline.build wrote")
     info = m.teacher(teacher)
+    channels = cache.channel_scales(teacher)
     return CacheIdentity(
         source_fingerprint=m.source.fingerprint,
         vae_sha256=m.vae.weights_sha256,
@@ -245,6 +256,8 @@ def cache_identity(cache: cache_lib.CacheReader, teacher: str) -> CacheIdentity:
         random_weights=m.random_weights(teacher),
         vae_random_weights=m.vae.random_weights,
         teacher_random_weights=info.random_weights if info else None,
+        teacher_dtype=cache.layout.feature_dtype(teacher),
+        teacher_channel_scales=None if channels is None else [float(c) for c in channels],
     )
 
 
@@ -522,7 +535,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
     run_config = record.to_dict()
     free = (frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
-            | {f"model.{k}" for k in legacy})
+            | {f"model.{k}" for k in legacy}
+            | unrecorded_cache_entries(cfg.out))  # an older record did not say: not compared, written now
     refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size
     if steps_per_epoch < 1:

@@ -44,22 +44,28 @@ class BenchConfig:
     """Benchmark the feature-cache build and loader."""
 
     out: str = field(default="bench-out", metadata={"help": "folder for the synthetic data and results"})
-    images: int = field(default=192, metadata={"help": "synthetic JPEGs for the build benchmark"})
-    resolution: int = field(default=256, metadata={"help": "image side"})
+    images: int = field(default=192, metadata={
+        "min": 1, "max": 1_000_000, "help": "synthetic JPEGs for the build benchmark"})
+    resolution: int = field(default=256, metadata={"min": 8, "max": 4096, "help": "image side"})
     vae: str = field(default="tiny", metadata={"help": "VAE spec (pipeline.build --vae)"})
     teacher: str = field(default="tiny", metadata={"help": "teacher spec (pipeline.build --teacher)"})
-    batch_size: int = field(default=16, metadata={"help": "images per encoder batch"})
+    batch_size: int = field(default=16, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per encoder batch"})
     precisions: str = field(default="fp32", metadata={
         "help": "comma-separated encoder precisions to measure (fp32, bf16)"})
     compile: bool = field(default=False, metadata={"help": "also measure torch.compile'd encoders"})
-    workers: int = field(default=2, metadata={"help": "decoding processes"})
+    workers: int = field(default=2, metadata={"min": 0, "max": 256, "help": "decoding processes"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    forward_iters: int = field(default=5, metadata={"help": "timed encoder forwards"})
-    loader_rows: int = field(default=3072, metadata={"help": "rows of the synthetic loader cache (DINOv2-B: 400 KiB a row)"})
-    loader_batch: int = field(default=256, metadata={"help": "rows per loader batch"})
+    forward_iters: int = field(default=5, metadata={"min": 1, "max": 10000, "help": "timed encoder forwards"})
+    loader_rows: int = field(default=3072, metadata={
+        "min": 1, "max": 10_000_000, "help": "rows of the synthetic loader cache (DINOv2-B: 400 KiB a row)"})
+    loader_batch: int = field(default=256, metadata={
+        "min": 1, "max": 1 << 16, "help": "rows per loader batch"})
     loader_workers: str = field(default="1,2,4", metadata={"help": "comma-separated reader thread counts to measure"})
-    tokens: int = field(default=256, metadata={"help": "teacher tokens per row of the synthetic loader cache"})
-    dim: int = field(default=768, metadata={"help": "teacher feature width of the synthetic loader cache"})
+    tokens: int = field(default=256, metadata={
+        "min": 1, "max": 1 << 16, "help": "teacher tokens per row of the synthetic loader cache"})
+    dim: int = field(default=768, metadata={
+        "min": 1, "max": 1 << 16, "help": "teacher feature width of the synthetic loader cache"})
     skip_build: bool = field(default=False, metadata={"help": "skip the build benchmark"})
     skip_loader: bool = field(default=False, metadata={"help": "skip the loader benchmark"})
     chunk_sweep: bool = field(default=False, metadata={

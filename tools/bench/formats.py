@@ -37,17 +37,20 @@ class BenchFormatsConfig:
     """Benchmark the cache loader in each format against raw reads."""
 
     out: str = field(default="bench-out", metadata={"help": "folder of the synthetic caches and the JSON"})
-    rows: int = field(default=2048, metadata={"help": "rows of the synthetic cache (DINOv2-B: 400 KiB a row)", "min": 1})
-    tokens: int = field(default=256, metadata={"help": "teacher tokens per row", "min": 1})
-    dim: int = field(default=768, metadata={"help": "teacher token width", "min": 1})
-    batch: int = field(default=256, metadata={"help": "loader batch size", "min": 1})
-    workers: int = field(default=4, metadata={"help": "loader threads (FFCV: its numba threads, at most the cores)",
-                                              "min": 1})
-    epochs: int = field(default=2, metadata={"help": "timed epochs per format (the best counts), after one warm-up",
-                                             "min": 1})
+    rows: int = field(default=2048, metadata={
+        "min": 1, "max": 10_000_000, "help": "rows of the synthetic cache (DINOv2-B: 400 KiB a row)"})
+    tokens: int = field(default=256, metadata={"min": 1, "max": 1 << 16, "help": "teacher tokens per row"})
+    dim: int = field(default=768, metadata={"min": 1, "max": 1 << 16, "help": "teacher token width"})
+    batch: int = field(default=256, metadata={"min": 1, "max": 1 << 16, "help": "loader batch size"})
+    workers: int = field(default=4, metadata={
+        "min": 1, "max": 256, "help": "loader threads (FFCV: its numba threads, at most the cores)"})
+    epochs: int = field(default=2, metadata={
+        "min": 1, "max": 1000, "help": "timed epochs per format (the best counts), after one warm-up"})
     train_model: str = field(default="tiny", metadata={"help": "model of the training-loop measurement"})
-    train_batch: int = field(default=8, metadata={"help": "batch of the training-loop measurement", "min": 1})
-    train_steps: int = field(default=4, metadata={"help": "timed steps of the training-loop measurement", "min": 1})
+    train_batch: int = field(default=8, metadata={
+        "min": 1, "max": 1 << 16, "help": "batch of the training-loop measurement"})
+    train_steps: int = field(default=4, metadata={
+        "min": 1, "max": 1_000_000, "help": "timed steps of the training-loop measurement"})
     skip_train: bool = field(default=False, metadata={"help": "measure the loaders only"})
 
     def __post_init__(self) -> None:

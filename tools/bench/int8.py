@@ -76,48 +76,68 @@ class BenchInt8Config:
     # (a) the teacher on the demo photos
     teacher: str = field(default="random:vit_base_patch14_dinov2.lvd142m", metadata={
         "help": "teacher spec of (a) (pipeline.build --teacher)"})
-    images: int = field(default=64, metadata={"help": "demo photos encoded in (a)", "min": 1})
-    resolution: int = field(default=256, metadata={"help": "image side of (a); 256 px: 16 x 16 tokens"})
+    images: int = field(default=64, metadata={
+        "min": 1, "max": 1_000_000, "help": "demo photos encoded in (a)"})
+    resolution: int = field(default=256, metadata={
+        "min": 8, "max": 4096, "help": "image side of (a); 256 px: 16 x 16 tokens"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
         "help": "encoder precision of both builds of (a)"})
-    build_batch: int = field(default=16, metadata={"help": "encoder batch of (a)", "min": 1})
-    build_workers: int = field(default=0, metadata={"help": "decoding processes of (a)", "min": 0})
+    build_batch: int = field(default=16, metadata={"min": 1, "max": 1 << 16, "help": "encoder batch of (a)"})
+    build_workers: int = field(default=0, metadata={
+        "min": 0, "max": 256, "help": "decoding processes of (a)"})
     # (b) the synthetic token sets
-    synthetic_images: int = field(default=128, metadata={"help": "images per synthetic set", "min": 1})
-    tokens: int = field(default=256, metadata={"help": "tokens per image (synthetic sets and loader caches)", "min": 1})
-    dim: int = field(default=768, metadata={"help": "token width (synthetic sets and loader caches)", "min": 2})
-    rank: int = field(default=96, metadata={"help": "synthetic: rank of the low-rank signal", "min": 1})
+    synthetic_images: int = field(default=128, metadata={
+        "min": 1, "max": 1_000_000, "help": "images per synthetic set"})
+    tokens: int = field(default=256, metadata={
+        "min": 1, "max": 1 << 16, "help": "tokens per image (synthetic sets and loader caches)"})
+    dim: int = field(default=768, metadata={
+        "min": 2, "max": 1 << 16, "help": "token width (synthetic sets and loader caches)"})
+    rank: int = field(default=96, metadata={
+        "min": 1, "max": 1 << 16, "help": "synthetic: rank of the low-rank signal"})
     exponent: float = field(default=1.0, metadata={
-        "help": "synthetic: singular value k of the signal is k ** -exponent", "min": 0.0})
+        "min": 0.0, "max": 10.0, "help": "synthetic: singular value k of the signal is k ** -exponent"})
     image_share: float = field(default=0.3, metadata={
-        "help": "synthetic: share of the signal's variance common to all tokens of an image", "min": 0.0})
+        "min": 0.0, "max": 1.0,
+        "help": "synthetic: share of the signal's variance common to all tokens of an image"})
     noise: float = field(default=0.1, metadata={
-        "help": "synthetic: isotropic noise std per channel (the signal's is 1)", "min": 0.0})
-    outliers: int = field(default=4, metadata={"help": "synthetic: number of outlier channels", "min": 0})
+        "min": 0.0, "max": 100.0, "help": "synthetic: isotropic noise std per channel (the signal's is 1)"})
+    outliers: int = field(default=4, metadata={
+        "min": 0, "max": 1 << 16, "help": "synthetic: number of outlier channels"})
     outlier_scales: tuple[float, ...] = field(default=(0.0, 5.0, 10.0, 20.0, 50.0), metadata={
+        "min": 0.0, "max": 10000.0,
         "help": "synthetic: magnitude of the outlier channels in signal stds, one set each"})
     outlier_jitter: float = field(default=0.25, metadata={
-        "help": "synthetic: relative spread of an outlier channel around its fixed sign and magnitude", "min": 0.0})
+        "min": 0.0, "max": 10.0,
+        "help": "synthetic: relative spread of an outlier channel around its fixed sign and magnitude"})
     gain_std: float = field(default=0.3, metadata={
-        "help": "synthetic: per-channel gain after standardisation is exp(gain_std * N(0, 1))", "min": 0.0})
-    bias_std: float = field(default=0.1, metadata={"help": "synthetic: per-channel bias std", "min": 0.0})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic teacher and the students", "min": 0})
+        "min": 0.0, "max": 10.0,
+        "help": "synthetic: per-channel gain after standardisation is exp(gain_std * N(0, 1))"})
+    bias_std: float = field(default=0.1, metadata={
+        "min": 0.0, "max": 100.0, "help": "synthetic: per-channel bias std"})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "seed of the synthetic teacher and the students"})
     # the rules and the losses
     calibration_images: int = field(default=16, metadata={
+        "min": 1, "max": 1_000_000,
         "help": "images whose channel statistics the prescale and outlier rules use (a: the first ones of the "
-                "set; b: a separate draw)", "min": 1})
-    group: int = field(default=128, metadata={"help": "channels per scale of the group rule", "min": 1})
+                "set; b: a separate draw)"})
+    group: int = field(default=128, metadata={
+        "min": 1, "max": 1 << 16, "help": "channels per scale of the group rule"})
     clip: float = field(default=8.0, metadata={
-        "help": "clip rule: the scale is min(absmax, clip x token RMS) / 127", "min": 1.0})
-    student_cos: float = field(default=0.6, metadata={"help": "cosine of the aligned student to the teacher tokens"})
+        "min": 1.0, "max": 1000.0, "help": "clip rule: the scale is min(absmax, clip x token RMS) / 127"})
+    student_cos: float = field(default=0.6, metadata={
+        "min": -1.0, "max": 1.0, "help": "cosine of the aligned student to the teacher tokens"})
     student_noise: float = field(default=0.5, metadata={
-        "help": "noise std of the aligned student, relative to the tokens' RMS", "min": 0.0})
-    loss_batch: int = field(default=16, metadata={"help": "images per loss evaluation", "min": 1})
+        "min": 0.0, "max": 100.0, "help": "noise std of the aligned student, relative to the tokens' RMS"})
+    loss_batch: int = field(default=16, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per loss evaluation"})
     # the loader
-    rows: int = field(default=2048, metadata={"help": "rows of each loader cache", "min": 1})
-    loader_batch: int = field(default=256, metadata={"help": "loader batch", "min": 1})
-    loader_workers: int = field(default=4, metadata={"help": "loader reader threads", "min": 1})
-    rounds: int = field(default=5, metadata={"help": "timed epochs per loader variant, interleaved", "min": 1})
+    rows: int = field(default=2048, metadata={
+        "min": 1, "max": 10_000_000, "help": "rows of each loader cache"})
+    loader_batch: int = field(default=256, metadata={"min": 1, "max": 1 << 16, "help": "loader batch"})
+    loader_workers: int = field(default=4, metadata={"min": 1, "max": 256, "help": "loader reader threads"})
+    rounds: int = field(default=5, metadata={
+        "min": 1, "max": 1000, "help": "timed epochs per loader variant, interleaved"})
     skip_teacher: bool = field(default=False, metadata={"help": "skip (a)"})
     skip_synthetic: bool = field(default=False, metadata={"help": "skip (b)"})
     skip_loader: bool = field(default=False, metadata={"help": "skip the loader measurement"})

@@ -41,17 +41,23 @@ class BenchSampleConfig:
     out: str = field(default="bench-out", metadata={"help": "folder for bench_sample.json"})
     model: str = field(default="tiny", metadata={"help": "trainer.models preset (random weights)"})
     batch_size: int = field(default=16, metadata={
-        "help": "samples per sampler batch (guided steps run 2x this)", "min": 1})
+        "min": 1, "max": 1 << 16, "help": "samples per sampler batch (guided steps run 2x this)"})
     steps: int = field(default=10, metadata={
-        "help": "SDE steps timed; the grid keeps the 250-step grid's share of guided steps", "min": 2})
-    cfg: float = field(default=1.65, metadata={"help": "classifier-free guidance scale"})
+        "min": 2, "max": 10000,
+        "help": "SDE steps timed; the grid keeps the 250-step grid's share of guided steps"})
+    cfg: float = field(default=1.65, metadata={
+        "min": 0, "max": 100, "help": "classifier-free guidance scale"})
     precision: Literal["fp32", "tf32", "bf16"] = field(default="fp32", metadata={
         "help": "fp32, tf32 or bf16 (autocast) for the model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    repeats: int = field(default=3, metadata={"help": "timed repetitions; medians are reported", "min": 1})
-    decode_batch: int = field(default=8, metadata={"help": "images per VAE decoder batch"})
-    inception_batch: int = field(default=16, metadata={"help": "images per Inception batch"})
-    resolution: int = field(default=256, metadata={"help": "image side; latents are resolution/8"})
+    repeats: int = field(default=3, metadata={
+        "min": 1, "max": 1000, "help": "timed repetitions; medians are reported"})
+    decode_batch: int = field(default=8, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per VAE decoder batch"})
+    inception_batch: int = field(default=16, metadata={
+        "min": 1, "max": 1 << 16, "help": "images per Inception batch"})
+    resolution: int = field(default=256, metadata={
+        "min": 8, "max": 4096, "help": "image side; latents are resolution/8"})
     compile: bool = field(default=False, metadata={"help": "also time (b) with torch.compile"})
     skip_decode: bool = field(default=False, metadata={"help": "skip the VAE decoder timing"})
     skip_inception: bool = field(default=False, metadata={"help": "skip the Inception timing"})

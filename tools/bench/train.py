@@ -63,17 +63,20 @@ class BenchTrainConfig:
                 "same autocast, as REPA runs DINOv2 under its training's"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     steps: int = field(default=4, metadata={
-        "help": "timed steps per block (each variant runs rounds blocks, in turns)", "min": 1})
-    warmup: int = field(default=2, metadata={"help": "untimed steps first (compilation happens here)", "min": 1})
-    rounds: int = field(default=2, metadata={"help": "blocks per variant", "min": 1})
-    resolution: int = field(default=256, metadata={"help": "image side; latents are resolution/8"})
+        "min": 1, "max": 1_000_000,
+        "help": "timed steps per block (each variant runs rounds blocks, in turns)"})
+    warmup: int = field(default=2, metadata={
+        "min": 1, "max": 1_000_000, "help": "untimed steps first (compilation happens here)"})
+    rounds: int = field(default=2, metadata={"min": 1, "max": 1000, "help": "blocks per variant"})
+    resolution: int = field(default=256, metadata={
+        "min": 8, "max": 4096, "help": "image side; latents are resolution/8"})
     vae: str = field(default="", metadata={
         "help": "online VAE spec per model (same order), or one for all; default: tiny for the tiny model, "
                 "else the SD-VAE architecture with random weights"})
     teacher: str = field(default="", metadata={
         "help": "online and cached teacher spec per model (same order), or one for all; default: tiny for "
                 "the tiny model, else DINOv2-B with random weights"})
-    loader_workers: int = field(default=4, metadata={"help": "cache reader threads"})
+    loader_workers: int = field(default=4, metadata={"min": 1, "max": 256, "help": "cache reader threads"})
     feature_dtypes: tuple[Literal["fp16", "int8"], ...] = field(default=("fp16",), metadata={
         "help": "teacher token storage of the synthetic cache, each measured: fp16, int8 (values and scales, "
                 "dequantised inside the step) or both"})
