@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -144,6 +146,15 @@ def describe_change(name: str, old: Any, new: Any, *, items: int = 3) -> str:
     return f"{name}: {old!r} -> {new!r}"
 
 
+def _prog(cls: type) -> str:
+    """How a user runs the entry point that owns ``cls``: ``python -m <its module>``."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else os.path.basename(sys.argv[0])
+    return f"python -m {module}"
+
+
 def parse_config(
     cls: type[T],
     argv: Sequence[str] | None = None,
@@ -161,7 +172,7 @@ def parse_config(
     """
     presets = dict(presets or {})
     parser = argparse.ArgumentParser(
-        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        prog=_prog(cls), description=description or (cls.__doc__ or "").strip().splitlines()[0],
     )  # each option's help names its dataclass default itself (argparse's own default here is None)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in positional:

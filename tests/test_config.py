@@ -67,7 +67,7 @@ def test_choices_are_refused_by_the_cli_with_a_usage_error(argv, flag, capsys):
 
 def test_train_precision_choice_is_refused_by_the_cli(capsys):
     with pytest.raises(SystemExit) as e:
-        parse_config(TrainConfig, ["--cache", "c", "--out", "o", "--precision", "fp16"])
+        parse_config(TrainConfig, ["--cache", "c", "--out", "o", "--precision", "fp8"])
     assert e.value.code == 2 and "--precision" in capsys.readouterr().err
 
 
@@ -80,13 +80,13 @@ def test_choices_and_bounds_are_checked_when_built_in_python():
         Toy(tags=("x", "w"))
     with pytest.raises(ConfigError, match=r"--size must be >= 1, got 0"):
         Toy(size=0)
-    with pytest.raises(ConfigError, match=r"--precision must be one of fp32, tf32, bf16, got 'fp16'"):
-        TrainConfig(cache="c", out="o", precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"--precision must be one of fp32, tf32, bf16, fp16, got 'fp8'"):
+        TrainConfig(cache="c", out="o", precision="fp8")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"--model must be one of .*sitdown-xl"):
         TrainConfig(cache="c", out="o", model="nope")
     with pytest.raises(ConfigError, match=r"--batch-size must be from 1 to 1048576, got 0"):
         TrainConfig(cache="c", out="o", batch_size=0)
-    for precision in ("fp32", "tf32", "bf16"):
+    for precision in ("fp32", "tf32", "bf16", "fp16"):
         assert TrainConfig(cache="c", out="o", precision=precision).precision == precision
 
 
@@ -147,7 +147,7 @@ def test_train_help_shows_each_choice_and_default_once(capsys):
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--precision {fp32,tf32,bf16}" in out and "--upsample {bilinear,nearest}" in out
+    assert "--precision {fp32,tf32,bf16,fp16}" in out and "--upsample {bilinear,nearest}" in out
     assert "global batch (all ranks and accumulation steps together) (1 to 1048576; default: 256)" in out
     assert out.count("(default: sitdown-xl)") == 1
 
@@ -225,5 +225,5 @@ def test_a_huge_step_count_is_one_parse_error_in_a_real_process(tmp_path):
                            str(tmp_path / "o"), "--steps", "1" + "0" * 20], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"sample.py: error: --steps must be from 0 to 10000, got 1{'0' * 20}"
+    assert proc.stderr.strip().splitlines()[-1] == f"python -m tools.sample: error: --steps must be from 0 to 10000, got 1{'0' * 20}"
     assert not (tmp_path / "o").exists()

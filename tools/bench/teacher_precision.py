@@ -54,13 +54,13 @@ class BenchTeacherPrecisionConfig:
     test: Literal["fp16", "bf16"] = field(default="fp16", metadata={"help": "the precision measured"})
     reference: Literal["tf32", "fp32"] = field(default="tf32", metadata={
         "help": "the precision measured against (the build's default tf32; float32 on a CPU)"})
-    images: int = field(default=32, metadata={"help": "images encoded", "min": 2})
-    resolution: int = field(default=256, metadata={"help": "image side (teacher grid resolution / 16)", "min": 16})
-    batch_size: int = field(default=8, metadata={"help": "images per teacher forward", "min": 1})
-    student_cos: float = field(default=0.6, metadata={"help": "cosine of the aligned student to the tokens"})
+    images: int = field(default=32, metadata={"help": "images encoded", "min": 2, "max": 100_000})
+    resolution: int = field(default=256, metadata={"help": "image side (teacher grid resolution / 16)", "min": 16, "max": 1024})
+    batch_size: int = field(default=8, metadata={"help": "images per teacher forward", "min": 1, "max": 4096})
+    student_cos: float = field(default=0.6, metadata={"help": "cosine of the aligned student to the tokens", "min": -1.0, "max": 1.0})
     student_noise: float = field(default=0.5, metadata={
-        "help": "noise std of the aligned student, relative to the tokens' RMS", "min": 0.0})
-    seed: int = field(default=0, metadata={"help": "random teacher weights and students", "min": 0})
+        "help": "noise std of the aligned student, relative to the tokens' RMS", "min": 0.0, "max": 100.0})
+    seed: int = field(default=0, metadata={"help": "random teacher weights and students", "min": 0, "max": 2**31 - 1})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self) -> None:
