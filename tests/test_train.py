@@ -20,13 +20,12 @@ from safetensors.torch import load_file
 
 import cache
 from trainer.metrics import read_metrics
-from trainer.run import load_run_model
+from trainer.run import LatentTransform, load_run_model
 from trainer.train import (
     PRESETS,
     SetupError,
     TrainConfig,
     main,
-    sample_latents,
     step_noise,
     step_seed,
     train,
@@ -62,12 +61,12 @@ def test_step_noise_is_a_pure_function_of_seed_and_step():
     assert ((a["t"] >= 0) & (a["t"] < 1)).all()
 
 
-def test_sample_latents_against_formula():
+def test_latent_transform_samples_against_formula():
     g = torch.Generator().manual_seed(0)
     moments = torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64)
     moments[:, 4:] = moments[:, 4:].abs()
     noise = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
-    x = sample_latents(moments.half(), noise.float(), scale=0.18215, shift=0.1)
+    x = LatentTransform(scale=0.18215, shift=0.1).encode(moments.half(), noise.float())
     m = moments.half().double()
     ref = (m[:, :4] + m[:, 4:] * noise - 0.1) * 0.18215
     assert x.dtype == torch.float32

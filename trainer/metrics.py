@@ -81,13 +81,14 @@ def plot_losses(rows: Sequence[Mapping[str, Any]], path: str, *, title: str = ""
     steps = [r["step"] for r in rows]
     for ax, key in zip(axes[0], keys):
         values = [r.get(key, float("nan")) for r in rows]
-        ax.plot(steps, values, lw=1)
+        ax.plot(steps, values, lw=1, label="per logged window")
         if len(values) >= 20:  # a running mean over ~5% of the points
             k = max(2, len(values) // 20)
             smooth = [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1])
                       for i in range(len(values))]
-            ax.plot(steps, smooth, lw=2)
+            ax.plot(steps, smooth, lw=2, label=f"running mean of {k}")
         ax.set_title(key)
+        ax.legend(fontsize="small")
         ax.set_xlabel("step")
         if steps[-1] > 100:
             ax.set_xscale("log")

@@ -232,11 +232,6 @@ def step_noise(seed: int, step: int, n: int, latent_shape: tuple[int, ...], devi
     }
 
 
-def sample_latents(moments: torch.Tensor, noise: torch.Tensor, *, scale: float, shift: float) -> torch.Tensor:
-    """x = (z - shift) * scale with z = mean + std * noise; moments (B, 2C, h, w) = [mean, std]."""
-    return LatentTransform(scale=scale, shift=shift).encode(moments, noise)
-
-
 def cache_identity(cache: cache_lib.CacheReader, teacher: str) -> CacheIdentity:
     """What makes a cache the same data for a resumed run: source, encoders, rows, the teacher's stored dtype
     and channel scales."""
