@@ -135,10 +135,11 @@ def _blocks(src: CacheReader, target: Manifest, layout: Layout, lo: int, hi: int
     quantised here uses the channel scales of the ``target`` manifest, one dequantised the source's."""
     import torch
 
-    out = {"latents": np.asarray(src.latents[lo:hi], dtype=np.float16)}
+    block = src.read_checked(lo, hi)  # damage, a missing object or impossible values: refused, never copied
+    out = {"latents": block["latents"].astype(np.float16)}
     for t in layout.teachers:
-        tokens = np.asarray(src.features[t][lo:hi])
-        scales = np.asarray(src.feature_scales[t][lo:hi], dtype=np.float32) if src.layout.quantized(t) else None
+        tokens = block[f"features/{t}"]
+        scales = block[f"{SCALES_GROUP}/{t}"].astype(np.float32) if src.layout.quantized(t) else None
         if layout.quantized(t) and scales is None:  # float16 -> int8
             try:
                 channels = channel_scales_of(target, t, url=src.url)
@@ -154,10 +155,13 @@ def _blocks(src: CacheReader, target: Manifest, layout: Layout, lo: int, hi: int
                                        torch.from_numpy(scales), None if channels is None else torch.from_numpy(channels),
                                        dtype=torch.float16).numpy()
             scales = None
+            if not np.isfinite(tokens).all():
+                raise CacheError(f"{src.url}: teacher {t!r} rows {lo}..{hi} dequantise to non-finite float16 tokens",
+                                 url=src.url, remedy="repair")
         out[f"features/{t}"] = np.asarray(tokens, dtype=np.int8 if layout.quantized(t) else np.float16)
         if scales is not None:
             out[f"{SCALES_GROUP}/{t}"] = scales
-    out["labels"] = src.labels[lo:hi].astype(np.int32)
+    out["labels"] = block["labels"]
     return out
 
 

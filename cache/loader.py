@@ -33,9 +33,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import ShardReadError
+from .errors import CacheError, ShardReadError
 from .layout import SCALES_GROUP, ByTeacher, Layout
-from .quant import dequantize_into
+from .quant import dequantize_into, scales_valid
 
 __all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
 
@@ -105,11 +105,20 @@ def rank_batches(
 
 
 def _read_dequantized(values: Any, scales: Any, channels: np.ndarray | None, rows: np.ndarray, variants: np.ndarray,
-                      q: np.ndarray, sc: np.ndarray, out: np.ndarray) -> None:
+                      q: np.ndarray, sc: np.ndarray, out: np.ndarray, name: str) -> None:
     """out (n, T, D) float16 = int8 values x scales x channel scales of the given rows (one reader thread's part)."""
     values.read(rows, variants, q)
     scales.read(rows, variants, sc)
+    _check_scales(sc, rows, name)
     dequantize_into(q, sc, out, channels)
+
+
+def _check_scales(scales: np.ndarray, rows: np.ndarray, name: str) -> None:
+    if not scales_valid(scales):
+        bad = ~(np.isfinite(scales) & (scales >= 0)).reshape(len(scales), -1).all(axis=1)
+        raise ShardReadError(f"{SCALES_GROUP}/{name}: non-finite or negative per-token scales in row "
+                             f"{int(rows[np.flatnonzero(bad)[0]])}: the cache is damaged; run `python -m cache.inspect "
+                             "CACHE --verify`")
 
 
 class _BufferPool:
@@ -252,7 +261,7 @@ class CacheLoader:
                 for part in parts:
                     s = slice(part[0], part[-1] + 1)
                     futures.append(pool.submit(_read_dequantized, reader, scales, self.channel_scales[name], rows[s],
-                                               variants[s], q[s], sc[s], dst[s]))
+                                               variants[s], q[s], sc[s], dst[s], name))
                 continue
             for part in parts:
                 s = slice(part[0], part[-1] + 1)
@@ -282,6 +291,7 @@ class CacheLoader:
                     tensors[key].numpy()[...] = value
             if self.dequantize:
                 for n in self.quantized:
+                    _check_scales(arrays[f"{SCALES_GROUP}/{n}"], rows, n)
                     dequantize_into(arrays[f"features/{n}"], arrays[f"{SCALES_GROUP}/{n}"], tensors[f"features/{n}"].numpy(),
                                     self.channel_scales[n])
             self.cache.check_unchanged()
@@ -304,7 +314,7 @@ class CacheLoader:
                     try:
                         for f in futures:
                             f.result()
-                    except ShardReadError:
+                    except CacheError:  # ShardReadError, or a format's read error (a truncated file)
                         self.cache.check_unchanged()  # a shard gone because the cache is being rebuilt says so
                         raise
                     self.cache.check_unchanged()  # after the reads: a rebuild during them is seen too

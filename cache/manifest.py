@@ -51,6 +51,9 @@ __all__ = [
     "channel_scales_of",
 ]
 
+#: The channel scales a build can write: ``max(rms_j / median rms, 1)`` is at least 1, and a scale past
+#: float16's largest value would turn dequantised float16 tokens into infinities.
+CHANNEL_SCALE_RANGE = (1.0, 65504.0)
 MANIFEST_KEY = "urepa_cache"  # the name every format stores the manifest under (zarr: a group attribute)
 READER_KEYS = ("schema_version", "layout", "classes")  # entries every reader needs
 
@@ -399,9 +402,11 @@ def channel_scales_of(manifest: Manifest, name: str, *, url: str = "") -> np.nda
         values = None if info is None else info.channel_scales
     if values is None:
         return None
-    out = np.asarray(values, dtype=np.float32)
+    out = np.asarray(values, dtype=np.float64)
     dim = layout.teachers[name][1]
-    if out.shape != (dim,) or not np.isfinite(out).all() or (out <= 0).any():
+    lo, hi = CHANNEL_SCALE_RANGE
+    if out.shape != (dim,) or not np.isfinite(out).all() or (out < lo).any() or (out > hi).any():
         raise CacheError(f"{url or 'the cache'}: teacher {name!r}: the channel scales in the manifest are not {dim} "
-                         "positive finite numbers: the manifest is damaged", url=url or None, remedy="rebuild")
-    return out
+                         f"numbers from {lo:g} to {hi:g} (what a build writes): the manifest is damaged",
+                         url=url or None, remedy="rebuild")
+    return out.astype(np.float32)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = ["QMAX", "COSINE_GOAL", "CALIBRATION_ROWS", "channel_scales", "quantize_tokens", "dequantize_tokens",
-           "dequantize_into", "token_cosine"]
+           "dequantize_into", "scales_valid", "token_cosine"]
 
 QMAX = 127
 #: Per-token cosine between int8 and float tokens that the build checks (mean, minimum); below it, it warns.
@@ -86,6 +86,13 @@ def dequantize_tokens(q: torch.Tensor, scale: torch.Tensor, channels: torch.Tens
     if c is not None:
         out = out * c
     return out.to(dtype)
+
+
+def scales_valid(scales: np.ndarray) -> bool:
+    """Whether per-token scales are what :func:`quantize_tokens` writes: finite and not negative (0 for a token of
+    zeros). Every read path that dequantises checks this first: a NaN or infinite scale would hand out garbage."""
+    scales = np.asarray(scales)
+    return bool(np.isfinite(scales).all() and (scales >= 0).all())
 
 
 _DEQUANT_BLOCK = 1 << 20  # values per step of dequantize_into: its float32 temporary (4 MB) stays in cache

@@ -23,12 +23,12 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from .errors import CacheError, Remedy
+from .errors import CacheError, Remedy, ShardReadError
 from .layout import SCALES_GROUP, Layout
 from .loader import CacheLoader
 from .manifest import Manifest, channel_scales_of
 
-__all__ = ["Problem", "RowReader", "BatchSource", "CacheReader"]
+__all__ = ["Problem", "RowReader", "BatchSource", "CacheReader", "value_problems"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,10 @@ class CacheReader(abc.ABC):
         """Rows the format reads well at once (zarr: a shard): what copies and checks read at a time."""
         return 256
 
+    @abc.abstractmethod
+    def verify_rows(self, lo: int, hi: int) -> list[Problem]:
+        """The format's check of what it stored for rows lo..hi (what :meth:`read_checked` reads)."""
+
     def verify_blocks(self) -> list[tuple[int, int]]:
         """Row ranges whose values :meth:`verify` checks (default: every row, :attr:`block_rows` at a time)."""
         n, step = self.layout.num_rows, self.block_rows
@@ -214,6 +218,25 @@ class CacheReader(abc.ABC):
         return CacheLoader(self, batch_size, **kwargs)
 
     # -- checking --------------------------------------------------------------------------
+    def read_checked(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows lo..hi of every array (:meth:`Layout.array_names`, labels included) as stored, after the format
+        checked what it recorded for them (:meth:`verify_rows`: damage or a missing object is a
+        :class:`cache.errors.ShardReadError` naming the object and the rows, never zeros), and checked for
+        values that cannot be right (:func:`value_problems`: a :class:`CacheError` naming the array and rows).
+        What a copy of the cache reads (``cache.convert``)."""
+        damage = self.verify_rows(lo, hi)
+        if damage:
+            d = damage[0]
+            more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+            raise ShardReadError(f"{self.url}: rows {lo}..{hi} cannot be copied: {d}{more}", url=self.url, where=d.where,
+                                 remedy=d.remedy)
+        out = {name: np.asarray(self.array(name)[lo:hi]) for name in self.layout.array_names(labels=False)}
+        out["labels"] = np.asarray(self.labels[lo:hi], dtype=np.int32)
+        problems = value_problems(out, self.layout, len(self.manifest.classes), lo)
+        if problems:
+            raise CacheError(f"{self.url}: {problems[0]}", url=self.url, remedy="repair")
+        return out
+
     def verify(self) -> list[Problem]:
         """Every fault found, one :class:`Problem` each (empty when sound): :meth:`verify_stored`; labels out
         of range or disagreeing with the skip list; then, in the blocks of :meth:`verify_blocks` that passed
@@ -237,6 +260,9 @@ class CacheReader(abc.ABC):
                 if not np.isfinite(block).all():
                     problems.append(Problem(self.url, f"non-finite values in rows {lo}..{hi}", name, rows=(lo, hi),
                                             remedy="repair"))
+                if name.startswith(SCALES_GROUP + "/") and (block < 0).any():
+                    problems.append(Problem(self.url, f"negative per-token scales in rows {lo}..{hi}", name,
+                                            rows=(lo, hi), remedy="repair"))
                 empty = ~block.reshape(len(block), -1).any(axis=1) & data_rows
                 if empty.any():
                     row = lo + int(np.flatnonzero(empty)[0])
@@ -259,3 +285,22 @@ class CacheReader(abc.ABC):
 def _overlaps(p: Problem, name: str, lo: int, hi: int) -> bool:
     """Whether problem ``p`` already covers array ``name`` in rows lo..hi (a damaged object is not read again)."""
     return p.array in (name, "progress") and p.rows is not None and p.rows[0] < hi and lo < p.rows[1]
+
+
+def value_problems(arrays: Mapping[str, np.ndarray], layout: Layout, num_classes: int, lo: int) -> list[str]:
+    """Values that cannot be right in rows ``lo ..`` of a cache's arrays, one sentence each: non-finite latents,
+    tokens or scales; negative per-token scales (the build writes ``max|x| / 127``); labels outside
+    [-1, num_classes)."""
+    out = []
+    for name, values in arrays.items():
+        hi = lo + len(values)
+        if name == "labels":
+            if values.size and (values.min() < -1 or values.max() >= num_classes):
+                out.append(f"labels of rows {lo}..{hi} lie outside [-1, {num_classes})")
+            continue
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            row = lo + int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+            out.append(f"{name} holds non-finite values (first in row {row})")
+        if name.startswith(SCALES_GROUP + "/") and (values < 0).any():
+            out.append(f"{name} holds negative scales in rows {lo}..{hi}")
+    return out

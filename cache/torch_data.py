@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .errors import CacheChangedError
+from .errors import CacheChangedError, ShardReadError
 from .formats import open_cache
 from .layout import SCALES_GROUP, ByTeacher
 from .loader import CacheLoader, rank_batches
-from .quant import dequantize_into
+from .quant import dequantize_into, scales_valid
 from .reader import CacheReader
 
 __all__ = ["CacheDataset", "CacheBatches", "distributed_rank"]
@@ -137,6 +137,9 @@ class CacheDataset(_ReopensByUrl, Dataset):
         self.cache.check_unchanged()  # after the reads: rows of a rebuilt cache are never served
         if self.dequantize:
             for n in self.quantized:
+                if not scales_valid(data[f"{SCALES_GROUP}/{n}"]):
+                    raise ShardReadError(f"{self.cache.url}: {SCALES_GROUP}/{n} row {row}: non-finite or negative "
+                                         "per-token scales: the cache is damaged", url=self.cache.url)
                 tokens = np.empty(data[f"features/{n}"].shape, dtype=np.float16)
                 dequantize_into(data[f"features/{n}"], data.pop(f"{SCALES_GROUP}/{n}"), tokens, self.channel_scales[n])
                 data[f"features/{n}"] = tokens
@@ -191,6 +194,10 @@ class CacheBatches(_ReopensByUrl, IterableDataset):
         self.rank, self.world_size = (rank, world_size) if self._given else distributed_rank()
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if drop_last and batch_size * self.world_size > len(self.cache):
+            raise ValueError(f"a global batch of {batch_size} x {self.world_size} ranks exceeds the {len(self.cache)} "
+                             f"data rows of {self.cache.url}: with drop_last=True no batch would come; use a smaller "
+                             "batch or drop_last=False")
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, *, start: int = 0) -> None:

@@ -345,6 +345,12 @@ class FfcvCache(CacheReader):
     def describe_storage(self) -> str:
         return f"ffcv, {os.path.basename(self.beton)} (one sample per row and variant)"
 
+    def verify_rows(self, lo: int, hi: int) -> list[Problem]:
+        """FFCV records one crc32c for the whole .beton: the whole file, checked once per opened cache."""
+        if getattr(self, "_verified", None) is None:
+            self._verified = self.verify_stored()
+        return list(self._verified)
+
     def verify_stored(self) -> list[Problem]:
         """The whole .beton against the crc32c recorded at conversion (and its size and header)."""
         try:

@@ -217,22 +217,31 @@ class H5Cache(CacheReader):
 
     def verify_stored(self) -> list[Problem]:
         """Every block of every dataset (and the source list) against the crc32c recorded at conversion."""
+        return self._verify(0, self.layout.num_rows, sources=True)
+
+    def verify_rows(self, lo: int, hi: int) -> list[Problem]:
+        """The recorded blocks that hold rows lo..hi, against their crc32c."""
+        return self._verify(lo, hi, sources=False)
+
+    def _verify(self, start: int, stop: int, *, sources: bool) -> list[Problem]:
         problems = []
         block = int(self.record.get("block_rows", 0))
         sums = self.record.get("checksums", {})
         n = self.layout.num_rows
+        first = start // block * block
         try:
             with _h5py().File(self.url, "r") as f:
                 for name in self.layout.array_names():
                     recorded = sums.get(name, [])
-                    for k, lo in enumerate(range(0, n, block)):
+                    for lo in range(first, stop, block):
+                        k = lo // block
                         got = checksum(np.ascontiguousarray(f[name][lo:lo + block]))
                         want = recorded[k] if k < len(recorded) else None
                         if got != want:
                             problems.append(Problem(self.url, f"dataset '{name}' rows {lo}..{min(lo + block, n)} fail "
                                                     f"the checksum recorded at conversion ({got}, recorded {want})",
                                                     name, rows=(lo, min(lo + block, n)), remedy="reconvert"))
-                if checksum(f[SOURCES][:].tobytes()) != self.record.get("sources"):
+                if sources and checksum(f[SOURCES][:].tobytes()) != self.record.get("sources"):
                     problems.append(Problem(self.url, "the source list fails its checksum", remedy="reconvert"))
         except OSError as e:
             problems.append(Problem(self.url, f"cannot be read ({e}): the file is damaged", remedy="reconvert"))

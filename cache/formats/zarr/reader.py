@@ -31,26 +31,30 @@ def verify_shards(group: zarr.Group, url: str | os.PathLike, layout: Layout) -> 
     """Check every shard that has a progress record: each array's object exists, its bytes match the
     checksum recorded when it was written (records from before checksums: not checked), its shard index
     passes its crc32c. Reads every object once, whole, through the store."""
-    storage = ZarrStorage.of(layout)
-    arrays = data_arrays(group, layout)
+    shards = [s for s in map(keys.record_shard, sorted(keys.keys(group, keys.PROGRESS))) if s is not None]
+    return [p for s in shards for p in shard_problems(group, url, layout, s)]
+
+
+def shard_problems(group: zarr.Group, url: str | os.PathLike, layout: Layout, shard: int) -> list[Problem]:
+    """The damage of one finished shard: its progress record (missing: the shard is not finished), each
+    array's object (missing, failing the checksum recorded when it was written, an index failing its crc32c)."""
+    rows = ZarrStorage.of(layout).shard_range(layout, shard)
+    key = keys.record_key(keys.PROGRESS, shard)
+    raw = keys.get(group, key)
+    if raw is None:
+        return [Problem(keys.where(url, key), "the shard has no progress record: the build has not finished it",
+                        "progress", shard, rows, remedy="resume")]
+    try:
+        sums = json.loads(raw).get("checksums") or {}
+    except (ValueError, AttributeError) as e:
+        return [Problem(keys.where(url, key), f"the record is not readable JSON ({e})", "progress", shard, rows,
+                        remedy="repair")]
     out = []
-    for key in sorted(keys.keys(group, keys.PROGRESS)):
-        shard = keys.record_shard(key)
-        if shard is None:
-            continue
-        rows = storage.shard_range(layout, shard)
-        try:
-            record = json.loads(keys.get(group, key) or b"")
-            sums = record.get("checksums") or {}
-        except (ValueError, AttributeError) as e:
-            out.append(Problem(keys.where(url, key), f"the record is not readable JSON ({e})", "progress", shard, rows,
-                               remedy="repair"))
-            continue
-        for array_name, arr in arrays.items():
-            obj = f"{arr.path}/{shard_key(arr, shard)}"
-            problem = _object_problem(arr, keys.store_get(group.store, obj), sums.get(array_name))
-            if problem:
-                out.append(Problem(keys.where(url, obj), problem, array_name, shard, rows, remedy="repair"))
+    for array_name, arr in data_arrays(group, layout).items():
+        obj = f"{arr.path}/{shard_key(arr, shard)}"
+        problem = _object_problem(arr, keys.store_get(group.store, obj), sums.get(array_name))
+        if problem:
+            out.append(Problem(keys.where(url, obj), problem, array_name, shard, rows, remedy="repair"))
     return out
 
 
@@ -156,6 +160,11 @@ class ZarrCache(CacheReader):
     @property
     def block_rows(self) -> int:
         return self.storage.shard_rows
+
+    def verify_rows(self, lo: int, hi: int) -> list[Problem]:
+        """The damage of the shards that hold rows lo..hi (:func:`shard_problems`)."""
+        first, last = lo // self.storage.shard_rows, (hi - 1) // self.storage.shard_rows
+        return [p for s in range(first, last + 1) for p in shard_problems(self.group, self.url, self.layout, s)]
 
     def verify_blocks(self) -> list[tuple[int, int]]:
         """The rows of every finished shard."""
