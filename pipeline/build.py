@@ -24,6 +24,7 @@ written and encodes the damaged ones again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -161,12 +162,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Decoding in worker processes
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
-    rows = np.array([r for r, _, _ in items], dtype=np.int64)
-    valid = np.array([a is not None for _, a, _ in items], dtype=bool)
-    arrays = [a for _, a, _ in items if a is not None]
+def _collate(items: list[tuple[int, np.ndarray | None, str, str]]) -> dict[str, Any]:
+    rows = np.array([r for r, _, _, _ in items], dtype=np.int64)
+    valid = np.array([a is not None for _, a, _, _ in items], dtype=bool)
+    arrays = [a for _, a, _, _ in items if a is not None]
     images = torch.from_numpy(np.stack(arrays)) if arrays else None
-    return {"rows": rows, "valid": valid, "images": images, "reasons": [r for _, _, r in items]}
+    return {"rows": rows, "valid": valid, "images": images, "reasons": [r for _, _, r, _ in items],
+            "digests": [d for _, _, _, d in items]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,6 +359,7 @@ class _ShardBuffers:
         self.scales = {k: torch.empty((self.n, layout.variants, layout.teachers[k][0]), dtype=torch.float32,
                                       pin_memory=pin) for k in teachers if layout.quantized(k)}
         self.labels = np.full(self.n, -1, np.int32)
+        self.digests = [""] * self.n  # checksum of each source file's bytes ("" for a file that did not decode)
         self.event: torch.cuda.Event | None = None
 
 
@@ -397,7 +400,7 @@ class _ShardWriter:
                     self.writer.write_shard(buf.shard, features=features, scales=scales)
                 else:
                     self.writer.write_shard(buf.shard, latents=buf.latents.numpy(), features=features, scales=scales,
-                                            labels=buf.labels, skipped=buf.skipped)
+                                            labels=buf.labels, skipped=buf.skipped, source_digests=buf.digests)
         except BaseException as e:
             self.error = e
             while self.queue.get() is not None:  # drain so that the producer never blocks
@@ -482,6 +485,10 @@ def build(cfg: BuildConfig) -> Manifest:
     sources = writer.sources()
     check_sources(sources, writer.manifest.source, cfg.out)
     base_labels = writer.labels() if adding else None
+    recorded_digests = functools.lru_cache(maxsize=4)(writer.source_digests)
+    if adding and writer.source_digests(0) is None:
+        _logger.warning("%s was built before source checksums were recorded: the files are compared by name and "
+                        "size only; an image altered in place would go unnoticed", cfg.out)
     todo = sorted(set(range(writer.num_shards)) - writer.completed_shards())
     state.wait_for_everyone()  # every rank has read the same progress before anyone writes
     mine = todo[rank::world]
@@ -519,9 +526,11 @@ def build(cfg: BuildConfig) -> Manifest:
             buf = buffers[shard]
             a, b = int(rows[0]) - buf.lo, int(rows[-1]) + 1 - buf.lo  # a batch is a run of rows
             if adding:
+                _same_sources(batch, recorded_digests(shard), buf.lo, sources, cfg.out)
                 batch, valid = _as_in_cache(batch, base_labels[rows], cfg.out)
             _encode_into(encoders, batch["images"], valid, device, buf, a, b)
             buf.labels[a:b][valid] = [sources[r]["label"] for r in rows[valid]]
+            buf.digests[a:b] = batch["digests"]
             buf.skipped += [{"row": int(r), "path": sources[r]["path"], "reason": why}
                             for r, ok, why in zip(rows, valid, batch["reasons"]) if not ok]
             buf.filled += len(rows)
@@ -599,6 +608,23 @@ def check_sources(sources: list[dict[str, Any]], source: SourceInfo | None, out:
         if why:
             raise CacheError(f"{out}: the stored source list names {entry['path']!r} for row {row}, which {why}; "
                              "a build reads only files inside SOURCE: rebuild with --overwrite")
+
+
+def _same_sources(batch: dict[str, Any], recorded: list[str] | None, lo: int, sources: list[dict[str, Any]],
+                  out: str) -> None:
+    """Before a teacher being added encodes a batch: each source file's bytes must be the ones the cache was
+    built from (the checksums its shards recorded), or the new tokens would describe other images than the
+    latents do. A cache built before checksums were recorded (``recorded`` None) is compared by size alone
+    (the source fingerprint), as it was built."""
+    if recorded is None:
+        return
+    changed = [int(r) for r, d in zip(batch["rows"], batch["digests"]) if d and recorded[int(r) - lo]
+               and d != recorded[int(r) - lo]]
+    if changed:
+        shown = ", ".join(f"{r} ({sources[r]['path']})" for r in changed[:5]) + (", ..." if len(changed) > 5 else "")
+        raise CacheError(f"{out}: the source files of rows {shown} have other bytes than when the cache was built "
+                         "(same name and size, other content): a teacher added now would not describe the images the "
+                         "latents hold; restore the files, or rebuild the cache with --overwrite")
 
 
 def _as_in_cache(batch: dict[str, Any], labels: np.ndarray, out: str) -> tuple[dict[str, Any], np.ndarray]:

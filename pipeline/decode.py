@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
+
+from cache.files import checksum
 
 from .crop import adm_center_crop
 from .sources import escapes_root
@@ -43,7 +46,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
-    """Open, convert and crop one file: uint8 (resolution, resolution, 3). Raises SkipImage.
+    """Open, convert and crop one file: uint8 (resolution, resolution, 3). Raises SkipImage."""
+    return decode_image(path, resolution, max_pixels=max_pixels)[0]
+
+
+def decode_image(path: str, resolution: int, *, max_pixels: int) -> tuple[np.ndarray, str]:
+    """:func:`load_image`, and the :func:`cache.files.checksum` of the file's bytes, computed from the bytes
+    that are decoded (the file is read once). Raises SkipImage.
 
     Sets PIL's process-wide pixel limit and warning filters while it runs: call it from one thread
     per process (the build's and the evaluator's loaders use worker processes)."""
@@ -51,7 +60,10 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open(path, "rb") as f:
+                data = f.read()
+            digest = checksum(data)
+            with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise SkipImage(f"too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
@@ -79,7 +91,7 @@ def load_image(path: str, resolution: int, *, max_pixels: int) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = limit
     if min(rgb.size) < 1:
         raise SkipImage(f"empty image {rgb.size}")
-    return adm_center_crop(rgb, resolution)
+    return adm_center_crop(rgb, resolution), digest
 
 
 class DecodedImages(Dataset):
@@ -93,11 +105,13 @@ class DecodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str, str]:
+        """``(index, image or None, skip reason, checksum of the file's bytes or "")``."""
         path = os.path.join(self.root, self.paths[index])
         if self.root and escapes_root(self.root, self.paths[index]):
-            return index, None, "a symlink leads outside SOURCE"
+            return index, None, "a symlink leads outside SOURCE", ""
         try:
-            return index, load_image(path, self.resolution, max_pixels=self.max_pixels), ""
+            image, digest = decode_image(path, self.resolution, max_pixels=self.max_pixels)
+            return index, image, "", digest
         except SkipImage as e:
-            return index, None, str(e)
+            return index, None, str(e), ""

@@ -163,3 +163,34 @@ def test_an_unfinished_addition_can_be_dropped(tmp_path):
     after = cache.open_cache(tmp_path / "c.zarr")
     assert "adding" not in after.manifest.extra and after.manifest.to_dict() == c.manifest.to_dict()
     assert files(tmp_path / "c.zarr", ["latents", "labels", *(f"features/{k}" for k in TEACHERS)]) == before
+
+
+def _alter_jpeg_in_place(path: Path) -> None:
+    """Change one byte of the entropy-coded data of a JPEG: same name and size, still decodes, other pixels."""
+    data = bytearray(path.read_bytes())
+    start = data.rfind(b"\xff\xda") + 64  # inside the scan, past its header
+    i = next(j for j in range(start, len(data) - 2) if data[j] not in (0xFF, 0x00, 0xFE) and data[j + 1] != 0xFF)
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_addition_refuses_a_source_altered_in_place(tmp_path, image_folder):
+    """A JPEG changed in place (same size, still decodes) after the build: adding a teacher refuses, naming the row
+    and the file, before any token of it is written; without the change the same addition goes through."""
+    source = tmp_path / "src"
+    shutil.copytree(image_folder, source)
+    base = tmp_path / "base.zarr"
+    run_build(source, base, *BASE)
+    rows = cache.open_cache(base)
+    jpeg = next(r for r in range(len(rows.labels)) if rows.source_path(r).lower().endswith((".jpg", ".jpeg"))
+                and rows.labels[r] >= 0)
+    before = (source / rows.source_path(jpeg)).stat().st_size
+    _alter_jpeg_in_place(source / rows.source_path(jpeg))
+    assert (source / rows.source_path(jpeg)).stat().st_size == before
+    refused = run_build(source, base, *BASE, "--teacher", f"tiny,{NEW}", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"rows {jpeg} ({rows.source_path(jpeg)})" in refused.stderr and "other bytes" in refused.stderr
+    assert list(cache.open_cache(base).layout.teachers) == ["tiny"]
+    shutil.copy(image_folder / rows.source_path(jpeg), source / rows.source_path(jpeg))  # restored
+    run_build(source, base, *BASE, "--teacher", f"tiny,{NEW}")
+    assert list(cache.open_cache(base).layout.teachers) == ["tiny", NEW_NAME]

@@ -179,8 +179,8 @@ class FileImages:
                                              batch_size=batch_size, num_workers=min(self.workers, os.cpu_count() or 1),
                                              collate_fn=list)
         for items in loader:
-            self.skipped += [f"{self.paths[i]}: {reason}" for i, image, reason in items if image is None]
-            images = [image for _, image, _ in items if image is not None]
+            self.skipped += [f"{self.paths[i]}: {reason}" for i, image, reason, _ in items if image is None]
+            images = [image for _, image, _, _ in items if image is not None]
             if images:
                 yield np.stack(images)
 

@@ -441,12 +441,15 @@ class CacheWriter:
         labels: np.ndarray | None = None,
         skipped: Iterable[Mapping[str, Any]] = (),
         scales: Mapping[str, np.ndarray] | None = None,
+        source_digests: Sequence[str] | None = None,
     ) -> None:
         """Write every array of one shard, then its progress record (the commit point).
 
         ``features`` maps each teacher to its tokens (n, F, T, D): float16 for a float16 teacher; for an
         int8 teacher either int8 values with their float32 ``scales[name]`` (n, F, T), or float tokens,
-        which are quantised here (:func:`cache.quant.quantize_tokens`).
+        which are quantised here (:func:`cache.quant.quantize_tokens`). ``source_digests``: the checksum of each
+        row's source file bytes ("" where none), kept in the record so that a teacher added later can prove it
+        reads the same images (:meth:`source_digests`).
 
         While adding teachers (:attr:`adding`), ``features`` holds the added teachers alone and
         ``latents``, ``labels`` and ``skipped`` are not given: the shard's record of the addition is written
@@ -478,7 +481,18 @@ class CacheWriter:
         labels_array.with_config({"write_empty_chunks": True})[lo:hi] = labels.astype(np.int32)
         sums["labels"] = self._stored_checksum(labels_array, shard)
         record = {"shard": shard, "rows": [lo, hi], "skipped": list(skipped), "time": time.time(), "checksums": sums}
+        if source_digests is not None:
+            if len(source_digests) != n:
+                raise CacheError(f"shard {shard}: {len(source_digests)} source checksums for {n} rows")
+            record["sources"] = list(source_digests)
         keys.put(self.group, keys.record_key(keys.PROGRESS, shard), json.dumps(record).encode())
+
+    def source_digests(self, shard: int) -> list[str] | None:
+        """The checksums of the source files of shard ``shard``'s rows that its build recorded ("" for a file
+        that did not decode); None for a shard written before they were recorded."""
+        raw = keys.get(self.group, keys.record_key(keys.PROGRESS, shard))
+        digests = None if raw is None else json.loads(raw).get("sources")
+        return list(digests) if isinstance(digests, list) else None
 
     def _write_tokens(self, name: str, shard: int, tokens: np.ndarray, scales: np.ndarray | None) -> dict[str, str]:
         """Write one teacher's tokens of a shard (and its scales); returns the checksum of each object."""
