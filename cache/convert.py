@@ -26,6 +26,7 @@ cache.inspect DST --verify`` checks.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from .cli.advice import explain
+from .cli.advice import explain, explain_os_error
 from .config import ConfigError, check_fields, parse_config
 from .errors import CacheError
 from .formats import FORMATS, format_named, open_cache
@@ -45,6 +46,7 @@ from .manifest import Manifest, ManifestError, channel_scales_of
 from .quant import CALIBRATION_ROWS, channel_scales, dequantize_tokens, quantize_tokens
 from .reader import CacheReader
 from .runtime import setup_logging
+from .writer import Format
 
 __all__ = ["ConvertConfig", "convert", "main"]
 
@@ -188,6 +190,7 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format:
         open_cache(dst_path, allow_incomplete=True)  # only ever replace a cache, never a folder we merely find
     manifest, layout = target_manifest(src, names, feature_dtype)
     tmp = dst_path + PARTIAL
+    _check_space(tmp, layout, target)
     writer = target.writer(tmp, layout=layout, manifest=manifest, sources=src.sources(),
                            block_rows=block_rows or src.block_rows,
                            compression=compression, workers=workers)
@@ -210,6 +213,26 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format:
     return open_cache(dst_path)
 
 
+def _check_space(tmp: str, layout: Layout, target: Format) -> None:
+    """Refuse a copy the disk cannot hold before writing a byte (ENOSPC, naming both sizes): a library that
+    meets a full disk halfway (h5py's delayed writes, FFCV's worker processes) may not say so, or crash."""
+    row = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+              for shape, dtype in layout.row_shapes().values())
+    needed = int(row * layout.num_rows * getattr(target.copy_writer, "space_factor", 1.0)) + (1 << 20)
+    folder = os.path.dirname(os.path.abspath(tmp))
+    have = _partial_bytes(tmp) + shutil.disk_usage(folder).free
+    if have < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: the copy needs about {needed / 2**20:.1f} MiB, "
+                                    f"{have / 2**20:.1f} MiB are free there", tmp)
+
+
+def _partial_bytes(path: str) -> int:
+    """Bytes a killed run of this copy left at ``path`` (ours: they are replaced or resumed)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
 def _remove(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -228,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=cfg.overwrite)
     except CacheError as e:
         print(f"error: {explain(e, out_flag='DST')}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, a permission: one line, naming the path
+        print(f"error: {explain_os_error(e, what=cfg.dst)}", file=sys.stderr)
         return 2
     return 0
 

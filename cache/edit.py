@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from .cli.advice import explain
+from .cli.advice import explain, explain_os_error
 from .config import ConfigError, check_fields, parse_config
 from .errors import CacheError
 from .formats import detect_format
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dropped teacher {name}; {cfg.path} holds {', '.join(manifest.layout.teachers) or 'no teacher'}")
     except CacheError as e:
         print(f"error: {explain(e, out_flag='PATH')}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk, a permission: one line, naming the path
+        print(f"error: {explain_os_error(e, what=cfg.path)}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,6 +28,8 @@ class CopyWriter(abc.ABC):
     for the last block)."""
 
     block_rows: int
+    #: Bytes the copy takes on disk while it is written, per byte of row data (FFCV stages the rows first).
+    space_factor: float = 1.0
 
     def done_blocks(self) -> set[int]:
         """First rows of the blocks a killed run of the same copy already wrote (default: none; the format

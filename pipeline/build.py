@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache import CacheError, CacheWriter, Layout, zarr_layout
-from cache.cli.advice import explain
+from cache.cli.advice import explain, explain_os_error
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.files import local_root
 from cache.layout import stored_dtype
@@ -426,7 +426,17 @@ def _setup_logging(rank: int, out: str) -> None:
     if folder is not None:
         folder = os.path.abspath(folder)
         log_file = os.path.join(os.path.dirname(folder), os.path.basename(folder) + ".build.log")
+        if rank == 0 and not _writable(log_file):
+            log_file = None  # a read-only place: a finished cache is still reported; a write fails with one line
     setup_logging(rank, log_file)
+
+
+def _writable(path: str) -> bool:
+    try:
+        with open(path, "a"):
+            return True
+    except OSError:
+        return False
 
 
 def _broadcast(obj: Any, state: Any) -> Any:
@@ -464,12 +474,15 @@ def build(cfg: BuildConfig) -> Manifest:
                 for d in damage:
                     _logger.warning("damaged: %s", d)
                 _logger.info("repair: %d damaged shard(s) to encode again", len({d.shard for d in damage}))
-            writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
+            if not (writer.manifest.is_complete and not writer.adding):  # a finished cache is only read
+                writer.put_text("config.json", json.dumps(config_to_dict(cfg), indent=2))
             _logger.info("%s cache %s: %d rows, %d classes, %d shards", "resuming" if resumed else "created",
                          cfg.out, layout.num_rows, len(listing.classes), writer.num_shards)
             result = ("ok", listing.root)
         except (CacheError, FileNotFoundError, ValueError) as e:
             result = ("error", explain(e, source=cfg.source))
+        except OSError as e:  # a full or read-only disk, a permission: one line, naming the path
+            result = ("error", explain_os_error(e, what=f"the cache {cfg.out}"))
     result = _broadcast(result, state)
     if result[0] == "error":
         raise CacheError(result[1])
@@ -676,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
         build(cfg)
     except (CacheError, WeightsUnavailable) as e:
         print(f"error: {explain(e, source=cfg.source)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {explain_os_error(e, what=f'the cache {cfg.out}')}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,9 +3,11 @@ remedy (:data:`cache.errors.REMEDIES`); this turns the remedy into the commands 
 
 from __future__ import annotations
 
+import errno
+
 from ..errors import CacheError, CacheMismatchError
 
-__all__ = ["explain", "problem_advice"]
+__all__ = ["explain", "explain_os_error", "problem_advice"]
 
 
 def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURCE") -> str:
@@ -37,6 +39,20 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
                   f"NAME`); " + advice)
     diffs = getattr(error, "differences", ())
     return f"{text}; {advice}" + ("" if not diffs else ":\n  " + "\n  ".join(diffs))
+
+
+def explain_os_error(error: OSError, *, what: str) -> str:
+    """A failed write or read of ``what`` (e.g. "the cache OUT") as one line: the file, the cause, what to do."""
+    where = error.filename or what
+    cause = error.strerror or str(error)
+    advice = {
+        errno.ENOSPC: "free space there (or choose another place) and rerun the same command: it resumes",
+        errno.EDQUOT: "free space there (or choose another place) and rerun the same command: it resumes",
+        errno.EROFS: "the file system is read-only: choose a writable place, or mount it read-write",
+        errno.EACCES: "fix its permissions or choose another place",
+        errno.EPERM: "fix its permissions or choose another place",
+    }.get(error.errno, "")
+    return f"{what}: cannot write {where}: {cause}" + (f"; {advice}" if advice else "")
 
 
 def problem_advice(remedy: str | None, url: str) -> str:

@@ -142,6 +142,8 @@ class FfcvWriter(CopyWriter):
     """An FFCV copy: the rows staged as raw .npy arrays block by block (resumable: one marker per finished
     block, in ``<tmp>/stage``), then FFCV's writer makes the .beton from them, then the stage is dropped."""
 
+    space_factor = 2.0  # the staged rows and the .beton side by side until the stage is dropped
+
     def __init__(self, tmp: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
                  block_rows: int, workers: int = 2) -> None:
         self.tmp, self.layout, self.manifest, self.sources = tmp, layout, manifest, sources
