@@ -167,3 +167,22 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+def upload(server: S3Server, folder: Path, key: str) -> str:
+    """Copy a local cache folder into the server under ``key`` (its key layout as is); returns its URL."""
+    import obstore
+
+    store = server_store(server)
+    folder = Path(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        obstore.put(store, f"{key}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    return server.url(key)
+
+
+def server_store(server: S3Server):
+    """An obstore store of the whole bucket, with the server's settings (for tests that look at objects)."""
+    from obstore.store import S3Store
+
+    return S3Store(server.bucket, endpoint=server.endpoint, access_key_id=server.key,
+                   secret_access_key=server.secret, region="us-east-1", client_options={"allow_http": True})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import zarr
 
+from ... import stores
 from ...errors import CacheChangedError, CacheError
 from ...files import checksum, local_root
 from ...layout import SCALES_GROUP, ByTeacher, Layout
@@ -90,12 +92,17 @@ class ZarrCache(CacheReader):
 
     format = "zarr"
 
-    def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
-        self.url = os.fspath(url)
-        group, unreadable = keys.probe_group(url)
+    def __init__(self, url: str | os.PathLike | Any, *, allow_incomplete: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = stores.location(url)
+        self.store = stores.open_store(url, options=storage_options, read_only=True)
+        self.storage_options = dict(storage_options or {})  # kept in memory only, never written
+        group, unreadable = keys.probe_group(url, self.store)
         if unreadable is not None:
             raise CacheError(f"{self.url} is not a readable cache: {unreadable}", url=self.url, remedy="rebuild")
         if group is None:
+            if stores.is_store(url) or stores.scheme_of(url) is not None:
+                stores.check_reachable(self.url, self.store)  # a wrong endpoint or bucket says so
             raise CacheError(f"no cache at {self.url}", url=self.url)
         manifest = group.attrs.get(MANIFEST_KEY)
         if manifest is None:
@@ -106,7 +113,7 @@ class ZarrCache(CacheReader):
         self.layout = self.manifest.layout
         self.storage = ZarrStorage.of(self.layout)
         self.group = group
-        self.root = local_root(self.url)  # the local folder, None for other stores
+        self.root = None if stores.is_store(url) else local_root(self.url)  # the local folder, None for other stores
         self.generation = self.manifest.generation  # None: built before generations were recorded
         try:
             self.latents = group["latents"]
