@@ -4,7 +4,6 @@ loopback only, refuses a wrong secret, and survives a restart with its data."""
 from __future__ import annotations
 
 import pytest
-
 from common.s3 import S3Server
 
 pytestmark = pytest.mark.remote

@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from common.s3 import upload
+from common.synthetic import synthetic_cache
 
 import cache
 from cache import stores
 from cache.cli.advice import explain
-from common.s3 import upload
-from common.synthetic import synthetic_cache
 
 pytestmark = pytest.mark.remote
 pytest.importorskip("obstore", reason="obstore is not installed (the remote extra)")
