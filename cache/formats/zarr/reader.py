@@ -17,9 +17,10 @@ from ...layout import SCALES_GROUP, ByTeacher, Layout
 from ...manifest import MANIFEST_KEY, check_manifest
 from ...reader import CacheReader, Problem
 from . import store as keys
+from .remote import RemoteRowReader
 from .rows import ZarrRowReader
 from .settings import ZarrStorage
-from .shardfile import ShardIndexError, decode_index, direct_format, shard_key
+from .shardfile import ShardIndexError, choose_io, decode_index, direct_format, log_io_choice, shard_key
 
 __all__ = ["ZarrCache", "verify_shards", "stored_bytes"]
 
@@ -180,8 +181,17 @@ class ZarrCache(CacheReader):
     def sources(self) -> list[dict[str, Any]]:
         return json.loads(keys.get(self.group, keys.SOURCES_KEY) or b"[]")
 
-    def row_reader(self, name: str) -> ZarrRowReader:
-        return ZarrRowReader(self.array(name), self.root, self.url, complete=self.complete)
+    def row_reader(self, name: str) -> ZarrRowReader | RemoteRowReader:
+        """By byte range from a local folder (:class:`ZarrRowReader`) or an object store
+        (:class:`RemoteRowReader`) where :func:`choose_io` confirms the layout; else through zarr."""
+        array = self.array(name)
+        if self.root is None and isinstance(self.store, zarr.storage.ObjectStore):
+            fmt, reason = choose_io(None, array, ranged=True)
+            nbytes = int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
+            if fmt is not None and fmt.row_nbytes == nbytes:
+                return RemoteRowReader(array, self.store.store, self.url, fmt, complete=self.complete)
+            log_io_choice("reads", self.url, array.path, None, reason or "row sizes disagree")
+        return ZarrRowReader(array, self.root, self.url, complete=self.complete)
 
     def stored_bytes(self) -> dict[str, int]:
         return stored_bytes(self.group)
