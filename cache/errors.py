@@ -13,6 +13,8 @@ word of :data:`REMEDIES`, never as a command line:
     replace     something that is not this cache is in the way: another place, or replace it
     addition    an unfinished addition of teachers: finish it, or drop the teachers being added
     restart     the cache changed under a reader: open it again
+    store       the object store does not answer, refuses the credentials or lacks the bucket: its settings
+    client      the client package of a store is not installed: install it
     None        nothing to advise (a programming error, or the message says it all)
 """
 
@@ -23,7 +25,8 @@ from typing import Literal
 
 __all__ = ["REMEDIES", "Remedy", "CacheError", "CacheMismatchError", "CacheChangedError", "ShardReadError"]
 
-Remedy = Literal["rebuild", "resume", "repair", "reconvert", "settings", "replace", "addition", "restart"]
+Remedy = Literal["rebuild", "resume", "repair", "reconvert", "settings", "replace", "addition", "restart", "store",
+                 "client"]
 REMEDIES: tuple[str, ...] = Remedy.__args__
 
 

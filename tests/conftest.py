@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT))
 
 from tools.demo_images import make_demo_imagefolder  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from common.s3 import s3_env, s3_server  # noqa: E402,F401  (the real S3 server, tests/common/s3.py)
+
 # Small and fast: 64 px crops, tiny encoders, shards of 8 rows.
 TINY_BUILD = ["--vae", "tiny", "--teacher", "tiny", "--resolution", "64", "--batch-size", "4",
               "--shard-rows", "8", "--chunk-rows", "4", "--workers", "0", "--device", "cpu"]

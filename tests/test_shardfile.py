@@ -124,7 +124,8 @@ def test_forcing_zarrs_path(monkeypatch, tmp_path):
         shardfile.choose_io(str(tmp_path), arr)
     monkeypatch.delenv(shardfile.ENV_IO)
     assert shardfile.choose_io(str(tmp_path), arr)[0] is not None
-    assert shardfile.choose_io(None, arr) == (None, "the store is not a local folder")
+    assert shardfile.choose_io(None, arr) == (None, "the store is neither a local folder nor an object store")
+    assert shardfile.choose_io(None, arr, ranged=True)[0] is not None
 
 
 def test_failed_direct_write_and_read_fall_back_to_zarr(tmp_path, monkeypatch, caplog):

@@ -30,6 +30,10 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
         "addition": (f"rerun that addition's command (its --teacher lists them) to finish it, or drop it with "
                      f"`python -m cache.edit {url} --drop-teacher {','.join(teachers) or 'NAME'}`"),
         "restart": "restart to read the cache as it is now",
+        "store": ("check the store's settings in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                  "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP for a plain-http endpoint; see docs/remote.md), "
+                  "that the server is up and that the bucket exists"),
+        "client": "install the store's client: pip install -e '.[remote]' (obstore; s3fs for other fsspec URLs)",
     }[error.remedy]
     wanted = list(getattr(error, "wanted", ()))
     if isinstance(error, CacheMismatchError) and error.remedy == "settings" and wanted and set(teachers) != set(wanted):

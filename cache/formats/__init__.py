@@ -11,7 +11,10 @@ Each format module claims its own on-disk signature and gives the registry one
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
+from .. import stores
 from ..errors import CacheError
 from ..files import local_root
 from ..reader import CacheReader
@@ -32,12 +35,12 @@ def format_named(name: str) -> Format:
     return FORMATS[name]
 
 
-def detect_format(url: str | os.PathLike) -> Format:
+def detect_format(url: str | os.PathLike | Any) -> Format:
     """The format of the cache at ``url``, from what is there: the format that claims a local file or
     folder (an empty or foreign folder goes to the build's format, whose reader says what is missing); a
-    store URL (``s3://``, ...) to a format that reads store URLs. Anything else is a :class:`CacheError`
-    naming the path and what it holds."""
-    root = local_root(url)
+    store URL (``s3://``, ...) or a store object to a format that reads stores. Anything else is a
+    :class:`CacheError` naming the path and what it holds."""
+    root = None if stores.is_store(url) else local_root(url)
     if root is None:
         return next(f for f in FORMATS.values() if f.remote)
     for fmt in FORMATS.values():
@@ -51,7 +54,17 @@ def detect_format(url: str | os.PathLike) -> Format:
     raise CacheError(f"no cache at {root}", url=root)
 
 
-def open_cache(url: str | os.PathLike, *, allow_incomplete: bool = False) -> CacheReader:
-    """Open a finished cache for reading, in any format (:func:`detect_format`): a zarr folder or store URL,
-    an HDF5 file, an FFCV folder. Every format offers :class:`cache.reader.CacheReader`."""
-    return detect_format(url).open(url, allow_incomplete=allow_incomplete)
+def open_cache(url: str | os.PathLike | Any, *, allow_incomplete: bool = False,
+               storage_options: Mapping[str, Any] | None = None) -> CacheReader:
+    """Open a finished cache for reading, in any format (:func:`detect_format`): a zarr folder, an object
+    store URL (``s3://bucket/prefix.zarr``; :mod:`cache.stores`) or a store object (zarr's ``ObjectStore``,
+    an obstore store), an HDF5 file, an FFCV folder. ``storage_options``: the store's settings
+    (endpoint, region, credentials, ``allow_http``, ...) where the environment does not give them; kept in
+    memory only. Every format offers :class:`cache.reader.CacheReader`."""
+    fmt = detect_format(url)
+    if storage_options:
+        if not fmt.remote:
+            raise CacheError(f"{stores.location(url)} is a {fmt.name} cache: storage options apply to store URLs",
+                             url=stores.location(url))
+        return fmt.open(url, allow_incomplete=allow_incomplete, storage_options=storage_options)
+    return fmt.open(url, allow_incomplete=allow_incomplete)

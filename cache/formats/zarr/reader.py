@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import zarr
 
+from ... import stores
 from ...errors import CacheChangedError, CacheError
 from ...files import checksum, local_root
 from ...layout import SCALES_GROUP, ByTeacher, Layout
 from ...manifest import MANIFEST_KEY, check_manifest
 from ...reader import CacheReader, Problem
 from . import store as keys
+from .remote import RemoteRowReader
 from .rows import ZarrRowReader
 from .settings import ZarrStorage
-from .shardfile import ShardIndexError, decode_index, direct_format, shard_key
+from .shardfile import ShardIndexError, choose_io, decode_index, direct_format, log_io_choice, shard_key
 
 __all__ = ["ZarrCache", "verify_shards", "stored_bytes"]
 
@@ -90,12 +93,17 @@ class ZarrCache(CacheReader):
 
     format = "zarr"
 
-    def __init__(self, url: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
-        self.url = os.fspath(url)
-        group, unreadable = keys.probe_group(url)
+    def __init__(self, url: str | os.PathLike | Any, *, allow_incomplete: bool = False,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = stores.location(url)
+        self.store = stores.open_store(url, options=storage_options, read_only=True)
+        self.storage_options = dict(storage_options or {})  # kept in memory only, never written
+        group, unreadable = keys.probe_group(url, self.store)
         if unreadable is not None:
             raise CacheError(f"{self.url} is not a readable cache: {unreadable}", url=self.url, remedy="rebuild")
         if group is None:
+            if stores.is_store(url) or stores.scheme_of(url) is not None:
+                stores.check_reachable(self.url, self.store)  # a wrong endpoint or bucket says so
             raise CacheError(f"no cache at {self.url}", url=self.url)
         manifest = group.attrs.get(MANIFEST_KEY)
         if manifest is None:
@@ -106,7 +114,7 @@ class ZarrCache(CacheReader):
         self.layout = self.manifest.layout
         self.storage = ZarrStorage.of(self.layout)
         self.group = group
-        self.root = local_root(self.url)  # the local folder, None for other stores
+        self.root = None if stores.is_store(url) else local_root(self.url)  # the local folder, None for other stores
         self.generation = self.manifest.generation  # None: built before generations were recorded
         try:
             self.latents = group["latents"]
@@ -173,8 +181,17 @@ class ZarrCache(CacheReader):
     def sources(self) -> list[dict[str, Any]]:
         return json.loads(keys.get(self.group, keys.SOURCES_KEY) or b"[]")
 
-    def row_reader(self, name: str) -> ZarrRowReader:
-        return ZarrRowReader(self.array(name), self.root, self.url, complete=self.complete)
+    def row_reader(self, name: str) -> ZarrRowReader | RemoteRowReader:
+        """By byte range from a local folder (:class:`ZarrRowReader`) or an object store
+        (:class:`RemoteRowReader`) where :func:`choose_io` confirms the layout; else through zarr."""
+        array = self.array(name)
+        if self.root is None and isinstance(self.store, zarr.storage.ObjectStore):
+            fmt, reason = choose_io(None, array, ranged=True)
+            nbytes = int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
+            if fmt is not None and fmt.row_nbytes == nbytes:
+                return RemoteRowReader(array, self.store.store, self.url, fmt, complete=self.complete)
+            log_io_choice("reads", self.url, array.path, None, reason or "row sizes disagree")
+        return ZarrRowReader(array, self.root, self.url, complete=self.complete)
 
     def stored_bytes(self) -> dict[str, int]:
         return stored_bytes(self.group)

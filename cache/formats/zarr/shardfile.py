@@ -282,15 +282,16 @@ def shard_key(array: Any, shard: int) -> str:
                        v2_keys=v2).shard_key(shard)
 
 
-def choose_io(root: str | None, array: Any) -> tuple[ShardFormat | None, str]:
+def choose_io(root: str | None, array: Any, *, ranged: bool = False) -> tuple[ShardFormat | None, str]:
     """How one array of a cache is read and written: (its shard format, "") for direct byte-range I/O,
-    or (None, why zarr's own I/O is used). ``root``: the cache's local folder, None for other stores."""
+    or (None, why zarr's own I/O is used). ``root``: the cache's local folder, None for other stores;
+    ``ranged``: the store is an object store the remote reader fetches byte ranges from."""
     if library_io_forced():
         return None, f"forced by {ENV_LIBRARY_IO}=library"
     if zarr_io_forced():
         return None, f"forced by {ENV_IO}=zarr"
-    if root is None:
-        return None, "the store is not a local folder"
+    if root is None and not ranged:
+        return None, "the store is neither a local folder nor an object store"
     return direct_format(array)
 
 

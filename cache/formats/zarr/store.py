@@ -28,6 +28,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from ... import stores
 from ...files import local_root
 
 __all__ = ["IDENTITY_KEY", "CREATED_BY", "SOURCES_KEY", "PROGRESS", "ADDING", "record_key", "record_shard",
@@ -101,18 +102,17 @@ def delete_dir(group: zarr.Group, key: str) -> None:
     sync(group.store.delete_dir(_prefix(group) + key))
 
 
-def store_for(url: str | os.PathLike) -> Any:
-    """A writable zarr store at ``url`` (which need not exist yet), for the keys written before the group."""
-    root = local_root(url)
-    if root is not None:
-        return zarr.storage.LocalStore(root)
-    return zarr.storage.FsspecStore.from_url(os.fspath(url))
+def store_for(url: str | os.PathLike | Any, options: dict[str, Any] | None = None) -> Any:
+    """A writable zarr store at ``url`` (which need not exist yet; a store object as given), through the store
+    layer (:func:`cache.stores.open_store`: settings from the environment and ``options``)."""
+    return stores.open_store(url, options=options)
 
 
-def where(url: str | os.PathLike, key: str) -> str:
+def where(url: str | os.PathLike | Any, key: str) -> str:
     """The file (local caches) or URL of the object ``key`` of the cache at ``url``, for messages."""
-    root = local_root(url)
-    return os.path.join(root, *key.split("/")) if root is not None else f"{os.fspath(url).rstrip('/')}/{key}"
+    text = stores.location(url)
+    root = local_root(text)
+    return os.path.join(root, *key.split("/")) if root is not None else f"{text.rstrip('/')}/{key}"
 
 
 def identity(store: Any) -> dict[str, Any] | None:
@@ -131,18 +131,25 @@ def write_identity(store: Any, marker: dict[str, Any]) -> None:
     store_set(store, IDENTITY_KEY, json.dumps(marker).encode())
 
 
-def probe_group(url: str | os.PathLike) -> tuple[zarr.Group | None, str | None]:
-    """(the zarr group at ``url``, None), (None, None) where there is none, or (None, why it is unreadable)."""
+def probe_group(url: str | os.PathLike | Any, store: Any = None) -> tuple[zarr.Group | None, str | None]:
+    """(the zarr group at ``url``, None), (None, None) where there is none, or (None, why it is unreadable).
+    ``store``: the store of ``url`` (default :func:`store_for`). A store that cannot be reached (endpoint,
+    credentials, bucket) is a :class:`cache.stores.StoreError`, not an unreadable group."""
     try:
-        return zarr.open_group(url, mode="r"), None
+        return zarr.open_group(store if store is not None else store_for(url), mode="r"), None
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None, None
+    except stores.StoreError:
+        raise
     except Exception as e:  # garbage zarr.json and the like
+        err = stores.store_error(stores.location(url), e)
+        if err is not None:
+            raise err from None
         return None, f"{where(url, 'zarr.json')} cannot be read: {type(e).__name__}: {e}"
 
 
-def is_empty(url: str | os.PathLike, store: Any) -> bool:
-    root = local_root(url)
+def is_empty(url: str | os.PathLike | Any, store: Any) -> bool:
+    root = None if stores.is_store(url) else local_root(url)
     if root is not None:
         return not os.path.exists(root) or (os.path.isdir(root) and not os.listdir(root))
     return not _store_list(store, "")
@@ -151,7 +158,7 @@ def is_empty(url: str | os.PathLike, store: Any) -> bool:
 def delete_cache(url: str | os.PathLike, store: Any) -> None:
     """Delete a cache: its identity marker first, so that readers and builds see at once that it is gone."""
     store_delete(store, IDENTITY_KEY)
-    root = local_root(url)
+    root = None if stores.is_store(url) else local_root(url)
     if root is not None:
         shutil.rmtree(root)
     else:

@@ -80,7 +80,7 @@ class Target:
 def survey(url: str | os.PathLike, store: Any) -> Target:
     """What is at ``url`` (see :class:`Target`)."""
     ours = keys.identity(store) is not None
-    group, unreadable = keys.probe_group(url)
+    group, unreadable = keys.probe_group(url, store)
     if group is not None:
         old = group.attrs.get(MANIFEST_KEY)
         if old is None:
@@ -292,7 +292,7 @@ class CacheWriter:
                                      teachers=list(old["adding"]))
         diffs = manifest_diff(old, manifest)
         if not diffs:
-            return cls(url, zarr.open_group(url, mode="r+"), _typed(url, old)), True
+            return cls(url, zarr.open_group(keys.store_for(url), mode="r+"), _typed(url, old)), True
         try:
             addition = _addition(url, old, manifest)
         except CacheMismatchError:
@@ -333,7 +333,7 @@ class CacheWriter:
     def _begin_addition(cls, url: str, old: dict[str, Any], adding: dict[str, Any]) -> CacheWriter:
         """Record the teachers to add in the manifest (first: from then on their arrays are provably ours),
         then create their arrays. A resumed addition keeps its arrays and progress records."""
-        group = zarr.open_group(url, mode="r+")
+        group = zarr.open_group(keys.store_for(url), mode="r+")
         fresh = "adding" not in old
         if fresh:
             _logger.info("%s: adding teacher(s) %s to the finished cache", url, ", ".join(adding))
@@ -362,7 +362,7 @@ class CacheWriter:
         if group is None or keys.identity(keys.store_for(url)) is None:
             raise CacheError(f"{url} is not a cache this program created" + (f" ({unreadable})" if unreadable else ""),
                              url=url)
-        group = zarr.open_group(url, mode="r+")
+        group = zarr.open_group(keys.store_for(url), mode="r+")
         stored = group.attrs.get(MANIFEST_KEY)
         manifest = _typed(url, stored)
         pending = dict(manifest.pending)
@@ -402,7 +402,7 @@ class CacheWriter:
     @classmethod
     def open(cls, url: str | os.PathLike) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
-        group = zarr.open_group(url, mode="r+")
+        group = zarr.open_group(keys.store_for(url), mode="r+")
         return cls(url, group, _typed(url, group.attrs[MANIFEST_KEY]))
 
     # -- progress -------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""Single rows of one zarr array in an object store, by byte range: the remote twin of
+:class:`cache.formats.zarr.rows.ZarrRowReader`'s direct path.
+
+Per shard object the reader asks the store once for its size and ETag, reads its index (the last
+``index_nbytes`` bytes) and checks it (:func:`cache.formats.zarr.shardfile.decode_index`: crc32c, every
+chunk inside the object), and keeps both. Rows are then fetched as byte ranges: the rows one read needs
+from a shard are sorted and neighbouring ones merged into pieces (gaps up to ``max_gap`` bytes read and
+dropped, pieces up to ``max_piece`` bytes), all pieces of all shards in flight at once (obstore's async
+``get``, at most ``concurrency`` requests), each piece conditional on the ETag the index was read with.
+
+Never a wrong row: an object replaced since its index was read fails its condition
+(:class:`cache.errors.CacheChangedError`), a piece shorter than asked is damage
+(:class:`cache.errors.ShardReadError`), a missing object of a finished cache is damage naming it.
+Transient failures (connection errors, timeouts, 5xx, throttling) are retried with exponential backoff and
+counted (:attr:`RemoteRowReader.retries`); one that persists after ``attempts`` tries is a
+:class:`cache.stores.StoreError` naming the object. Any other failure (a layout this code does not know)
+switches the array to zarr's own path for good (logged once): the guarded fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+from zarr.core.sync import sync
+
+from ... import stores
+from ...errors import CacheChangedError, CacheError, ShardReadError
+from .rows import ZarrRowReader
+from .shardfile import EMPTY_CHUNK, ShardFormat, ShardIndexError, decode_index, log_io_choice
+
+__all__ = ["RemoteRowReader", "coalesce"]
+
+_EMPTY = np.uint64(EMPTY_CHUNK)
+
+
+def coalesce(starts: np.ndarray, size: int, *, max_gap: int, max_piece: int) -> list[tuple[int, int, np.ndarray]]:
+    """Pieces ``(lo, hi, members)`` covering byte ranges ``[starts[i], starts[i] + size)``: sorted, a range
+    joins the current piece when the gap before it is at most ``max_gap`` bytes and the piece stays within
+    ``max_piece`` bytes (a single range may pass it); ``members``: indices into ``starts``."""
+    order = np.argsort(starts, kind="stable")
+    pieces: list[tuple[int, int, list[int]]] = []
+    for i in order.tolist():
+        s = int(starts[i])
+        if pieces and s - pieces[-1][1] <= max_gap and max(pieces[-1][1], s + size) - pieces[-1][0] <= max_piece:
+            lo, hi, members = pieces[-1]
+            pieces[-1] = (lo, max(hi, s + size), members + [i])
+        else:
+            pieces.append((s, s + size, [i]))
+    return [(lo, hi, np.asarray(m, dtype=np.int64)) for lo, hi, m in pieces]
+
+
+class _Shard:
+    __slots__ = ("index", "etag", "size", "key")
+
+    def __init__(self, index: np.ndarray, etag: str | None, size: int, key: str) -> None:
+        self.index, self.etag, self.size, self.key = index, etag, size, key
+
+
+class RemoteRowReader:
+    """Reads single rows (one variant each) of one array of a zarr cache in an object store into a batch.
+    ``array``: the zarr array (its path and metadata; zarr's path for the fallback); ``store``: the obstore
+    store whose prefix is the cache; ``fmt``: the array's shard format (:func:`shardfile.direct_format`)."""
+
+    def __init__(self, array: Any, store: Any, url: str, fmt: ShardFormat, *, complete: bool = True,
+                 concurrency: int = 32, max_gap: int = 1 << 16, max_piece: int = 8 << 20, attempts: int = 5,
+                 backoff: float = 0.2) -> None:
+        self.array, self.store, self.url, self.fmt, self.complete = array, store, url, fmt, complete
+        self.row_shape = tuple(array.shape[1:])
+        self.variant_shape = self.row_shape[1:]
+        self.dtype = np.dtype(array.dtype)
+        self.variant_nbytes = int(np.prod(self.variant_shape)) * self.dtype.itemsize
+        self.row_nbytes = self.variant_nbytes * self.row_shape[0]
+        self.concurrency, self.max_gap, self.max_piece = concurrency, max_gap, max_piece
+        self.attempts, self.backoff = attempts, backoff
+        self.retries = 0  # transient failures retried
+        self.requests = 0  # GETs and HEADs sent (retries included)
+        self.index_reads = 0  # shard indexes read (once per shard)
+        self._shards: dict[int, asyncio.Future] = {}  # shard -> its index read (kept)
+        self._lock = threading.Lock()
+        self._fallback: ZarrRowReader | None = None
+        log_io_choice("reads", url, array.path, fmt, "")
+
+    @property
+    def direct(self) -> bool:
+        return self._fallback is None
+
+    def close(self) -> None:
+        if self._fallback is not None:
+            self._fallback.close()
+
+    # -- requests ---------------------------------------------------------------------------
+    def _where(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+    async def _call(self, key: str, make: Any) -> Any:
+        """One request, retried with backoff while it fails transiently; typed errors for the rest."""
+        import obstore.exceptions as ox
+
+        for attempt in range(self.attempts):
+            with self._lock:
+                self.requests += 1
+            try:
+                return await make()
+            except (ox.NotFoundError, FileNotFoundError):
+                raise ShardReadError(f"{self._where(key)} is missing from the finished cache {self.url}: the cache is "
+                                     f"damaged; run `python -m cache.inspect {self.url} --verify`", url=self.url,
+                                     where=self._where(key)) from None
+            except ox.PreconditionError:
+                raise CacheChangedError(f"{self._where(key)} changed while it was being read (its ETag is not the one "
+                                        "its index was read with)", url=self.url) from None
+            except (ox.PermissionDeniedError, ox.UnauthenticatedError) as e:
+                raise stores.store_error(self.url, e) or stores.StoreError(
+                    f"{self._where(key)}: the store refused the request: {e}", url=self.url) from None
+            except (ox.GenericError, ConnectionError, TimeoutError, OSError) as e:
+                if attempt + 1 == self.attempts:
+                    raise stores.StoreError(
+                        f"{self._where(key)}: reading it failed {self.attempts} times "
+                        f"({stores._one_line(e)})", url=self.url, reason=stores._one_line(e)) from None
+                with self._lock:
+                    self.retries += 1
+                await asyncio.sleep(self.backoff * 2 ** attempt)
+
+    async def _shard(self, shard: int) -> _Shard:
+        """The shard's kept index; read once, however many reads ask for it at the same time (every
+        coroutine runs on zarr's one event loop, so the check and the insertion below cannot interleave)."""
+        got = self._shards.get(shard)
+        if got is None:
+            got = self._shards[shard] = asyncio.ensure_future(self._read_index(shard))
+        try:
+            return await asyncio.shield(got)
+        except BaseException:
+            if self._shards.get(shard) is got and got.done():
+                del self._shards[shard]  # a failed read is not kept: the next read asks again
+            raise
+
+    async def _read_index(self, shard: int) -> _Shard:
+        import obstore
+
+        key = f"{self.array.path}/{self.fmt.shard_key(shard)}"
+        n = self.fmt.index_nbytes
+
+        async def tail_of() -> tuple[dict[str, Any], bytes]:  # one request: the index, the size and the ETag
+            result = await obstore.get_async(self.store, key, options={"range": {"suffix": n}})
+            return result.meta, bytes(await result.bytes_async())
+
+        meta, tail = await self._call(key, tail_of)
+        size, etag = int(meta["size"]), meta.get("e_tag")
+        try:
+            index = decode_index(self.fmt, tail, file_size=size, what=self._where(key))
+        except ShardIndexError as e:
+            raise ShardReadError(f"{e}: the cache is damaged; run `python -m cache.inspect {self.url} --verify` and "
+                                 "rebuild the shards it names", url=self.url, where=self._where(key)) from None
+        with self._lock:
+            self.index_reads += 1
+        return _Shard(index, etag, size, key)
+
+    async def _get(self, key: str, lo: int, hi: int, etag: str | None) -> bytes:
+        import obstore
+
+        options: dict[str, Any] = {"range": (lo, hi)}
+        if etag:
+            options["if_match"] = etag
+
+        async def fetch() -> bytes:
+            result = await obstore.get_async(self.store, key, options=options)
+            return bytes(await result.bytes_async())
+
+        data = await self._call(key, fetch)
+        if len(data) != hi - lo:
+            raise ShardReadError(f"{self._where(key)}: bytes {lo}..{hi} came back as {len(data)} bytes: the object is "
+                                 "shorter than its index says; the cache is damaged", url=self.url,
+                                 where=self._where(key))
+        return data
+
+    async def _read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        fmt = self.fmt
+        shards, within = np.divmod(rows, fmt.shard_rows)
+        chunks, k = np.divmod(within, fmt.chunk_rows)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        limit = asyncio.Semaphore(self.concurrency)
+        infos = await asyncio.gather(*(self._shard(s) for s in np.unique(shards).tolist()))
+        by_shard = {s: info for s, info in zip(np.unique(shards).tolist(), infos)}
+
+        async def piece(info: _Shard, lo: int, hi: int, members: np.ndarray, starts: np.ndarray) -> None:
+            async with limit:
+                data = np.frombuffer(await self._get(info.key, lo, hi, info.etag), dtype=np.uint8)
+            for i, s in zip(members.tolist(), (starts[members] - lo).tolist()):
+                flat[i] = data[s:s + self.variant_nbytes]
+
+        jobs = []
+        for shard, info in by_shard.items():
+            sel = np.flatnonzero(shards == shard)
+            entries = info.index[chunks[sel], 0]
+            empty = entries == _EMPTY
+            out[sel[empty]] = 0  # a chunk never stored: all fill value (0)
+            sel = sel[~empty]
+            if not len(sel):
+                continue
+            starts = (info.index[chunks[sel], 0].astype(np.int64) + k[sel] * self.row_nbytes
+                      + variants[sel] * self.variant_nbytes)
+            at = np.zeros(len(rows), dtype=np.int64)  # byte offset of each row of the read in its object
+            at[sel] = starts
+            for lo, hi, members in coalesce(starts, self.variant_nbytes, max_gap=self.max_gap,
+                                            max_piece=self.max_piece):
+                jobs.append(piece(info, lo, hi, sel[members], at))
+        await asyncio.gather(*jobs)
+
+    def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = array[rows[i], variants[i]]."""
+        if self._fallback is None:
+            try:
+                sync(self._read(np.asarray(rows, dtype=np.int64), np.asarray(variants, dtype=np.int64), out))
+                return
+            except CacheError:  # damage, a changed object, the store: never papered over
+                raise
+            except Exception as e:  # not damage: a layout or client this code does not know; zarr is correct
+                log_io_choice("reads", self.url, self.array.path, None,
+                              f"a ranged read failed ({type(e).__name__}: {e})", fell_back=True)
+                self._fallback = ZarrRowReader(self.array, None, self.url, complete=self.complete)
+        self._fallback.read(rows, variants, out)
+
