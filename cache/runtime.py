@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 __all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "claim_folder", "configure_device",
-           "file_sha256", "make_accelerator", "resolve_device", "setup_logging", "write_json"]
+           "file_sha256", "join_world", "launched_world", "make_accelerator", "resolve_device", "setup_logging",
+           "single_process", "write_json"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -52,15 +53,65 @@ def apply_precision(precision: str, device: torch.device) -> torch.dtype | None:
     return dtype
 
 
+def launched_world() -> tuple[int, str]:
+    """How many processes the launcher says this one is part of, and the variable that says so: ``WORLD_SIZE``
+    (torchrun, ``accelerate launch``; SLURM jobs that start torchrun per node too), else 1. SLURM tasks started
+    without it (``srun`` with ``SLURM_NTASKS`` > 1 and a ``SLURM_PROCID``) cannot be joined, since nothing says
+    where rank 0 listens: SetupError, so that they never run as N copies of one process."""
+    env = os.environ
+    if env.get("WORLD_SIZE"):
+        try:
+            n = int(env["WORLD_SIZE"])
+        except ValueError:
+            raise SetupError(f"WORLD_SIZE={env['WORLD_SIZE']!r} is not a number of processes") from None
+        return n, f"WORLD_SIZE={n}"
+    tasks = env.get("SLURM_NTASKS", "1")
+    if "SLURM_PROCID" in env and tasks.isdigit() and int(tasks) > 1:
+        raise SetupError(f"SLURM started {tasks} tasks (SLURM_NTASKS={tasks}, this is SLURM_PROCID="
+                         f"{env['SLURM_PROCID']}), but without torchrun's variables (WORLD_SIZE, RANK, MASTER_ADDR) "
+                         "they cannot form one group and would each do all the work: start one torchrun per node "
+                         "(srun --ntasks-per-node 1 torchrun ...), or run a single task (srun --ntasks 1)")
+    return 1, ""
+
+
+def join_world(device: str) -> Any:
+    """accelerate's PartialState for ``device`` ("auto", "cpu", "cuda", "cuda:N"), joined to the world the
+    launcher started (:func:`launched_world`): with "auto" on a machine without CUDA, the launched processes
+    join on the CPU (gloo) instead of each running alone. SetupError if the state's world is not the launched
+    one (``--device cuda`` without CUDA, say), before anything is read or written."""
+    from accelerate import PartialState
+
+    launched, source = launched_world()
+    cpu = device == "cpu" or (device == "auto" and launched > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if state.num_processes != launched:
+        raise SetupError(f"the launcher started {launched} processes ({source}), but this one joined a group of "
+                         f"{state.num_processes} on {state.device} (--device {device}): choose a --device every "
+                         "process has (cpu joins them on the CPU), or launch a single process")
+    return state
+
+
+def single_process(what: str) -> None:
+    """SetupError if the launcher started several processes: ``what`` runs as one (N copies would each do all
+    the work and write the same outputs)."""
+    launched, source = launched_world()
+    if launched > 1:
+        raise SetupError(f"{what} runs as one process, but the launcher started {launched} ({source}): run it "
+                         "without torchrun or accelerate launch")
+
+
 def make_accelerator(device: str, precision: str) -> tuple[Any, torch.device, torch.dtype | None]:
-    """The Accelerator for ``device`` ("auto", "cpu", "cuda"; one process or a launched group), its configured
-    device and the autocast dtype of ``precision`` (:func:`apply_precision`)."""
+    """The Accelerator for ``device`` ("auto", "cpu", "cuda"; one process or a launched group, joined as
+    :func:`join_world` says), its configured device and the autocast dtype of ``precision``
+    (:func:`apply_precision`)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
+    state = join_world(device)
     # Precision and compilation are the entry point's to decide, whatever `accelerate config` says;
     # the RoPE and position tables are constants, so DDP need not broadcast buffers every step.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no", dynamo_backend="no", kwargs_handlers=[ddp])
+    cpu = device == "cpu" or (state.num_processes > 1 and state.device.type == "cpu")  # as join_world chose
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no", dynamo_backend="no", kwargs_handlers=[ddp])
     dev = configure_device(accelerator.device)
     return accelerator, dev, apply_precision(precision, dev)
 

@@ -47,7 +47,7 @@ from cache.quant import (
     quantize_tokens,
     token_cosine,
 )
-from cache.runtime import apply_precision, configure_device, setup_logging
+from cache.runtime import SetupError, apply_precision, configure_device, join_world, setup_logging
 from cache.store import CacheError, CacheWriter, Layout, local_root, stored_bytes
 
 from .decode import DecodedImages
@@ -401,9 +401,7 @@ def _broadcast(obj: Any, state: Any) -> Any:
 
 def build(cfg: BuildConfig) -> Manifest:
     """Run (or resume) a build; returns the final manifest. Every rank calls this."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = join_world(cfg.device)  # the launcher's processes as one group, or SetupError
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     device = configure_device(device)
@@ -612,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         build(cfg)
-    except (CacheError, WeightsUnavailable) as e:
+    except (CacheError, WeightsUnavailable, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -41,7 +41,14 @@ import numpy as np
 import torch
 
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import apply_precision, resolve_device, setup_logging, write_json
+from cache.runtime import (
+    SetupError,
+    apply_precision,
+    resolve_device,
+    setup_logging,
+    single_process,
+    write_json,
+)
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
@@ -460,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg, dry_run = parse_config(EvalConfig, argv, positional=("samples", "reference"))
     if dry_run:
         return 0
+    try:
+        single_process("tools.evaluate")  # before the log file: N launched copies would each do all the work
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log = cfg.log or os.path.join(os.path.dirname(os.path.abspath(cfg.json or cfg.samples)), "evaluate.log")
     setup_logging(0, log)
     try:
