@@ -14,16 +14,19 @@ Precision means the same in every entry point (``pipeline.build``, ``trainer.tra
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "SetupError", "apply_precision", "autocast_dtype", "claim_folder", "configure_device",
-           "file_sha256", "join_world", "launched_world", "make_accelerator", "resolve_device", "setup_logging",
+__all__ = ["LOCK_FILE", "PRECISIONS", "FolderBusy", "FolderLock", "SetupError", "apply_precision", "autocast_dtype",
+           "broadcast_from_rank0", "claim_folder", "configure_device", "file_sha256", "join_world", "lock_folder", "launched_world", "make_accelerator", "resolve_device", "setup_logging",
            "single_process", "write_json"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -162,16 +165,92 @@ def write_json(path: str, data: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
-def claim_folder(out: str, *, marker: str, kind: str, legacy_keys: frozenset[str]) -> None:
+#: The lock file :func:`lock_folder` keeps in a folder while a process writes there.
+LOCK_FILE = "urepa.lock"
+
+
+class FolderBusy(SetupError):
+    """Another process holds the lock of a folder; ``holder`` is what its lock file says (pid, host, what, since)."""
+
+    def __init__(self, message: str, holder: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class FolderLock:
+    """An exclusive ``fcntl.flock`` on ``FOLDER/urepa.lock``, held until :meth:`release` (or the end of a
+    ``with`` block, or the process). The kernel drops the lock when the process ends in any way, SIGKILL and
+    a crash included, so a dead holder never leaves the folder locked: the stale file stays, but it locks
+    nothing, and the next writer takes it over. flock is local to one machine on most network file systems
+    (NFSv4 emulates it with byte-range locks; Lustre needs the ``flock`` mount option)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_folder(folder: str, *, what: str) -> FolderLock:
+    """Take the lock of ``folder`` (an existing folder) for ``what`` ("training run", ...), or raise
+    :class:`FolderBusy` at once, naming the holder (pid, host, what, since) from the lock file. Generic: any
+    entry point writing into a folder may use it (one lock file per folder, whatever writes there)."""
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SetupError(f"{folder} is not writable ({e.strerror or e}): fix its permissions or choose another "
+                         "folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:  # being written this instant
+            holder = {}
+        os.close(fd)
+        who = (f"{holder.get('what', 'another process')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+               f"since {holder.get('since', '?')})")
+        raise FolderBusy(f"{folder} is in use by {who}: wait for it to finish or stop it; two writers would mix "
+                         f"their outputs. The lock ({path}) goes with that process, even if it is killed",
+                         holder) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    return FolderLock(path, fd)
+
+
+def broadcast_from_rank0(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object; ``obj`` itself with one process)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def claim_folder(out: str, *, marker: str, kind: str, legacy_keys: frozenset[str], lock: bool = False
+                 ) -> FolderLock | None:
     """Make sure the output folder ``out`` is ours before anything is written into it: absent, empty, or
     holding our ``marker`` (or an older output whose config.json, a dict, holds ``legacy_keys``); then
     write the marker (``kind`` and a version), which also proves the folder writable. Anything else is
-    refused with a sentence and left untouched."""
+    refused with a sentence and left untouched. With ``lock``, the folder's :func:`lock_folder` is taken
+    before the marker is written and returned (:class:`FolderBusy` if another process holds it); the caller
+    keeps it while it writes there."""
     if os.path.lexists(out) and not os.path.isdir(out):
         raise SetupError(f"--out {out} is a file, not a folder: choose another --out")
     path = os.path.join(out, marker)
     if os.path.isdir(out) and not os.path.exists(path):
-        entries = sorted(os.listdir(out))
+        entries = sorted(set(os.listdir(out)) - {LOCK_FILE})  # a concurrent claim's lock: still empty
         try:
             with open(os.path.join(out, "config.json")) as f:
                 old = json.load(f)
@@ -182,12 +261,17 @@ def claim_folder(out: str, *, marker: str, kind: str, legacy_keys: frozenset[str
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise SetupError(f"--out {out} is not empty ({shown}) and holds no {marker}, so it is not a {kind} "
                              "of ours; nothing was written there: choose a new or empty folder")
+    held = None
     try:
         os.makedirs(out, exist_ok=True)
+        held = lock_folder(out, what=kind) if lock else None
         write_json(path, {"format": f"urepa-{kind.replace(' ', '-')}", "version": 1})
     except OSError as e:
+        if held is not None:
+            held.release()
         raise SetupError(f"--out {out} is not writable ({e.strerror or e}): fix its permissions or choose another "
                          "--out") from None
+    return held
 
 
 def file_sha256(path: str) -> str:

@@ -27,7 +27,7 @@ from trainer.checkpoint import (
 )
 from trainer.metrics import read_metrics
 from trainer.run import load_run_model
-from trainer.train import TrainConfig, main, train
+from trainer.train import NonFiniteError, TrainConfig, main, train
 
 TINY = dict(model="tiny", batch_size=8, precision="fp32", device="cpu", log_every=1, ckpt_every=2, keep_ckpts=0,
             loader_workers=2, tensorboard=False, lr=1e-3)
@@ -137,9 +137,13 @@ def test_skip_nonfinite_skips_without_updating_then_stops(base_run, tmp_path, ca
 
 
 def test_a_huge_learning_rate_never_writes_a_nan_checkpoint(built_cache, tmp_path, capsys):
-    assert main(cli(built_cache, tmp_path / "r", "--steps", "6", "--lr", "1e30")) == 2
-    err = capsys.readouterr().err
-    assert "not finite" in err and "lower --lr" in err
+    with pytest.raises(SystemExit):  # outside --lr's range
+        main(cli(built_cache, tmp_path / "r0", "--steps", "6", "--lr", "1e30"))
+    assert "--lr must be from 0 to 1" in capsys.readouterr().err and not (tmp_path / "r0").exists()
+    cfg = TrainConfig(cache=str(built_cache), out=str(tmp_path / "r"), **{**TINY, "steps": 6})
+    object.__setattr__(cfg, "lr", 1e30)  # past the range check: the step's own guard must still hold
+    with pytest.raises(NonFiniteError, match="not finite.*lower --lr"):
+        train(cfg)
     for folder in (tmp_path / "r" / "checkpoints").glob("step-*"):
         assert all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values())
 

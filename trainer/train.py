@@ -47,8 +47,10 @@ import cache as cache_lib
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.quant import dequantize_tokens
 from cache.runtime import (
+    FolderLock,
     SetupError,
     autocast_dtype,
+    broadcast_from_rank0,
     claim_folder,
     make_accelerator,
     setup_logging,
@@ -447,21 +449,41 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def claim_run_dir(out: str) -> None:
-    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`); an older run's
-    config.json (train, model, cache) counts as ours."""
-    claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}))
+def claim_run_dir(out: str) -> FolderLock:
+    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`) and hold its lock (FolderBusy
+    naming the holder if another training writes there); an older run's config.json (train, model, cache)
+    counts as ours."""
+    lock = claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}),
+                        lock=True)
+    assert lock is not None
+    return lock
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
     accelerator, device, _ = make_accelerator(cfg.device, cfg.precision)
     rank = accelerator.process_index
+    cache = cache_lib.open_cache(cfg.cache)  # before the folder is claimed: a missing cache leaves no run folder
+    problem, lock = "", None
     if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
-        claim_run_dir(cfg.out)  # before the log file goes there
-    accelerator.wait_for_everyone()
+        try:
+            lock = claim_run_dir(cfg.out)  # before the log file goes there
+        except SetupError as e:
+            problem = str(e)
+    problem = broadcast_from_rank0(problem, accelerator.num_processes)  # every rank stops, none waits forever
+    if problem:
+        raise SetupError(problem)
+    try:
+        return _train(cfg, cache, accelerator, device, rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device, rank: int
+           ) -> dict[str, Any]:
+    """:func:`train` once the run folder is claimed and locked."""
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
-    cache = cache_lib.open_cache(cfg.cache)
     trainer = Trainer(cfg, cache, accelerator, device)
     record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
                        cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
