@@ -409,11 +409,18 @@ def build(cfg: BuildConfig) -> Manifest:
     _setup_logging(rank, cfg.out)
     t0 = time.time()
 
-    vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
     result: tuple[str, str] = ("ok", "")
+    if rank == 0:  # SOURCE first: a folder without classes or images is refused before the encoders load
+        try:
+            listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit, exclude=local_root(cfg.out))
+        except (FileNotFoundError, ValueError) as e:
+            result = ("error", str(e))
+    result = _broadcast(result, state)
+    if result[0] == "error":
+        raise CacheError(result[1])
+    vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
     if rank == 0:
         try:
-            listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
             calibration = calibrate(cfg, listing, teachers, device, autocast)
             manifest = make_manifest(cfg, listing, vae_info, teacher_infos, calibration)
             layout = manifest.layout
@@ -437,7 +444,7 @@ def build(cfg: BuildConfig) -> Manifest:
         writer = CacheWriter.open(cfg.out)
     if writer.manifest.is_complete and not writer.adding:
         _logger.info("cache %s is already complete; nothing to do", cfg.out)
-        return writer.manifest
+        return refuse_empty(writer.manifest, cfg.out)
 
     layout = writer.layout
     adding = writer.adding  # teachers added to a finished cache: the VAE is not run, the rows stay as they are
@@ -513,6 +520,18 @@ def build(cfg: BuildConfig) -> Manifest:
         for s in manifest.skipped_files[:20]:
             _logger.info("skipped row %d %s: %s", s.row, s.path, s.reason)
     state.wait_for_everyone()
+    return refuse_empty(manifest, cfg.out) if rank == 0 else manifest
+
+
+def refuse_empty(manifest: Manifest, out: str) -> Manifest:
+    """``manifest``, or CacheError if every one of its rows was skipped: such a cache holds no data (zeros and
+    label -1 throughout), and a build that made it has failed, whatever was written."""
+    skipped = manifest.skipped_files
+    if manifest.layout is not None and skipped and len(skipped) >= manifest.layout.num_rows:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
+        raise CacheError(f"every one of the {len(skipped)} images of SOURCE was skipped (e.g. {reasons}), so {out} "
+                         "holds no data: fix the images (or point SOURCE at the right folder) and rerun with "
+                         "--overwrite")
     return manifest
 
 

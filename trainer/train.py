@@ -59,6 +59,7 @@ from cache.runtime import (
 
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     checkpoints,
     clean_partial,
     load_checkpoint,
@@ -575,6 +576,8 @@ def _train(cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: t
                         try:
                             path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch,
                                                                  "skipped_nonfinite": skipped})
+                        except CheckpointWriteError:  # a full disk or a read-only folder: one line, as it says
+                            raise
                         except CheckpointError as e:  # non-finite weights: nothing written, nothing pruned
                             raise NonFiniteError(f"{e}; training stops, the checkpoints in {ckpt_dir} are "
                                                  "intact. Lower --lr or check the cache for NaN values") from None
@@ -630,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(cfg)
-    except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError) as e:
+    except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError, cache_lib.ShardReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
