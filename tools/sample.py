@@ -23,7 +23,8 @@ writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the re
 the identity of the model (run, checkpoint step, weights sha256) and of the VAE, and ``upstream``: whether
 the cache's VAE, its teacher or the decoding VAE had random weights; OUT/log.txt the log.
 OUT/urepa-samples.json, written first, marks the folder as ours: a non-empty OUT without it is
-refused and left untouched. A part that a rerun cannot read (cut short by a full disk, say) is
+refused and left untouched; OUT/urepa.lock is held while a sampling writes there (a second one into the
+same OUT stops at once naming it). A part that a rerun cannot read (cut short by a full disk, say) is
 moved aside to ``<name>.bad`` with a warning and its images are sampled again.
 
 Latents: the model samples x = (z - shift) * scale (the run's --latent-scale/--latent-shift), the

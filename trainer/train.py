@@ -24,7 +24,9 @@ update); no checkpoint with non-finite weights is ever written.
 
 Outputs in OUT: urepa-run.json (marks the folder as a run, written first: a non-empty folder without
 it is refused), config.json (the resolved config, model and cache identity), log.txt,
-metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000).
+metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000),
+urepa.lock (held while a training writes there: a second one into the same folder, a resume while the
+first still runs, stops at once naming it; the lock goes with its process, even a killed one).
 """
 
 from __future__ import annotations

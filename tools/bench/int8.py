@@ -122,7 +122,7 @@ class BenchInt8Config:
     group: int = field(default=128, metadata={
         "min": 1, "max": 1 << 16, "help": "channels per scale of the group rule"})
     clip: float = field(default=8.0, metadata={
-        "min": 1.0, "max": 1000.0, "help": "clip rule: the scale is min(absmax, clip x token RMS) / 127"})
+        "min": 1.0, "max": 1e9, "help": "clip rule: the scale is min(absmax, clip x token RMS) / 127"})
     student_cos: float = field(default=0.6, metadata={
         "min": -1.0, "max": 1.0, "help": "cosine of the aligned student to the teacher tokens"})
     student_noise: float = field(default=0.5, metadata={
