@@ -51,7 +51,7 @@ demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -
 test: setup ## the whole test suite (CPU)
 	$(PY) -m pytest -q $(ARGS)
 
-test-newest: setup ## the whole suite on Python 3.13 with the newest zarr, in a Debian 13 folder (root; ~3 GB of wheels)
+test-newest: setup ## the whole suite on Python 3.13 as users install it (pip install '.[dev,ffcv]', newest versions in bounds), in a Debian 13 folder (root, network; ~10 GB)
 	bash tools/bench/test_newest.sh $(ARGS)
 
 test-fast: setup ## the tests without the multi-process / subprocess / compile ones

@@ -53,7 +53,14 @@ from cache.quant import (
     quantize_tokens,
     token_cosine,
 )
-from cache.runtime import apply_precision, autocast_dtype, configure_device, setup_logging
+from cache.runtime import (
+    SetupError,
+    apply_precision,
+    autocast_dtype,
+    configure_device,
+    join_world,
+    setup_logging,
+)
 
 from .decode import DecodedImages
 from .encoders import (
@@ -449,9 +456,7 @@ def _broadcast(obj: Any, state: Any) -> Any:
 
 def build(cfg: BuildConfig) -> Manifest:
     """Run (or resume) a build; returns the final manifest. Every rank calls this."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = join_world(cfg.device)  # the launcher's processes as one group, or SetupError
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device in ("auto", "cuda") else torch.device(cfg.device)
     device = configure_device(device)
@@ -459,11 +464,18 @@ def build(cfg: BuildConfig) -> Manifest:
     _setup_logging(rank, cfg.out)
     t0 = time.time()
 
-    vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
     result: tuple[str, str] = ("ok", "")
+    if rank == 0:  # SOURCE first: a folder without classes or images is refused before the encoders load
+        try:
+            listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit, exclude=local_root(cfg.out))
+        except (FileNotFoundError, ValueError) as e:
+            result = ("error", str(e))
+    result = _broadcast(result, state)
+    if result[0] == "error":
+        raise CacheError(result[1])
+    vae_info, vae, teachers, teacher_infos = load_encoders(cfg)
     if rank == 0:
         try:
-            listing = list_image_folder(cfg.source, classes=cfg.classes, limit=cfg.limit)
             calibration = calibrate(cfg, listing, teachers, device)
             manifest = make_manifest(cfg, listing, vae_info, teacher_infos, calibration)
             layout = manifest.layout
@@ -490,7 +502,7 @@ def build(cfg: BuildConfig) -> Manifest:
         writer = CacheWriter.open(cfg.out)
     if writer.manifest.is_complete and not writer.adding:
         _logger.info("cache %s is already complete; nothing to do", cfg.out)
-        return writer.manifest
+        return refuse_empty(writer.manifest, cfg.out)
 
     layout = writer.layout
     adding = writer.adding  # teachers added to a finished cache: the VAE is not run, the rows stay as they are
@@ -573,6 +585,18 @@ def build(cfg: BuildConfig) -> Manifest:
         for s in manifest.skipped_files[:20]:
             _logger.info("skipped row %d %s: %s", s.row, s.path, s.reason)
     state.wait_for_everyone()
+    return refuse_empty(manifest, cfg.out) if rank == 0 else manifest
+
+
+def refuse_empty(manifest: Manifest, out: str) -> Manifest:
+    """``manifest``, or CacheError if every one of its rows was skipped: such a cache holds no data (zeros and
+    label -1 throughout), and a build that made it has failed, whatever was written."""
+    skipped = manifest.skipped_files
+    if manifest.layout is not None and skipped and len(skipped) >= manifest.layout.num_rows:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:2])
+        raise CacheError(f"every one of the {len(skipped)} images of SOURCE was skipped (e.g. {reasons}), so {out} "
+                         "holds no data: fix the images (or point SOURCE at the right folder) and rerun with "
+                         "--overwrite")
     return manifest
 
 
@@ -687,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         build(cfg)
-    except (CacheError, WeightsUnavailable) as e:
+    except (CacheError, WeightsUnavailable, SetupError) as e:
         print(f"error: {explain(e, source=cfg.source)}", file=sys.stderr)
         return 2
     except OSError as e:

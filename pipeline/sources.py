@@ -63,9 +63,12 @@ def file_size(path: Path) -> tuple[int, str]:
         return -1, "symlink loop" if e.errno == errno.ELOOP else f"cannot stat: {e.strerror or e}"
 
 
-def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int = 0) -> SourceListing:
+def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int = 0,
+                      exclude: str | os.PathLike | None = None) -> SourceListing:
     """Classes are the sub-folders of ``root`` sorted by name (label = position); images are the
     entries with an image extension under each class folder, at any depth, sorted by path.
+    ``exclude`` (the cache being built, which may live inside SOURCE) is left out wherever it is, so that it
+    never becomes a class or a sub-folder of one.
 
     An entry named like an image is listed whatever it is (a directory called ``x.jpg`` too, a
     dangling symlink or a link loop, with size -1), so that the build can record it as skipped
@@ -75,7 +78,13 @@ def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int =
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"SOURCE {root} is not a folder")
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    skip = os.path.realpath(exclude) if exclude is not None else None
+
+    def excluded(path: str | os.PathLike) -> bool:
+        return skip is not None and os.path.realpath(path) == skip
+
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                   and not excluded(e.path))
     if not names:
         raise ValueError(f"SOURCE {root} has no class folders (expected SOURCE/<class_name>/<image>)")
     if classes:
@@ -96,7 +105,7 @@ def list_image_folder(root: str | os.PathLike, *, classes: int = 0, limit: int =
                     full = Path(dirpath) / entry
                     size = 0 if is_dir else file_size(full)[0]
                     found.append({"path": full.relative_to(root).as_posix(), "size": size, "label": label})
-                elif is_dir:
+                elif is_dir and not excluded(os.path.join(dirpath, entry)):
                     keep_dirs.append(entry)
             dirnames[:] = keep_dirs
         found.sort(key=lambda f: f["path"])

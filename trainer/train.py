@@ -33,7 +33,9 @@ an uninterrupted one in fp16 too.
 
 Outputs in OUT: urepa-run.json (marks the folder as a run, written first: a non-empty folder without
 it is refused), config.json (the resolved config, model and cache identity), log.txt,
-metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000).
+metrics.jsonl, tensorboard/, losses.png, checkpoints/step-<8-digit step>/ (e.g. step-00010000),
+urepa.lock (held while a training writes there: a second one into the same folder, a resume while the
+first still runs, stops at once naming it; the lock goes with its process, even a killed one).
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ from cache.cli.advice import explain
 from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.quant import dequantize_tokens
 from cache.runtime import (
+    FolderLock,
     SetupError,
     autocast_dtype,
+    broadcast_from_rank0,
     claim_folder,
     make_accelerator,
     setup_logging,
@@ -67,6 +71,7 @@ from cache.runtime import (
 
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     checkpoints,
     clean_partial,
     load_checkpoint,
@@ -509,21 +514,41 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
-def claim_run_dir(out: str) -> None:
-    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`); an older run's
-    config.json (train, model, cache) counts as ours."""
-    claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}))
+def claim_run_dir(out: str) -> FolderLock:
+    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`) and hold its lock (FolderBusy
+    naming the holder if another training writes there); an older run's config.json (train, model, cache)
+    counts as ours."""
+    lock = claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}),
+                        lock=True)
+    assert lock is not None
+    return lock
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
     accelerator, device, _ = make_accelerator(cfg.device, cfg.precision)
     rank = accelerator.process_index
+    cache = cache_lib.open_cache(cfg.cache)  # before the folder is claimed: a missing cache leaves no run folder
+    problem, lock = "", None
     if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
-        claim_run_dir(cfg.out)  # before the log file goes there
-    accelerator.wait_for_everyone()
+        try:
+            lock = claim_run_dir(cfg.out)  # before the log file goes there
+        except SetupError as e:
+            problem = str(e)
+    problem = broadcast_from_rank0(problem, accelerator.num_processes)  # every rank stops, none waits forever
+    if problem:
+        raise SetupError(problem)
+    try:
+        return _train(cfg, cache, accelerator, device, rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device, rank: int
+           ) -> dict[str, Any]:
+    """:func:`train` once the run folder is claimed and locked."""
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
-    cache = cache_lib.open_cache(cfg.cache)
     legacy = legacy_model_fields(recorded_model(cfg.out))  # e.g. a run from before bias-free down/up convolutions
     trainer = Trainer(cfg, cache, accelerator, device, legacy=legacy)
     record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
@@ -628,6 +653,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                             path = trainer.save(ckpt_dir, step, {"seed": cfg.seed, "epoch": step / steps_per_epoch,
                                                                  "skipped_nonfinite": skipped,
                                                                  "skipped_overflow": overflows})
+                        except CheckpointWriteError:  # a full disk or a read-only folder: one line, as it says
+                            raise
                         except CheckpointError as e:  # non-finite weights: nothing written, nothing pruned
                             raise NonFiniteError(f"{e}; training stops, the checkpoints in {ckpt_dir} are "
                                                  "intact. Lower --lr or check the cache for NaN values") from None
@@ -683,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(cfg)
-    except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError) as e:
+    except (SetupError, NonFiniteError, CheckpointError, cache_lib.CacheError) as e:  # ShardReadError among them
         print(f"error: {explain(e, out_flag='--cache')}", file=sys.stderr)
         return 2
     return 0
