@@ -38,14 +38,14 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli.advice import explain, explain_os_error
-from .config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, check_fields, parse_config
+from .cli.runtime import setup_logging
 from .errors import CacheError
 from .formats import FORMATS, format_named, open_cache
 from .layout import DTYPE_OPTIONS, SCALES_GROUP, Layout, stored_dtype
 from .manifest import Manifest, ManifestError, channel_scales_of
 from .quant import CALIBRATION_ROWS, channel_scales, dequantize_tokens, quantize_tokens
 from .reader import CacheReader
-from .runtime import setup_logging
 from .writer import Format
 
 __all__ = ["ConvertConfig", "convert", "main"]
@@ -61,7 +61,7 @@ class ConvertConfig:
     src: str = field(default="", metadata={"help": "the cache to copy (zarr folder, .h5 file or FFCV folder)"})
     dst: str = field(default="", metadata={"help": "where the copy goes (it must not exist, unless --overwrite)"})
     format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": tuple(FORMATS)})
-    teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (default: all)"})
+    teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (none: all)"})
     feature_dtype: str = field(default="keep", metadata={
         "help": "teacher tokens in the copy: keep (as stored, bit for bit), fp16 (int8 teachers dequantised) or "
                 "int8 (float16 teachers quantised from their float16 values, one float32 scale per token; may "

@@ -34,7 +34,15 @@ def describe_change(name: str, old: Any, new: Any, *, sides: tuple[str, str] | N
     ``sides`` (what holds the old and the new value, e.g. ``("the cache", "this run")``)
     ``name: the cache has OLD, this run has NEW`` (values as JSON). Two lists show their lengths and the
     first ``items`` edits that turn one into the other (added, removed or changed items with their
-    positions)."""
+    positions); a list against something else shows the list by its length alone (a teacher's 768 channel
+    scales against none)."""
+    if isinstance(old, list) != isinstance(new, list):
+        def shown(v: Any) -> str:
+            return f"a list of {len(v)} items" if isinstance(v, list) else (repr(v) if sides is None else json.dumps(v))
+
+        if sides is None:
+            return f"{name}: {shown(old)} -> {shown(new)}"
+        return f"{name}: {_short(sides[0])} has {shown(old)}, {sides[1]} has {shown(new)}"
     if isinstance(old, list) and isinstance(new, list):
         edits = _list_edits(old, new)
         more = f" and {len(edits) - items} more" if len(edits) > items else ""

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .cli.advice import explain, explain_os_error
-from .config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, check_fields, parse_config
 from .errors import CacheError
 from .formats import detect_format
 from .formats.zarr import CacheWriter

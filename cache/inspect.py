@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cli.advice import explain, problem_advice
-from .config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, check_fields, parse_config
 from .errors import CacheError
 from .formats import open_cache
 from .layout import SCALES_GROUP

@@ -42,7 +42,15 @@ from torch.utils.data import DataLoader
 
 from cache import CacheError, CacheWriter, Layout, zarr_layout
 from cache.cli.advice import explain, explain_os_error
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import (
+    SetupError,
+    apply_precision,
+    autocast_dtype,
+    configure_device,
+    join_world,
+    setup_logging,
+)
 from cache.files import local_root
 from cache.layout import stored_dtype
 from cache.manifest import SCHEMA_VERSION, Manifest, SourceInfo
@@ -52,14 +60,6 @@ from cache.quant import (
     channel_scales,
     quantize_tokens,
     token_cosine,
-)
-from cache.runtime import (
-    SetupError,
-    apply_precision,
-    autocast_dtype,
-    configure_device,
-    join_world,
-    setup_logging,
 )
 
 from .decode import DecodedImages
@@ -184,7 +184,7 @@ def _collate(items: list[tuple[int, np.ndarray | None, str, str]]) -> dict[str, 
 
 @contextlib.contextmanager
 def teacher_precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Run the teachers in ``precision`` (a :data:`cache.runtime.PRECISIONS` name) whatever the build's: its
+    """Run the teachers in ``precision`` (a :data:`cache.cli.runtime.PRECISIONS` name) whatever the build's: its
     autocast, and its TF32 switches for what runs outside autocast, restored on exit."""
     dtype = autocast_dtype(precision)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from cache.config import ConfigError, check_fields, parse_config
+from cache.cli.config import ConfigError, check_fields, parse_config
 from trainer.train import PRESETS as TRAIN_PRESETS
 from trainer.train import TrainConfig
 
@@ -177,7 +177,7 @@ def test_every_numeric_option_of_every_entry_point_declares_a_range_holding_its_
     import dataclasses
     import typing
 
-    from cache.config import _field_type
+    from cache.cli.config import _field_type
 
     configs = _entry_point_configs()
     names = {c.__name__ for c in configs}

@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, TINY_BUILD, _env
 
 import cache
-from cache.runtime import LOCK_FILE, FolderBusy, lock_folder
+from cache.cli.runtime import LOCK_FILE, FolderBusy, lock_folder
 
 TRAIN = ["--model", "tiny", "--batch-size", "8", "--precision", "fp32", "--log-every", "1", "--ckpt-every", "2",
          "--loader-workers", "2", "--no-tensorboard", "--lr", "1e-3"]
@@ -127,7 +127,7 @@ def _wait_for_lock(folder: Path, proc: subprocess.Popen, timeout: float = 180) -
 def test_a_folder_lock_names_its_holder_and_dies_with_it(tmp_path):
     """A holder in another process: the lock is refused naming its pid and host; SIGKILL the holder and the lock
     is free again (the kernel drops a flock with its process), though the stale file is still there."""
-    code = ("import sys, time; from cache.runtime import lock_folder; "
+    code = ("import sys, time; from cache.cli.runtime import lock_folder; "
             "l = lock_folder(sys.argv[1], what='a test holder'); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cache.runtime import PRECISIONS, apply_precision
+from cache.cli.runtime import PRECISIONS, apply_precision
 from tools.evaluate import _random_weight_samples
 from trainer.run import CacheIdentity, LatentTransform, RandomWeights, RunRecord
 

@@ -233,7 +233,7 @@ def _with_ema_tensor(run: Path, dst: Path, name: str, value: float) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cache.runtime import file_sha256
+    from cache.cli.runtime import file_sha256
 
     shutil.copytree(run, dst)
     ckpt = sorted((dst / "checkpoints").glob("step-*"))[-1]

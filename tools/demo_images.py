@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cache.config import ConfigError, check_fields, parse_config
+from cache.cli.config import ConfigError, check_fields, parse_config
 
 MARKER = ".demo.json"
 FORMAT_VERSION = 1

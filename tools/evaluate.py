@@ -48,8 +48,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import (
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import (
     SetupError,
     apply_precision,
     resolve_device,

@@ -29,7 +29,7 @@ against the ported weights is written up in ``docs/inception.md``; ``tests/test_
 repeats the checks that can run here.
 
 The command line (``python -m tools.inception compare A B`` / ``which [FILE]``, see :func:`main`) is
-built with bare argparse rather than a config dataclass and ``cache.config.parse_config``: it is two
+built with bare argparse rather than a config dataclass and ``cache.cli.config.parse_config``: it is two
 sub-commands that take different numbers of files, a shape one flat dataclass does not describe, and
 it has no presets and writes no config next to any output.
 """
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache.runtime import file_sha256
+from cache.cli.runtime import file_sha256
 
 _logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cache.config import check_fields, parse_config
+from cache.cli.config import check_fields, parse_config
 from trainer.models import MODEL_PRESETS, count_params, create_model
 
 # name -> (params in M, GMACs at 256 px or None, whether the paper's counts include the alignment head)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache.config import ConfigError, check_fields, parse_config
+from cache.cli.config import ConfigError, check_fields, parse_config
 from trainer.metrics import plot_losses, read_metrics
 from trainer.run import RunRecord, latest_checkpoint
 

@@ -52,8 +52,8 @@ import torch
 
 import cache as cache_lib
 from cache.cli.advice import explain
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import (
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import (
     FolderLock,
     SetupError,
     broadcast_from_rank0,
@@ -407,7 +407,7 @@ OUT_MARKER = "urepa-samples.json"
 
 
 def claim_out_dir(out: str) -> FolderLock:
-    """Claim ``out`` for samples (see :func:`cache.runtime.claim_folder`) and hold its lock (FolderBusy naming
+    """Claim ``out`` for samples (see :func:`cache.cli.runtime.claim_folder`) and hold its lock (FolderBusy naming
     the holder if another sampling writes there); an older samples folder's config.json (samples, model, vae,
     config) counts as ours."""
     lock = claim_folder(out, marker=OUT_MARKER, kind="samples folder",

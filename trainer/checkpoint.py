@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cache.runtime import file_sha256
+from cache.cli.runtime import file_sha256
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "checkpoints",
            "prune_checkpoints", "clean_partial", "nonfinite_tensors"]

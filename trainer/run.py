@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from cache.config import describe_change, nested_diff
-from cache.runtime import SetupError
+from cache.cli.runtime import SetupError
+from cache.diff import describe_change, nested_diff
 
 from .checkpoint import CheckpointError, _load_file, checkpoints, nonfinite_tensors, verify_checkpoint
 

@@ -56,9 +56,8 @@ import torch
 
 import cache as cache_lib
 from cache.cli.advice import explain
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.quant import dequantize_tokens
-from cache.runtime import (
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import (
     FolderLock,
     SetupError,
     autocast_dtype,
@@ -68,6 +67,7 @@ from cache.runtime import (
     setup_logging,
     write_json,
 )
+from cache.quant import dequantize_tokens
 
 from .checkpoint import (
     CheckpointError,
@@ -515,7 +515,7 @@ def _memory_gb(device: torch.device) -> float:
 
 
 def claim_run_dir(out: str) -> FolderLock:
-    """Claim ``out`` for a training run (see :func:`cache.runtime.claim_folder`) and hold its lock (FolderBusy
+    """Claim ``out`` for a training run (see :func:`cache.cli.runtime.claim_folder`) and hold its lock (FolderBusy
     naming the holder if another training writes there); an older run's config.json (train, model, cache)
     counts as ours."""
     lock = claim_folder(out, marker=RUN_MARKER, kind="training run", legacy_keys=frozenset({"train", "model", "cache"}),

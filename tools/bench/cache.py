@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from cache import CacheWriter, open_cache, zarr_layout
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import autocast_dtype, resolve_device
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import autocast_dtype, resolve_device
 from pipeline.build import BuildConfig, Encoders, build, load_encoders
 from tools.bench.cachefiles import progress_records, shard_paths
 

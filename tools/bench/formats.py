@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from cache import open_cache
-from cache.config import check_fields, config_to_dict, parse_config
+from cache.cli.config import check_fields, config_to_dict, parse_config
+from cache.cli.runtime import make_accelerator
 from cache.convert import convert
-from cache.runtime import make_accelerator
 from tools.bench.cache import machine_info, raw_sequential, synthetic_cache
 from tools.bench.cachefiles import shard_paths
 from tools.bench.train import timed

@@ -52,10 +52,10 @@ import numpy as np
 import torch
 
 from cache import ZarrStorage, open_cache, zarr_layout
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import resolve_device
 from cache.layout import SCALES_GROUP, stored_dtype
 from cache.quant import QMAX, channel_scales, dequantize_tokens, quantize_tokens
-from cache.runtime import resolve_device
 from pipeline.build import BuildConfig, build
 from pipeline.encoders import teacher_grid, teacher_name
 from tools.bench.cache import machine_info, raw_sequential, synthetic_cache, synthetic_folder

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import torch
 
-from cache.config import check_fields, config_to_dict, parse_config
-from cache.runtime import resolve_device
+from cache.cli.config import check_fields, config_to_dict, parse_config
+from cache.cli.runtime import resolve_device
 from pipeline.encoders import load_vae_decoder
 from tools.bench.cache import machine_info, sync
 from tools.bench.train import timed

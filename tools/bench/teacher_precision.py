@@ -33,8 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
-from cache.runtime import resolve_device
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import resolve_device
 from pipeline.build import Encoders
 from pipeline.decode import load_image
 from pipeline.encoders import load_teacher

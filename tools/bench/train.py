@@ -41,9 +41,9 @@ from typing import Any, Literal
 import torch
 
 from cache import open_cache
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.runtime import autocast_dtype, make_accelerator
 from cache.layout import stored_dtype
-from cache.runtime import autocast_dtype, make_accelerator
 from pipeline.build import Encoders
 from pipeline.encoders import load_teacher, load_vae
 from tools.bench.cache import machine_info, sync, synthetic_cache

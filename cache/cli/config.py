@@ -18,8 +18,8 @@ CLI, and keeps only the checks no single field can declare (finiteness, divisibi
 :func:`parse_config` builds an argparse CLI from the fields (``--batch-size 64``,
 ``--compile/--no-compile``, ``--interval 0 0.7`` for a fixed-length tuple field, ``--model A B C``
 for a ``tuple[X, ...]`` field, ``choices=`` for a field with choices), applies ``--preset NAME`` first and explicit flags on top, validates the result
-through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in ``cache`` only
-because ``cache`` is the one package that every other package may import.
+through the dataclass' ``__post_init__``, and handles ``--dry-run``. It lives in
+:mod:`cache.cli` (see there why).
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "check_fields", "field_choices", "field_range", "parse_config", "config_to_dict",
-           "nested_diff", "describe_change"]
+__all__ = ["ConfigError", "check_fields", "field_choices", "field_range", "parse_config", "config_to_dict"]
 
 
 class ConfigError(ValueError):
@@ -112,40 +111,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def nested_diff(old: Mapping[str, Any], new: Mapping[str, Any], *, skip: frozenset[str] = frozenset(),
-                _prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted name, old value, new value)`` of every leaf that differs between two nested dicts,
-    sorted by name; names in ``skip`` (dotted, at any depth) are left out with all below them."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{_prefix}{key}"
-        if name in skip:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += nested_diff(a, b, skip=skip, _prefix=name + ".")
-        elif a != b:
-            out.append((name, a, b))
-    return out
-
-
-def describe_change(name: str, old: Any, new: Any, *, items: int = 3) -> str:
-    """One difference of :func:`nested_diff` for a refusal message: ``name: old -> new`` in full, except for
-    two lists, which show their lengths and the first ``items`` positions that differ, and a list against
-    something else, shown by its length alone."""
-    if isinstance(old, list) != isinstance(new, list):
-        def shown(v: Any) -> str:
-            return f"a list of {len(v)} items" if isinstance(v, list) else repr(v)
-        return f"{name}: {shown(old)} -> {shown(new)}"
-    if isinstance(old, list) and isinstance(new, list):
-        diffs = [i for i in range(max(len(old), len(new)))
-                 if i >= len(old) or i >= len(new) or old[i] != new[i]][:items]
-        shown = "; ".join(f"[{i}] {old[i] if i < len(old) else '(none)'!r} -> {new[i] if i < len(new) else '(none)'!r}"
-                          for i in diffs)
-        return f"{name}: {len(old)} -> {len(new)} items, first differing: {shown}"
-    return f"{name}: {old!r} -> {new!r}"
-
-
 def _prog(cls: type) -> str:
     """How a user runs the entry point that owns ``cls``: ``python -m <its module>``."""
     module = cls.__module__
@@ -187,7 +152,8 @@ def parse_config(
         tp = _field_type(cls, field)
         default = field.default if field.default is not dataclasses.MISSING else None
         bounds = field_range(field)
-        help_text = f"{field.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {default})"
+        shown = "none" if default == "" else default
+        help_text = f"{field.metadata.get('help', '')} ({bounds + '; ' if bounds else ''}default: {shown})"
         allowed = field_choices(cls, field)
         if tp is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,

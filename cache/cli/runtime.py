@@ -1,8 +1,8 @@
 """Process plumbing shared by the entry points (``pipeline.build``, ``trainer.train``, ``tools.*``).
 
-Like :mod:`cache.config`, it lives in ``cache`` only because ``cache`` is the one package every
-other package may import: the device fix-up for accelerate, the one precision vocabulary, the one-time
-logging setup and atomic JSON records.
+The device fix-up for accelerate, the launcher's world, the one precision vocabulary, the one-time logging
+setup, folder claims and locks, file hashing (:mod:`cache.cli` says why they live here); atomic JSON records
+are :func:`cache.files.write_json`, used here and re-exported for the entry points.
 
 Precision means the same in every entry point (``pipeline.build``, ``trainer.train``, ``tools.sample``;
 ``tools.evaluate`` always uses ``fp32``, so that its numbers compare across machines):
@@ -26,6 +26,8 @@ import sys
 from typing import Any
 
 import torch
+
+from ..files import write_json
 
 __all__ = ["LOCK_FILE", "PRECISIONS", "FolderBusy", "FolderLock", "SetupError", "apply_precision", "autocast_dtype",
            "broadcast_from_rank0", "claim_folder", "configure_device", "file_sha256", "join_world", "lock_folder", "launched_world", "make_accelerator", "resolve_device", "setup_logging",
@@ -156,15 +158,6 @@ def setup_logging(rank: int, log_file: str | None, *, stream: logging.Handler | 
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         root.addHandler(fh)
-
-
-def write_json(path: str, data: Any) -> None:
-    """``data`` as indented JSON at ``path``, atomically (a temporary file, then a rename): the records
-    entry points leave next to their outputs are never half-written, and never hold NaN or infinity
-    (ValueError: JSON has no such numbers, and a reader would take them for results)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-    os.replace(path + ".tmp", path)
 
 
 #: The lock file :func:`lock_folder` keeps in a folder while a process writes there.
