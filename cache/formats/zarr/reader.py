@@ -169,6 +169,11 @@ class ZarrCache(CacheReader):
     def block_rows(self) -> int:
         return self.storage.shard_rows
 
+    @property
+    def read_unit_rows(self) -> int:
+        """An inner chunk: one byte range in its shard object (and what zarr's own path decodes whole)."""
+        return self.storage.chunk_rows
+
     def verify_rows(self, lo: int, hi: int) -> list[Problem]:
         """The damage of the shards that hold rows lo..hi (:func:`shard_problems`)."""
         first, last = lo // self.storage.shard_rows, (hi - 1) // self.storage.shard_rows
