@@ -102,6 +102,7 @@ class CacheReader(abc.ABC):
         labels: numpy int32 (N,); -1 on skipped rows.
         rows: numpy int64 ids of the rows that hold data, ascending; ``len(cache)`` counts them.
         generation: the id of the cache's creation (None: not recorded).
+        local_cache: the node-local copy of a store cache's objects (``open_cache(..., local_cache=DIR)``), or None.
     """
 
     format: ClassVar[str]
@@ -117,6 +118,8 @@ class CacheReader(abc.ABC):
     features: Mapping[str, Any]
     feature_scales: Mapping[str, Any] = MappingProxyType({})
     generation: str | None = None
+    #: node-local copies of a store cache's objects (:class:`cache.nodecache.NodeCache`), None where not used
+    local_cache: Any = None
     _sources: list[dict[str, Any]] | None = None
 
     def _set_labels(self, labels: np.ndarray) -> None:

@@ -118,30 +118,41 @@ class RemoteRowReader:
     def _where(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
 
-    async def _call(self, key: str, make: Any) -> Any:
-        """One request, retried with backoff while it fails transiently; typed errors for the rest."""
+    def _failure(self, key: str, e: BaseException) -> CacheError | None:
+        """The error a failed request for ``key`` means, or None for a transient failure (retry it)."""
         import obstore.exceptions as ox
 
+        if isinstance(e, (ox.NotFoundError, FileNotFoundError)):
+            return ShardReadError(f"{self._where(key)} is missing from the finished cache {self.url}: the cache is "
+                                  f"damaged; run `python -m cache.inspect {self.url} --verify`", url=self.url,
+                                  where=self._where(key))
+        if isinstance(e, ox.PreconditionError):
+            return CacheChangedError(f"{self._where(key)} changed while it was being read (its ETag is not the one "
+                                     "its index was read with)", url=self.url)
+        if isinstance(e, (ox.PermissionDeniedError, ox.UnauthenticatedError)):
+            return stores.store_error(self.url, e) or stores.StoreError(
+                f"{self._where(key)}: the store refused the request: {e}", url=self.url)
+        if isinstance(e, (ox.GenericError, ConnectionError, TimeoutError, OSError)):
+            return None
+        raise e
+
+    def _gave_up(self, key: str, e: BaseException) -> stores.StoreError:
+        return stores.StoreError(f"{self._where(key)}: reading it failed {self.attempts} times "
+                                 f"({stores._one_line(e)})", url=self.url, reason=stores._one_line(e))
+
+    async def _call(self, key: str, make: Any) -> Any:
+        """One request, retried with backoff while it fails transiently; typed errors for the rest."""
         for attempt in range(self.attempts):
             with self._lock:
                 self.requests += 1
             try:
                 return await make()
-            except (ox.NotFoundError, FileNotFoundError):
-                raise ShardReadError(f"{self._where(key)} is missing from the finished cache {self.url}: the cache is "
-                                     f"damaged; run `python -m cache.inspect {self.url} --verify`", url=self.url,
-                                     where=self._where(key)) from None
-            except ox.PreconditionError:
-                raise CacheChangedError(f"{self._where(key)} changed while it was being read (its ETag is not the one "
-                                        "its index was read with)", url=self.url) from None
-            except (ox.PermissionDeniedError, ox.UnauthenticatedError) as e:
-                raise stores.store_error(self.url, e) or stores.StoreError(
-                    f"{self._where(key)}: the store refused the request: {e}", url=self.url) from None
-            except (ox.GenericError, ConnectionError, TimeoutError, OSError) as e:
+            except Exception as e:
+                err = self._failure(key, e)
+                if err is not None:
+                    raise err from None
                 if attempt + 1 == self.attempts:
-                    raise stores.StoreError(
-                        f"{self._where(key)}: reading it failed {self.attempts} times "
-                        f"({stores._one_line(e)})", url=self.url, reason=stores._one_line(e)) from None
+                    raise self._gave_up(key, e) from None
                 with self._lock:
                     self.retries += 1
                 await asyncio.sleep(self.backoff * 2 ** attempt)
