@@ -557,6 +557,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     latest, state = resume(trainer, ckpt_dir, rank=rank)
     accelerator.wait_for_everyone()
     step, skipped = int(state.get("step", 0)), int(state.get("skipped_nonfinite", 0))
+    if accelerator.num_processes > 1:  # rank 0 writes the checkpoints; every rank must resume from the same one
+        found = [int(s) for s in accelerator.gather(torch.tensor([step], device=device)).tolist()]
+        if len(set(found)) > 1:
+            raise SetupError(f"the ranks found different checkpoints to resume from (step by rank: {found}): each rank "
+                             f"resumes from the newest checkpoint in its --out ({cfg.out}), which rank 0 writes; put "
+                             "--out on a file system every node sees (or copy OUT/checkpoints to every node) and rerun")
     overflows = int(state.get("skipped_overflow", 0))  # fp16 steps the gradient scaler skipped (not failures)
     n_params = sum(p.numel() for p in trainer.params)
     _logger.info("model %s: %.2fM parameters, %s; cache %s: %d samples, teacher %s; %d rank(s) x %d samples x %d "
