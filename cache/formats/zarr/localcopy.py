@@ -85,8 +85,9 @@ class LocalCopyRowReader:
         return self.broken is None
 
     def plan(self, rows: np.ndarray) -> None:
-        """Local copies read single rows cheaply; shards read by range get the plan."""
-        self.remote.plan(rows)
+        """Local copies read single rows cheaply: the plan changes nothing. It is not handed to the ranged reader
+        either: the rows read here would never count down its kept chunks (shards it reads, rarely, are read
+        row by row)."""
 
     def close(self) -> None:
         with self._lock:
