@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 bench-teacher-precision \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 bench-teacher-precision bench-remote \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -100,6 +100,9 @@ bench-int8: setup ## int8 teacher tokens vs fp16: cosine, loss error, bytes, loa
 
 bench-teacher-precision: setup ## DINOv2-B (random weights) tokens under fp16 autocast vs TF32: relative L2, U-REPA loss difference
 	$(PY) -m tools.bench.teacher_precision $(ARGS)
+
+bench-remote: setup ## loader from a SeaweedFS S3 server it starts: vs raw range GETs, local disk, zarr's own path
+	$(PY) -m tools.bench.remote $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
 # Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.

@@ -14,7 +14,8 @@ Who owns what:
     writer.py      the copy-writer contract and the registry entry of a format
     formats/       one module (or folder) per format: zarr/ (the build's), hdf5.py, ffcv.py; the registry
                    (open_cache, detect_format) in formats/__init__.py
-    loader.py      the batch order (seed, epoch), ranks, resume, prefetching reads: names no format
+    loader.py      the batch order (seed, epoch): a permutation, or shuffled blocks for stores; ranks, resume,
+                   prefetching reads: names no format
     torch_data.py  the cache as torch.utils.data datasets (CacheDataset, CacheBatches)
     quant.py       int8 tokens: the maths
     files.py, diff.py   local files (checksums, atomic JSON, stamps), differences between records
@@ -27,7 +28,7 @@ from .errors import CacheChangedError, CacheError, CacheMismatchError, ShardRead
 from .formats import FORMATS, detect_format, open_cache
 from .formats.zarr import CacheWriter, ZarrCache, ZarrStorage, zarr_layout
 from .layout import Layout
-from .loader import CacheLoader, epoch_flips, epoch_order, rank_batches
+from .loader import CacheLoader, block_order, epoch_flips, epoch_order, rank_batches
 from .manifest import SCHEMA_VERSION, EncoderInfo, Manifest, ManifestError
 from .reader import CacheReader, Problem
 from .torch_data import CacheBatches, CacheDataset
@@ -51,6 +52,7 @@ __all__ = [
     "ShardReadError",
     "ZarrCache",
     "ZarrStorage",
+    "block_order",
     "detect_format",
     "epoch_flips",
     "epoch_order",

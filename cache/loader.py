@@ -7,6 +7,14 @@ r-th slice of B positions (:func:`rank_batches`). So the samples of a global bat
 on the number of ranks, ranks are disjoint and together cover the epoch, and ``start`` (samples
 already consumed by all ranks in this epoch) resumes exactly where a run stopped.
 
+For object stores, ``order="blocks"`` (:func:`block_order`) visits shuffled blocks of rows that the format
+reads well together (:attr:`cache.reader.CacheReader.read_unit_rows`: a zarr inner chunk), each rank its
+own blocks, mixed within a shuffle window of ``shuffle_window`` rows: still a pure function of
+``(seed, epoch)`` (and of the block, window, batch size and number of ranks), ranks disjoint and covering,
+``start`` exact. The loader tells each row reader the rows it will ask for (``RowReader.plan``), so a
+remote reader fetches each block whole, once, and keeps it until its rows are used. docs/remote.md
+measures what this costs in randomness beside the full permutation.
+
 Reading. Rows come in a fully random order, so the loader reads each row by itself, through the
 row readers of the cache's format (:meth:`cache.reader.CacheReader.row_reader`: by byte range where the
 format allows it, else through its library), ``num_workers`` threads in parallel into preallocated
@@ -28,7 +36,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +45,13 @@ from .errors import CacheError, ShardReadError
 from .layout import SCALES_GROUP, ByTeacher, Layout
 from .quant import dequantize_into, scales_valid
 
-__all__ = ["epoch_order", "epoch_flips", "rank_batches", "CacheLoader"]
+__all__ = ["ORDERS", "epoch_order", "block_order", "epoch_flips", "rank_batches", "CacheLoader"]
+
+#: The loader's orders: "permutation" (every row anywhere: the default) or "blocks" (shuffled blocks of rows
+#: that read well together plus a shuffle window: for object stores), see :func:`block_order`.
+ORDERS = ("permutation", "blocks")
+#: Rows of the shuffle window of the "blocks" order unless told (docs/remote.md measures the trade-off).
+DEFAULT_WINDOW = 4096
 
 
 class Source(Protocol):
@@ -47,6 +61,9 @@ class Source(Protocol):
     rows: np.ndarray
     labels: np.ndarray
     layout: Layout
+
+    @property
+    def read_unit_rows(self) -> int: ...
 
     @property
     def num_variants(self) -> int: ...
@@ -73,6 +90,50 @@ def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, shuffle: bool = True
 def epoch_flips(n: int, *, seed: int, epoch: int) -> np.ndarray:
     """Which variant (0 as is, 1 mirrored) each position of the epoch uses, from (seed, epoch) alone."""
     return np.random.default_rng([seed, epoch, 1]).integers(0, 2, size=n, dtype=np.int64)
+
+
+def block_order(rows: np.ndarray, *, block_rows: int, window: int, seed: int, epoch: int, batch_size: int,
+                world_size: int = 1) -> np.ndarray:
+    """The rows of one epoch in a remote-friendly order, laid out for :func:`rank_batches`: a pure function
+    of ``(seed, epoch)`` and of the block, window, batch size and number of ranks.
+
+    1. Rows are grouped in aligned blocks (``row // block_rows``: the rows the format reads well together,
+       :attr:`cache.reader.CacheReader.read_unit_rows`), and the blocks shuffled (drawn from ``[seed,
+       epoch, 2]``).
+    2. The shuffled rows are cut into ``world_size`` consecutive parts, one per rank, sized so that rank r's
+       part is exactly the positions :func:`rank_batches` gives rank r (from ``start=0``; with ``drop_last``
+       the parts' last ``< world_size * batch_size`` rows are those it drops). So a rank reads whole blocks
+       of its own (at most two blocks, at its part's ends, are shared with a neighbour rank).
+    3. Each part is shuffled within consecutive windows of ``window`` rows (drawn from ``[seed, epoch, 3]``):
+       the in-memory shuffle window, whose blocks a reader keeps until their rows are used.
+
+    Rank r's k-th batch is then positions ``[k*G + r*B, k*G + (r+1)*B)`` of the result (G = B x world_size),
+    as for :func:`epoch_order`, so ranks are disjoint, cover the epoch together, and ``start`` (a multiple
+    of G: whole global batches, as the trainer resumes) resumes exactly. Unlike the full permutation, the
+    samples of a global batch depend on the number of ranks (each rank reads its own blocks).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if block_rows < 1 or window < 1 or batch_size < 1 or world_size < 1:
+        raise ValueError(f"bad block_rows/window/batch_size/world_size: {block_rows}/{window}/{batch_size}/{world_size}")
+    n = len(rows)
+    blocks, first = np.unique(rows // block_rows, return_inverse=True)
+    rank_of_block = np.empty(len(blocks), dtype=np.int64)
+    rank_of_block[np.random.default_rng([seed, epoch, 2]).permutation(len(blocks))] = np.arange(len(blocks))
+    shuffled = rows[np.lexsort((rows, rank_of_block[first]))]  # blocks in shuffled order, rows ascending inside
+    g = batch_size * world_size
+    full = n // g
+    tail = np.linspace(0, n - full * g, world_size + 1).round().astype(np.int64)  # rank_batches' split of the rest
+    sizes = full * batch_size + np.diff(tail)
+    part = np.repeat(np.arange(world_size), sizes)  # the rank of each position of `shuffled`
+    at = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # position inside its part
+    keys = np.random.default_rng([seed, epoch, 3]).random(n)
+    shuffled = shuffled[np.lexsort((keys, at // window, part))]  # each part shuffled within its windows
+    # lay the parts out as rank_batches reads them: global batch k holds the k-th batch of every part in rank order
+    k, i = np.divmod(at, batch_size)
+    dest = np.where(k < full, k * g + part * batch_size + i, full * g + tail[part] + at - full * batch_size)
+    out = np.empty(n, dtype=np.int64)
+    out[dest] = shuffled
+    return out
 
 
 def rank_batches(
@@ -162,6 +223,10 @@ class CacheLoader:
         prefetch: batches read ahead.
         teachers: subset of teacher names to read (default all).
         pin_memory: pin the batch tensors (default: when CUDA is available).
+        order: "permutation" (the default: every row anywhere in the epoch) or "blocks" (:func:`block_order`:
+            whole blocks of rows per rank, for object stores); ignored without ``shuffle``.
+        shuffle_window: rows of the "blocks" order's shuffle window (a remote reader keeps about this many
+            rows in memory).
 
         dequantize: hand out int8 teachers' tokens as float16 (``values x scales``, computed by the reader
             threads) instead of their stored form.
@@ -192,9 +257,15 @@ class CacheLoader:
         teachers: Sequence[str] | None = None,
         pin_memory: bool | None = None,
         dequantize: bool = False,
+        order: Literal["permutation", "blocks"] = "permutation",
+        shuffle_window: int = DEFAULT_WINDOW,
     ) -> None:
         if flip and cache.num_variants < 2:
             raise ValueError("flip=True needs a cache built with --flip both (this one stores 1 variant)")
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r}: use one of {', '.join(map(repr, ORDERS))}")
+        if shuffle_window < 1:
+            raise ValueError(f"shuffle_window={shuffle_window}: must be at least 1 row")
         names = cache.teacher_names(teachers)
         self.cache = cache
         self.batch_size = batch_size
@@ -202,7 +273,12 @@ class CacheLoader:
         self.num_workers = max(1, num_workers)
         self.prefetch = max(1, prefetch)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.order = epoch_order(cache.rows, seed=seed, epoch=epoch, shuffle=shuffle)
+        self.blocks = order == "blocks" and shuffle
+        if self.blocks:
+            self.order = block_order(cache.rows, block_rows=cache.read_unit_rows, window=shuffle_window, seed=seed,
+                                     epoch=epoch, batch_size=batch_size, world_size=world_size)
+        else:
+            self.order = epoch_order(cache.rows, seed=seed, epoch=epoch, shuffle=shuffle)
         self.variants = (epoch_flips(len(self.order), seed=seed, epoch=epoch) if flip
                          else np.zeros(len(self.order), dtype=np.int64))
         self.batches = rank_batches(len(self.order), batch_size=batch_size, world_size=world_size, rank=rank,
@@ -217,6 +293,10 @@ class CacheLoader:
         # rows into our batches through one row reader per array.
         self._source = cache.batch_source(keys, num_workers=self.num_workers, prefetch=self.prefetch)
         self._readers = {} if self._source is not None else {key: cache.row_reader(key) for key in keys}
+        if self.blocks and self.batches:  # the rows this rank will ask for, in order: whole blocks are kept for them
+            planned = np.concatenate([self.order[lo:hi] for lo, hi in self.batches])
+            for reader in self._readers.values():
+                reader.plan(planned)
         self._pool = _BufferPool(keep=self.prefetch + 4)
 
     def __len__(self) -> int:

@@ -66,6 +66,11 @@ class RowReader(Protocol):
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """``out[i] = array[rows[i], variants[i]]``."""
 
+    def plan(self, rows: np.ndarray) -> None:
+        """The rows :meth:`read` will be asked for from now on, in order (the loader's block order): a hint.
+        A reader that fetches whole pieces (the remote reader: whole chunks) keeps each until its rows are
+        read; one that reads single rows cheaply ignores it. Reads stay correct whatever the plan."""
+
     def close(self) -> None: ...
 
 
@@ -97,6 +102,7 @@ class CacheReader(abc.ABC):
         labels: numpy int32 (N,); -1 on skipped rows.
         rows: numpy int64 ids of the rows that hold data, ascending; ``len(cache)`` counts them.
         generation: the id of the cache's creation (None: not recorded).
+        local_cache: the node-local copy of a store cache's objects (``open_cache(..., local_cache=DIR)``), or None.
     """
 
     format: ClassVar[str]
@@ -112,6 +118,8 @@ class CacheReader(abc.ABC):
     features: Mapping[str, Any]
     feature_scales: Mapping[str, Any] = MappingProxyType({})
     generation: str | None = None
+    #: node-local copies of a store cache's objects (:class:`cache.nodecache.NodeCache`), None where not used
+    local_cache: Any = None
     _sources: list[dict[str, Any]] | None = None
 
     def _set_labels(self, labels: np.ndarray) -> None:
@@ -152,6 +160,12 @@ class CacheReader(abc.ABC):
     def block_rows(self) -> int:
         """Rows the format reads well at once (zarr: a shard): what copies and checks read at a time."""
         return 256
+
+    @property
+    def read_unit_rows(self) -> int:
+        """Consecutive rows that read well together, as one request and one unit of storage (zarr: an inner
+        chunk): the blocks of the loader's ``order="blocks"`` (default 1: no unit known)."""
+        return 1
 
     @abc.abstractmethod
     def verify_rows(self, lo: int, hi: int) -> list[Problem]:

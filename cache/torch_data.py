@@ -52,8 +52,8 @@ def distributed_rank() -> tuple[int, int]:
 
 
 class _ReopensByUrl:
-    """Pickles the cache as its URL and generation, so spawned DataLoader workers reopen it (and refuse a
-    cache rebuilt in between)."""
+    """Pickles the cache as its URL, generation and node-local copy folder, so spawned DataLoader workers reopen
+    it (and refuse a cache rebuilt in between)."""
 
     cache: CacheReader
     _unpicklable: tuple[str, ...] = ()  # per-process state (open files), rebuilt on first use
@@ -61,13 +61,17 @@ class _ReopensByUrl:
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in self._unpicklable}
         cache = state.pop("cache")
-        state.update(_url=cache.url, _generation=cache.generation, _complete=cache.complete)
+        node = cache.local_cache
+        state.update(_url=cache.url, _generation=cache.generation, _complete=cache.complete,
+                     _local=None if node is None else (node.folder, node.max_bytes))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         url, generation, complete = state.pop("_url"), state.pop("_generation"), state.pop("_complete")
+        local = state.pop("_local", None)  # the node-local copy folder, shared with the process that pickled it
         self.__dict__.update(state)
-        self.cache = open_cache(url, allow_incomplete=not complete)
+        self.cache = open_cache(url, allow_incomplete=not complete, **(
+            {} if local is None else {"local_cache": local[0], "local_cache_bytes": local[1]}))
         if self.cache.generation != generation:
             raise CacheChangedError(f"the cache at {url} was rebuilt since this dataset opened it (generation "
                                     f"{generation}, now {self.cache.generation}); open it again")

@@ -66,6 +66,42 @@ def test_remote_batches_equal_local(pair, s3_env, monkeypatch, io):
         _equal(deq, deq_local)
 
 
+@pytest.mark.parametrize("io", ["ranged", "zarr"])
+def test_block_order_fetches_each_chunk_once(pair, s3_env, monkeypatch, io):
+    """order="blocks" from S3: the local loader's batches bit for bit; by range, each planned inner chunk
+    fetched whole, once (one GET per chunk), and dropped when its rows were read."""
+    local, url = pair
+    if io == "zarr":
+        monkeypatch.setenv("UREPA_ZARR_IO", "zarr")
+    kw = dict(order="blocks", shuffle_window=8)
+    expected, _ = _batches(cache.open_cache(local), **kw)
+    got, loader = _batches(cache.open_cache(url), **kw)
+    _equal(got, expected)
+    permuted, _ = _batches(cache.open_cache(local))
+    assert [b["index"].tolist() for b in got] != [b["index"].tolist() for b in permuted]
+    if io == "ranged":
+        chunks = len(np.unique(cache.open_cache(url).rows // 4))  # chunks of 4 rows holding data
+        for r in loader._readers.values():
+            assert r.chunk_reads == chunks and r.refetches == 0
+            assert r.requests == chunks + r.index_reads  # one GET per chunk, one per shard index
+            assert not r._kept and not r._planned  # every chunk dropped once its rows were read
+
+
+def test_block_order_within_a_small_memory_bound(pair, s3_env):
+    """Kept chunks past ``max_kept`` bytes are dropped and fetched again when needed: the same rows."""
+    local, url = pair
+    c = cache.open_cache(url)
+    r = c.row_reader("latents")
+    r.max_kept = 2 * 4 * r.row_nbytes  # two chunks
+    order = cache.block_order(c.rows, block_rows=4, window=16, seed=0, epoch=0, batch_size=4)
+    r.plan(order)
+    ref = cache.open_cache(local).row_reader("latents")
+    for lo in range(0, len(order), 4):
+        rows = order[lo:lo + 4]
+        np.testing.assert_array_equal(_read(r, rows), _read(ref, rows))
+    assert r.refetches > 0 and r._kept_bytes <= r.max_kept
+
+
 def test_coalesce_merges_neighbours_and_keeps_each_range():
     starts = np.array([1000, 0, 100, 5000, 200])
     pieces = coalesce(starts, 100, max_gap=0, max_piece=250)

@@ -9,12 +9,15 @@
     accelerate launch --num_processes 8 -m trainer.train --cache ... --out ... --preset urepa-xl-256
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 -m trainer.train ...
 
+    # a cache in an object store, each node keeping a local copy of the shards it reads (docs/remote.md)
+    python -m trainer.train --cache s3://bucket/in256.zarr --cache-local /scratch/urepa --out ... --preset ...
+
 Resume by running the same command again: the latest checkpoint in OUT/checkpoints restores the
 weights, EMA, optimizer and step; the data order and every random draw are pure functions of
 (seed, step), so nothing else needs saving. A rerun may change the length (``--steps``), where the
 cache or the run folder lives (same cache identity: source, encoders, rows, and the teacher's stored
 dtype and int8 channel scales, so an int8 copy of the cache is refused by name), and bookkeeping (workers, device, logging and
-checkpoint intervals, ``--compile``); any setting that changes the maths is refused with its name.
+checkpoint intervals, ``--compile``, ``--cache-local``); any setting that changes the maths is refused with its name.
 A damaged latest checkpoint (checksums in its manifest.json) is set aside as damaged-step-* and the
 run resumes from the one before it.
 
@@ -95,7 +98,8 @@ _logger = logging.getLogger("trainer.train")
 
 #: Settings a rerun may change (they change no result): everything else must match the run it resumes.
 RESUMABLE_CHANGES = frozenset({"steps", "cache", "out", "loader_workers", "device", "tensorboard", "log_every",
-                               "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite"})
+                               "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite", "cache_local",
+                               "cache_local_gb"})
 #: The file that marks a folder as a training run of ours; written before anything else.
 RUN_MARKER = "urepa-run.json"
 #: What :meth:`Trainer.train_step` returns, in this order (a 1-d tensor on device).
@@ -165,6 +169,13 @@ class TrainConfig:
         "min": 0, "max": 1_000_000, "help": "checkpoints kept (0: all)"})
     loader_workers: int = field(default=4, metadata={
         "min": 1, "max": 256, "help": "cache reader threads per rank"})
+    cache_local: str = field(default="", metadata={
+        "help": "a local folder for node-local copies of a --cache in an object store: each shard object downloaded "
+                "once, checked against its recorded checksum, shared by the node's processes (empty: rows "
+                "by range from the store)"})
+    cache_local_gb: float = field(default=0.0, metadata={
+        "min": 0, "max": 1e9, "help": "size bound of --cache-local in GB, least recently used copies evicted (0: the "
+                                      "folder's free disk space)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
     skip_nonfinite: int = field(default=0, metadata={
@@ -528,7 +539,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; every rank calls this. Returns the last metrics and paths."""
     accelerator, device, _ = make_accelerator(cfg.device, cfg.precision)
     rank = accelerator.process_index
-    cache = cache_lib.open_cache(cfg.cache)  # before the folder is claimed: a missing cache leaves no run folder
+    bound = int(cfg.cache_local_gb * 1e9) if cfg.cache_local and cfg.cache_local_gb else None  # None: free disk space
+    # before the folder is claimed: a missing cache leaves no run folder
+    cache = cache_lib.open_cache(cfg.cache, local_cache=cfg.cache_local or None, local_cache_bytes=bound)
     problem, lock = "", None
     if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
         try:
@@ -545,7 +558,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lock.release()
 
 
-def _train(cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: torch.device, rank: int
+def _train(cfg: TrainConfig, cache: cache_lib.CacheReader, accelerator: Any, device: torch.device, rank: int
            ) -> dict[str, Any]:
     """:func:`train` once the run folder is claimed and locked."""
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
@@ -570,6 +583,12 @@ def _train(cfg: TrainConfig, cache: cache_lib.Cache, accelerator: Any, device: t
     latest, state = resume(trainer, ckpt_dir, rank=rank)
     accelerator.wait_for_everyone()
     step, skipped = int(state.get("step", 0)), int(state.get("skipped_nonfinite", 0))
+    if accelerator.num_processes > 1:  # rank 0 writes the checkpoints; every rank must resume from the same one
+        found = [int(s) for s in accelerator.gather(torch.tensor([step], device=device)).tolist()]
+        if len(set(found)) > 1:
+            raise SetupError(f"the ranks found different checkpoints to resume from (step by rank: {found}): each rank "
+                             f"resumes from the newest checkpoint in its --out ({cfg.out}), which rank 0 writes; put "
+                             "--out on a file system every node sees (or copy OUT/checkpoints to every node) and rerun")
     overflows = int(state.get("skipped_overflow", 0))  # fp16 steps the gradient scaler skipped (not failures)
     n_params = sum(p.numel() for p in trainer.params)
     _logger.info("model %s: %.2fM parameters, %s; cache %s: %d samples, teacher %s; %d rank(s) x %d samples x %d "

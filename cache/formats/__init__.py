@@ -55,16 +55,26 @@ def detect_format(url: str | os.PathLike | Any) -> Format:
 
 
 def open_cache(url: str | os.PathLike | Any, *, allow_incomplete: bool = False,
-               storage_options: Mapping[str, Any] | None = None) -> CacheReader:
+               storage_options: Mapping[str, Any] | None = None, local_cache: str | os.PathLike | None = None,
+               local_cache_bytes: int | None = None) -> CacheReader:
     """Open a finished cache for reading, in any format (:func:`detect_format`): a zarr folder, an object
     store URL (``s3://bucket/prefix.zarr``; :mod:`cache.stores`) or a store object (zarr's ``ObjectStore``,
     an obstore store), an HDF5 file, an FFCV folder. ``storage_options``: the store's settings
     (endpoint, region, credentials, ``allow_http``, ...) where the environment does not give them; kept in
-    memory only. Every format offers :class:`cache.reader.CacheReader`."""
+    memory only. ``local_cache``: a local folder for node-local copies of a store cache's shard objects
+    (:mod:`cache.nodecache`: each downloaded once, checked, shared by the node's processes), at most
+    ``local_cache_bytes`` bytes (None: the folder's free disk space). Every format offers
+    :class:`cache.reader.CacheReader`."""
     fmt = detect_format(url)
+    extra: dict[str, Any] = {}
     if storage_options:
-        if not fmt.remote:
-            raise CacheError(f"{stores.location(url)} is a {fmt.name} cache: storage options apply to store URLs",
-                             url=stores.location(url))
-        return fmt.open(url, allow_incomplete=allow_incomplete, storage_options=storage_options)
-    return fmt.open(url, allow_incomplete=allow_incomplete)
+        extra["storage_options"] = storage_options
+    if local_cache is not None:
+        extra.update(local_cache=local_cache, local_cache_bytes=local_cache_bytes)
+    elif local_cache_bytes is not None:
+        raise CacheError("local_cache_bytes bounds a local_cache folder: name the folder too")
+    if extra and not fmt.remote:
+        what = "storage options" if storage_options else "a node-local copy (local_cache)"
+        raise CacheError(f"{stores.location(url)} is a {fmt.name} cache: {what} apply to store URLs",
+                         url=stores.location(url))
+    return fmt.open(url, allow_incomplete=allow_incomplete, **extra)

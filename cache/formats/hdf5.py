@@ -165,6 +165,7 @@ class H5Cache(CacheReader):
             self.generation = self.manifest.generation
             shapes = {}
             self._offsets: dict[str, int | None] = {}
+            self._chunk_rows = 1
             self._why_not_direct: dict[str, str] = {}
             for name, (row_shape, _) in self.layout.row_shapes().items():
                 want = (self.layout.num_rows, *row_shape)
@@ -178,6 +179,8 @@ class H5Cache(CacheReader):
                                      f"{want} {dtype}: the file does not match its manifest", url=self.url,
                                      remedy="reconvert")
                 shapes[name] = (want, ds.dtype)
+                if ds.chunks and name != "labels":  # compressed copies are chunked by block: read whole by h5py
+                    self._chunk_rows = max(self._chunk_rows, int(ds.chunks[0]))
                 self._offsets[name], self._why_not_direct[name] = _direct_offset(ds, self._stamp.size)
             try:
                 labels = f["labels"][:]
@@ -211,6 +214,11 @@ class H5Cache(CacheReader):
     @property
     def block_rows(self) -> int:
         return int(self.record.get("block_rows") or 256)
+
+    @property
+    def read_unit_rows(self) -> int:
+        """A compressed copy's chunk (h5py decompresses it whole for any row of it); 1 for contiguous datasets."""
+        return self._chunk_rows
 
     def describe_storage(self) -> str:
         return f"hdf5, blocks of {self.record.get('block_rows')} rows checksummed"
@@ -315,6 +323,9 @@ class _H5RowReader:
             if self._fd is None or self._fd[0] != os.getpid():
                 self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
             return self._fd[1]
+
+    def plan(self, rows: np.ndarray) -> None:
+        """Single rows of a local file read cheaply: the loader's plan changes nothing."""
 
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """out[i] = dataset[rows[i], variants[i]]."""

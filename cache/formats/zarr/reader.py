@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +16,10 @@ from ...errors import CacheChangedError, CacheError
 from ...files import checksum, local_root
 from ...layout import SCALES_GROUP, ByTeacher, Layout
 from ...manifest import MANIFEST_KEY, check_manifest
+from ...nodecache import NodeCache
 from ...reader import CacheReader, Problem
 from . import store as keys
+from .localcopy import LocalCopyRowReader
 from .remote import RemoteRowReader
 from .rows import ZarrRowReader
 from .settings import ZarrStorage
@@ -94,7 +97,8 @@ class ZarrCache(CacheReader):
     format = "zarr"
 
     def __init__(self, url: str | os.PathLike | Any, *, allow_incomplete: bool = False,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, local_cache: str | os.PathLike | None = None,
+                 local_cache_bytes: int | None = None) -> None:
         self.url = stores.location(url)
         self.store = stores.open_store(url, options=storage_options, read_only=True)
         self.storage_options = dict(storage_options or {})  # kept in memory only, never written
@@ -131,6 +135,30 @@ class ZarrCache(CacheReader):
             raise CacheError(f"{self.url}: the labels cannot be read ({type(e).__name__}: {e}): the cache is damaged",
                              url=self.url, remedy="repair") from None
         self._set_labels(labels)
+        #: node-local copies of the shard objects (:mod:`cache.nodecache`), None: rows by range from the store
+        self.local_cache: NodeCache | None = None
+        if local_cache is not None:
+            if self.root is not None or not isinstance(self.store, zarr.storage.ObjectStore):
+                raise CacheError(f"{self.url}: a node-local copy (local_cache) applies to caches in an object store "
+                                 "(s3://, gs://, az://); this one is read where it is", url=self.url)
+            self.local_cache = NodeCache(local_cache, max_bytes=local_cache_bytes)
+        self._checksums: dict[int, dict[str, str]] = {}
+        self._checksums_lock = threading.Lock()
+
+    def recorded_checksum(self, name: str, shard: int) -> str | None:
+        """The checksum the progress record of ``shard`` holds for array ``name``'s object (None: no record or
+        none recorded); each record read once."""
+        with self._checksums_lock:
+            sums = self._checksums.get(shard)
+        if sums is None:
+            raw = keys.get(self.group, keys.record_key(keys.PROGRESS, shard))
+            try:
+                sums = dict(json.loads(raw).get("checksums") or {}) if raw is not None else {}
+            except (ValueError, AttributeError, TypeError):
+                sums = {}
+            with self._checksums_lock:
+                self._checksums[shard] = sums
+        return sums.get(name)
 
     def check_unchanged(self) -> None:
         """Raise :class:`CacheChangedError` if the cache was rebuilt or removed since it was opened: one
@@ -169,6 +197,11 @@ class ZarrCache(CacheReader):
     def block_rows(self) -> int:
         return self.storage.shard_rows
 
+    @property
+    def read_unit_rows(self) -> int:
+        """An inner chunk: one byte range in its shard object (and what zarr's own path decodes whole)."""
+        return self.storage.chunk_rows
+
     def verify_rows(self, lo: int, hi: int) -> list[Problem]:
         """The damage of the shards that hold rows lo..hi (:func:`shard_problems`)."""
         first, last = lo // self.storage.shard_rows, (hi - 1) // self.storage.shard_rows
@@ -181,15 +214,20 @@ class ZarrCache(CacheReader):
     def sources(self) -> list[dict[str, Any]]:
         return json.loads(keys.get(self.group, keys.SOURCES_KEY) or b"[]")
 
-    def row_reader(self, name: str) -> ZarrRowReader | RemoteRowReader:
+    def row_reader(self, name: str) -> ZarrRowReader | RemoteRowReader | LocalCopyRowReader:
         """By byte range from a local folder (:class:`ZarrRowReader`) or an object store
-        (:class:`RemoteRowReader`) where :func:`choose_io` confirms the layout; else through zarr."""
+        (:class:`RemoteRowReader`; from node-local copies of its objects with ``local_cache``,
+        :class:`LocalCopyRowReader`) where :func:`choose_io` confirms the layout; else through zarr."""
         array = self.array(name)
         if self.root is None and isinstance(self.store, zarr.storage.ObjectStore):
             fmt, reason = choose_io(None, array, ranged=True)
             nbytes = int(np.prod(array.shape[1:])) * np.dtype(array.dtype).itemsize
             if fmt is not None and fmt.row_nbytes == nbytes:
-                return RemoteRowReader(array, self.store.store, self.url, fmt, complete=self.complete)
+                remote = RemoteRowReader(array, self.store.store, self.url, fmt, complete=self.complete)
+                if self.local_cache is None:
+                    return remote
+                return LocalCopyRowReader(remote, self.local_cache,
+                                          lambda shard: self.recorded_checksum(name, shard))
             log_io_choice("reads", self.url, array.path, None, reason or "row sizes disagree")
         return ZarrRowReader(array, self.root, self.url, complete=self.complete)
 

@@ -8,6 +8,13 @@ from a shard are sorted and neighbouring ones merged into pieces (gaps up to ``m
 dropped, pieces up to ``max_piece`` bytes), all pieces of all shards in flight at once (obstore's async
 ``get``, at most ``concurrency`` requests), each piece conditional on the ETag the index was read with.
 
+Whole chunks for the block order. Told the rows it will be asked for (:meth:`RemoteRowReader.plan`, the
+loader's ``order="blocks"``), the reader fetches each planned row's inner chunk whole, one range per chunk
+(every variant of its rows), once, and keeps it in memory until each planned row of it was read; then drops
+it. Rows outside the plan are fetched by range as above. The kept chunks are bounded (``max_kept`` bytes; past
+it the least recently used one is dropped, and fetched again if still needed, counted in
+:attr:`RemoteRowReader.refetches`), so a plan that does not fit (a full permutation) costs requests, not memory.
+
 Never a wrong row: an object replaced since its index was read fails its condition
 (:class:`cache.errors.CacheChangedError`), a piece shorter than asked is damage
 (:class:`cache.errors.ShardReadError`), a missing object of a finished cache is damage naming it.
@@ -66,7 +73,7 @@ class RemoteRowReader:
 
     def __init__(self, array: Any, store: Any, url: str, fmt: ShardFormat, *, complete: bool = True,
                  concurrency: int = 32, max_gap: int = 1 << 16, max_piece: int = 8 << 20, attempts: int = 5,
-                 backoff: float = 0.2) -> None:
+                 backoff: float = 0.2, max_kept: int = 8 << 30) -> None:
         self.array, self.store, self.url, self.fmt, self.complete = array, store, url, fmt, complete
         self.row_shape = tuple(array.shape[1:])
         self.variant_shape = self.row_shape[1:]
@@ -78,6 +85,14 @@ class RemoteRowReader:
         self.retries = 0  # transient failures retried
         self.requests = 0  # GETs and HEADs sent (retries included)
         self.index_reads = 0  # shard indexes read (once per shard)
+        self.bytes_fetched = 0  # bytes of rows and chunks received (indexes aside)
+        self.chunk_reads = 0  # whole chunks fetched for the plan
+        self.refetches = 0  # planned chunks fetched again after the memory bound dropped them
+        self.max_kept = max_kept
+        self._planned: dict[int, int] = {}  # global chunk (row // chunk_rows) -> planned rows not yet read
+        self._kept: dict[int, asyncio.Future] = {}  # global chunk -> its bytes (insertion order: least recent first)
+        self._kept_bytes = 0
+        self._fetched_once: set[int] = set()
         self._shards: dict[int, asyncio.Future] = {}  # shard -> its index read (kept)
         self._lock = threading.Lock()
         self._fallback: ZarrRowReader | None = None
@@ -87,6 +102,14 @@ class RemoteRowReader:
     def direct(self) -> bool:
         return self._fallback is None
 
+    def plan(self, rows: np.ndarray) -> None:
+        """The rows :meth:`read` will be asked for, in order (the loader's block order): their chunks are then
+        fetched whole and kept until each planned row of them was read. Replaces an earlier plan."""
+        chunks, counts = np.unique(np.asarray(rows, dtype=np.int64) // self.fmt.chunk_rows, return_counts=True)
+        self._planned = dict(zip(chunks.tolist(), counts.tolist()))
+        self._kept.clear()
+        self._kept_bytes = 0
+
     def close(self) -> None:
         if self._fallback is not None:
             self._fallback.close()
@@ -95,30 +118,41 @@ class RemoteRowReader:
     def _where(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
 
-    async def _call(self, key: str, make: Any) -> Any:
-        """One request, retried with backoff while it fails transiently; typed errors for the rest."""
+    def _failure(self, key: str, e: BaseException) -> CacheError | None:
+        """The error a failed request for ``key`` means, or None for a transient failure (retry it)."""
         import obstore.exceptions as ox
 
+        if isinstance(e, (ox.NotFoundError, FileNotFoundError)):
+            return ShardReadError(f"{self._where(key)} is missing from the finished cache {self.url}: the cache is "
+                                  f"damaged; run `python -m cache.inspect {self.url} --verify`", url=self.url,
+                                  where=self._where(key))
+        if isinstance(e, ox.PreconditionError):
+            return CacheChangedError(f"{self._where(key)} changed while it was being read (its ETag is not the one "
+                                     "its index was read with)", url=self.url)
+        if isinstance(e, (ox.PermissionDeniedError, ox.UnauthenticatedError)):
+            return stores.store_error(self.url, e) or stores.StoreError(
+                f"{self._where(key)}: the store refused the request: {e}", url=self.url)
+        if isinstance(e, (ox.GenericError, ConnectionError, TimeoutError, OSError)):
+            return None
+        raise e
+
+    def _gave_up(self, key: str, e: BaseException) -> stores.StoreError:
+        return stores.StoreError(f"{self._where(key)}: reading it failed {self.attempts} times "
+                                 f"({stores._one_line(e)})", url=self.url, reason=stores._one_line(e))
+
+    async def _call(self, key: str, make: Any) -> Any:
+        """One request, retried with backoff while it fails transiently; typed errors for the rest."""
         for attempt in range(self.attempts):
             with self._lock:
                 self.requests += 1
             try:
                 return await make()
-            except (ox.NotFoundError, FileNotFoundError):
-                raise ShardReadError(f"{self._where(key)} is missing from the finished cache {self.url}: the cache is "
-                                     f"damaged; run `python -m cache.inspect {self.url} --verify`", url=self.url,
-                                     where=self._where(key)) from None
-            except ox.PreconditionError:
-                raise CacheChangedError(f"{self._where(key)} changed while it was being read (its ETag is not the one "
-                                        "its index was read with)", url=self.url) from None
-            except (ox.PermissionDeniedError, ox.UnauthenticatedError) as e:
-                raise stores.store_error(self.url, e) or stores.StoreError(
-                    f"{self._where(key)}: the store refused the request: {e}", url=self.url) from None
-            except (ox.GenericError, ConnectionError, TimeoutError, OSError) as e:
+            except Exception as e:
+                err = self._failure(key, e)
+                if err is not None:
+                    raise err from None
                 if attempt + 1 == self.attempts:
-                    raise stores.StoreError(
-                        f"{self._where(key)}: reading it failed {self.attempts} times "
-                        f"({stores._one_line(e)})", url=self.url, reason=stores._one_line(e)) from None
+                    raise self._gave_up(key, e) from None
                 with self._lock:
                     self.retries += 1
                 await asyncio.sleep(self.backoff * 2 ** attempt)
@@ -175,6 +209,55 @@ class RemoteRowReader:
                                  where=self._where(key))
         return data
 
+    async def _chunk(self, chunk: int, info: _Shard, limit: asyncio.Semaphore) -> np.ndarray:
+        """The bytes of one inner chunk (global number ``chunk``), fetched whole once and kept while planned rows
+        of it remain; the least recently used kept chunks are dropped past ``max_kept`` bytes."""
+        got = self._kept.pop(chunk, None)
+        if got is None:
+            got = asyncio.ensure_future(self._fetch_chunk(chunk, info, limit))
+        self._kept[chunk] = got  # now the most recent
+        try:
+            return await asyncio.shield(got)
+        except BaseException:
+            if self._kept.get(chunk) is got and got.done():
+                del self._kept[chunk]  # a failed fetch is not kept
+            raise
+
+    async def _fetch_chunk(self, chunk: int, info: _Shard, limit: asyncio.Semaphore) -> np.ndarray:
+        entry = info.index[chunk % self.fmt.chunks_per_shard]
+        lo, n = int(entry[0]), int(entry[1])
+        if n < self.fmt.chunk_rows * self.row_nbytes:
+            raise ShardReadError(f"{self._where(info.key)}: chunk {chunk % self.fmt.chunks_per_shard} holds {n} bytes, "
+                                 f"its {self.fmt.chunk_rows} rows need {self.fmt.chunk_rows * self.row_nbytes}: the "
+                                 "cache is damaged", url=self.url, where=self._where(info.key))
+        while self._kept_bytes + n > self.max_kept and len(self._kept) > 1:
+            old = next(iter(self._kept))
+            if not self._kept[old].done():
+                break  # only fetches in flight are left to drop: keep them
+            del self._kept[old]
+            self._kept_bytes -= n  # every chunk of an array has the same size
+        async with limit:
+            data = np.frombuffer(await self._get(info.key, lo, lo + n, info.etag), dtype=np.uint8)
+        with self._lock:
+            self.chunk_reads += 1
+            self.bytes_fetched += n
+            if chunk in self._fetched_once:
+                self.refetches += 1
+            self._fetched_once.add(chunk)
+        self._kept_bytes += n
+        return data
+
+    def _used(self, chunk: int, rows: int) -> None:
+        """``rows`` planned rows of ``chunk`` were read: drop the chunk when none remains."""
+        left = self._planned.get(chunk, 0) - rows
+        if left > 0:
+            self._planned[chunk] = left
+            return
+        self._planned.pop(chunk, None)
+        got = self._kept.pop(chunk, None)
+        if got is not None:
+            self._kept_bytes -= int(got.result().nbytes) if got.done() and not got.exception() else 0
+
     async def _read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         fmt = self.fmt
         shards, within = np.divmod(rows, fmt.shard_rows)
@@ -183,6 +266,18 @@ class RemoteRowReader:
         limit = asyncio.Semaphore(self.concurrency)
         infos = await asyncio.gather(*(self._shard(s) for s in np.unique(shards).tolist()))
         by_shard = {s: info for s, info in zip(np.unique(shards).tolist(), infos)}
+        if self._planned:  # the block order: planned rows from whole chunks, the rest by range
+            whole = np.fromiter((c in self._planned for c in (rows // fmt.chunk_rows).tolist()), dtype=bool,
+                                count=len(rows))
+            if whole.any():
+                await self._read_chunks(rows, variants, flat, whole, by_shard, limit)
+                if whole.all():
+                    return
+                rest = np.flatnonzero(~whole)
+                sub = np.empty((len(rest), *out.shape[1:]), dtype=out.dtype)
+                await self._read(rows[rest], variants[rest], sub)
+                out[rest] = sub
+                return
 
         async def piece(info: _Shard, lo: int, hi: int, members: np.ndarray, starts: np.ndarray) -> None:
             async with limit:
@@ -207,6 +302,28 @@ class RemoteRowReader:
                                             max_piece=self.max_piece):
                 jobs.append(piece(info, lo, hi, sel[members], at))
         await asyncio.gather(*jobs)
+
+    async def _read_chunks(self, rows: np.ndarray, variants: np.ndarray, flat: np.ndarray, whole: np.ndarray,
+                           by_shard: dict[int, _Shard], limit: asyncio.Semaphore) -> None:
+        """flat[i] = row i's variant, for the rows ``whole`` selects, copied out of their kept chunks."""
+        fmt = self.fmt
+        sel = np.flatnonzero(whole)
+        chunk_of = rows[sel] // fmt.chunk_rows
+        unique = np.unique(chunk_of).tolist()
+
+        async def one(chunk: int) -> None:
+            info = by_shard[chunk * fmt.chunk_rows // fmt.shard_rows]
+            mine = sel[chunk_of == chunk]
+            if info.index[chunk % fmt.chunks_per_shard, 0] == _EMPTY:
+                flat[mine] = 0  # a chunk never stored: all fill value (0)
+            else:
+                data = await self._chunk(chunk, info, limit)
+                at = (rows[mine] % fmt.chunk_rows) * self.row_nbytes + variants[mine] * self.variant_nbytes
+                for i, s in zip(mine.tolist(), at.tolist()):
+                    flat[i] = data[s:s + self.variant_nbytes]
+            self._used(chunk, len(mine))
+
+        await asyncio.gather(*(one(c) for c in unique))
 
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """out[i] = array[rows[i], variants[i]]."""

@@ -60,6 +60,10 @@ class ZarrRowReader:
                 os.close(fd)
             self._fds.clear()
 
+    def plan(self, rows: np.ndarray) -> None:
+        """Single rows of a local folder read cheaply (and zarr's path reads whole chunks anyway): the loader's
+        plan changes nothing."""
+
     def _shard(self, shard: int) -> tuple[int, np.ndarray]:
         with self._lock:
             if shard in self._fds:
