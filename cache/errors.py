@@ -13,6 +13,7 @@ word of :data:`REMEDIES`, never as a command line:
     replace     something that is not this cache is in the way: another place, or replace it
     addition    an unfinished addition of teachers: finish it, or drop the teachers being added
     restart     the cache changed under a reader: open it again
+    space       the disk that a write goes to is full: free space there and run the same command again
     None        nothing to advise (a programming error, or the message says it all)
 """
 
@@ -23,7 +24,7 @@ from typing import Literal
 
 __all__ = ["REMEDIES", "Remedy", "CacheError", "CacheMismatchError", "CacheChangedError", "ShardReadError"]
 
-Remedy = Literal["rebuild", "resume", "repair", "reconvert", "settings", "replace", "addition", "restart"]
+Remedy = Literal["rebuild", "resume", "repair", "reconvert", "settings", "replace", "addition", "restart", "space"]
 REMEDIES: tuple[str, ...] = Remedy.__args__
 
 

@@ -3,6 +3,8 @@ remedy (:data:`cache.errors.REMEDIES`); this turns the remedy into the commands 
 
 from __future__ import annotations
 
+import os
+
 from ..errors import CacheError, CacheMismatchError
 
 __all__ = ["explain", "problem_advice"]
@@ -28,6 +30,9 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
         "addition": (f"rerun that addition's command (its --teacher lists them) to finish it, or drop it with "
                      f"`python -m cache.edit {url} --drop-teacher {','.join(teachers) or 'NAME'}`"),
         "restart": "restart to read the cache as it is now",
+        "space": (f"free space on the disk that holds {url} (`df -h {os.path.dirname(os.path.abspath(url))}`), then "
+                  f"run the same command again (it keeps what {url} already holds), or delete {url} to give its "
+                  "space back"),
     }[error.remedy]
     wanted = list(getattr(error, "wanted", ()))
     if isinstance(error, CacheMismatchError) and error.remedy == "settings" and wanted and set(teachers) != set(wanted):

@@ -30,9 +30,11 @@ layout at open; :meth:`FfcvCache.verify` checks the whole file's crc32c.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -107,12 +109,128 @@ class _Samples:
         return (*out, int(self.labels[row]))
 
 
+def _page_size(layout: Layout) -> int:
+    """The .beton's page: a power of two (at least 8 MiB) that holds at least two whole samples."""
+    shapes, dtypes, names = variant_shapes(layout), array_dtypes(layout), field_names(layout)
+    largest = max(int(np.prod(shapes[k])) * dtypes[k].itemsize for k in names) * (len(shapes) + 1)
+    page = 1 << 23
+    while page < 2 * largest:
+        page <<= 1
+    return page
+
+
+def beton_bytes(layout: Layout) -> int:
+    """At least the size of the .beton FFCV writes for ``layout``: the header, field descriptors and per-sample
+    metadata padded to a page, then whole pages of samples (FFCV never splits a sample between pages)."""
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.types import FieldDescType, HeaderType, get_metadata_type
+
+    shapes, dtypes, names = variant_shapes(layout), array_dtypes(layout), field_names(layout)
+    page, samples = _page_size(layout), layout.num_rows * layout.variants
+    fields = [NDArrayField(_field_dtype(dtypes[k]), _field_shape(shapes[k])) for k in names] + [IntField()]
+    head = HeaderType.itemsize + FieldDescType.itemsize * len(fields) + get_metadata_type(fields).itemsize * samples
+    sample = sum(int(np.prod(shapes[k])) * dtypes[k].itemsize for k in names)
+    per_page = page // sample
+    return -(-head // page) * page + -(-samples // per_page) * page
+
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _space_error(folder: str, path: str, what: str, err: int | None, detail: str) -> CacheError:
+    """The error of a write that failed: ``remedy='space'`` when the disk is full (or the quota spent)."""
+    full = err in (errno.ENOSPC, errno.EDQUOT)
+    return CacheError(f"{what} {path} failed: {os.strerror(err) if full and err else detail}", url=folder,
+                      remedy="space" if full else None)
+
+
+def _writer_process(errors: Any, *args: Any) -> None:
+    """One of FFCV's writer processes: FFCV's own job (``worker_job_indexed_dataset``); whatever ends it early
+    is sent to the parent as (errno, text) and the process exits with 1, without a traceback."""
+    from ffcv.writer import worker_job_indexed_dataset
+
+    try:
+        worker_job_indexed_dataset(*args)
+    except BaseException as e:  # everything ends the process; the parent words it
+        errors.put((getattr(e, "errno", None), f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None
+
+
+def _write_samples(writer: Any, dataset: _Samples, *, chunksize: int) -> None:
+    """FFCV's ``DatasetWriter.from_indexed_dataset`` (ffcv 1.0.2's ``_write_common``: the same header, worker
+    job, page allocator and final table), watched: FFCV's parent waits for a sample count and then for
+    every worker's allocation list, forever if a worker died (a full disk kills it with ENOSPC, and the
+    others then spin waiting for its page). Here a worker that exits early stops the write: the others are
+    terminated and :class:`_WriterDied` says what ended it."""
+    import ctypes
+    import multiprocessing as mp
+    import queue
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.utils import chunks
+    from tqdm import tqdm
+
+    n = len(dataset)
+    writer.num_samples = n
+    writer.prepare()  # header, field descriptors; the samples' metadata in shared memory
+    work, allocations, errors = mp.Queue(), mp.Queue(), mp.Queue()
+    for chunk in chunks(list(enumerate(range(n))), chunksize):
+        work.put(chunk)
+    for _ in range(writer.num_workers):
+        work.put(None)
+    done = mp.Value(ctypes.c_uint64, 0)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+    args = (errors, work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations, dataset)
+    procs = [mp.Process(target=_writer_process, args=args, daemon=True) for _ in range(writer.num_workers)]
+    table: list = []
+    bar = tqdm(total=n, unit="sample", desc="ffcv .beton", disable=None, file=sys.stderr)
+    try:
+        for p in procs:
+            p.start()
+        received = 0
+        while received < len(procs):
+            try:
+                table.extend(allocations.get(timeout=0.2))
+                received += 1
+                continue
+            except queue.Empty:
+                bar.update(done.value - bar.n)
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                try:
+                    err, text = errors.get(timeout=2)
+                except queue.Empty:
+                    err, text = None, (f"killed by signal {-dead[0]}" if dead[0] < 0 else f"exit code {dead[0]}")
+                raise _WriterDied(err, text)
+        writer.finalize(table)
+    finally:
+        bar.close()
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is not None:
+                p.join()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+class _WriterDied(Exception):
+    def __init__(self, err: int | None, text: str) -> None:
+        super().__init__(text)
+        self.errno, self.text = err, text
+
+
 def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifest: Manifest,
                sources: list[dict[str, Any]], labels: np.ndarray, num_workers: int = 2) -> None:
     """Write an FFCV cache into ``folder`` (the caller's temporary name, which exists) from raw staged
     arrays: ``stage`` maps every array but the labels ('latents', 'features/<teacher>', 'feature_scales/<teacher>'
     for int8 teachers) to ``.npy`` files of shape (N, F, ...) in their stored dtype (:func:`array_dtypes`).
-    The record ``ffcv.json`` is written last."""
+    The record ``ffcv.json`` is written last. A disk too small for the .beton (:func:`beton_bytes`) is
+    refused before FFCV starts; a write that fails (a writer process dies: the disk filled up meanwhile)
+    removes the half-written .beton and raises :class:`cache.errors.CacheError` (``remedy='space'`` for a
+    full disk), never hangs."""
     from ffcv.fields import IntField, NDArrayField
     from ffcv.writer import DatasetWriter
 
@@ -122,25 +240,50 @@ def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifes
     fields: dict[str, Any] = {names[k]: NDArrayField(_field_dtype(dtypes[k]), _field_shape(shapes[k])) for k in names}
     fields["label"] = IntField()
     beton = os.path.join(folder, BETON)
-    largest = max(int(np.prod(shapes[k])) * dtypes[k].itemsize for k in names) * (len(shapes) + 1)
-    page = 1 << 23
-    while page < 2 * largest:
-        page <<= 1
-    writer = DatasetWriter(beton, fields, page_size=page, num_workers=max(1, num_workers))
-    writer.from_indexed_dataset(_Samples(stage, layout, labels), chunksize=64)
+    need, free = beton_bytes(layout), _free_bytes(folder)
+    if need > free:
+        raise CacheError(f"writing {beton} needs at least {need:,} bytes, the disk has {free:,} free: "
+                         f"{os.strerror(errno.ENOSPC)}", url=folder, remedy="space")
+    writer = DatasetWriter(beton, fields, page_size=_page_size(layout), num_workers=max(1, num_workers))
+    try:
+        try:
+            _write_samples(writer, _Samples(stage, layout, labels), chunksize=64)
+        except _WriterDied as e:
+            raise _space_error(folder, beton, "FFCV's writer process writing", e.errno, e.text) from None
+        except OSError as e:
+            raise _space_error(folder, beton, "writing", e.errno, str(e)) from None
+    except CacheError:
+        if os.path.exists(beton):
+            os.remove(beton)  # its space back; the staged rows stay for the next run
+        raise
     labels = np.ascontiguousarray(labels, dtype="<i4")
-    np.save(os.path.join(folder, LABELS), labels)
-    write_json(os.path.join(folder, MANIFEST), manifest.to_dict(), indent=None)
-    write_json(os.path.join(folder, SOURCES), list(sources), indent=None)
-    record = {"format": "urepa-ffcv", "version": FORMAT_VERSION, "file": BETON,
-              "size": os.path.getsize(beton), "checksum": file_checksum(beton), "variants": layout.variants,
-              "fields": names, "labels": checksum(labels)}
-    write_json(os.path.join(folder, RECORD), record, indent=None)
+    try:
+        np.save(os.path.join(folder, LABELS), labels)
+        write_json(os.path.join(folder, MANIFEST), manifest.to_dict(), indent=None)
+        write_json(os.path.join(folder, SOURCES), list(sources), indent=None)
+        record = {"format": "urepa-ffcv", "version": FORMAT_VERSION, "file": BETON,
+                  "size": os.path.getsize(beton), "checksum": file_checksum(beton), "variants": layout.variants,
+                  "fields": names, "labels": checksum(labels)}
+        write_json(os.path.join(folder, RECORD), record, indent=None)
+    except OSError as e:
+        raise _space_error(folder, folder, "writing the records of", e.errno, str(e)) from None
+
+
+def _reserve(path: str) -> None:
+    """Give a staged .npy file its disk blocks now: writes into a memory map of a sparse file on a full disk
+    kill the process (SIGBUS); a reservation that does not fit fails here, with ENOSPC."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class FfcvWriter(CopyWriter):
     """An FFCV copy: the rows staged as raw .npy arrays block by block (resumable: one marker per finished
-    block, in ``<tmp>/stage``), then FFCV's writer makes the .beton from them, then the stage is dropped."""
+    block, in ``<tmp>/stage``; their disk space reserved up front), then FFCV's writer makes the .beton from
+    them (:func:`write_ffcv`), then the stage is dropped. A full disk is a :class:`cache.errors.CacheError`
+    with ``remedy='space'``: the staged rows are kept for the next run, a half-written .beton is not."""
 
     def __init__(self, tmp: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
                  block_rows: int, workers: int = 2) -> None:
@@ -162,9 +305,17 @@ class FfcvWriter(CopyWriter):
         shapes = {**{k: (layout.variants, *s) for k, s in variant_shapes(layout).items()}, "labels": ()}
         dtypes = {**array_dtypes(layout), "labels": np.dtype("<i4")}
         self.files = {name: os.path.join(self.stage, name.replace("/", "__") + ".npy") for name in layout.array_names()}
-        self.arrays = {name: np.lib.format.open_memmap(path, mode="r+" if os.path.exists(path) else "w+",
-                                                       dtype=dtypes[name], shape=(layout.num_rows, *shapes[name]))
-                       for name, path in self.files.items()}
+        self.arrays = {}
+        try:
+            for name, path in self.files.items():
+                self.arrays[name] = np.lib.format.open_memmap(path, mode="r+" if os.path.exists(path) else "w+",
+                                                              dtype=dtypes[name], shape=(layout.num_rows, *shapes[name]))
+                _reserve(path)
+        except OSError as e:
+            self.arrays = {}
+            if not self.done_blocks():  # nothing worth keeping: leave no partial folder behind
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _space_error(tmp, path, "staging rows in", e.errno, str(e)) from None
 
     def _marker(self, lo: int) -> str:
         return os.path.join(self.stage, f"block-{lo:012d}.done")
