@@ -19,35 +19,50 @@ This module is the only code that knows this layout::
 Skipped rows are stored too (zeros, label -1) so that row i stays source file i; the loader's order
 never visits them.
 
-Reading. Batches come from FFCV's own :class:`ffcv.loader.Loader` (its compiled pipelines, its page
-cache handling), fed the sample ids of this epoch's and this rank's positions in our order
-(``indices=``, ``order=OrderOption.SEQUENTIAL``, ``drop_last=False``, our batch size), so its batches
-are ours (:mod:`cache.loader`). FFCV trusts its file: on a truncated file it may hang or crash. So the
-.beton's size and header are checked against the record before FFCV sees the file, at open and before
-every epoch's loader, and the header's field descriptors (name, dtype, shape) against the manifest's
-layout at open; :meth:`FfcvCache.verify` checks the whole file's crc32c.
+Reading. Every sample's array fields lie whole in one of FFCV's pages, at a file offset the header's
+per-sample metadata records (``ptr``). Where FFCV's own reader parses that metadata, every pointer and
+size lies inside the file and the machine is little-endian, a row is a byte range: the loader reads it
+with ``os.preadv`` from reader threads straight into the batch, as the HDF5 and zarr paths do (float16
+values are the int16 bit patterns stored, byte for byte). Anything else (``UREPA_IO=library``, metadata
+that does not check out, a direct read that fails for a reason other than a short file) goes through
+FFCV's own :class:`ffcv.loader.Loader` (its compiled pipelines, its page cache handling), fed the sample
+ids of this epoch's and this rank's positions in our order (``indices=``,
+``order=OrderOption.SEQUENTIAL``, ``drop_last=False``, our batch size), so its batches are ours
+(:mod:`cache.loader`); logged once. Why not FFCV's loader always: it builds and compiles its pipeline
+for every epoch (0.2 s constructing the loader plus about 0.8 s of numba compilation before the first
+batch, per epoch, on the 2-core machine), maps the file afresh each epoch and copies each sample with
+at most as many threads as cores (numba's ``NUMBA_NUM_THREADS``), and its buffers are reused, so each
+batch is copied once more; measured in docs/benchmarks.md. FFCV trusts its file: on a truncated file
+it may hang or crash. So the .beton's size and header are checked against the record before FFCV (or
+a direct read) sees the file, at open and before every epoch's loader, and the header's field
+descriptors (name, dtype, shape) against the manifest's layout at open; :meth:`FfcvCache.verify`
+checks the whole file's crc32c.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import CacheChangedError, CacheError
-from ..files import FileStamp, checksum, file_checksum, write_json
+from ..files import ENV_LIBRARY_IO, FileStamp, checksum, file_checksum, library_io_forced, write_json
 from ..layout import SCALES_GROUP, ByTeacher, Layout
 from ..manifest import Manifest, check_manifest
 from ..reader import CacheReader, Problem
 from ..writer import CopyWriter, Format
 
 __all__ = ["FFCV", "FfcvCache", "FfcvWriter", "write_ffcv", "FORMAT_VERSION", "BETON", "RECORD"]
+
+_logger = logging.getLogger(__name__)
 
 RECORD = "ffcv.json"  # the record that makes a folder an FFCV cache
 FORMAT_VERSION = 1
@@ -402,7 +417,6 @@ class FfcvCache(CacheReader):
     :class:`cache.reader.CacheReader`."""
 
     format = "ffcv"
-    reads_rows = False
 
     def __init__(self, folder: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.url = self.root = os.fspath(folder)
@@ -446,6 +460,7 @@ class FfcvCache(CacheReader):
         self.feature_scales = ByTeacher({t: _BetonArray(self, f"{SCALES_GROUP}/{t}", (n, f, *shapes[f"{SCALES_GROUP}/{t}"]),
                                                         dtypes[f"{SCALES_GROUP}/{t}"]) for t in self.layout.quantized_teachers})
         self._set_labels(labels.astype(np.int32))
+        self._pointers, self._why_not_direct = _direct_pointers(self.beton, self.layout, self._stamp.size)
 
     def _damaged(self, message: str) -> CacheError:
         return CacheError(message, url=self.url, remedy="reconvert")
@@ -514,8 +529,21 @@ class FfcvCache(CacheReader):
                             f"{self.record.get('checksum')}): the file is damaged", remedy="reconvert")]
         return []
 
-    def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> _FfcvSource:
-        """What :class:`cache.loader.CacheLoader` reads batches from (FFCV's own loader)."""
+    @property
+    def reads_rows(self) -> bool:  # type: ignore[override]
+        """Whether rows are read by byte range (else whole batches through FFCV's loader, :meth:`batch_source`)."""
+        return self._pointers is not None
+
+    def row_reader(self, name: str) -> _BetonRowReader:
+        if self._pointers is None:
+            return super().row_reader(name)
+        return _BetonRowReader(self, name)
+
+    def batch_source(self, keys: Sequence[str], *, num_workers: int, prefetch: int) -> _FfcvSource | None:
+        """FFCV's own loader, where rows cannot be read by byte range; None (row readers) where they can."""
+        _log_choice(self.beton, self._pointers is not None, self._why_not_direct)
+        if self._pointers is not None:
+            return None
         return _FfcvSource(self, list(keys), num_workers=num_workers, prefetch=prefetch)
 
     def _run(self, keys: Sequence[str], ids: np.ndarray, *, batch_size: int, num_workers: int = 1,
@@ -545,6 +573,112 @@ class FfcvCache(CacheReader):
                        for field, arr in zip(fields_in_order, out, strict=True)}
         finally:
             it.close()
+
+
+def _direct_pointers(beton: str, layout: Layout, file_size: int) -> tuple[dict[str, np.ndarray] | None, str]:
+    """(field name -> the file offset of every sample's bytes, "") when rows can be read by byte range, else
+    (None, why not). The offsets come from FFCV's own reader of the header's per-sample metadata."""
+    if library_io_forced():
+        return None, f"forced by {ENV_LIBRARY_IO}=library"
+    if sys.byteorder != "little":
+        return None, f"a {sys.byteorder}-endian machine"
+    from ffcv.reader import Reader
+
+    try:
+        metadata = Reader(beton).metadata
+    except Exception as e:  # FFCV's reader asserts, or reads past the end: FFCV's loader would fail the same way
+        return None, f"FFCV's reader cannot parse the header ({type(e).__name__}: {e})"
+    shapes, dtypes = variant_shapes(layout), array_dtypes(layout)
+    samples = layout.num_rows * layout.variants
+    out = {}
+    for i, (key, field) in enumerate(field_names(layout).items()):  # FFCV names the metadata of field i 'f<i>'
+        if f"f{i}" not in (metadata.dtype.names or ()) or len(metadata) != samples:
+            return None, f"the per-sample metadata has no entry for field {field!r} of {samples} samples"
+        ptr = np.asarray(metadata[f"f{i}"], dtype=np.int64)
+        size = int(np.prod(shapes[key])) * dtypes[key].itemsize
+        if len(ptr) and (ptr.min() < 0 or ptr.max() + size > file_size):
+            return None, f"field {field!r} points outside the file's {file_size} bytes"
+        out[key] = ptr
+    return out, ""
+
+
+_LOGGED: set[tuple[str, bool, bool]] = set()
+
+
+def _log_choice(path: str, direct: bool, reason: str, *, fell_back: bool = False) -> None:
+    if (path, direct, fell_back) in _LOGGED:
+        return
+    _LOGGED.add((path, direct, fell_back))
+    if direct:
+        _logger.info("%s: rows read by byte range", path)
+    elif fell_back:
+        _logger.warning("%s: batches come from FFCV's loader from now on: %s", path, reason)
+    else:
+        _logger.info("%s: batches come from FFCV's loader: %s", path, reason)
+
+
+class _BetonRowReader:
+    """Reads single rows (one variant each) of one array into a batch by byte range (``os.preadv`` at the
+    sample's pointer); after a direct read that fails for a reason other than a short file, through FFCV's
+    loader (:class:`_BetonArray`) instead."""
+
+    def __init__(self, cache: FfcvCache, name: str) -> None:
+        self.cache, self.name, self.path = cache, name, cache.beton
+        self.variants = cache.layout.variants
+        self.variant_shape = variant_shapes(cache.layout)[name]
+        self.dtype = array_dtypes(cache.layout)[name]
+        self.variant_nbytes = int(np.prod(self.variant_shape)) * self.dtype.itemsize
+        self.pointers: np.ndarray | None = cache._pointers[name] if cache._pointers is not None else None
+        self._lock = threading.Lock()
+        self._fd: tuple[int, int] | None = None  # (pid, fd): opened lazily, never inherited across a fork
+
+    @property
+    def direct(self) -> bool:
+        return self.pointers is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._fd[0] == os.getpid():
+                os.close(self._fd[1])
+            self._fd = None
+
+    def _descriptor(self) -> int:
+        with self._lock:
+            if self._fd is None or self._fd[0] != os.getpid():
+                self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+            return self._fd[1]
+
+    def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = array[rows[i], variants[i]]."""
+        if self.pointers is not None:
+            try:
+                self._read_direct(rows, variants, out)
+                return
+            except CacheError:
+                raise
+            except Exception as e:  # not damage: a platform this code does not know; FFCV's loader is correct
+                self.pointers = None
+                _log_choice(self.path, False, f"a direct read failed ({type(e).__name__}: {e})", fell_back=True)
+        array = {"latents": self.cache.latents, **{f"features/{t}": a for t, a in self.cache.features.items()},
+                 **{f"{SCALES_GROUP}/{t}": a for t, a in self.cache.feature_scales.items()}}[self.name]
+        block = array[rows]
+        out[...] = block[np.arange(len(rows)), variants]
+
+    def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+        assert self.pointers is not None
+        fd = self._descriptor()
+        offsets = self.pointers[rows.astype(np.int64) * self.variants + variants.astype(np.int64)]
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        size = self.variant_nbytes
+        for i, offset in enumerate(offsets.tolist()):
+            dst = view[i * size:(i + 1) * size]
+            got = os.preadv(fd, [dst], offset)
+            while got < size:  # short read
+                n = os.preadv(fd, [dst[got:]], offset + got)
+                if n == 0:
+                    raise CacheError(f"{self.path} ends inside row {int(rows[i])} of '{self.name}': the file is "
+                                     "truncated", url=self.cache.url, remedy="reconvert")
+                got += n
 
 
 class _FfcvSource:
