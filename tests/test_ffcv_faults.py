@@ -53,7 +53,7 @@ def small_disk(tmp_path):
 def convert_cli(src: Path, dst: Path, *, no_precheck: bool = False) -> subprocess.CompletedProcess:
     """``python -m cache.convert SRC DST --format ffcv`` in its own process group, killed after TIMEOUT.
     ``no_precheck``: let the write start even though the disk is too small (the dead-writer path)."""
-    patch = "import cache.formats.ffcv as f; f._free_bytes = lambda path: 1 << 60; " if no_precheck else ""
+    patch = "import cache.formats.ffcv.writer as f; f._free_bytes = lambda path: 1 << 60; " if no_precheck else ""
     code = (f"{patch}from cache.convert import main; "
             f"raise SystemExit(main([{str(src)!r}, {str(dst)!r}, '--format', 'ffcv']))")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,

@@ -211,7 +211,7 @@ def test_h5py_path_and_a_failing_fast_path_read_the_same(every_format, monkeypat
 
 
 def test_ffcv_loader_and_a_failing_fast_path_read_the_same(every_format, monkeypatch, caplog):
-    from cache.formats import ffcv as ffcv_format
+    from cache.formats.ffcv import reader as ffcv_format
 
     f = every_format["ffcv"]
     ref = [b["latents"] for b in f.loader(8, seed=4, flip=True)]

@@ -17,8 +17,8 @@ FORMAT_CASES = {
     "zarr-library": ("zarr", "library"),
     "hdf5": ("hdf5", None),
     "hdf5-library": ("hdf5", "library"),
-    "ffcv": ("ffcv", None),
     "ffcv-library": ("ffcv", "library"),
+    "ffcv": ("ffcv", None),  # last: a module-scoped fixture keeps the last case's setting until the module ends
 }
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5", "ffcv": ".ffcv"}
 
