@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-OURS = ("zarr", "hdf5", "ffcv")
+OURS = ("zarr", "hdf5", "ffcv", "ffcv-library")  # ffcv-library: FFCV's own loader (UREPA_IO=library)
 PEERS = ("streaming", "litdata", "npy")
 CONTENDERS = ("raw", *OURS, *PEERS)
 
@@ -116,7 +116,9 @@ def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int) 
     if contender in OURS:
         from cache import open_cache
 
-        c = open_cache(data / {"zarr": "c.zarr", "hdf5": "c.h5", "ffcv": "c.ffcv"}[contender])
+        if contender == "ffcv-library":
+            os.environ["UREPA_IO"] = "library"
+        c = open_cache(data / {"zarr": "c.zarr", "hdf5": "c.h5", "ffcv": "c.ffcv", "ffcv-library": "c.ffcv"}[contender])
         teacher = next(iter(c.layout.teachers))
         for b in c.loader(batch, seed=0, epoch=seed, num_workers=workers, prefetch=4, drop_last=False):
             yield _as_batch(b["features"][teacher], b["latents"], b["labels"], b["index"],
@@ -167,7 +169,7 @@ def preimport(contender: str) -> None:
     the loading of the libraries)."""
     if contender in OURS:
         import cache  # noqa: F401
-        if contender == "ffcv":
+        if contender.startswith("ffcv"):
             import ffcv.loader  # noqa: F401
             import ffcv.reader  # noqa: F401
     elif contender == "streaming":

@@ -2,7 +2,8 @@
 
     python -m tools.bench.peers [--rows 2048] [--warm 5] [--cold 2] [--int8] [--peers-python .venv-peers/bin/python]
 
-Contenders: our loader on zarr, HDF5 and FFCV; mosaicml-streaming (``StreamingDataset`` + DataLoader);
+Contenders: our loader on zarr, HDF5 and FFCV (and FFCV's own ``Loader`` on the same file, the
+format's fallback path); mosaicml-streaming (``StreamingDataset`` + DataLoader);
 LitData (``StreamingDataset`` + ``StreamingDataLoader``); one .npy per sample + DataLoader (the fast-DiT /
 REPA way); and the limit, a raw sequential read of the rows' files (one thread). The rows: a synthetic
 cache of DINOv2-B shape (256 x 768 float16 tokens, 8 x 32 x 32 float16 latents, a label; random values),
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PEER_MODULE = {"streaming": "streaming", "litdata": "litdata", "npy": None}
 LABELS = {"raw": "raw sequential read of the row files, 1 thread",
           "zarr": "our loader, zarr", "hdf5": "our loader, HDF5", "ffcv": "our loader, FFCV",
+          "ffcv-library": "FFCV's own Loader (our FFCV format, UREPA_IO=library)",
           "streaming": "mosaicml-streaming StreamingDataset + DataLoader",
           "litdata": "LitData StreamingDataset + StreamingDataLoader",
           "npy": "one .npy per sample + DataLoader (fast-DiT / REPA)"}
@@ -65,8 +67,9 @@ class BenchPeersConfig:
     warm: int = field(default=5, metadata={"min": 0, "max": 100, "help": "warm rounds (median counts)"})
     cold: int = field(default=2, metadata={"min": 0, "max": 100, "help": "cold rounds (root only)"})
     int8: bool = field(default=False, metadata={"help": "also int8 tokens (+ float32 per-token scales)"})
-    contenders: str = field(default="raw,zarr,hdf5,ffcv,streaming,litdata,npy", metadata={
-        "help": "comma-separated contenders to run (of raw, zarr, hdf5, ffcv, streaming, litdata, npy)"})
+    contenders: str = field(default="raw,zarr,hdf5,ffcv,ffcv-library,streaming,litdata,npy", metadata={
+        "help": "comma-separated contenders to run (of raw, zarr, hdf5, ffcv, ffcv-library: FFCV's own loader, "
+                "streaming, litdata, npy)"})
     peers_python: str = field(default="", metadata={
         "help": "the python that has the peers installed (default: .venv-peers/bin/python if present, else this one)"})
     timeout: int = field(default=900, metadata={"min": 10, "max": 86400, "help": "seconds per contender process"})
@@ -106,7 +109,7 @@ def prepare(bc: BenchPeersConfig, data: Path, dtype: str, contenders: list[str],
     synthetic_cache(data / "c.zarr", bc.rows, bc.tokens, bc.dim, teacher="dinov2_b", feature_dtype=dtype)
     z = open_cache(data / "c.zarr")
     for fmt, name in (("hdf5", "c.h5"), ("ffcv", "c.ffcv")):
-        if fmt in contenders:
+        if any(c.startswith(fmt) for c in contenders):
             convert(data / "c.zarr", data / name, format=fmt, progress=False)
     block = z.read_checked(0, z.layout.num_rows)
     (data / "rows").mkdir()
