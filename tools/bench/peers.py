@@ -147,7 +147,10 @@ def measure(bc: BenchPeersConfig, data: Path, contender: str, python: str, *, se
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{contender} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    got = json.loads(lines[-1])
+    print(f"bench-peers: {contender} {'warm' if warm else 'cold'} epoch {seed}: "
+          f"{got['samples'] / got['seconds']:,.0f} samples/s", file=sys.stderr, flush=True)
+    return got
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
