@@ -113,3 +113,16 @@ def test_full_disk_while_staging_rows_fails_with_one_line_and_leaves_nothing(sou
     line = error_line(convert_cli(source, dst))
     assert "No space left on device" in line and f"{dst}.partial" in line and "free space" in line, line
     assert list(disk.iterdir()) == []
+
+
+def test_a_file_system_that_cannot_reserve_blocks_still_converts(source, tmp_path, monkeypatch):
+    import errno
+
+    from cache.convert import convert
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    copy = convert(source, tmp_path / "c.ffcv", format="ffcv", progress=False)
+    assert copy.verify_stored() == []

@@ -195,10 +195,14 @@ def write_ffcv(folder: str, *, stage: Mapping[str, str], layout: Layout, manifes
 
 def _reserve(path: str) -> None:
     """Give a staged .npy file its disk blocks now: writes into a memory map of a sparse file on a full disk
-    kill the process (SIGBUS); a reservation that does not fit fails here, with ENOSPC."""
+    kill the process (SIGBUS); a reservation that does not fit fails here, with ENOSPC. A file system that
+    cannot reserve (EOPNOTSUPP, EINVAL) keeps the sparse file, as without this."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
     finally:
         os.close(fd)
 
