@@ -13,7 +13,7 @@ SAMPLES ?= $(RUN)/samples/samples.npz
 REF ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 bench-teacher-precision bench-remote \
+.PHONY: setup demo test test-fast cache convert inspect train sample eval report macs bench-cache bench-train bench-sample bench-int8 bench-teacher-precision bench-remote bench-peers \
 	gpu-wheels test-newest lint clean help
 
 help:
@@ -103,6 +103,17 @@ bench-teacher-precision: setup ## DINOv2-B (random weights) tokens under fp16 au
 
 bench-remote: setup ## loader from a SeaweedFS S3 server it starts: vs raw range GETs, local disk, zarr's own path
 	$(PY) -m tools.bench.remote $(ARGS)
+
+# The peers of `make bench-peers` (pyproject's `peers` extra) live in a venv of their own: they need versions
+# of numpy and huggingface_hub that the project's pins exclude. Torch keeps the pin there too.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.peers-stamp: pyproject.toml
+	test -d $(PEERS_VENV) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q $(TORCH_PIN) $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+	touch $@
+
+bench-peers: setup $(PEERS_VENV)/.peers-stamp ## our formats vs mosaicml-streaming, LitData, .npy per sample, raw read (warm and cold; peers in .venv-peers)
+	$(PY) -m tools.bench.peers --peers-python $(PEERS_VENV)/bin/python $(ARGS)
 
 # What the GPU machine's image lacks (it has torch, timm, accelerate, h5py, scikit-image, pytest), for its
 # Python 3.12, at the newest versions pyproject admits; tools/bench/gpu.sh installs them there.

@@ -12,7 +12,7 @@ Who owns what:
     errors.py      the errors, carrying facts and which kind of remedy applies
     reader.py      the reader contract every format fulfils (row readers or a batch source, verify)
     writer.py      the copy-writer contract and the registry entry of a format
-    formats/       one module (or folder) per format: zarr/ (the build's), hdf5.py, ffcv.py; the registry
+    formats/       one module (or folder) per format: zarr/ (the build's), hdf5.py, ffcv/; the registry
                    (open_cache, detect_format) in formats/__init__.py
     loader.py      the batch order (seed, epoch): a permutation, or shuffled blocks for stores; ranks, resume,
                    prefetching reads: names no format

@@ -15,6 +15,7 @@ word of :data:`REMEDIES`, never as a command line:
     restart     the cache changed under a reader: open it again
     store       the object store does not answer, refuses the credentials or lacks the bucket: its settings
     client      the client package of a store is not installed: install it
+    space       the disk that a write goes to is full: free space there and run the same command again
     None        nothing to advise (a programming error, or the message says it all)
 """
 
@@ -26,7 +27,7 @@ from typing import Literal
 __all__ = ["REMEDIES", "Remedy", "CacheError", "CacheMismatchError", "CacheChangedError", "ShardReadError"]
 
 Remedy = Literal["rebuild", "resume", "repair", "reconvert", "settings", "replace", "addition", "restart", "store",
-                 "client"]
+                 "client", "space"]
 REMEDIES: tuple[str, ...] = Remedy.__args__
 
 

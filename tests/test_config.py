@@ -1,4 +1,4 @@
-"""cache.config: a frozen dataclass's fields declare the CLI (types, choices, help, bounds); presets and flags."""
+"""cache.cli.config: a frozen dataclass's fields declare the CLI (types, choices, help, bounds); presets and flags."""
 
 from __future__ import annotations
 

@@ -220,12 +220,12 @@ def test_a_read_only_run_folder_is_a_sentence(built_cache, tmp_path, monkeypatch
     out = tmp_path / "ro"
     out.mkdir()
     if os.geteuid() == 0:  # root writes through chmod: simulate the refusal the kernel gives everyone else
-        import cache.runtime
+        import cache.cli.runtime
 
         def denied(path, data):
             raise PermissionError(13, "Permission denied", path)
 
-        monkeypatch.setattr(cache.runtime, "write_json", denied)
+        monkeypatch.setattr(cache.cli.runtime, "write_json", denied)
     else:
         out.chmod(0o555)
     try:

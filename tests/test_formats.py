@@ -41,7 +41,7 @@ def synth(request, tmp_path_factory):
 
 def test_fast_path_is_taken_unless_library_io_is_forced(synth):
     loader = synth.loader(4)
-    assert direct_reads(loader) == (synth.format != "ffcv" and not os.environ.get("UREPA_IO"))
+    assert direct_reads(loader) == (not os.environ.get("UREPA_IO"))
 
 
 def test_open_cache_api(synth):
@@ -157,13 +157,15 @@ def test_teacher_subset_and_errors(synth):
 @pytest.fixture(scope="module")
 def every_format(tmp_path_factory):
     """One synthetic cache as zarr, HDF5 (contiguous, and chunked + gzip), FFCV and zarr again from FFCV."""
-    folder = tmp_path_factory.mktemp("every")
-    z = synthetic_cache(folder / "c.zarr", n=90, skipped=(0, 17, 89))
-    out = {"zarr": z, "hdf5": convert(z.url, folder / "c.h5", format="hdf5", progress=False, block_rows=32),
-           "hdf5-gzip": convert(z.url, folder / "g.h5", format="hdf5", progress=False, compression="gzip"),
-           "ffcv": convert(z.url, folder / "c.ffcv", format="ffcv", progress=False)}
-    out["zarr-from-ffcv"] = convert(out["ffcv"].url, folder / "back.zarr", format="zarr", progress=False)
-    return out
+    with pytest.MonkeyPatch.context() as mp:
+        io_env(mp, None)  # the fast paths, whatever the last `synth` case left set
+        folder = tmp_path_factory.mktemp("every")
+        z = synthetic_cache(folder / "c.zarr", n=90, skipped=(0, 17, 89))
+        out = {"zarr": z, "hdf5": convert(z.url, folder / "c.h5", format="hdf5", progress=False, block_rows=32),
+               "hdf5-gzip": convert(z.url, folder / "g.h5", format="hdf5", progress=False, compression="gzip"),
+               "ffcv": convert(z.url, folder / "c.ffcv", format="ffcv", progress=False)}
+        out["zarr-from-ffcv"] = convert(out["ffcv"].url, folder / "back.zarr", format="zarr", progress=False)
+        yield out
 
 
 SETTINGS = [dict(seed=0, epoch=0), dict(seed=3, epoch=1, flip=True), dict(seed=1, epoch=2, flip=True, start=10),
@@ -232,6 +234,30 @@ def test_h5py_path_and_a_failing_fast_path_read_the_same(every_format, monkeypat
         got = [b["latents"] for b in loader]
     assert all((a == b).all() for a, b in zip(ref, got)) and len(ref) == len(got)
     assert not direct_reads(loader) and "through h5py from now on" in caplog.text
+
+
+def test_ffcv_loader_and_a_failing_fast_path_read_the_same(every_format, monkeypatch, caplog):
+    from cache.formats.ffcv import reader as ffcv_format
+
+    f = every_format["ffcv"]
+    ref = [b["latents"] for b in f.loader(8, seed=4, flip=True)]
+    assert direct_reads(f.loader(8))
+    with monkeypatch.context() as mp:  # FFCV's own loader, chosen at open
+        mp.setenv("UREPA_IO", "library")
+        lib = cache.open_cache(f.url)
+        got = [b["latents"] for b in lib.loader(8, seed=4, flip=True)]
+    assert lib.loader(8)._source is not None
+    assert all((a == b).all() for a, b in zip(ref, got)) and len(ref) == len(got)
+
+    def broken(self, rows, variants, out):
+        raise OSError("preadv is not supported here")
+
+    monkeypatch.setattr(ffcv_format._BetonRowReader, "_read_direct", broken)
+    with caplog.at_level("WARNING"):
+        loader = f.loader(8, seed=4, flip=True)
+        got = [b["latents"] for b in loader]
+    assert all((a == b).all() for a, b in zip(ref, got)) and len(ref) == len(got)
+    assert not direct_reads(loader) and "from FFCV's loader from now on" in caplog.text
 
 
 def test_inspect_verifies_every_format(every_format, capsys):

@@ -4,6 +4,7 @@ remedy (:data:`cache.errors.REMEDIES`); this turns the remedy into the commands 
 from __future__ import annotations
 
 import errno
+import os
 
 from ..errors import CacheError, CacheMismatchError
 
@@ -34,6 +35,9 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
                   "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP for a plain-http endpoint; see docs/remote.md), "
                   "that the server is up and that the bucket exists"),
         "client": "install the store's client: pip install -e '.[remote]' (obstore; s3fs for other fsspec URLs)",
+        "space": (f"free space on the disk that holds {url} (`df -h {os.path.dirname(os.path.abspath(url))}`), then "
+                  f"run the same command again (it keeps what {url} already holds), or delete {url} to give its "
+                  "space back"),
     }[error.remedy]
     wanted = list(getattr(error, "wanted", ()))
     if isinstance(error, CacheMismatchError) and error.remedy == "settings" and wanted and set(teachers) != set(wanted):

@@ -2,7 +2,7 @@
 
     zarr/     the build's format: a zarr v3 group, sharded rows read by byte range
     hdf5.py   one .h5 file of contiguous datasets (cache.convert)
-    ffcv.py   a folder with one FFCV .beton, read by FFCV's own loader (cache.convert)
+    ffcv/     a folder with one FFCV .beton, rows read by byte range (FFCV's own loader the fallback) (cache.convert)
 
 Each format module claims its own on-disk signature and gives the registry one
 :class:`cache.writer.Format` entry; this module names no format's internals.

@@ -11,13 +11,14 @@ import cache
 from cache.convert import convert
 
 # case -> (format, the value of UREPA_IO while its tests run: None for the fast paths, "library" to force
-# zarr's and h5py's own reads)
+# zarr's, h5py's and FFCV's own reads)
 FORMAT_CASES = {
     "zarr": ("zarr", None),
     "zarr-library": ("zarr", "library"),
     "hdf5": ("hdf5", None),
     "hdf5-library": ("hdf5", "library"),
-    "ffcv": ("ffcv", None),
+    "ffcv-library": ("ffcv", "library"),
+    "ffcv": ("ffcv", None),  # last: a module-scoped fixture keeps the last case's setting until the module ends
 }
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5", "ffcv": ".ffcv"}
 

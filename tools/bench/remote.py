@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from cache.config import ConfigError, check_fields, config_to_dict, parse_config
 
 from cache import epoch_order, open_cache
+from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
 from cache.formats.zarr.shardfile import EMPTY_CHUNK, decode_index, direct_format
 from cache.layout import SCALES_GROUP, stored_dtype
 from tools.bench.cache import machine_info, synthetic_cache
