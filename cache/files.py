@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["ENV_LIBRARY_IO", "library_io_forced", "checksum", "file_checksum", "write_json", "FileStamp", "local_root"]
+__all__ = ["ENV_LIBRARY_IO", "library_io_forced", "checksum", "file_checksum", "write_json", "FileStamp", "local_root",
+           "ProcessFile", "pread_rows"]
 
 ENV_LIBRARY_IO = "UREPA_IO"  # "library": every format through its library's own I/O (zarr, h5py)
 
@@ -92,3 +94,48 @@ def local_root(url: str | os.PathLike) -> str | None:
     if s.startswith("file://"):
         return s[len("file://"):]
     return None if "://" in s else s
+
+
+class ProcessFile:
+    """A read-only descriptor of a local file, opened lazily in each process that reads (never inherited
+    across a fork: a forked worker opens its own), shared by that process's threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: tuple[int, int] | None = None  # (pid, fd)
+
+    def fd(self) -> int:
+        with self._lock:
+            if self._fd is None or self._fd[0] != os.getpid():
+                self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+            return self._fd[1]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None and self._fd[0] == os.getpid():
+                os.close(self._fd[1])
+            self._fd = None
+
+
+def pread_rows(fds: int | np.ndarray, offsets: np.ndarray, out: np.ndarray) -> int | None:
+    """Row i of ``out`` (its raw bytes) read from file descriptor ``fds`` (or ``fds[i]``) at byte ``offsets[i]``
+    with ``os.preadv`` straight into the buffer, short reads retried; an offset of -1 leaves zeros (a chunk never
+    stored). Returns the index of the first row whose file ends before its bytes do, or None: the caller names
+    the file in its own error."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    size = view.nbytes // max(len(out), 1)
+    per_row = not isinstance(fds, int)
+    for i, offset in enumerate(offsets.tolist()):
+        if offset < 0:
+            out[i] = 0
+            continue
+        fd = int(fds[i]) if per_row else fds
+        dst = view[i * size:(i + 1) * size]
+        got = os.preadv(fd, [dst], offset)
+        while got < size:  # short read
+            n = os.preadv(fd, [dst[got:]], offset + got)
+            if n == 0:
+                return i
+            got += n
+    return None

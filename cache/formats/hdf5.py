@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CacheChangedError, CacheError
-from ..files import ENV_LIBRARY_IO, FileStamp, checksum, library_io_forced
+from ..files import ENV_LIBRARY_IO, FileStamp, ProcessFile, checksum, library_io_forced, pread_rows
 from ..layout import SCALES_GROUP, ByTeacher, Layout
 from ..manifest import MANIFEST_KEY, Manifest, check_manifest
 from ..reader import CacheReader, Problem
@@ -304,8 +304,7 @@ class _H5RowReader:
         self.row_nbytes = self.variant_nbytes * self.shape[1]
         self.offset = cache._offsets[name]
         _log_choice(self.path, name, self.offset is not None, cache._why_not_direct[name])
-        self._lock = threading.Lock()
-        self._fd: tuple[int, int] | None = None  # (pid, fd): opened lazily, never inherited across a fork
+        self._file = ProcessFile(self.path)  # opened lazily in each process, never inherited across a fork
         self._local = threading.local()
 
     @property
@@ -313,16 +312,7 @@ class _H5RowReader:
         return self.offset is not None
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd is not None and self._fd[0] == os.getpid():
-                os.close(self._fd[1])
-            self._fd = None
-
-    def _descriptor(self) -> int:
-        with self._lock:
-            if self._fd is None or self._fd[0] != os.getpid():
-                self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
-            return self._fd[1]
+        self._file.close()
 
     def plan(self, rows: np.ndarray) -> None:
         """Single rows of a local file read cheaply: the loader's plan changes nothing."""
@@ -352,19 +342,11 @@ class _H5RowReader:
         out[order] = block[np.arange(len(rows)), variants[order]]
 
     def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
-        fd = self._descriptor()
         offsets = self.offset + rows.astype(np.int64) * self.row_nbytes + variants.astype(np.int64) * self.variant_nbytes
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        size = self.variant_nbytes
-        for i, offset in enumerate(offsets.tolist()):
-            dst = view[i * size:(i + 1) * size]
-            got = os.preadv(fd, [dst], offset)
-            while got < size:  # short read
-                n = os.preadv(fd, [dst[got:]], offset + got)
-                if n == 0:
-                    raise CacheError(f"{self.path} ends inside row {int(rows[i])} of '{self.name}': the file is "
-                                     "truncated", url=self.path, remedy="reconvert")
-                got += n
+        short = pread_rows(self._file.fd(), offsets, out)
+        if short is not None:
+            raise CacheError(f"{self.path} ends inside row {int(rows[short])} of '{self.name}': the file is truncated",
+                             url=self.path, remedy="reconvert")
 
 
 def _claims(path: str) -> bool:

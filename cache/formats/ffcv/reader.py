@@ -7,14 +7,21 @@ import json
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from ...errors import CacheChangedError, CacheError
-from ...files import ENV_LIBRARY_IO, FileStamp, checksum, file_checksum, library_io_forced
+from ...files import (
+    ENV_LIBRARY_IO,
+    FileStamp,
+    ProcessFile,
+    checksum,
+    file_checksum,
+    library_io_forced,
+    pread_rows,
+)
 from ...layout import SCALES_GROUP, ByTeacher, Layout
 from ...manifest import check_manifest
 from ...reader import CacheReader, Problem
@@ -282,24 +289,17 @@ class _BetonRowReader:
         self.dtype = array_dtypes(cache.layout)[name]
         self.variant_nbytes = int(np.prod(self.variant_shape)) * self.dtype.itemsize
         self.pointers: np.ndarray | None = cache._pointers[name] if cache._pointers is not None else None
-        self._lock = threading.Lock()
-        self._fd: tuple[int, int] | None = None  # (pid, fd): opened lazily, never inherited across a fork
+        self._file = ProcessFile(self.path)  # opened lazily in each process, never inherited across a fork
 
     @property
     def direct(self) -> bool:
         return self.pointers is not None
 
     def close(self) -> None:
-        with self._lock:
-            if self._fd is not None and self._fd[0] == os.getpid():
-                os.close(self._fd[1])
-            self._fd = None
+        self._file.close()
 
-    def _descriptor(self) -> int:
-        with self._lock:
-            if self._fd is None or self._fd[0] != os.getpid():
-                self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
-            return self._fd[1]
+    def plan(self, rows: np.ndarray) -> None:
+        """Single rows of a local file read cheaply: the loader's plan changes nothing."""
 
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """out[i] = array[rows[i], variants[i]]."""
@@ -319,19 +319,11 @@ class _BetonRowReader:
 
     def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         assert self.pointers is not None
-        fd = self._descriptor()
         offsets = self.pointers[rows.astype(np.int64) * self.variants + variants.astype(np.int64)]
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        size = self.variant_nbytes
-        for i, offset in enumerate(offsets.tolist()):
-            dst = view[i * size:(i + 1) * size]
-            got = os.preadv(fd, [dst], offset)
-            while got < size:  # short read
-                n = os.preadv(fd, [dst[got:]], offset + got)
-                if n == 0:
-                    raise CacheError(f"{self.path} ends inside row {int(rows[i])} of '{self.name}': the file is "
-                                     "truncated", url=self.cache.url, remedy="reconvert")
-                got += n
+        short = pread_rows(self._file.fd(), offsets, out)
+        if short is not None:
+            raise CacheError(f"{self.path} ends inside row {int(rows[short])} of '{self.name}': the file is truncated",
+                             url=self.cache.url, remedy="reconvert")
 
 
 class _FfcvSource:

@@ -16,6 +16,7 @@ import numpy as np
 from zarr.core.sync import sync
 
 from ...errors import ShardReadError
+from ...files import pread_rows
 from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
 
 __all__ = ["ZarrRowReader"]
@@ -157,17 +158,7 @@ class ZarrRowReader:
             starts = index[chunks[sel], 0]
             offsets[sel] = np.where(starts == _EMPTY, -1, starts.astype(np.int64) + k[sel] * self.row_nbytes
                                     + variants[sel] * self.variant_nbytes)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        size = self.variant_nbytes
-        for i, (fd, offset) in enumerate(zip(fds.tolist(), offsets.tolist())):
-            dst = view[i * size:(i + 1) * size]
-            if offset < 0:  # a chunk never stored: all fill value (0)
-                out[i] = 0
-                continue
-            got = os.preadv(fd, [dst], offset)
-            while got < size:  # short read
-                n = os.preadv(fd, [dst[got:]], offset + got)
-                if n == 0:
-                    raise ShardReadError(f"{self.base}: shard {int(shards[i])} ends early: the cache is damaged; run "
-                                         f"`python -m cache.inspect {self.url} --verify`")
-                got += n
+        short = pread_rows(fds, offsets, out)
+        if short is not None:
+            raise ShardReadError(f"{self.base}: shard {int(shards[short])} ends early: the cache is damaged; run "
+                                 f"`python -m cache.inspect {self.url} --verify`", url=self.url)
