@@ -5,7 +5,8 @@
 # admit, FFCV built from source (against Debian's OpenCV and libjpeg-turbo) and whatever FFCV needs there.
 #
 # Needs root, debootstrap, and the Debian mirror and package registry from inside the folder (it shares
-# this machine's network; /etc/resolv.conf, /etc/pip.conf and the PIP_* / proxy variables are passed in).
+# this machine's network; /etc/resolv.conf, /etc/pip.conf, the certificates this machine trusts and the
+# PIP_* / proxy variables are passed in).
 # Disk: about 10 GB in ROOTFS (torch's CUDA build and its libraries, which run on the CPU, OpenCV).
 # Usage: `make test-newest` (ROOTFS=/tmp/urepa-py313 by default); exit 0 only when the whole suite passes.
 #
@@ -69,6 +70,13 @@ mountpoint -q "$ROOTFS/proc" || mount --bind /proc "$ROOTFS/proc"
 mountpoint -q "$ROOTFS/dev" || mount --bind /dev "$ROOTFS/dev"
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
 if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$ROOTFS/etc/pip.conf"; fi
+# The certificates this machine trusts (a proxy's CA among them, on some machines) for pip inside the folder
+HOST_CA=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+if [ -f "$HOST_CA" ]; then
+  mkdir -p "$ROOTFS/etc/ssl/certs" && cp "$HOST_CA" "$ROOTFS/etc/ssl/certs/host-ca-certificates.crt"
+  export PIP_CERT=/etc/ssl/certs/host-ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-certificates.crt
+fi
 rm -rf "$ROOTFS/proj" && mkdir "$ROOTFS/proj"
 git -C "$REPO" ls-files -co --exclude-standard -z | (cd "$REPO" && xargs -0 tar -c) | tar -x -C "$ROOTFS/proj"
 
