@@ -27,7 +27,7 @@ Loader: two caches of the same shapes (``--rows`` rows of 256 x 768, random valu
 read by ``CacheLoader`` in the same run, in interleaved rounds: float16, int8 as stored (values and
 scales), int8 with ``dequantize=True`` (float16 tokens made by the reader threads). Medians of the rounds.
 
-Storage: the bytes of an ImageNet-1k cache (1,281,167 images) at 256 and 512 px, from ``Layout.nbytes``
+Storage: the bytes of an ImageNet-1k cache (1,281,167 images) at 256 and 512 px, from ``ZarrStorage.nbytes``
 (the layout the build writes, shard indexes included): SD-VAE moments, DINOv2-B and DINOv2-L tokens in
 float16 and int8, with and without the mirrored variant.
 
@@ -556,7 +556,7 @@ STORAGE_TEACHERS = {"DINOv2-B": ("vit_base_patch14_dinov2.lvd142m", 768),
 
 
 def storage_table(rows: int = IMAGENET_TRAIN_IMAGES, resolutions: tuple[int, ...] = (256, 512)) -> list[dict[str, Any]]:
-    """Bytes of each part of a cache of ``rows`` images (:meth:`cache.Layout.nbytes`: the build's layout, shard
+    """Bytes of each part of a cache of ``rows`` images (:meth:`cache.ZarrStorage.nbytes`: the build's layout, shard
     indexes included, zarr's small metadata documents aside), per resolution, variants (1, or 2 with the
     mirrored image) and token dtype. Shards as the build presets write them (256 rows at 256 px, 64 at
     512 px), chunks of 16 rows."""

@@ -26,7 +26,7 @@ _EMPTY = np.uint64(EMPTY_CHUNK)
 
 class ZarrRowReader:
     """Reads single rows (one variant each) of one zarr array into a preallocated batch: by byte range
-    where :func:`cache.shardfile.choose_io` allows it, else through zarr. A direct read that fails for
+    where :func:`cache.formats.zarr.shardfile.choose_io` allows it, else through zarr. A direct read that fails for
     any reason but damage switches this array to zarr's path for good (logged once). ``complete``: the
     cache is finished, so a missing shard object is damage (checked once per shard on zarr's path)."""
 
