@@ -20,6 +20,7 @@ from conftest import ROOT, TINY_BUILD, _env
 
 import cache
 from cache.cli.runtime import LOCK_FILE, FolderBusy, lock_folder
+from tools.bench.cachefiles import progress_records
 
 TRAIN = ["--model", "tiny", "--batch-size", "8", "--precision", "fp32", "--log-every", "1", "--ckpt-every", "2",
          "--loader-workers", "2", "--no-tensorboard", "--lr", "1e-3"]
@@ -78,7 +79,7 @@ def test_a_torchrun_build_with_device_auto_joins_on_the_cpu(image_folder, built_
                   *TINY_BUILD, "--flip", "both", "--device", "auto"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr and "rank 0 of 1" not in proc.stderr
-    assert {r["shard"] % 2 for r in cache.open_cache(out).progress_records()} == {0, 1}
+    assert {r["shard"] % 2 for r in progress_records(cache.open_cache(out))} == {0, 1}
     a, b = cache.open_cache(built_cache), cache.open_cache(out)
     assert (a.latents[:] == b.latents[:]).all() and (a.features["tiny"][:] == b.features["tiny"][:]).all()
 
