@@ -30,7 +30,7 @@ from zarr.core.sync import sync
 from ...errors import CacheError, ShardReadError
 from ...nodecache import NodeCache
 from .remote import RemoteRowReader
-from .shardfile import EMPTY_CHUNK, ShardIndexError, decode_index
+from .shardfile import EMPTY_CHUNK, ShardIndexError, read_index
 
 __all__ = ["LocalCopyRowReader", "LocalDiskError", "namespace_of"]
 
@@ -163,9 +163,7 @@ class LocalCopyRowReader:
         if path is not None:
             fd = os.open(path, os.O_RDONLY)
             try:
-                size = os.fstat(fd).st_size
-                n = self.fmt.index_nbytes
-                index = decode_index(self.fmt, os.pread(fd, n, max(size - n, 0)), file_size=size, what=path)
+                index = read_index(self.fmt, fd, what=path)
             except ShardIndexError as e:
                 os.close(fd)
                 raise ShardReadError(f"{e}: the copy of {where} matches its recorded checksum but not its index: the "

@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from ...errors import ShardReadError
 from ...files import pread_rows
-from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, decode_index, log_io_choice, shard_key
+from .shardfile import EMPTY_CHUNK, ShardIndexError, choose_io, log_io_choice, read_index, shard_key
 
 __all__ = ["ZarrRowReader"]
 
@@ -77,9 +77,7 @@ class ZarrRowReader:
                     f"{path} is missing from the finished cache {self.url}: the cache is damaged; run "
                     f"`python -m cache.inspect {self.url} --verify`", url=self.url, where=path) from None
             try:
-                size = os.fstat(fd).st_size
-                n = self.fmt.index_nbytes
-                index = decode_index(self.fmt, os.pread(fd, n, max(size - n, 0)), file_size=size, what=path)
+                index = read_index(self.fmt, fd, what=path)
             except ShardIndexError as e:
                 os.close(fd)
                 raise ShardReadError(f"{e}: the cache is damaged; run `python -m cache.inspect {self.url} --verify` "

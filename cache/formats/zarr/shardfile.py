@@ -45,6 +45,7 @@ __all__ = [
     "zarr_io_forced",
     "encode_index",
     "decode_index",
+    "read_index",
     "write_shard_file",
     "shard_index_nbytes",
 ]
@@ -237,6 +238,13 @@ def decode_index(fmt: ShardFormat, tail: bytes, *, file_size: int, what: str = "
         if (sizes != np.uint64(fmt.chunk_nbytes)).any() or (offsets > data_end - sizes).any() or (sizes > data_end).any():
             raise ShardIndexError(f"{what}: the shard index points outside the file's {file_size} bytes")
     return index
+
+
+def read_index(fmt: ShardFormat, fd: int, *, what: str) -> np.ndarray:
+    """The checked index (:func:`decode_index`) of the shard file open at ``fd``: its tail, read once."""
+    size = os.fstat(fd).st_size
+    n = fmt.index_nbytes
+    return decode_index(fmt, os.pread(fd, n, max(size - n, 0)), file_size=size, what=what)
 
 
 def write_shard_file(path: str, data: np.ndarray, fmt: ShardFormat) -> str:
