@@ -6,7 +6,10 @@ row, the source list and the whole manifest.
 
 SRC is any cache :func:`cache.open_cache` reads. The result is written under a temporary name beside
 DST (``DST.partial``) and renamed to DST at the end, so a killed conversion never leaves anything at
-DST that opens as a cache. Rerunning the same command resumes: a zarr target keeps its finished shards,
+DST that opens as a cache. Either may be in an object store (``s3://bucket/c.zarr``, with the store
+settings of :class:`cache.cli.config.StoreSettings` or the environment): a copy into a store is a zarr
+cache written in place (a store has no rename), which opens as a cache only once its manifest is marked
+complete, its last write. Rerunning the same command resumes: a zarr target keeps its finished shards,
 an FFCV target its staged blocks (raw ``.npy`` arrays in ``DST.partial/stage``, from which FFCV's writer
 makes the .beton); an HDF5 target starts again (it costs one read of the source). ``--teachers`` keeps
 a subset of the teachers (the manifest then lists only those).
@@ -31,21 +34,24 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
 
 from .cli.advice import explain, explain_os_error
-from .cli.config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, StoreSettings, check_fields, parse_config
 from .cli.runtime import setup_logging
 from .errors import CacheError
+from .files import local_root
 from .formats import FORMATS, format_named, open_cache
 from .layout import DTYPE_OPTIONS, SCALES_GROUP, Layout, stored_dtype
 from .manifest import Manifest, ManifestError, channel_scales_of
 from .quant import CALIBRATION_ROWS, channel_scales, dequantize_tokens, quantize_tokens
 from .reader import CacheReader
+from .stores import StoreError
 from .writer import Format
 
 __all__ = ["ConvertConfig", "convert", "main"]
@@ -55,11 +61,14 @@ PARTIAL = ".partial"
 
 
 @dataclass(frozen=True)
-class ConvertConfig:
+class ConvertConfig(StoreSettings):
     """Copy a finished cache into another format (and its teacher tokens into another dtype)."""
 
-    src: str = field(default="", metadata={"help": "the cache to copy (zarr folder, .h5 file or FFCV folder)"})
-    dst: str = field(default="", metadata={"help": "where the copy goes (it must not exist, unless --overwrite)"})
+    src: str = field(default="", metadata={
+        "help": "the cache to copy (zarr folder or store URL, .h5 file or FFCV folder)"})
+    dst: str = field(default="", metadata={
+        "help": "where the copy goes (it must not exist, unless --overwrite); a store URL takes --format zarr. The "
+                "--store-* settings apply to whichever of SRC and DST is in an object store"})
     format: str = field(default="hdf5", metadata={"help": "the format of the copy", "choices": tuple(FORMATS)})
     teachers: str = field(default="", metadata={"help": "comma-separated teachers to keep (none: all)"})
     feature_dtype: str = field(default="keep", metadata={
@@ -76,6 +85,7 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.check_store(self.src, self.dst)
         if self.compression != "none" and self.format != "hdf5":
             raise ConfigError("--compression applies to --format hdf5 only")
 
@@ -169,31 +179,41 @@ def _blocks(src: CacheReader, target: Manifest, layout: Layout, lo: int, hi: int
 
 def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format: str,
             teachers: list[str] | None = None, feature_dtype: str = "keep", block_rows: int = 0,
-            compression: str = "none", workers: int = 2, overwrite: bool = False, progress: bool = True) -> CacheReader:
+            compression: str = "none", workers: int = 2, overwrite: bool = False, progress: bool = True,
+            src_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None) -> CacheReader:
     """Copy the cache at ``src_path`` to ``dst_path`` in ``format``, teacher tokens as ``feature_dtype``
-    says ('keep', 'fp16', 'int8'); returns the copy, opened. See the module docstring for the dtypes,
+    says ('keep', 'fp16', 'int8'); returns the copy, opened. ``src_options``, ``dst_options``: the settings of
+    an object store each is in (:func:`cache.stores.open_store`). See the module docstring for the dtypes,
     atomicity and resuming."""
     src_path, dst_path = os.fspath(src_path), os.fspath(dst_path).rstrip("/")
     target = format_named(format)
     if feature_dtype != "keep" and feature_dtype not in DTYPE_OPTIONS:
         raise CacheError(f"unknown feature dtype {feature_dtype!r}: use one of keep, {', '.join(DTYPE_OPTIONS)}")
-    src = open_cache(src_path)
+    in_store = local_root(dst_path) is None
+    if in_store and not target.remote:
+        raise CacheError(f"{dst_path} is in an object store, where a copy is a zarr cache: use --format zarr, or give "
+                         f"a local DST for a {format} copy", url=dst_path)
+    src = open_cache(src_path, storage_options=src_options)
     names = list(src.layout.teachers) if not teachers else list(teachers)
     unknown = sorted(set(names) - set(src.layout.teachers))
     if unknown:
         raise CacheError(f"{src_path} has no teachers {unknown}; it has {sorted(src.layout.teachers)}", url=src_path)
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise CacheError(f"{dst_path} is the source itself; choose another DST", url=dst_path)
-    if os.path.lexists(dst_path):
+    if in_store:  # written in place; the writer refuses a prefix that holds no cache of ours
+        if not overwrite and _finished_cache(dst_path, dst_options):
+            raise CacheError(f"{dst_path} exists", url=dst_path, remedy="replace")
+    elif os.path.lexists(dst_path):
         if not overwrite:
             raise CacheError(f"{dst_path} exists", url=dst_path, remedy="replace")
         open_cache(dst_path, allow_incomplete=True)  # only ever replace a cache, never a folder we merely find
     manifest, layout = target_manifest(src, names, feature_dtype)
-    tmp = dst_path + PARTIAL
-    _check_space(tmp, layout, target)
+    tmp = dst_path if in_store else dst_path + PARTIAL
+    if not in_store:
+        _check_space(tmp, layout, target)
     writer = target.writer(tmp, layout=layout, manifest=manifest, sources=src.sources(),
-                           block_rows=block_rows or src.block_rows,
-                           compression=compression, workers=workers)
+                           block_rows=block_rows or src.block_rows, compression=compression, workers=workers,
+                           overwrite=overwrite or not in_store, storage_options=dst_options)
     bar = tqdm(total=layout.num_rows, unit="row", desc=f"convert to {format}", disable=not progress, file=sys.stderr)
     try:
         done = writer.done_blocks()
@@ -206,11 +226,23 @@ def convert(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, format:
     finally:
         writer.close()
         bar.close()
-    if os.path.lexists(dst_path):
-        _remove(dst_path)
-    os.replace(tmp, dst_path)
+    if not in_store:
+        if os.path.lexists(dst_path):
+            _remove(dst_path)
+        os.replace(tmp, dst_path)
     _logger.info("%s: %s copy of %s written", dst_path, format, src_path)
-    return open_cache(dst_path)
+    return open_cache(dst_path, storage_options=dst_options)
+
+
+def _finished_cache(url: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether a finished cache is at the store URL ``url`` (an unfinished copy of the same cache resumes)."""
+    try:
+        open_cache(url, storage_options=options)
+    except StoreError:
+        raise
+    except CacheError:
+        return False
+    return True
 
 
 def _check_space(tmp: str, layout: Layout, target: Format) -> None:
@@ -248,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(cfg.src, cfg.dst, format=cfg.format, teachers=[t for t in cfg.teachers.split(",") if t] or None,
                 feature_dtype=cfg.feature_dtype, block_rows=cfg.block_rows, compression=cfg.compression, workers=cfg.workers,
-                overwrite=cfg.overwrite)
+                overwrite=cfg.overwrite, src_options=cfg.options_for(cfg.src), dst_options=cfg.options_for(cfg.dst))
     except CacheError as e:
         print(f"error: {explain(e, out_flag='DST')}", file=sys.stderr)
         return 2

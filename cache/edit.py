@@ -8,7 +8,9 @@ array keeps its bytes. It also removes a teacher whose addition is unfinished. A
 running the build again with the cache's teachers and the new one
 (``python -m pipeline.build SOURCE PATH --teacher OLD,NEW``), which encodes only the new teacher. Do
 not drop a teacher while a job reads it. HDF5 and FFCV caches are converted copies: edit the zarr
-cache and convert again (``python -m cache.convert``).
+cache and convert again (``python -m cache.convert``). PATH may be in an object store
+(``s3://bucket/c.zarr``): there the teacher's objects are deleted by key, and no other object under the
+prefix is touched.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .cli.advice import explain, explain_os_error
-from .cli.config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, StoreSettings, check_fields, parse_config
 from .errors import CacheError
 from .formats import detect_format
 from .formats.zarr import CacheWriter
@@ -26,10 +28,10 @@ __all__ = ["EditConfig", "main"]
 
 
 @dataclass(frozen=True)
-class EditConfig:
+class EditConfig(StoreSettings):
     """Change a finished zarr cache in place: drop teachers."""
 
-    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT)"})
+    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT: a folder or store URL)"})
     drop_teacher: str = field(default="", metadata={
         "help": "comma-separated teachers to remove (their arrays are deleted; the other arrays are untouched)"})
 
@@ -39,6 +41,7 @@ class EditConfig:
         if not self.teachers:
             raise ConfigError("nothing to do: give --drop-teacher NAME")
         check_fields(self)
+        self.check_store(self.path)
 
     @property
     def teachers(self) -> list[str]:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CacheError(f"{cfg.path} is an {fmt} cache, a converted copy: drop the teacher from the zarr cache "
                              "it was converted from and convert again (`python -m cache.convert`)")
         for name in cfg.teachers:
-            manifest = CacheWriter.drop_teacher(cfg.path, name)
+            manifest = CacheWriter.drop_teacher(cfg.path, name, storage_options=cfg.storage_options())
             print(f"dropped teacher {name}; {cfg.path} holds {', '.join(manifest.layout.teachers) or 'no teacher'}")
     except CacheError as e:
         print(f"error: {explain(e, out_flag='PATH')}", file=sys.stderr)

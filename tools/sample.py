@@ -52,7 +52,7 @@ import torch
 
 import cache as cache_lib
 from cache.cli.advice import explain
-from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, StoreSettings, check_fields, config_to_dict, parse_config
 from cache.cli.runtime import (
     FolderLock,
     SetupError,
@@ -101,7 +101,7 @@ _PART = re.compile(r"^(\d+)-(\d+)\.npz$")
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(StoreSettings):
     """Sample images from a training run into PNGs and an ADM-style samples.npz."""
 
     run: str = field(default="", metadata={"help": "training run folder (trainer.train --out)"})
@@ -148,6 +148,7 @@ class SampleConfig:
         if not self.run or not self.out:
             raise ConfigError("--run and --out are required")
         check_fields(self)
+        self.check_store()  # the endpoint; whether the run's cache is in a store is known once the run is read
         if not 0 < self.t_last < 1:
             raise ConfigError(f"--t-last must be in (0, 1), got {self.t_last}")
         lo, hi = self.interval  # each in [0, 1] (its range), and in order
@@ -348,8 +349,12 @@ def resolve_vae(cfg: SampleConfig, run: RunRecord) -> tuple[str, int, str | None
     """(spec, seed, sha256 the latents were encoded with or None) of the VAE to decode with:
     ``--vae``, else the one in the run's cache manifest; SetupError if neither can be had."""
     cache_path = run.train["cache"]
+    options = cfg.options_for(cache_path)
+    if cfg.storage_options() and not options:
+        raise SetupError(f"the --store-* settings apply to a run whose cache is in an object store; this run's cache is "
+                         f"{cache_path!r}")
     try:
-        recorded = cache_lib.open_cache(cache_path).manifest.vae
+        recorded = cache_lib.open_cache(cache_path, storage_options=options).manifest.vae
         reason = "" if recorded is not None and recorded.spec else "its manifest records no VAE"
     except cache_lib.CacheError as e:
         recorded, reason = None, str(e)

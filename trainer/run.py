@@ -24,7 +24,7 @@ from cache.diff import describe_change, nested_diff
 from .checkpoint import CheckpointError, _load_file, checkpoints, nonfinite_tensors, verify_checkpoint
 
 __all__ = ["LatentTransform", "CacheIdentity", "RandomWeights", "RunRecord", "read_run_record", "latest_checkpoint",
-           "find_checkpoint", "load_run_model", "refuse_changed_rerun", "LEGACY_MODEL_FIELDS", "legacy_model_fields",
+           "find_checkpoint", "load_run_model", "recorded_train", "refuse_changed_rerun", "LEGACY_MODEL_FIELDS", "legacy_model_fields",
            "unrecorded_cache_entries"]
 
 #: ModelConfig fields added after runs were recorded without them, with the value such a record means (what
@@ -241,14 +241,23 @@ def load_run_model(run_dir: str, *, weights: str = "ema", step: int | None = Non
     return model.to(device).eval(), run
 
 
-def recorded_model(out: str) -> dict[str, Any]:
-    """The ModelConfig record of the run in ``out`` (its config.json), or {} if there is none yet."""
+def _recorded(out: str, part: str) -> dict[str, Any]:
     try:
         with open(os.path.join(out, "config.json")) as f:
-            model = json.load(f).get("model")
+            value = json.load(f).get(part)
     except (OSError, ValueError, AttributeError):
         return {}
-    return dict(model) if isinstance(model, Mapping) else {}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def recorded_model(out: str) -> dict[str, Any]:
+    """The ModelConfig record of the run in ``out`` (its config.json), or {} if there is none yet."""
+    return _recorded(out, "model")
+
+
+def recorded_train(out: str) -> dict[str, Any]:
+    """The train record (resolved TrainConfig) of the run in ``out``, or {} if there is none yet."""
+    return _recorded(out, "train")
 
 
 def refuse_changed_rerun(out: str, record: Mapping[str, Any], *, free: frozenset[str], what: str) -> None:

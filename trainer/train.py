@@ -17,7 +17,9 @@ weights, EMA, optimizer and step; the data order and every random draw are pure 
 (seed, step), so nothing else needs saving. A rerun may change the length (``--steps``), where the
 cache or the run folder lives (same cache identity: source, encoders, rows, and the teacher's stored
 dtype and int8 channel scales, so an int8 copy of the cache is refused by name), and bookkeeping (workers, device, logging and
-checkpoint intervals, ``--compile``, ``--cache-local``); any setting that changes the maths is refused with its name.
+checkpoint intervals, ``--compile``, ``--cache-local``, the ``--store-*`` settings); any setting that changes the
+maths is refused with its name, the data order (``--order``, ``--shuffle-window``) among them. ``--order blocks``
+(docs/remote.md) lays the epoch out per rank, so its run resumes on the same number of ranks only.
 A damaged latest checkpoint (checksums in its manifest.json) is set aside as damaged-step-* and the
 run resumes from the one before it.
 
@@ -59,7 +61,7 @@ import torch
 
 import cache as cache_lib
 from cache.cli.advice import explain
-from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_config
+from cache.cli.config import ConfigError, StoreSettings, check_fields, config_to_dict, parse_config
 from cache.cli.runtime import (
     FolderLock,
     SetupError,
@@ -70,6 +72,7 @@ from cache.cli.runtime import (
     setup_logging,
     write_json,
 )
+from cache.loader import DEFAULT_WINDOW
 from cache.quant import dequantize_tokens
 
 from .checkpoint import (
@@ -90,6 +93,7 @@ from .run import (
     RunRecord,
     legacy_model_fields,
     recorded_model,
+    recorded_train,
     refuse_changed_rerun,
     unrecorded_cache_entries,
 )
@@ -99,7 +103,8 @@ _logger = logging.getLogger("trainer.train")
 #: Settings a rerun may change (they change no result): everything else must match the run it resumes.
 RESUMABLE_CHANGES = frozenset({"steps", "cache", "out", "loader_workers", "device", "tensorboard", "log_every",
                                "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite", "cache_local",
-                               "cache_local_gb"})
+                               "cache_local_gb", "store_endpoint", "store_region", "store_anonymous",
+                               "store_allow_http"})
 #: The file that marks a folder as a training run of ours; written before anything else.
 RUN_MARKER = "urepa-run.json"
 #: What :meth:`Trainer.train_step` returns, in this order (a 1-d tensor on device).
@@ -110,10 +115,11 @@ APPLIED, OVERFLOW, NONFINITE = "applied", "overflow", "nonfinite"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(StoreSettings):
     """Train SiT-down + U-REPA (or SiT + REPA) from a feature cache."""
 
-    cache: str = field(default="", metadata={"help": "feature cache built by pipeline.build"})
+    cache: str = field(default="", metadata={
+        "help": "feature cache built by pipeline.build (a folder or store URL, s3://bucket/c.zarr), or a converted copy"})
     out: str = field(default="", metadata={"help": "run folder (created; rerun the same command to resume)"})
     model: str = field(default="sitdown-xl", metadata={"help": "model preset", "choices": tuple(MODEL_PRESETS)})
     teacher: str = field(default="", metadata={"help": "cached teacher to align to (default: the cache's only teacher)"})
@@ -176,6 +182,13 @@ class TrainConfig:
     cache_local_gb: float = field(default=0.0, metadata={
         "min": 0, "max": 1e9, "help": "size bound of --cache-local in GB, least recently used copies evicted (0: the "
                                       "folder's free disk space)"})
+    order: Literal["permutation", "blocks"] = field(default="permutation", metadata={
+        "help": "data order of an epoch: permutation (every row anywhere) or blocks (shuffled chunk-aligned blocks of "
+                "rows, mixed within --shuffle-window rows per rank: whole chunks per request from an object store, "
+                "less random; depends on the number of ranks; docs/remote.md)"})
+    shuffle_window: int = field(default=DEFAULT_WINDOW, metadata={
+        "min": 1, "max": 2**31, "help": "--order blocks: rows per rank mixed together (a store reader holds about "
+                                        "this many rows in memory)"})
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto: accelerate decides"})
     tensorboard: bool = field(default=True, metadata={"help": "write tensorboard events to OUT/tensorboard"})
     skip_nonfinite: int = field(default=0, metadata={
@@ -187,6 +200,7 @@ class TrainConfig:
         if not self.cache or not self.out:
             raise ConfigError("--cache and --out are required")
         check_fields(self)
+        self.check_store(self.cache)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         for name in ("beta1", "beta2", "class_dropout", "ema_decay"):
@@ -495,7 +509,8 @@ def micro_batches(cache: cache_lib.CacheReader, cfg: TrainConfig, *, micro: int,
         epoch, s = divmod(step, steps_per_epoch)
         loader = cache.loader(micro, seed=cfg.seed, epoch=epoch, rank=rank, world_size=world,
                               start=s * cfg.batch_size, flip=cfg.flip, drop_last=True,
-                              num_workers=cfg.loader_workers, teachers=teachers)
+                              num_workers=cfg.loader_workers, teachers=teachers, order=cfg.order,
+                              shuffle_window=cfg.shuffle_window)
         it = iter(loader)
         try:
             for _ in range(s, steps_per_epoch):
@@ -525,6 +540,21 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
 
 
+def order_free(out: str, cfg: TrainConfig, world: int) -> frozenset[str]:
+    """The data-order settings a rerun in ``out`` leaves uncompared: ``--shuffle-window`` where neither run uses
+    the block order (it orders nothing then), both where the record predates them and this run uses the
+    permutation (what every run did then). SetupError (one line) for a block-order run resumed on another number
+    of ranks: its order is laid out per rank, so the rest of the epoch would be another one."""
+    old = recorded_train(out)
+    if old.get("order") == "blocks" and cfg.order == "blocks" and old.get("ranks") not in (None, world):
+        raise SetupError(f"{out} was trained with --order blocks on {old['ranks']} rank(s), and this run has {world}: "
+                         "the block order is laid out per rank, so it resumes exactly on the same number of ranks "
+                         f"only: rerun on {old['ranks']} rank(s), or start a new --out")
+    if not old or ("order" not in old and cfg.order == "permutation"):
+        return frozenset({"train.order", "train.shuffle_window"})
+    return frozenset({"train.shuffle_window"}) if old.get("order") == cfg.order == "permutation" else frozenset()
+
+
 def claim_run_dir(out: str) -> FolderLock:
     """Claim ``out`` for a training run (see :func:`cache.cli.runtime.claim_folder`) and hold its lock (FolderBusy
     naming the holder if another training writes there); an older run's config.json (train, model, cache)
@@ -541,7 +571,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank = accelerator.process_index
     bound = int(cfg.cache_local_gb * 1e9) if cfg.cache_local and cfg.cache_local_gb else None  # None: free disk space
     # before the folder is claimed: a missing cache leaves no run folder
-    cache = cache_lib.open_cache(cfg.cache, local_cache=cfg.cache_local or None, local_cache_bytes=bound)
+    cache = cache_lib.open_cache(cfg.cache, local_cache=cfg.cache_local or None, local_cache_bytes=bound,
+                                 storage_options=cfg.storage_options())
     problem, lock = "", None
     if rank == 0:  # the others wait: they would see rank 0's files appear before its marker
         try:
@@ -564,11 +595,14 @@ def _train(cfg: TrainConfig, cache: cache_lib.CacheReader, accelerator: Any, dev
     setup_logging(rank, os.path.join(cfg.out, "log.txt"), stream=_TqdmHandler())
     legacy = legacy_model_fields(recorded_model(cfg.out))  # e.g. a run from before bias-free down/up convolutions
     trainer = Trainer(cfg, cache, accelerator, device, legacy=legacy)
-    record = RunRecord(train=config_to_dict(cfg), model=dataclasses.asdict(trainer.model_config),
-                       cache=cache_identity(cache, trainer.teacher))  # not the world size: results do not depend on it
+    world = accelerator.num_processes
+    # not the world size, on which results do not depend, except in the block order (laid out per rank)
+    train_record = {**config_to_dict(cfg), **({"ranks": world} if cfg.order == "blocks" else {})}
+    record = RunRecord(train=train_record, model=dataclasses.asdict(trainer.model_config),
+                       cache=cache_identity(cache, trainer.teacher))
     run_config = record.to_dict()
     free = (frozenset(f"train.{k}" for k in RESUMABLE_CHANGES) | {f"cache.{k}" for k in CacheIdentity.DERIVED}
-            | {f"model.{k}" for k in legacy}
+            | {f"model.{k}" for k in legacy} | order_free(cfg.out, cfg, world)
             | unrecorded_cache_entries(cfg.out))  # an older record did not say: not compared, written now
     refuse_changed_rerun(cfg.out, run_config, free=free, what="a run")
     steps_per_epoch = len(cache) // cfg.batch_size

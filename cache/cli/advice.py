@@ -31,9 +31,10 @@ def explain(error: BaseException, *, out_flag: str = "OUT", source: str = "SOURC
         "addition": (f"rerun that addition's command (its --teacher lists them) to finish it, or drop it with "
                      f"`python -m cache.edit {url} --drop-teacher {','.join(teachers) or 'NAME'}`"),
         "restart": "restart to read the cache as it is now",
-        "store": ("check the store's settings in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-                  "AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP for a plain-http endpoint; see docs/remote.md), "
-                  "that the server is up and that the bucket exists"),
+        "store": ("check the store's settings (--store-endpoint, --store-region, --store-allow-http for a plain-http "
+                  "endpoint, or AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP; the credentials AWS_ACCESS_KEY_ID and "
+                  "AWS_SECRET_ACCESS_KEY in the environment; see docs/remote.md), that the server is up and that the "
+                  "bucket exists"),
         "client": "install the store's client: pip install -e '.[remote]' (obstore; s3fs for other fsspec URLs)",
         "space": (f"free space on the disk that holds {url} (`df -h {os.path.dirname(os.path.abspath(url))}`), then "
                   f"run the same command again (it keeps what {url} already holds), or delete {url} to give its "

@@ -31,16 +31,81 @@ import os
 import sys
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from ..stores import OBJECT_SCHEMES, scheme_of
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "check_fields", "field_choices", "field_range", "parse_config", "config_to_dict"]
+__all__ = ["ConfigError", "StoreSettings", "check_fields", "field_choices", "field_range", "parse_config",
+           "config_to_dict"]
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The settings of an object store (``s3://``, ``gs://``, ``az://``) that a cache location names: every entry
+    point's config that takes a cache location derives from this, so each has ``--store-endpoint``,
+    ``--store-region``, ``--store-anonymous`` and ``--store-allow-http``, and :meth:`storage_options` is the one
+    place they become the store layer's options (obstore's configuration keys, :func:`cache.stores.open_store`).
+    They add to the environment (``AWS_ENDPOINT_URL``, ...) and win over it. Credentials are never options: they
+    come from the environment (or an instance role) only, so they never reach a resolved config or a log line;
+    the endpoint and region are no secrets and are recorded with the rest of the config."""
+
+    store_endpoint: str = field(default="", metadata={
+        "help": "endpoint URL of the object store of a store-URL cache, e.g. http://127.0.0.1:8333 (MinIO, Ceph, "
+                "SeaweedFS, R2; none: AWS_ENDPOINT_URL, else AWS itself). Credentials come from the environment "
+                "only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...; docs/remote.md), never from a flag"})
+    store_region: str = field(default="", metadata={
+        "help": "region of the object store (none: AWS_REGION)"})
+    store_anonymous: bool = field(default=False, metadata={
+        "help": "read the store without signing requests (a public bucket; no credentials used)"})
+    store_allow_http: bool = field(default=False, metadata={
+        "help": "allow a plain http:// endpoint (the client refuses one otherwise; or AWS_ALLOW_HTTP=true)"})
+
+    def storage_options(self) -> dict[str, Any]:
+        """The store layer's options for these settings (obstore's keys); {} when none is set."""
+        options: dict[str, Any] = {}
+        if self.store_endpoint:
+            options["endpoint"] = self.store_endpoint
+        if self.store_region:
+            options["region"] = self.store_region
+        if self.store_anonymous:
+            options["skip_signature"] = True
+        if self.store_allow_http:
+            options["allow_http"] = True
+        return options
+
+    def options_for(self, location: str) -> dict[str, Any]:
+        """:meth:`storage_options` for a cache at ``location`` when it is an object store URL, else {} (a command
+        with several locations gives the options to those in a store)."""
+        return self.storage_options() if scheme_of(location) in OBJECT_SCHEMES else {}
+
+    def check_store(self, *locations: str) -> None:
+        """ConfigError (one line) for a malformed ``--store-endpoint``, or store options given where none of the
+        command's cache ``locations`` is in an object store (none given: not known yet, the caller checks later).
+        Every deriving config's ``__post_init__`` calls it."""
+        endpoint = self.store_endpoint
+        if endpoint:
+            try:
+                parts = urllib.parse.urlsplit(endpoint)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+            except ValueError:  # a port that is not a number, a bracket left open
+                ok = False
+            if not ok or any(c.isspace() for c in endpoint):
+                raise ConfigError(f"--store-endpoint must be an http:// or https:// URL with a host (e.g. "
+                                  f"https://s3.example.org or http://127.0.0.1:8333), got {endpoint!r}")
+        if locations and self.storage_options() and not any(scheme_of(x) in OBJECT_SCHEMES for x in locations if x):
+            given = [_flag(f.name) for f in dataclasses.fields(StoreSettings) if getattr(self, f.name)]
+            shown = " and ".join(x for x in locations if x)
+            raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a cache in an object "
+                              f"store (s3://, gs://, az://), and {shown} is not in one")
 
 
 def _flag(name: str) -> str:
@@ -139,7 +204,8 @@ def parse_config(
     parser = argparse.ArgumentParser(
         prog=_prog(cls), description=description or (cls.__doc__ or "").strip().splitlines()[0],
     )  # each option's help names its dataclass default itself (argparse's own default here is None)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited)}
     for name in positional:
         parser.add_argument(name, help=fields[name].metadata.get("help", ""))
     if presets:

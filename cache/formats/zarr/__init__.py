@@ -32,13 +32,15 @@ def _claims(path: str) -> bool:
 
 
 class _ZarrCopy(CopyWriter):
-    """A zarr copy, one shard per block; a rerun keeps the finished shards."""
+    """A zarr copy, one shard per block; a rerun keeps the finished shards. ``overwrite``: replace a cache of
+    other settings at ``tmp`` (a local copy's temporary name is its own); ``storage_options``: the settings of
+    an object store at ``tmp`` (a copy into a store is written in place: a store has no rename)."""
 
     def __init__(self, tmp: str, *, layout: Layout, manifest: Manifest, sources: list[dict[str, Any]],
-                 block_rows: int) -> None:
+                 block_rows: int, overwrite: bool = True, storage_options: Mapping[str, Any] | None = None) -> None:
         del block_rows  # a zarr copy's block is its shard (the source's storage settings)
         self.writer, resumed = CacheWriter.create_or_resume(tmp, layout=layout, manifest=manifest, sources=sources,
-                                                            overwrite=True)
+                                                            overwrite=overwrite, storage_options=storage_options)
         self.block_rows = self.writer.storage.shard_rows
         self.skipped = [s.to_dict() for s in manifest.skipped_files]
         self.stats = manifest.stats.to_dict() if manifest.stats is not None else {}
@@ -61,4 +63,5 @@ class _ZarrCopy(CopyWriter):
 
 
 ZARR = Format(name="zarr", claims=_claims, open=ZarrCache, copy_writer=_ZarrCopy, remote=True,
+              options=("overwrite", "storage_options"),
               description="a zarr cache (a folder or store URL: the build's format)")

@@ -15,13 +15,22 @@ Identity. Creation writes ``build/urepa-cache.json`` (who created it and a rando
 else, and deletion removes it first: a build deletes only what this marker proves its own (or, when
 told to replace it, a readable zarr group), never a folder it merely finds. The id is also the
 manifest's ``generation``; a reader remembers it at open and notices a rebuild.
+
+In an object store a prefix is no folder of ours: deleting a cache there removes the keys above alone
+(:func:`cache_keys`: the group's and arrays' ``zarr.json``, the chunk objects each array's metadata
+defines, the build records by name), the root ``zarr.json`` last, and leaves any other object under
+the prefix where it is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from typing import Any
 
 import zarr
@@ -33,7 +42,9 @@ from ...files import local_root
 
 __all__ = ["IDENTITY_KEY", "CREATED_BY", "SOURCES_KEY", "PROGRESS", "ADDING", "record_key", "record_shard",
            "put", "get", "keys", "delete", "delete_dir", "store_for", "where", "identity", "probe_group", "is_empty", "delete_cache",
-           "store_get", "store_set", "store_delete", "write_identity"]
+           "store_get", "store_set", "store_delete", "write_identity", "cache_keys", "delete_array"]
+
+_logger = logging.getLogger(__name__)
 
 IDENTITY_KEY = "build/urepa-cache.json"  # the marker that proves a store is a cache this code created
 CREATED_BY = "pipeline.build"
@@ -102,6 +113,68 @@ def delete_dir(group: zarr.Group, key: str) -> None:
     sync(group.store.delete_dir(_prefix(group) + key))
 
 
+_GROUPS = ("", "features", "feature_scales", "build")  # the cache's groups (cache.layout.SCALES_GROUP among them)
+_ARRAY = re.compile(r"(latents|labels|(features|feature_scales)/[^/]+)")
+_RECORDS = (IDENTITY_KEY, SOURCES_KEY, "build/config.json", "build/log.txt")
+
+
+def _chunk_grid(store: Any, array: str) -> tuple[str, list[int]] | None:
+    """(separator, chunk grid) of the array at key ``array`` as its metadata defines its chunk keys (default
+    encoding: ``c<sep>i<sep>j...``, one index per dimension), or None without readable metadata of that kind."""
+    try:
+        meta = json.loads(store_get(store, f"{array}/zarr.json") or b"null")
+        shape = [int(n) for n in meta["shape"]]
+        chunks = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        encoding = meta.get("chunk_key_encoding") or {}
+        sep = (encoding.get("configuration") or {}).get("separator", "/")
+        if meta.get("node_type") != "array" or encoding.get("name", "default") != "default" or len(shape) != len(chunks):
+            return None
+    except (ValueError, TypeError, KeyError, AttributeError, OSError):
+        return None
+    return sep, [max(1, math.ceil(n / c)) for n, c in zip(shape, chunks)]
+
+
+def cache_keys(store: Any, listed: Iterable[str]) -> list[str]:
+    """The keys among ``listed`` (keys of ``store``, a cache's root) that a cache of this code writes: group and
+    array metadata, the chunk objects of its arrays (as each array's metadata defines them), its build
+    records. Anything else (an object someone put under the prefix) is not the cache's."""
+    grids: dict[str, tuple[str, list[int]] | None] = {}
+    ours = []
+    for key in listed:
+        head, _, leaf = key.rpartition("/")
+        if leaf == "zarr.json" and (head in _GROUPS or _ARRAY.fullmatch(head)):
+            ours.append(key)
+            continue
+        if key in _RECORDS or (key.count("/") == 2 and key.startswith((PROGRESS, ADDING))
+                               and record_shard(key) is not None):
+            ours.append(key)
+            continue
+        m = re.match(r"(latents|labels|(?:features|feature_scales)/[^/]+)/c", key)
+        if m is None:
+            continue
+        if m.group(1) not in grids:
+            grids[m.group(1)] = _chunk_grid(store, m.group(1))
+        found = grids[m.group(1)]
+        if found is None:
+            continue
+        sep, grid = found
+        index = key[m.end():].split(sep)
+        if (len(index) == len(grid) + 1 and index[0] == "" and all(i.isdigit() for i in index[1:])
+                and all(int(i) < g for i, g in zip(index[1:], grid))):
+            ours.append(key)
+    return ours
+
+
+def delete_array(group: zarr.Group, name: str) -> None:
+    """Delete the array ``name`` of a cache's root group: in a local folder its folder, in an object store
+    its metadata and chunk objects alone (:func:`cache_keys`)."""
+    if isinstance(group.store, zarr.storage.LocalStore):
+        delete_dir(group, name)
+        return
+    for key in cache_keys(group.store, _store_list(group.store, name + "/")):
+        store_delete(group.store, key)
+
+
 def store_for(url: str | os.PathLike | Any, options: dict[str, Any] | None = None) -> Any:
     """A writable zarr store at ``url`` (which need not exist yet; a store object as given), through the store
     layer (:func:`cache.stores.open_store`: settings from the environment and ``options``)."""
@@ -156,10 +229,22 @@ def is_empty(url: str | os.PathLike | Any, store: Any) -> bool:
 
 
 def delete_cache(url: str | os.PathLike, store: Any) -> None:
-    """Delete a cache: its identity marker first, so that readers and builds see at once that it is gone."""
+    """Delete a cache: its identity marker first, so that readers and builds see at once that it is gone. A
+    local folder goes whole; in an object store only the cache's own keys (:func:`cache_keys`) go, the root
+    ``zarr.json`` last (so a deletion killed halfway leaves a zarr group a build with ``--overwrite`` finishes
+    deleting), and every other object under the prefix stays."""
     store_delete(store, IDENTITY_KEY)
     root = None if stores.is_store(url) else local_root(url)
     if root is not None:
         shutil.rmtree(root)
-    else:
-        sync(store.delete_dir(""))
+        return
+    listed = _store_list(store, "")
+    ours = cache_keys(store, listed)
+    for key in sorted(set(ours) - {"zarr.json"}):
+        store_delete(store, key)
+    if "zarr.json" in ours:
+        store_delete(store, "zarr.json")
+    kept = sorted(set(listed) - set(ours) - {IDENTITY_KEY})
+    if kept:
+        _logger.info("%s: kept %d object(s) under the prefix that are not the cache's (%s%s)", stores.location(url),
+                     len(kept), ", ".join(kept[:3]), ", ..." if len(kept) > 3 else "")

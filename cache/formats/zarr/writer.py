@@ -129,7 +129,7 @@ def _has_array(group: zarr.Group, name: str) -> bool:
 def _delete_teacher_arrays(group: zarr.Group, name: str) -> None:
     """Delete the token (and scale) arrays of teacher ``name`` from a cache group, where they exist."""
     for sub in ("features", SCALES_GROUP):
-        keys.delete_dir(group, f"{sub}/{name}")
+        keys.delete_array(group, f"{sub}/{name}")
 
 
 def _keep_calibration(old: Mapping[str, Any], new: dict[str, Any]) -> None:
@@ -241,6 +241,7 @@ class CacheWriter:
         manifest: Manifest | Mapping[str, Any],
         sources: Sequence[Mapping[str, Any]],
         overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> tuple[CacheWriter, bool]:
         """Create a cache at ``url``, or reopen one built with the same manifest (resume).
 
@@ -249,7 +250,8 @@ class CacheWriter:
         cache is deleted first. A run that names every teacher of a finished cache and more, and agrees with
         it on everything else, adds the new teachers: the writer's :attr:`adding` lists them, and only their
         tokens are written (``resumed``: an earlier run began this addition). Call on one process only (rank
-        0). ``manifest`` is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``)."""
+        0). ``manifest`` is a :class:`Manifest` or its JSON form (its layout is replaced by ``layout``).
+        ``storage_options``: the settings of an object store at ``url`` (:func:`cache.stores.open_store`)."""
         url = os.fspath(url)
         manifest = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
         manifest["layout"] = layout.to_dict()
@@ -259,10 +261,10 @@ class CacheWriter:
         except ManifestError as e:
             raise CacheError(f"{url}: the manifest to write is malformed: {e}", url=url) from None
         ZarrStorage.of(layout)  # the storage settings are checked before anything is written
-        store = keys.store_for(url)
+        store = keys.store_for(url, storage_options)
         target = survey(url, store)
         if target.kind == "cache":
-            reused = cls._reuse(url, target.manifest, manifest, overwrite=overwrite)
+            reused = cls._reuse(url, store, target.manifest, manifest, overwrite=overwrite)
             if reused is not None:
                 return reused
         elif target.kind == "foreign":
@@ -281,7 +283,7 @@ class CacheWriter:
         return cls._create(url, store, layout, manifest, sources), False
 
     @classmethod
-    def _reuse(cls, url: str, old: dict[str, Any], manifest: dict[str, Any], *,
+    def _reuse(cls, url: str, store: Any, old: dict[str, Any], manifest: dict[str, Any], *,
                overwrite: bool) -> tuple[CacheWriter, bool] | None:
         """The writer that resumes the cache ``old`` or adds teachers to it; None when it is to be replaced."""
         _keep_calibration(old, manifest)
@@ -292,7 +294,7 @@ class CacheWriter:
                                      teachers=list(old["adding"]))
         diffs = manifest_diff(old, manifest)
         if not diffs:
-            return cls(url, zarr.open_group(keys.store_for(url), mode="r+"), _typed(url, old)), True
+            return cls(url, zarr.open_group(store, mode="r+"), _typed(url, old)), True
         try:
             addition = _addition(url, old, manifest)
         except CacheMismatchError:
@@ -300,7 +302,7 @@ class CacheWriter:
                 raise
             addition = None
         if addition is not None:
-            return cls._begin_addition(url, old, addition), "adding" in old
+            return cls._begin_addition(url, store, old, addition), "adding" in old
         if not overwrite:
             raise CacheMismatchError(f"{url} holds a cache built with other settings", url=url, differences=diffs,
                                      teachers=list(old["layout"]["teachers"]),
@@ -330,10 +332,10 @@ class CacheWriter:
         return cls(url, group, _typed(url, manifest))
 
     @classmethod
-    def _begin_addition(cls, url: str, old: dict[str, Any], adding: dict[str, Any]) -> CacheWriter:
+    def _begin_addition(cls, url: str, store: Any, old: dict[str, Any], adding: dict[str, Any]) -> CacheWriter:
         """Record the teachers to add in the manifest (first: from then on their arrays are provably ours),
         then create their arrays. A resumed addition keeps its arrays and progress records."""
-        group = zarr.open_group(keys.store_for(url), mode="r+")
+        group = zarr.open_group(store, mode="r+")
         fresh = "adding" not in old
         if fresh:
             _logger.info("%s: adding teacher(s) %s to the finished cache", url, ", ".join(adding))
@@ -353,16 +355,18 @@ class CacheWriter:
         return writer
 
     @classmethod
-    def drop_teacher(cls, url: str | os.PathLike, name: str) -> Manifest:
+    def drop_teacher(cls, url: str | os.PathLike, name: str, *,
+                     storage_options: Mapping[str, Any] | None = None) -> Manifest:
         """Remove teacher ``name`` from a finished cache (or a teacher being added) without touching the
         other arrays: the manifest first (readers opened from then on do not see it), then its arrays,
         then its checksums in the progress records. Returns the new manifest."""
         url = os.fspath(url)
-        group, unreadable = keys.probe_group(url)
-        if group is None or keys.identity(keys.store_for(url)) is None:
+        store = keys.store_for(url, storage_options)
+        group, unreadable = keys.probe_group(url, store)
+        if group is None or keys.identity(store) is None:
             raise CacheError(f"{url} is not a cache this program created" + (f" ({unreadable})" if unreadable else ""),
                              url=url)
-        group = zarr.open_group(keys.store_for(url), mode="r+")
+        group = zarr.open_group(store, mode="r+")
         stored = group.attrs.get(MANIFEST_KEY)
         manifest = _typed(url, stored)
         pending = dict(manifest.pending)
@@ -400,9 +404,9 @@ class CacheWriter:
         return _typed(url, new)
 
     @classmethod
-    def open(cls, url: str | os.PathLike) -> CacheWriter:
+    def open(cls, url: str | os.PathLike, *, storage_options: Mapping[str, Any] | None = None) -> CacheWriter:
         """Open a cache created by :meth:`create_or_resume` (the other ranks of a build)."""
-        group = zarr.open_group(keys.store_for(url), mode="r+")
+        group = zarr.open_group(keys.store_for(url, storage_options), mode="r+")
         return cls(url, group, _typed(url, group.attrs[MANIFEST_KEY]))
 
     # -- progress -------------------------------------------------------------------------
