@@ -111,8 +111,7 @@ def _kill_when(proc: subprocess.Popen, server, prefix: str, first: str, timeout:
 @pytest.mark.slow
 def test_build_killed_mid_upload_resumes_to_the_same_bytes(image_folder, built_cache, s3_server):
     url, prefix = s3_server.url("killed/c.zarr"), "killed/c.zarr"
-    cmd = [sys.executable, "-m", "pipeline.build", str(image_folder), url, *TINY_BUILD, "--flip", "both",
-           "--batch-size", "1"]
+    cmd = [sys.executable, "-m", "pipeline.build", str(image_folder), url, *TINY_BUILD, "--flip", "both"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(s3_server.env), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     _kill_when(proc, s3_server, prefix, "latents/c/")
@@ -156,7 +155,7 @@ def test_overwrite_on_a_store_deletes_only_the_caches_objects(image_folder, s3_s
     # a prefix holding data but no marker of ours: refused, even with --overwrite, and left as it is
     alien = "alien/c.zarr"
     obstore.put(store, f"{alien}/data.bin", b"someone's")
-    obstore.put(store, f"{alien}/zarr.json", b"{}")
+    obstore.put(store, f"{alien}/latents/c/0/0/0/0/0", b"someone else's")
     before = _objects(s3_server, alien)
     for extra in ((), ("--overwrite",)):
         proc = run_build(image_folder, s3_server.url(alien), *extra, env=s3_server.env, check=False)

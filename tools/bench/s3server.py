@@ -111,7 +111,7 @@ class S3Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}:\n{self._log_tail()}")
-            if self._bucket_answers():
+            if self._bucket_answers() and self._bucket_lists():
                 return
             time.sleep(0.2)
         self.stop()
@@ -125,6 +125,19 @@ class S3Server:
         except urllib.error.HTTPError as e:
             return e.code in (403, 200)
         except (OSError, urllib.error.URLError):
+            return False
+
+    def _bucket_lists(self) -> bool:
+        """Whether a signed listing of the bucket succeeds: the server may answer before it has created the
+        bucket (NoSuchBucket for a while after start)."""
+        try:
+            import obstore
+        except ImportError:  # nothing here to sign a request with: the unsigned answer has to do
+            return True
+        try:
+            next(iter(obstore.list(server_store(self), chunk_size=1)), None)
+            return True
+        except Exception:  # NoSuchBucket, a connection refused: not yet
             return False
 
     def _log_tail(self, n: int = 4000) -> str:
