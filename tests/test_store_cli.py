@@ -203,7 +203,8 @@ def test_edit_drops_a_teacher_in_a_store(s3_server, tmp_path, monkeypatch):
     synthetic_cache(local)
     url, prefix = upload(s3_server, local, "edit/c.zarr"), "edit/c.zarr"
     obstore.put(server_store(s3_server), f"{prefix}/features/t_b/readme.txt", b"foreign")
-    _cli("cache.edit", url, "--drop-teacher", "t_b", env=_env(s3_server.env))
+    _cli("cache.edit", url, "--drop-teacher", "t_b", "--store-endpoint", s3_server.endpoint, "--store-allow-http",
+         env=_keys_only_env(s3_server))
     _cli("cache.edit", str(local), "--drop-teacher", "t_b", env=_env(s3_server.env))
     now = _objects(s3_server, prefix)
     assert now.pop("features/t_b/readme.txt") == b"foreign"
@@ -235,8 +236,10 @@ sys.exit(rc)
 def test_a_build_puts_each_shard_object_once(image_folder, s3_server, tmp_path):
     url, prefix = s3_server.url("puts/c.zarr"), "puts/c.zarr"
     counts = tmp_path / "puts.json"
+    flags = ["--store-endpoint", s3_server.endpoint, "--store-allow-http"]  # the settings as flags, keys in the env
     subprocess.run([sys.executable, "-c", _COUNT_PUTS, str(counts), str(image_folder), url, *TINY_BUILD, "--flip",
-                    "both"], cwd=ROOT, env=_env(s3_server.env), check=True, capture_output=True, timeout=300)
+                    "both", *flags], cwd=ROOT, env=_keys_only_env(s3_server), check=True, capture_output=True,
+                   timeout=300)
     puts = json.loads(counts.read_text())
     shards = [k for k in _objects(s3_server, prefix) if k.startswith(_DATA) and "/c/" in k]
     assert len(shards) == 3 * 3  # latents, labels and one teacher; 3 shards of 8 rows each

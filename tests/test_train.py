@@ -425,3 +425,36 @@ def test_an_older_run_record_without_the_teacher_storage_resumes_and_then_keeps_
     assert json.loads(path.read_text())["cache"]["teacher_dtype"] == "float16"
     with pytest.raises(SetupError, match="teacher_dtype: 'float16' -> 'int8'"):
         run(int8_cache, tmp_path / "r", steps=6, flip=True)
+
+
+def test_block_order_resumes_exactly_and_its_settings_are_kept(built_cache, tmp_path):
+    blocks = dict(order="blocks", shuffle_window=8)
+    run(built_cache, tmp_path / "full", steps=5, **blocks)
+    run(built_cache, tmp_path / "part", steps=2, **blocks)
+    run(built_cache, tmp_path / "part", steps=5, **blocks)  # resumes at step 2, inside the first epoch
+    assert losses(tmp_path / "part") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 5
+    run(built_cache, tmp_path / "perm", steps=2)
+    assert losses(tmp_path / "perm")[:2] != losses(tmp_path / "full")[:2]  # another order: other samples
+    record = json.loads((tmp_path / "full" / "config.json").read_text())["train"]
+    assert (record["order"], record["shuffle_window"], record["ranks"]) == ("blocks", 8, 1)
+
+    with pytest.raises(SetupError, match=r"train\.shuffle_window: 8 -> 16"):
+        run(built_cache, tmp_path / "part", steps=6, order="blocks", shuffle_window=16)
+    with pytest.raises(SetupError, match=r"train\.order: 'blocks' -> 'permutation'"):
+        run(built_cache, tmp_path / "part", steps=6)
+    path = tmp_path / "part" / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "train": {**saved["train"], "ranks": 2}}))
+    with pytest.raises(SetupError, match=r"--order blocks on 2 rank\(s\), and this run has 1"):
+        run(built_cache, tmp_path / "part", steps=6, **blocks)
+    assert losses(tmp_path / "part")[-1][0] == 5  # nothing was touched
+
+    # the permutation ignores the window; a record from before these settings resumes as the permutation
+    run(built_cache, tmp_path / "perm", steps=3, shuffle_window=16)
+    path = tmp_path / "perm" / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "train": {k: v for k, v in saved["train"].items()
+                                                   if k not in ("order", "shuffle_window")}}))
+    run(built_cache, tmp_path / "perm", steps=4)
+    with pytest.raises(SetupError, match=r"train\.order"):
+        run(built_cache, tmp_path / "perm", steps=5, **blocks)

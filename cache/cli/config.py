@@ -33,7 +33,8 @@ import types
 import typing
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as setting
 from typing import Any, Literal, TypeVar
 
 from ..stores import OBJECT_SCHEMES, scheme_of
@@ -58,15 +59,15 @@ class StoreSettings:
     come from the environment (or an instance role) only, so they never reach a resolved config or a log line;
     the endpoint and region are no secrets and are recorded with the rest of the config."""
 
-    store_endpoint: str = field(default="", metadata={
+    store_endpoint: str = setting(default="", metadata={
         "help": "endpoint URL of the object store of a store-URL cache, e.g. http://127.0.0.1:8333 (MinIO, Ceph, "
-                "SeaweedFS, R2; none: AWS_ENDPOINT_URL, else AWS itself). Credentials come from the environment "
+                "SeaweedFS, R2; unset: AWS_ENDPOINT_URL, else AWS itself). Credentials come from the environment "
                 "only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...; docs/remote.md), never from a flag"})
-    store_region: str = field(default="", metadata={
-        "help": "region of the object store (none: AWS_REGION)"})
-    store_anonymous: bool = field(default=False, metadata={
+    store_region: str = setting(default="", metadata={
+        "help": "region of the object store (unset: AWS_REGION)"})
+    store_anonymous: bool = setting(default=False, metadata={
         "help": "read the store without signing requests (a public bucket; no credentials used)"})
-    store_allow_http: bool = field(default=False, metadata={
+    store_allow_http: bool = setting(default=False, metadata={
         "help": "allow a plain http:// endpoint (the client refuses one otherwise; or AWS_ALLOW_HTTP=true)"})
 
     def storage_options(self) -> dict[str, Any]:
@@ -171,9 +172,17 @@ def check_fields(cfg: Any) -> None:
                                   f"got {v}")
 
 
+def _inherited(cls: type) -> set[str]:
+    """The fields ``cls`` has from its dataclass bases (the shared settings, :class:`StoreSettings`)."""
+    return {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as a JSON-ready dict (what entry points write next to their outputs)."""
-    return dataclasses.asdict(cfg)
+    """The config as a JSON-ready dict (what entry points write next to their outputs): the entry point's own
+    settings first, the shared ones after them."""
+    values = dataclasses.asdict(cfg)
+    inherited = _inherited(type(cfg))
+    return {k: values[k] for k in sorted(values, key=lambda k: k in inherited)}
 
 
 def _prog(cls: type) -> str:
@@ -204,7 +213,7 @@ def parse_config(
     parser = argparse.ArgumentParser(
         prog=_prog(cls), description=description or (cls.__doc__ or "").strip().splitlines()[0],
     )  # each option's help names its dataclass default itself (argparse's own default here is None)
-    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    inherited = _inherited(cls)  # listed after the entry point's own options
     fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited)}
     for name in positional:
         parser.add_argument(name, help=fields[name].metadata.get("help", ""))
