@@ -22,7 +22,7 @@ from conftest import ROOT, TINY_BUILD, _env, run_build
 
 import cache
 
-pytestmark = pytest.mark.remote
+pytestmark = [pytest.mark.remote, pytest.mark.slow]  # subprocesses against the server
 obstore = pytest.importorskip("obstore", reason="obstore is not installed (the remote extra)")
 
 _DATA = ("latents/c/", "labels/c/", "features/")
@@ -108,7 +108,6 @@ def _kill_when(proc: subprocess.Popen, server, prefix: str, first: str, timeout:
     proc.wait(timeout=60)
 
 
-@pytest.mark.slow
 def test_build_killed_mid_upload_resumes_to_the_same_bytes(image_folder, built_cache, s3_server):
     url, prefix = s3_server.url("killed/c.zarr"), "killed/c.zarr"
     cmd = [sys.executable, "-m", "pipeline.build", str(image_folder), url, *TINY_BUILD, "--flip", "both"]
@@ -129,7 +128,6 @@ def test_build_killed_mid_upload_resumes_to_the_same_bytes(image_folder, built_c
     _cli("cache.inspect", url, "--verify", env=_env(s3_server.env))
 
 
-@pytest.mark.slow
 def test_overwrite_on_a_store_deletes_only_the_caches_objects(image_folder, s3_server):
     url, prefix = s3_server.url("over/c.zarr"), "over/c.zarr"
     run_build(image_folder, url, env=s3_server.env)
@@ -171,7 +169,6 @@ def _same(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(a.features[name][:]), np.asarray(b.features[name][:]))
 
 
-@pytest.mark.slow
 def test_convert_from_and_into_a_store(uploaded, s3_server, tmp_path, monkeypatch):
     local, url = uploaded
     env = _keys_only_env(s3_server)
@@ -197,7 +194,6 @@ def test_convert_from_and_into_a_store(uploaded, s3_server, tmp_path, monkeypatc
     _same(cache.open_cache(into), cache.open_cache(local))
 
 
-@pytest.mark.slow
 def test_edit_drops_a_teacher_in_a_store(s3_server, tmp_path, monkeypatch):
     local = tmp_path / "c.zarr"
     synthetic_cache(local)
@@ -232,7 +228,6 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.slow
 def test_a_build_puts_each_shard_object_once(image_folder, s3_server, tmp_path):
     url, prefix = s3_server.url("puts/c.zarr"), "puts/c.zarr"
     counts = tmp_path / "puts.json"
@@ -245,3 +240,19 @@ def test_a_build_puts_each_shard_object_once(image_folder, s3_server, tmp_path):
     assert len(shards) == 3 * 3  # latents, labels and one teacher; 3 shards of 8 rows each
     assert {k: puts.get(k) for k in shards} == {k: 1 for k in shards}  # one PUT per shard object, whole
     assert all(n == 1 for k, n in puts.items() if "/c/" in k), puts
+
+
+def test_training_with_the_store_settings_as_flags(built_cache, s3_server, tmp_path):
+    url = upload(s3_server, built_cache, "train-flags/c.zarr")
+    train = ["--model", "tiny", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--log-every", "1",
+             "--loader-workers", "2", "--no-tensorboard", "--steps", "2"]
+    flags = ["--store-endpoint", s3_server.endpoint, "--store-allow-http"]
+    _cli("trainer.train", "--cache", url, "--out", str(tmp_path / "remote"), *train, *flags,
+         env=_keys_only_env(s3_server))
+    _cli("trainer.train", "--cache", str(built_cache), "--out", str(tmp_path / "local"), *train, env=_env())
+    rows = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("remote", "local")]
+    assert [json.loads(x)["loss"] for x in rows[0]] == [json.loads(x)["loss"] for x in rows[1]] and len(rows[0]) == 2
+    record = json.loads((tmp_path / "remote" / "config.json").read_text())["train"]
+    assert record["store_endpoint"] == s3_server.endpoint and record["store_allow_http"]
+    written = b"".join(p.read_bytes() for p in (tmp_path / "remote").rglob("*") if p.is_file())
+    assert s3_server.secret.encode() not in written and s3_server.key.encode() not in written
