@@ -141,7 +141,7 @@ def test_a_fork_empties_the_buffer_pool_in_parent_and_child(synth):
     fork, both start with no kept buffers (a new lock in the child)."""
     import os
 
-    from cache.loader import _POOL
+    from cache.loader import _POOL, release_buffers
 
     for _ in synth.loader(4, seed=1, prefetch=2):
         pass
@@ -150,4 +150,9 @@ def test_a_fork_empties_the_buffer_pool_in_parent_and_child(synth):
     if pid == 0:
         os._exit(0 if not _POOL.buffers and not _POOL._lock.locked() else 1)
     assert os.waitpid(pid, 0)[1] == 0
+    assert not _POOL.buffers
+    for _ in synth.loader(4, seed=1, prefetch=2):
+        pass
+    assert _POOL.buffers
+    release_buffers()
     assert not _POOL.buffers
