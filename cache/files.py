@@ -125,12 +125,12 @@ def pread_rows(fds: int | np.ndarray, offsets: np.ndarray, out: np.ndarray) -> i
     the file in its own error."""
     view = memoryview(out.reshape(-1).view(np.uint8))
     size = view.nbytes // max(len(out), 1)
-    per_row = not isinstance(fds, int)
+    per_row = None if isinstance(fds, int) else fds.tolist()  # Python ints: no numpy scalar per row
     for i, offset in enumerate(offsets.tolist()):
         if offset < 0:
             out[i] = 0
             continue
-        fd = int(fds[i]) if per_row else fds
+        fd = fds if per_row is None else per_row[i]
         dst = view[i * size:(i + 1) * size]
         got = os.preadv(fd, [dst], offset)
         while got < size:  # short read

@@ -32,7 +32,9 @@ a cache rebuilt or removed while the loader reads it stops the loader with
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,7 +47,7 @@ from .errors import CacheError, ShardReadError
 from .layout import SCALES_GROUP, ByTeacher, Layout
 from .quant import dequantize_into, scales_valid
 
-__all__ = ["ORDERS", "epoch_order", "block_order", "epoch_flips", "rank_batches", "CacheLoader"]
+__all__ = ["ORDERS", "epoch_order", "block_order", "epoch_flips", "rank_batches", "CacheLoader", "release_buffers"]
 
 #: The loader's orders: "permutation" (every row anywhere: the default) or "blocks" (shuffled blocks of rows
 #: that read well together plus a shuffle window: for object stores), see :func:`block_order`.
@@ -183,28 +185,54 @@ def _check_scales(scales: np.ndarray, rows: np.ndarray, name: str) -> None:
 
 
 class _BufferPool:
-    """Recycles batch buffers once nothing refers to them any more.
+    """Recycles batch buffers once nothing refers to them any more, across loaders: one pool per process.
 
-    A fresh 100 MB batch costs ~25k page faults, more than reading its rows. A buffer handed out
-    through ``torch.from_numpy`` is referenced by every tensor (and view) made from it, so a
-    reference count at the pool's own baseline means that no batch uses it and it can be refilled.
+    A fresh 100 MB batch buffer is zeroed by the kernel page by page when first written (``clear_page``:
+    measured at 1.4x the time of reading the rows into it, docs/benchmarks.md), and a loader is made per
+    epoch, so the buffers outlive it: after the first epoch no batch touches a fresh page. A buffer
+    handed out through ``torch.from_numpy`` is referenced by every tensor (and view) made from it, so a
+    reference count at the pool's own baseline means that no batch uses it and it can be refilled. At
+    most ``keep`` buffers of each shape are kept (the most any loader asked for); :meth:`clear` lets
+    them go. A fork empties the pool in parent and child: a kept buffer the child shares would be copied
+    page by page (copy-on-write) at the parent's next write into it, slower than a fresh buffer (measured).
     """
 
     _BASELINE = sys.getrefcount(np.empty(0)) + 1  # the pool's list entry, and the loop variable
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
+    def __init__(self) -> None:
         self.buffers: dict[tuple[Any, ...], list[np.ndarray]] = {}
+        self._lock = threading.Lock()  # loaders of several threads share it: a free buffer goes to one of them
 
-    def get(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float16) -> np.ndarray:
-        owned = self.buffers.setdefault((np.dtype(dtype).str, *shape), [])
-        for buf in owned:
-            if sys.getrefcount(buf) <= self._BASELINE + 1:  # + getrefcount's own argument
-                return buf
-        buf = np.empty(shape, dtype=dtype)
-        if len(owned) < self.keep:
-            owned.append(buf)
-        return buf
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float16, *, keep: int = 8) -> np.ndarray:
+        with self._lock:
+            owned = self.buffers.setdefault((np.dtype(dtype).str, *shape), [])
+            for buf in owned:
+                if sys.getrefcount(buf) <= self._BASELINE + 1:  # + getrefcount's own argument
+                    return buf
+            buf = np.empty(shape, dtype=dtype)
+            if len(owned) < keep:
+                owned.append(buf)
+            return buf
+
+    def clear(self) -> None:
+        """Forget every kept buffer (batches still in use keep theirs)."""
+        with self._lock:
+            self.buffers = {}
+
+    def _forked(self) -> None:
+        """In a forked child: a new lock (another thread may have held the parent's at the fork), no buffers."""
+        self._lock = threading.Lock()
+        self.buffers = {}
+
+
+_POOL = _BufferPool()
+os.register_at_fork(after_in_parent=_POOL.clear, after_in_child=_POOL._forked)
+
+
+def release_buffers() -> None:
+    """Let go of the batch buffers the loaders of this process keep for the next epoch (a few batches' worth
+    per batch shape)."""
+    _POOL.clear()
 
 
 class CacheLoader:
@@ -297,7 +325,7 @@ class CacheLoader:
             planned = np.concatenate([self.order[lo:hi] for lo, hi in self.batches])
             for reader in self._readers.values():
                 reader.plan(planned)
-        self._pool = _BufferPool(keep=self.prefetch + 4)
+        self._keep = self.prefetch + 4  # buffers per shape in flight: prefetched, handed out, being refilled
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -318,7 +346,7 @@ class CacheLoader:
     def _alloc(self, shape: tuple[int, ...], dtype: np.dtype, *, pin: bool) -> torch.Tensor:
         if pin:  # torch's caching host allocator recycles pinned blocks safely
             return torch.empty(shape, dtype=getattr(torch, dtype.name), pin_memory=True)  # float16, int8, float32
-        return torch.from_numpy(self._pool.get(shape, dtype))
+        return torch.from_numpy(_POOL.get(shape, dtype, keep=self._keep))
 
     def _empty(self, n: int) -> dict[str, torch.Tensor]:
         return {key: self._alloc((n, *shape), dtype, pin=self.pin_memory) for key, (shape, dtype) in self._shapes().items()}
@@ -336,8 +364,8 @@ class CacheLoader:
             name = key.removeprefix("features/")
             if self.dequantize and key.startswith("features/") and name in self.quantized:
                 scales = self._readers[f"{SCALES_GROUP}/{name}"]
-                q = self._pool.get((n, *reader.variant_shape), reader.dtype)  # scratch, taken on this thread
-                sc = self._pool.get((n, *scales.variant_shape), scales.dtype)
+                q = _POOL.get((n, *reader.variant_shape), reader.dtype, keep=self._keep)  # scratch, taken on this thread
+                sc = _POOL.get((n, *scales.variant_shape), scales.dtype, keep=self._keep)
                 for part in parts:
                     s = slice(part[0], part[-1] + 1)
                     futures.append(pool.submit(_read_dequantized, reader, scales, self.channel_scales[name], rows[s],

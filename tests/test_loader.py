@@ -121,3 +121,38 @@ def test_zarr_fallback_reads_equal_direct_reads(tmp_path, synth, io_mode):
     assert direct_reads(direct) == (io_mode == "direct") and not direct_reads(fallback)
     for a, b in zip(direct, fallback):
         assert (a["latents"] == b["latents"]).all() and (a["features"]["t_a"] == b["features"]["t_a"]).all()
+
+
+def test_batch_buffers_are_reused_across_loaders_never_under_a_held_batch(synth):
+    """A loader per epoch refills the buffers of the last one's batches (no fresh pages after the first epoch),
+    but never a buffer that a batch still in use holds."""
+    first = {b["features"]["t_a"].data_ptr() for b in synth.loader(4, seed=1, epoch=0, prefetch=2)}
+    again = {b["features"]["t_a"].data_ptr() for b in synth.loader(4, seed=1, epoch=1, prefetch=2)}
+    assert again <= first  # every buffer of epoch 1 is one of epoch 0's
+    held = next(iter(synth.loader(4, seed=1, epoch=2, prefetch=2)))
+    kept = {k: held[k].clone() for k in ("latents", "labels", "index")} | {"t_a": held["features"]["t_a"].clone()}
+    later = {b["features"]["t_a"].data_ptr() for b in synth.loader(4, seed=1, epoch=3, prefetch=2)}
+    assert held["features"]["t_a"].data_ptr() not in later
+    assert all((held[k] == v).all() for k, v in kept.items() if k != "t_a") and (held["features"]["t_a"] == kept["t_a"]).all()
+
+
+def test_a_fork_empties_the_buffer_pool_in_parent_and_child(synth):
+    """Kept buffers shared with a forked child would be copied page by page at the parent's next write: after a
+    fork, both start with no kept buffers (a new lock in the child)."""
+    import os
+
+    from cache.loader import _POOL, release_buffers
+
+    for _ in synth.loader(4, seed=1, prefetch=2):
+        pass
+    assert _POOL.buffers
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if not _POOL.buffers and not _POOL._lock.locked() else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not _POOL.buffers
+    for _ in synth.loader(4, seed=1, prefetch=2):
+        pass
+    assert _POOL.buffers
+    release_buffers()
+    assert not _POOL.buffers

@@ -145,17 +145,16 @@ class ZarrRowReader:
 
     def _read_direct(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         fmt = self.fmt
+        if not len(rows):
+            return
         shards, within = np.divmod(rows, fmt.shard_rows)
         chunks, k = np.divmod(within, fmt.chunk_rows)
-        fds = np.empty(len(rows), dtype=np.int64)
-        offsets = np.empty(len(rows), dtype=np.int64)
-        for shard in np.unique(shards).tolist():
-            sel = shards == shard
-            fd, index = self._shard(shard)
-            fds[sel] = fd
-            starts = index[chunks[sel], 0]
-            offsets[sel] = np.where(starts == _EMPTY, -1, starts.astype(np.int64) + k[sel] * self.row_nbytes
-                                    + variants[sel] * self.variant_nbytes)
+        uniq, which = np.unique(shards, return_inverse=True)
+        opened = [self._shard(shard) for shard in uniq.tolist()]  # (fd, index) of each shard the rows touch
+        fds = np.array([fd for fd, _ in opened], dtype=np.int64)[which]
+        starts = np.stack([index[:, 0] for _, index in opened])[which, chunks]  # one index length: every shard's
+        offsets = np.where(starts == _EMPTY, -1, starts.astype(np.int64) + k * self.row_nbytes
+                           + variants * self.variant_nbytes)
         short = pread_rows(fds, offsets, out)
         if short is not None:
             raise ShardReadError(f"{self.base}: shard {int(shards[short])} ends early: the cache is damaged; run "
