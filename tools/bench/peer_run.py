@@ -16,7 +16,9 @@ With ``--remote URL`` a peer (streaming or litdata) reads its copy from an objec
 (``tools.bench.remote`` uploads ``DATA/<contender>`` there): mosaicml-streaming through boto3, pointed at the
 endpoint by ``S3_ENDPOINT_URL``; LitData through its boto3 client (``storage_options``: endpoint and keys from
 the standard ``AWS_*`` variables) and obstore. Each epoch downloads into a fresh local folder of its own
-(``DATA/<contender>-cache-<seed>``, removed after), so every timed epoch reads the store.
+(``DATA/<contender>-cache-*``, removed after), so every timed epoch reads the store. mosaicml-streaming's
+``clean_stale_shared_memory`` is not called there: it unlinks every StreamingDataset's shared memory on the
+machine, other processes' too (a fresh local folder cannot meet a stale registration of its own).
 
 Only numpy and torch are imported at the top: the peers (mosaicml-streaming, LitData) may live in a
 venv of their own (``.venv-peers``, ``make bench-peers``) that lacks this project's dependencies; our
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,13 +140,13 @@ def _litdata_allow_http() -> None:
         downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
 
 
-def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int,
-            remote: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int, remote: str | None = None,
+            cache: Path | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """One shuffled epoch of ``contender`` (epoch ``seed``) as the common batch form; a peer reads its copy
-    from ``remote`` (into ``DATA/<contender>-cache-<seed>``) when given."""
-    if remote is not None and contender not in ("streaming", "litdata"):
-        raise SystemExit(f"peer_run epochs: --remote is for streaming and litdata, not {contender!r}")
-    local = data / contender if remote is None else data / f"{contender}-cache-{seed}"
+    from ``remote`` (downloading into the empty folder ``cache``) when given."""
+    if remote is not None and (contender not in ("streaming", "litdata") or cache is None):
+        raise SystemExit(f"peer_run epochs: --remote is for streaming and litdata (with a cache folder), not {contender!r}")
+    local = data / contender if remote is None else cache
     if contender in OURS:
         from cache import open_cache
 
@@ -164,7 +167,8 @@ def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int,
         from streaming import StreamingDataset
         from streaming.base.util import clean_stale_shared_memory
 
-        clean_stale_shared_memory()
+        if remote is None:
+            clean_stale_shared_memory()
         ds = StreamingDataset(remote=remote, local=str(local), shuffle=True, shuffle_seed=seed, batch_size=batch)
         for b in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers):
             yield _as_batch(b["tokens"], b["latents"], b["label"], b["index"], b.get("scales"))
@@ -217,22 +221,24 @@ def preimport(contender: str) -> None:
 def run_epoch(contender: str, data: Path, *, seed: int, batch: int, workers: int, rows: dict[str, np.ndarray],
               remote: str | None = None) -> dict:
     """One timed epoch, checked: every row once, each row's own tokens and label."""
+    cache = None if remote is None else Path(tempfile.mkdtemp(prefix=f"{contender}-cache-", dir=data))
     try:
-        return _timed_epoch(contender, data, seed=seed, batch=batch, workers=workers, rows=rows, remote=remote)
+        return _timed_epoch(contender, data, seed=seed, batch=batch, workers=workers, rows=rows, remote=remote,
+                            cache=cache)
     finally:
-        if remote is not None:  # the peer's local copy of this epoch's downloads
-            shutil.rmtree(data / f"{contender}-cache-{seed}", ignore_errors=True)
+        if cache is not None:  # the peer's local copy of this epoch's downloads
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def _timed_epoch(contender: str, data: Path, *, seed: int, batch: int, workers: int, rows: dict[str, np.ndarray],
-                 remote: str | None) -> dict:
+                 remote: str | None, cache: Path | None) -> dict:
     t0, c0 = time.perf_counter(), os.times()
     if contender == "raw":
         n, nbytes = raw_epoch(data, batch)
     else:
         n = nbytes = 0
         seen = []
-        for b in batches(contender, data, seed=seed, batch=batch, workers=workers, remote=remote):
+        for b in batches(contender, data, seed=seed, batch=batch, workers=workers, remote=remote, cache=cache):
             marker = b["tokens"][:, 0, 0]
             want = torch.from_numpy(np.asarray(rows["tokens"][:, 0, 0])[b["index"].numpy()])
             if not torch.equal(marker, want) or not torch.equal(b["labels"], torch.from_numpy(
