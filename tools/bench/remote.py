@@ -280,6 +280,8 @@ def bench_dtype(bc: BenchRemoteConfig, server: S3Server, folder: Path, dtype: st
             got = run(r)
             cpu = sum(os.times()[i] - c0[i] for i in range(2))  # this process' user + system seconds
             times[name].append((*got[:3], got[3] if len(got) > 3 else cpu, server.cpu_seconds() - s0))
+            print(f"bench-remote: {dtype} round {r}: {name}: {got[1] / got[0]:,.0f} samples/s", file=sys.stderr,
+                  flush=True)
     res: dict[str, Any] = {"dtype": dtype, "rows": rows, "row_bytes": row_nbytes, "upload_s": upload_s,
                            "upload_MBps": sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) / upload_s / 1e6,
                            "contenders": {}}
