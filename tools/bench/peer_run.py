@@ -16,7 +16,11 @@ With ``--remote URL`` a peer (streaming or litdata) reads its copy from an objec
 (``tools.bench.remote`` uploads ``DATA/<contender>`` there): mosaicml-streaming through boto3, pointed at the
 endpoint by ``S3_ENDPOINT_URL``; LitData through its boto3 client (``storage_options``: endpoint and keys from
 the standard ``AWS_*`` variables) and obstore. Each epoch downloads into a fresh local folder of its own
-(``DATA/<contender>-cache-*``, removed after), so every timed epoch reads the store. mosaicml-streaming's
+(``DATA/<contender>-cache-*``, removed after), so every timed epoch reads the store. mosaicml-streaming
+0.13.0 keeps the boto3 client that fetched ``index.json`` in the dataset; DataLoader workers forked from it
+share that client's connections (seen here: responses read by the wrong worker, rows that are not the ones
+their index names, 60 s stalls), so it is dropped before the workers start, as pickling the dataset for
+spawned workers would (``CloudDownloader.clean_up``). mosaicml-streaming's
 ``clean_stale_shared_memory`` is not called there: it unlinks every StreamingDataset's shared memory on the
 machine, other processes' too (a fresh local folder cannot meet a stale registration of its own).
 
@@ -170,6 +174,9 @@ def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int, 
         if remote is None:
             clean_stale_shared_memory()
         ds = StreamingDataset(remote=remote, local=str(local), shuffle=True, shuffle_seed=seed, batch_size=batch)
+        if remote is not None:  # the boto3 client that fetched index.json must not reach the forked workers
+            for stream in ds.streams:
+                stream._downloader.clean_up()
         for b in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers):
             yield _as_batch(b["tokens"], b["latents"], b["label"], b["index"], b.get("scales"))
     elif contender == "litdata":
