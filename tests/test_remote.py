@@ -128,8 +128,12 @@ def test_block_order_fetches_ahead_of_the_reads(pair, s3_env):
     assert r.chunk_reads == len(first) and r.refetches == 0 and not r._kept and not r._untouched
     r.plan(order)
     _read(r, order[:4])
-    r.close()  # fetches ahead still in flight are cancelled, not left running
-    assert not r._planned
+    kept = list(r._kept.values())
+    r.close()  # fetches ahead still in flight are cancelled on the event loop, not left running
+    deadline = time.monotonic() + 60
+    while not all(f.done() for f in kept) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(f.done() for f in kept) and not r._planned
 
 
 def test_coalesce_merges_neighbours_and_keeps_each_range():

@@ -31,6 +31,7 @@ switches the array to zarr's own path for good (logged once): the guarded fallba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -132,11 +133,20 @@ class RemoteRowReader:
         self._kept_bytes = 0
 
     def close(self) -> None:
-        """Stops the fetches ahead still in flight (a loader closed before its epoch's end)."""
-        pending = [f for f in self._kept.values() if not f.done()]
-        self._planned, self._sequence = {}, []
+        """Stops the fetches ahead still in flight (a loader closed before its epoch's end), on zarr's event loop
+        where every fetch runs (so no fetch sees the plan half cleared)."""
+        pending = list(self._kept.values())
+
+        def stop() -> None:
+            self._planned, self._sequence, self._cursor = {}, [], 0
+            for f in pending:
+                f.cancel()
+
         if pending:
-            pending[0].get_loop().call_soon_threadsafe(lambda: [f.cancel() for f in pending])
+            with contextlib.suppress(RuntimeError):  # the loop already closed (interpreter exit): nothing runs
+                pending[0].get_loop().call_soon_threadsafe(stop)
+        else:
+            stop()
         if self._fallback is not None:
             self._fallback.close()
 
