@@ -131,7 +131,7 @@ def test_block_order_fetches_ahead_of_the_reads(pair, s3_env):
     kept = list(r._kept.values())
     r.close()  # fetches ahead still in flight are cancelled on the event loop, not left running
     deadline = time.monotonic() + 60
-    while not all(f.done() for f in kept) and time.monotonic() < deadline:
+    while (r._planned or not all(f.done() for f in kept)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(f.done() for f in kept) and not r._planned
 

@@ -135,7 +135,7 @@ class RemoteRowReader:
     def close(self) -> None:
         """Stops the fetches ahead still in flight (a loader closed before its epoch's end), on zarr's event loop
         where every fetch runs (so no fetch sees the plan half cleared)."""
-        pending = list(self._kept.values())
+        pending = [f for f in self._kept.values() if not f.done()]
 
         def stop() -> None:
             self._planned, self._sequence, self._cursor = {}, [], 0
