@@ -101,16 +101,16 @@ bench-int8: setup ## int8 teacher tokens vs fp16: cosine, loss error, bytes, loa
 bench-teacher-precision: setup ## DINOv2-B (random weights) tokens under fp16 autocast vs TF32: relative L2, U-REPA loss difference
 	$(PY) -m tools.bench.teacher_precision $(ARGS)
 
-bench-remote: setup ## loader from a SeaweedFS S3 server it starts: vs raw range GETs, local disk, zarr's own path
-	$(PY) -m tools.bench.remote $(ARGS)
-
-# The peers of `make bench-peers` (pyproject's `peers` extra) live in a venv of their own: they need versions
-# of numpy and huggingface_hub that the project's pins exclude. Torch keeps the pin there too.
+# The peers of `make bench-peers` and `make bench-remote` (pyproject's `peers` extra) live in a venv of their
+# own: they need versions of numpy and huggingface_hub that the project's pins exclude. Torch keeps the pin there too.
 PEERS_VENV := .venv-peers
 $(PEERS_VENV)/.peers-stamp: pyproject.toml
 	test -d $(PEERS_VENV) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install -q $(TORCH_PIN) $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
 	touch $@
+
+bench-remote: setup $(PEERS_VENV)/.peers-stamp ## loader from a SeaweedFS S3 server it starts: vs raw GETs, local disk, zarr, streaming, LitData
+	$(PY) -m tools.bench.remote --peers-python $(PEERS_VENV)/bin/python $(ARGS)
 
 bench-peers: setup $(PEERS_VENV)/.peers-stamp ## our formats vs mosaicml-streaming, LitData, .npy per sample, raw read (warm and cold; peers in .venv-peers)
 	$(PY) -m tools.bench.peers --peers-python $(PEERS_VENV)/bin/python $(ARGS)

@@ -102,6 +102,40 @@ def test_block_order_within_a_small_memory_bound(pair, s3_env):
     assert r.refetches > 0 and r._kept_bytes <= r.max_kept
 
 
+def test_block_order_fetches_ahead_of_the_reads(pair, s3_env):
+    """Told the plan, the reader fetches up to ``ahead`` planned chunks no read asked for yet, in the plan's
+    order (the next window's while this one is copied out), each still once; closing stops what is in flight."""
+    import time
+
+    local, url = pair
+    c = cache.open_cache(url)
+    r = c.row_reader("latents")
+    r.ahead = 3
+    order = cache.block_order(c.rows, block_rows=4, window=8, seed=0, epoch=0, batch_size=4)
+    r.plan(order)
+    ref = cache.open_cache(local).row_reader("latents")
+    np.testing.assert_array_equal(_read(r, order[:4]), _read(ref, order[:4]))
+    first = list(dict.fromkeys((order // 4).tolist()))  # the planned chunks in the order of first use
+    needed = set((order[:4] // 4).tolist())
+    ahead = [ch for ch in first if ch not in needed][:3]
+    deadline = time.monotonic() + 60  # a loaded machine: wait for the fetches to land, nothing timed
+    while not all(f.done() for f in r._kept.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert r._untouched == set(ahead) and set(ahead) <= set(r._kept)
+    assert r.chunk_reads == len(needed) + len(ahead)
+    for lo in range(4, len(order), 4):  # the rest of the plan: one GET per chunk all the same
+        np.testing.assert_array_equal(_read(r, order[lo:lo + 4]), _read(ref, order[lo:lo + 4]))
+    assert r.chunk_reads == len(first) and r.refetches == 0 and not r._kept and not r._untouched
+    r.plan(order)
+    _read(r, order[:4])
+    kept = list(r._kept.values())
+    r.close()  # fetches ahead still in flight are cancelled on the event loop, not left running
+    deadline = time.monotonic() + 60
+    while (r._planned or not all(f.done() for f in kept)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(f.done() for f in kept) and not r._planned
+
+
 def test_coalesce_merges_neighbours_and_keeps_each_range():
     starts = np.array([1000, 0, 100, 5000, 200])
     pieces = coalesce(starts, 100, max_gap=0, max_piece=250)

@@ -2,6 +2,7 @@
 
     python -m tools.bench.peer_run write  CONTENDER DATA
     python -m tools.bench.peer_run epochs CONTENDER DATA --seed S [--warmup] [--batch 256] [--workers 4]
+    python -m tools.bench.peer_run epochs CONTENDER DATA --seed S --remote URL   (a peer's copy in an object store)
 
 ``DATA`` is the folder ``tools.bench.peers`` prepared: ``rows/`` holds the rows as plain arrays
 (``tokens.npy`` (N, T, D), ``latents.npy`` (N, 8, h, w), ``labels.npy`` (N,), and for int8 rows
@@ -10,6 +11,18 @@ epoch (after an untimed one with ``--warmup``), converts every batch to the same
 ``latents``, ``labels`` int64, ``index`` int64, and ``scales`` float32 for int8 rows), checks that the
 epoch covers every row once and that each row's tokens are that row's, and prints one JSON line:
 seconds, samples, useful bytes, CPU seconds (this process and its reaped workers).
+
+With ``--remote URL`` a peer (streaming or litdata) reads its copy from an object store instead
+(``tools.bench.remote`` uploads ``DATA/<contender>`` there): mosaicml-streaming through boto3, pointed at the
+endpoint by ``S3_ENDPOINT_URL``; LitData through its boto3 client (``storage_options``: endpoint and keys from
+the standard ``AWS_*`` variables) and obstore. Each epoch downloads into a fresh local folder of its own
+(``DATA/<contender>-cache-*``, removed after), so every timed epoch reads the store. mosaicml-streaming
+0.13.0 keeps the boto3 client that fetched ``index.json`` in the dataset; DataLoader workers forked from it
+share that client's connections (seen here: responses read by the wrong worker, rows that are not the ones
+their index names, 60 s stalls), so it is dropped before the workers start, as pickling the dataset for
+spawned workers would (``CloudDownloader.clean_up``). mosaicml-streaming's
+``clean_stale_shared_memory`` is not called there: it unlinks every StreamingDataset's shared memory on the
+machine, other processes' too (a fresh local folder cannot meet a stale registration of its own).
 
 Only numpy and torch are imported at the top: the peers (mosaicml-streaming, LitData) may live in a
 venv of their own (``.venv-peers``, ``make bench-peers``) that lacks this project's dependencies; our
@@ -21,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,8 +126,31 @@ class _NpyDataset(torch.utils.data.Dataset):
         return got + ((np.load(self.root / "scales" / f"{i}.npy"),) if self.scaled else ())
 
 
-def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One shuffled epoch of ``contender`` (epoch ``seed``) as the common batch form."""
+def _s3_options() -> dict[str, str]:
+    """LitData's S3 client settings (boto3 client arguments) from the standard environment."""
+    names = {"endpoint_url": "AWS_ENDPOINT_URL", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+             "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "region_name": "AWS_REGION"}
+    return {k: os.environ[v] for k, v in names.items() if os.environ.get(v)}
+
+
+def _litdata_allow_http() -> None:
+    """LitData fetches chunks through an obstore store it builds with client options of its own, which lack
+    ``allow_http``: a plain ``http://`` endpoint (the bench's loopback server) fails with "builder error:
+    BadScheme". Add that one option (what ``AWS_ALLOW_HTTP=true`` says) to LitData's options, before its
+    DataLoader workers fork; LitData's own download path is otherwise unchanged."""
+    from litdata.streaming import downloader
+
+    if os.environ.get("AWS_ENDPOINT_URL", "").startswith("http://"):
+        downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
+
+
+def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int, remote: str | None = None,
+            cache: Path | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """One shuffled epoch of ``contender`` (epoch ``seed``) as the common batch form; a peer reads its copy
+    from ``remote`` (downloading into the empty folder ``cache``) when given."""
+    if remote is not None and (contender not in ("streaming", "litdata") or cache is None):
+        raise SystemExit(f"peer_run epochs: --remote is for streaming and litdata (with a cache folder), not {contender!r}")
+    local = data / contender if remote is None else cache
     if contender in OURS:
         from cache import open_cache
 
@@ -133,14 +171,23 @@ def batches(contender: str, data: Path, *, seed: int, batch: int, workers: int) 
         from streaming import StreamingDataset
         from streaming.base.util import clean_stale_shared_memory
 
-        clean_stale_shared_memory()
-        ds = StreamingDataset(local=str(data / "streaming"), shuffle=True, shuffle_seed=seed, batch_size=batch)
+        if remote is None:
+            clean_stale_shared_memory()
+        ds = StreamingDataset(remote=remote, local=str(local), shuffle=True, shuffle_seed=seed, batch_size=batch)
+        if remote is not None:  # the boto3 client that fetched index.json must not reach the forked workers
+            for stream in ds.streams:
+                stream._downloader.clean_up()
         for b in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers):
             yield _as_batch(b["tokens"], b["latents"], b["label"], b["index"], b.get("scales"))
     elif contender == "litdata":
         from litdata import StreamingDataLoader, StreamingDataset
 
-        ds = StreamingDataset(input_dir=str(data / "litdata"), shuffle=True, seed=seed)
+        if remote is None:
+            ds = StreamingDataset(input_dir=str(local), shuffle=True, seed=seed)
+        else:
+            _litdata_allow_http()
+            ds = StreamingDataset(input_dir=remote, cache_dir=str(local), shuffle=True, seed=seed,
+                                  storage_options=_s3_options())
         for b in StreamingDataLoader(ds, batch_size=batch, num_workers=workers):
             yield _as_batch(b["tokens"], b["latents"], b["label"], b["index"], b.get("scales"))
     else:
@@ -178,15 +225,27 @@ def preimport(contender: str) -> None:
         import litdata  # noqa: F401
 
 
-def run_epoch(contender: str, data: Path, *, seed: int, batch: int, workers: int, rows: dict[str, np.ndarray]) -> dict:
+def run_epoch(contender: str, data: Path, *, seed: int, batch: int, workers: int, rows: dict[str, np.ndarray],
+              remote: str | None = None) -> dict:
     """One timed epoch, checked: every row once, each row's own tokens and label."""
+    cache = None if remote is None else Path(tempfile.mkdtemp(prefix=f"{contender}-cache-", dir=data))
+    try:
+        return _timed_epoch(contender, data, seed=seed, batch=batch, workers=workers, rows=rows, remote=remote,
+                            cache=cache)
+    finally:
+        if cache is not None:  # the peer's local copy of this epoch's downloads
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def _timed_epoch(contender: str, data: Path, *, seed: int, batch: int, workers: int, rows: dict[str, np.ndarray],
+                 remote: str | None, cache: Path | None) -> dict:
     t0, c0 = time.perf_counter(), os.times()
     if contender == "raw":
         n, nbytes = raw_epoch(data, batch)
     else:
         n = nbytes = 0
         seen = []
-        for b in batches(contender, data, seed=seed, batch=batch, workers=workers):
+        for b in batches(contender, data, seed=seed, batch=batch, workers=workers, remote=remote, cache=cache):
             marker = b["tokens"][:, 0, 0]
             want = torch.from_numpy(np.asarray(rows["tokens"][:, 0, 0])[b["index"].numpy()])
             if not torch.equal(marker, want) or not torch.equal(b["labels"], torch.from_numpy(
@@ -212,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--warmup", action="store_true", help="read one untimed epoch first (a warm page cache)")
+    ap.add_argument("--remote", help="read the peer's copy from this object store URL (a fresh local cache each epoch)")
     a = ap.parse_args(argv)
     if a.what == "write":
         write(a.contender, a.data)
         return 0
     rows = rows_of(a.data)
     preimport(a.contender)
-    kw = dict(batch=a.batch, workers=a.workers, rows=rows)
+    kw = dict(batch=a.batch, workers=a.workers, rows=rows, remote=a.remote)
     if a.warmup:
         run_epoch(a.contender, a.data, seed=a.seed + 1000, **kw)
     print(json.dumps(run_epoch(a.contender, a.data, seed=a.seed, **kw)), flush=True)

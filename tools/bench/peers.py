@@ -111,21 +111,43 @@ def prepare(bc: BenchPeersConfig, data: Path, dtype: str, contenders: list[str],
     for fmt, name in (("hdf5", "c.h5"), ("ffcv", "c.ffcv")):
         if any(c.startswith(fmt) for c in contenders):
             convert(data / "c.zarr", data / name, format=fmt, progress=False)
-    block = z.read_checked(0, z.layout.num_rows)
-    (data / "rows").mkdir()
-    np.save(data / "rows" / "tokens.npy", block["features/dinov2_b"][:, 0])
-    np.save(data / "rows" / "latents.npy", block["latents"][:, 0])
-    np.save(data / "rows" / "labels.npy", block["labels"])
-    if "feature_scales/dinov2_b" in block:
-        np.save(data / "rows" / "scales.npy", block["feature_scales/dinov2_b"][:, 0])
+    export_rows(z, data)
     for peer in PEERS:
         if peer in contenders:
-            py = sys.executable if peer == "npy" else python
-            proc = subprocess.run([py, "-m", "tools.bench.peer_run", "write", peer, str(data)], cwd=ROOT, env=_env(),
-                                  capture_output=True, text=True, timeout=bc.timeout)
-            if proc.returncode != 0:
-                raise RuntimeError(f"writing the {peer} copy failed:\n{proc.stderr[-3000:]}")
+            write_peer(sys.executable if peer == "npy" else python, peer, data, timeout=bc.timeout)
     os.sync()
+
+
+def export_rows(z: Any, data: Path, teacher: str = "dinov2_b") -> None:
+    """The rows of cache ``z`` (variant 0) as the plain arrays every peer writes its copy from: ``DATA/rows``."""
+    block = z.read_checked(0, z.layout.num_rows)
+    (data / "rows").mkdir(parents=True)
+    np.save(data / "rows" / "tokens.npy", block[f"features/{teacher}"][:, 0])
+    np.save(data / "rows" / "latents.npy", block["latents"][:, 0])
+    np.save(data / "rows" / "labels.npy", block["labels"])
+    if f"feature_scales/{teacher}" in block:
+        np.save(data / "rows" / "scales.npy", block[f"feature_scales/{teacher}"][:, 0])
+
+
+def write_peer(python: str, peer: str, data: Path, *, timeout: float) -> None:
+    """Write ``peer``'s own copy of ``DATA/rows`` into ``DATA/<peer>`` (in its own process, with ``python``)."""
+    proc = subprocess.run([python, "-m", "tools.bench.peer_run", "write", peer, str(data)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"writing the {peer} copy failed:\n{proc.stderr[-3000:]}")
+
+
+def run_peer(python: str, contender: str, data: Path, *, seed: int, batch: int, workers: int, timeout: float,
+             warm: bool = False, remote: str | None = None) -> dict[str, Any]:
+    """One timed epoch of ``contender`` in its own process (:mod:`tools.bench.peer_run`): its JSON line."""
+    cmd = [python, "-m", "tools.bench.peer_run", "epochs", contender, str(data), "--seed", str(seed),
+           "--batch", str(batch), "--workers", str(workers), *(["--warmup"] if warm else []),
+           *(["--remote", remote] if remote else [])]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{contender} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def drop_page_cache() -> bool:
@@ -141,13 +163,7 @@ def drop_page_cache() -> bool:
 
 def measure(bc: BenchPeersConfig, data: Path, contender: str, python: str, *, seed: int, warm: bool) -> dict[str, Any]:
     py = python if contender in ("streaming", "litdata") else sys.executable
-    cmd = [py, "-m", "tools.bench.peer_run", "epochs", contender, str(data), "--seed", str(seed),
-           "--batch", str(bc.batch), "--workers", str(bc.workers), *(["--warmup"] if warm else [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=bc.timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    got = json.loads(lines[-1])
+    got = run_peer(py, contender, data, seed=seed, batch=bc.batch, workers=bc.workers, timeout=bc.timeout, warm=warm)
     print(f"bench-peers: {contender} {'warm' if warm else 'cold'} epoch {seed}: "
           f"{got['samples'] / got['seconds']:,.0f} samples/s", file=sys.stderr, flush=True)
     return got

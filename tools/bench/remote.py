@@ -1,7 +1,7 @@
 """Benchmark the loader from an S3 server against the limits of the same server, the same rows, the same run.
 
     python -m tools.bench.remote [--rows 1024] [--batch 128] [--workers 4] [--concurrency 128] [--rounds 2]
-        [--dtypes float16,int8] [--zarr-rows 128] [--out bench-out]
+        [--dtypes float16,int8] [--zarr-rows 128] [--peers-python .venv-peers/bin/python] [--out bench-out]
 
 Starts a SeaweedFS server on 127.0.0.1 (:mod:`tools.bench.s3server`, the one the tests start), writes a
 synthetic cache of DINOv2-B shapes (256 x 768 tokens + 8 x 32 x 32 latents per row, random values) per token
@@ -16,13 +16,26 @@ contenders within each round (so that other load on the machine falls on all ali
     (c) the same rows on local disk, our loader   the local folder the upload came from (permutation)
     (d) zarr-python's own remote path             ``UREPA_ZARR_IO=zarr``: zarr over its ObjectStore, the first
                                                   ``--zarr-rows`` rows of the permutation only (it is slow)
+    (e) mosaicml-streaming ``StreamingDataset``   its MDS copy of the same rows in the same bucket, + DataLoader
+    (f) LitData ``StreamingDataset``              its own copy (``litdata.optimize``), + ``StreamingDataLoader``
+
+The peers (e) and (f) are not this project's dependencies: they run with ``--peers-python`` (``make
+bench-remote`` builds their venv, ``.venv-peers``, as ``make bench-peers`` does), each epoch in a process of
+its own (:mod:`tools.bench.peer_run`: ``--workers`` DataLoader workers, shuffled, every batch converted to the
+same torch tensors and checked to hold its rows and, over the epoch, every row once), downloading into a fresh
+local folder so that every timed epoch reads the store. Each writes its copy of the rows (``DATA/rows``,
+exported from the synthetic cache) in its own format (64 MB shards, as in ``make bench-peers``), uploaded
+into the same bucket. Without ``--peers-python``, or where that Python cannot import a peer, the peer is
+skipped, and said so.
 
 Every contender reads the same epoch's rows (a shuffled permutation; the block order its own order of the
 same rows) with ``--workers`` reader threads, batch ``--batch``; the raw GETs keep ``--concurrency``
 requests in flight, what the loader's threads can have in flight together (``--workers`` x 32). Shard
 indexes are read before the timing (our loader reads each once per epoch, inside its timing). samples/s
-and MB/s (bytes of the rows delivered) of each, the median of the rounds, and the ratios (a)/(b),
-(a)/(c) and (a)/(d). Prints a table and writes ``OUT/bench_remote.json``.
+and MB/s (bytes of the rows delivered) of each, the median of the rounds, with the CPU seconds the
+client (this process, or a peer's process and its workers) and the server spent on the epoch (what bounds a
+contender when the machine's cores are the limit), and the ratios (a)/(b),
+(a)/(c), (a)/(d) and (a) against the best peer. Prints a table and writes ``OUT/bench_remote.json``.
 """
 
 from __future__ import annotations
@@ -33,9 +46,10 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +62,13 @@ from cache.cli.config import ConfigError, check_fields, config_to_dict, parse_co
 from cache.formats.zarr.shardfile import EMPTY_CHUNK, decode_index, direct_format
 from cache.layout import SCALES_GROUP, stored_dtype
 from tools.bench.cache import machine_info, synthetic_cache
+from tools.bench.peers import export_rows, has_module, run_peer, write_peer
 from tools.bench.s3server import S3Server, server_store, upload
 
 TEACHER = "dinov2_b"
+#: the peers measured from the store: peer_run's contender -> (its module, its row in the table)
+PEERS = {"streaming": ("streaming", "(e) S3, mosaicml-streaming StreamingDataset"),
+         "litdata": ("litdata", "(f) S3, LitData StreamingDataset")}
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,10 @@ class BenchRemoteConfig:
     zarr_rows: int = field(default=128, metadata={
         "min": 1, "max": 10_000_000, "help": "rows read through zarr's own path per round"})
     dtypes: str = field(default="float16,int8", metadata={"help": "teacher token dtypes, comma-separated"})
+    peers_python: str = field(default="", metadata={
+        "help": "the python that has mosaicml-streaming and LitData (make bench-remote: .venv-peers/bin/python); "
+                "empty: the peers are skipped"})
+    peer_timeout: int = field(default=900, metadata={"min": 10, "max": 86400, "help": "seconds per peer process"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -187,7 +209,40 @@ class RawRanges:
         return time.perf_counter() - t, nbytes
 
 
-def bench_dtype(bc: BenchRemoteConfig, server: S3Server, folder: Path, dtype: str) -> dict[str, Any]:
+def available_peers(bc: BenchRemoteConfig) -> tuple[list[str], list[str]]:
+    """(the peers to measure, a line for each one skipped and why)."""
+    if not bc.peers_python:
+        return [], [f"{p}: skipped, no --peers-python (make bench-remote passes .venv-peers/bin/python)" for p in PEERS]
+    ok, skipped = [], []
+    for peer, (module, _) in PEERS.items():
+        if has_module(bc.peers_python, module):
+            ok.append(peer)
+        else:
+            skipped.append(f"{peer}: skipped, {bc.peers_python} cannot import {module}")
+    return ok, skipped
+
+
+def prepare_peers(bc: BenchRemoteConfig, server: S3Server, here: Any, data: Path, dtype: str,
+                  peers: list[str]) -> dict[str, str]:
+    """Each peer's copy of the rows of ``here``, in its own format, uploaded: peer -> its URL."""
+    export_rows(here, data, TEACHER)
+    urls = {}
+    for peer in peers:
+        write_peer(bc.peers_python, peer, data, timeout=bc.peer_timeout)
+        urls[peer] = upload(server, data / peer, f"bench/{dtype}.{peer}")
+    return urls
+
+
+def _peer(bc: BenchRemoteConfig, peer: str, data: Path, url: str, epoch: int,
+          row_nbytes: int) -> tuple[float, int, int, float]:
+    """(seconds, samples, bytes, CPU seconds of the peer's process and its workers) of one epoch of a peer."""
+    got = run_peer(bc.peers_python, peer, data, seed=epoch, batch=bc.batch, workers=bc.workers,
+                   timeout=bc.peer_timeout, remote=url)
+    return got["seconds"], got["samples"], got["samples"] * row_nbytes, got["cpu_s"]
+
+
+def bench_dtype(bc: BenchRemoteConfig, server: S3Server, folder: Path, dtype: str,
+                peers: Sequence[str] = ()) -> dict[str, Any]:
     """Every contender on the cache of one token dtype, ``bc.rounds`` rounds."""
     local = folder / f"remote-{dtype}.zarr"
     synthetic_cache(local, bc.rows, bc.tokens, bc.dim, shard_rows=bc.shard_rows, chunk_rows=bc.chunk_rows,
@@ -214,20 +269,31 @@ def bench_dtype(bc: BenchRemoteConfig, server: S3Server, folder: Path, dtype: st
         "(c) local disk, our loader, permutation": lambda e: loader_rate(here, bc, epoch=e),
         "(d) S3, zarr-python's own path": lambda e: _zarr(url, bc, e),
     }
-    times: dict[str, list[tuple[float, int, int]]] = {k: [] for k in contenders}
+    data = folder / f"peers-{dtype}"
+    for peer, peer_url in prepare_peers(bc, server, here, data, dtype, list(peers)).items():
+        contenders[PEERS[peer][1]] = (lambda p, u: lambda e: _peer(bc, p, data, u, e, row_nbytes))(peer, peer_url)
+    times: dict[str, list[tuple[float, int, int, float, float]]] = {k: [] for k in contenders}
     loader_rate(remote, bc, epoch=98, limit=bc.batch)  # warm-up: connections, threads
     for r in range(bc.rounds):
         for name, run in contenders.items():
-            times[name].append(run(r))
+            c0, s0 = os.times(), server.cpu_seconds()
+            got = run(r)
+            cpu = sum(os.times()[i] - c0[i] for i in range(2))  # this process' user + system seconds
+            times[name].append((*got[:3], got[3] if len(got) > 3 else cpu, server.cpu_seconds() - s0))
+            print(f"bench-remote: {dtype} round {r}: {name}: {got[1] / got[0]:,.0f} samples/s", file=sys.stderr,
+                  flush=True)
     res: dict[str, Any] = {"dtype": dtype, "rows": rows, "row_bytes": row_nbytes, "upload_s": upload_s,
                            "upload_MBps": sum(p.stat().st_size for p in local.rglob("*") if p.is_file()) / upload_s / 1e6,
                            "contenders": {}}
     for name, runs in times.items():
-        rates = [n / s for s, n, _ in runs]
+        rates = [n / s for s, n, *_ in runs]
         med = statistics.median(rates)
         bytes_per_sample = runs[0][2] / runs[0][1]
         res["contenders"][name] = {"samples_s": med, "MBps": med * bytes_per_sample / 1e6,
-                                   "samples_s_runs": rates, "samples": runs[0][1]}
+                                   "samples_s_runs": rates, "samples": runs[0][1],
+                                   "client_cpu_s": statistics.median(r[3] for r in runs),
+                                   "server_cpu_s": statistics.median(r[4] for r in runs),
+                                   "seconds": statistics.median(r[0] for r in runs)}
     c = res["contenders"]
 
     def ratio(a: str, b: str) -> float:
@@ -243,6 +309,13 @@ def bench_dtype(bc: BenchRemoteConfig, server: S3Server, folder: Path, dtype: st
         "permutation / zarr's path (a/d)": ratio("(a) S3, our loader, permutation", "(d) S3, zarr-python's own path"),
         "block order / zarr's path (a/d)": ratio("(a) S3, our loader, block order", "(d) S3, zarr-python's own path"),
     }
+    measured = [label for _, label in PEERS.values() if label in c]
+    if measured:
+        best = max(measured, key=lambda k: c[k]["samples_s"])
+        res["best_peer"] = best
+        res["ratios"]["permutation / best peer (a/e,f)"] = ratio("(a) S3, our loader, permutation", best)
+        res["ratios"]["block order / best peer (a/e,f)"] = ratio("(a) S3, our loader, block order", best)
+    shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(node, ignore_errors=True)
     shutil.rmtree(local, ignore_errors=True)
     return res
@@ -274,12 +347,15 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"{report['config']['rows']} rows, batch {report['config']['batch']}, {report['config']['workers']} "
              f"threads, {report['config']['concurrency']} raw GETs in flight, median of {report['config']['rounds']} "
              "rounds."]
+    lines += [f"Peers: {line}." for line in report.get("peers_skipped", [])]
     for res in report["results"]:
         lines += ["", f"Tokens {res['dtype']} ({res['row_bytes'] / 1e6:.2f} MB a row, tokens + latents"
                   f"{' + scales' if res['dtype'] == 'int8' else ''}):", "",
-                  "| contender | samples/s | MB/s |", "|---|---|---|"]
+                  "| contender | samples/s | MB/s | s / epoch | client CPU s | server CPU s |",
+                  "|---|---|---|---|---|---|"]
         for name, v in res["contenders"].items():
-            lines.append(f"| {name} | {v['samples_s']:,.0f} | {v['MBps']:,.0f} |")
+            lines.append(f"| {name} | {v['samples_s']:,.0f} | {v['MBps']:,.0f} | {v['seconds']:.2f} | "
+                         f"{v['client_cpu_s']:.2f} | {v['server_cpu_s']:.2f} |")
         lines += ["", "| ratio | |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in res["ratios"].items()]
     return "\n".join(lines)
@@ -292,12 +368,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(bc.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-remote-", dir=out))
+    peers, skipped = available_peers(bc)
+    for line in skipped:
+        print(f"bench-remote: {line}", file=sys.stderr)
     report: dict[str, Any] = {"config": config_to_dict(bc), "machine": machine_info(torch.device("cpu")),
-                              "loadavg_start": os.getloadavg(), "results": []}
-    try:
-        with S3Server.start(work / "s3") as server, _env(**server.env):
+                              "loadavg_start": os.getloadavg(), "peers_skipped": skipped, "results": []}
+    try:  # S3_ENDPOINT_URL: how mosaicml-streaming is pointed at an endpoint other than AWS
+        with S3Server.start(work / "s3") as server, _env(**server.env, S3_ENDPOINT_URL=server.endpoint):
             for dtype in bc.dtype_list:
-                report["results"].append(bench_dtype(bc, server, work, dtype))
+                report["results"].append(bench_dtype(bc, server, work, dtype, peers))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["loadavg_end"] = os.getloadavg()

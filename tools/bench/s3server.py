@@ -157,6 +157,14 @@ class S3Server:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the server process has used so far (Linux ``/proc``; 0 where unreadable)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (AttributeError, OSError, ValueError, IndexError):
+            return 0.0
+
     def restart(self, *, timeout: float = 60.0) -> None:
         self.stop()
         self._launch(timeout)

@@ -11,7 +11,11 @@ dropped, pieces up to ``max_piece`` bytes), all pieces of all shards in flight a
 Whole chunks for the block order. Told the rows it will be asked for (:meth:`RemoteRowReader.plan`, the
 loader's ``order="blocks"``), the reader fetches each planned row's inner chunk whole, one range per chunk
 (every variant of its rows), once, and keeps it in memory until each planned row of it was read; then drops
-it. Rows outside the plan are fetched by range as above. The kept chunks are bounded (``max_kept`` bytes; past
+it. It fetches ahead: up to ``ahead`` planned chunks that no read has asked for yet are in flight or kept,
+taken in the plan's order, so the chunks of the next batches (the next shuffle window) arrive while the
+current ones are copied out. Rows outside the plan are fetched by range as above. The bytes a request brings
+are used where they land (no copy); each read's copies into the batch run on the calling thread, not on
+zarr's one event-loop thread, so several reader threads copy at once. The kept chunks are bounded (``max_kept`` bytes; past
 it the least recently used one is dropped, and fetched again if still needed, counted in
 :attr:`RemoteRowReader.refetches`), so a plan that does not fit (a full permutation) costs requests, not memory.
 
@@ -27,6 +31,7 @@ switches the array to zarr's own path for good (logged once): the guarded fallba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -59,6 +64,13 @@ def coalesce(starts: np.ndarray, size: int, *, max_gap: int, max_piece: int) -> 
     return [(lo, hi, np.asarray(m, dtype=np.int64)) for lo, hi, m in pieces]
 
 
+def _retrieved(f: asyncio.Future) -> None:
+    """Mark a fetch's failure as seen: the read that needs the chunk raises it; a fetch ahead that no read
+    needed any more (a loader closed early) must not log "exception never retrieved"."""
+    if not f.cancelled():
+        f.exception()
+
+
 class _Shard:
     __slots__ = ("index", "etag", "size", "key")
 
@@ -73,7 +85,7 @@ class RemoteRowReader:
 
     def __init__(self, array: Any, store: Any, url: str, fmt: ShardFormat, *, complete: bool = True,
                  concurrency: int = 32, max_gap: int = 1 << 16, max_piece: int = 8 << 20, attempts: int = 5,
-                 backoff: float = 0.2, max_kept: int = 8 << 30) -> None:
+                 backoff: float = 0.2, max_kept: int = 8 << 30, ahead: int = 32) -> None:
         self.array, self.store, self.url, self.fmt, self.complete = array, store, url, fmt, complete
         self.row_shape = tuple(array.shape[1:])
         self.variant_shape = self.row_shape[1:]
@@ -89,7 +101,13 @@ class RemoteRowReader:
         self.chunk_reads = 0  # whole chunks fetched for the plan
         self.refetches = 0  # planned chunks fetched again after the memory bound dropped them
         self.max_kept = max_kept
+        self.ahead = ahead  # planned chunks fetched before a read asks for them
+        self.chunk_nbytes = fmt.chunk_rows * self.row_nbytes
         self._planned: dict[int, int] = {}  # global chunk (row // chunk_rows) -> planned rows not yet read
+        self._sequence: list[int] = []  # the planned chunks in the order of their first planned row
+        self._cursor = 0  # chunks of _sequence considered for fetching ahead so far
+        self._untouched: set[int] = set()  # chunks fetched ahead that no read asked for yet
+        self._chunk_limit = asyncio.Semaphore(concurrency)  # chunk GETs in flight (reads and fetches ahead)
         self._kept: dict[int, asyncio.Future] = {}  # global chunk -> its bytes (insertion order: least recent first)
         self._kept_bytes = 0
         self._fetched_once: set[int] = set()
@@ -105,12 +123,30 @@ class RemoteRowReader:
     def plan(self, rows: np.ndarray) -> None:
         """The rows :meth:`read` will be asked for, in order (the loader's block order): their chunks are then
         fetched whole and kept until each planned row of them was read. Replaces an earlier plan."""
-        chunks, counts = np.unique(np.asarray(rows, dtype=np.int64) // self.fmt.chunk_rows, return_counts=True)
+        chunk_of = np.asarray(rows, dtype=np.int64) // self.fmt.chunk_rows
+        chunks, first, counts = np.unique(chunk_of, return_index=True, return_counts=True)
         self._planned = dict(zip(chunks.tolist(), counts.tolist()))
+        self._sequence = chunks[np.argsort(first, kind="stable")].tolist()
+        self._cursor = 0
+        self._untouched.clear()
         self._kept.clear()
         self._kept_bytes = 0
 
     def close(self) -> None:
+        """Stops the fetches ahead still in flight (a loader closed before its epoch's end), on zarr's event loop
+        where every fetch runs (so no fetch sees the plan half cleared)."""
+        pending = [f for f in self._kept.values() if not f.done()]
+
+        def stop() -> None:
+            self._planned, self._sequence, self._cursor = {}, [], 0
+            for f in pending:
+                f.cancel()
+
+        if pending:
+            with contextlib.suppress(RuntimeError):  # the loop already closed (interpreter exit): nothing runs
+                pending[0].get_loop().call_soon_threadsafe(stop)
+        else:
+            stop()
         if self._fallback is not None:
             self._fallback.close()
 
@@ -191,16 +227,16 @@ class RemoteRowReader:
             self.index_reads += 1
         return _Shard(index, etag, size, key)
 
-    async def _get(self, key: str, lo: int, hi: int, etag: str | None) -> bytes:
+    async def _get(self, key: str, lo: int, hi: int, etag: str | None) -> Any:
         import obstore
 
         options: dict[str, Any] = {"range": (lo, hi)}
         if etag:
             options["if_match"] = etag
 
-        async def fetch() -> bytes:
+        async def fetch() -> Any:  # obstore's Bytes: a buffer over the received bytes, used without a copy
             result = await obstore.get_async(self.store, key, options=options)
-            return bytes(await result.bytes_async())
+            return await result.bytes_async()
 
         data = await self._call(key, fetch)
         if len(data) != hi - lo:
@@ -209,13 +245,32 @@ class RemoteRowReader:
                                  where=self._where(key))
         return data
 
-    async def _chunk(self, chunk: int, info: _Shard, limit: asyncio.Semaphore) -> np.ndarray:
-        """The bytes of one inner chunk (global number ``chunk``), fetched whole once and kept while planned rows
-        of it remain; the least recently used kept chunks are dropped past ``max_kept`` bytes."""
+    def _want(self, chunk: int) -> asyncio.Future:
+        """The fetch of one inner chunk (global number ``chunk``): the kept one, or a new one; now the most
+        recently used. Runs on zarr's event loop."""
+        self._untouched.discard(chunk)
         got = self._kept.pop(chunk, None)
         if got is None:
-            got = asyncio.ensure_future(self._fetch_chunk(chunk, info, limit))
-        self._kept[chunk] = got  # now the most recent
+            got = asyncio.ensure_future(self._fetch_chunk(chunk))
+            got.add_done_callback(_retrieved)
+        self._kept[chunk] = got
+        return got
+
+    def _fetch_ahead(self) -> None:
+        """Start fetching the next planned chunks no read asked for yet, in the plan's order: at most
+        ``ahead`` of them fetched ahead at a time, never past ``max_kept`` bytes kept."""
+        while (self._cursor < len(self._sequence) and len(self._untouched) < self.ahead
+               and (len(self._kept) + 1) * self.chunk_nbytes <= self.max_kept):
+            chunk = self._sequence[self._cursor]
+            self._cursor += 1
+            if chunk in self._planned and chunk not in self._kept:
+                self._want(chunk)
+                self._untouched.add(chunk)
+
+    async def _chunk(self, chunk: int) -> np.ndarray:
+        """The bytes of one inner chunk, fetched whole once and kept while planned rows of it remain; the least
+        recently used kept chunks are dropped past ``max_kept`` bytes."""
+        got = self._want(chunk)
         try:
             return await asyncio.shield(got)
         except BaseException:
@@ -223,20 +278,25 @@ class RemoteRowReader:
                 del self._kept[chunk]  # a failed fetch is not kept
             raise
 
-    async def _fetch_chunk(self, chunk: int, info: _Shard, limit: asyncio.Semaphore) -> np.ndarray:
+    async def _fetch_chunk(self, chunk: int) -> np.ndarray:
+        info = await self._shard(chunk * self.fmt.chunk_rows // self.fmt.shard_rows)
         entry = info.index[chunk % self.fmt.chunks_per_shard]
+        if entry[0] == _EMPTY:  # a chunk never stored: all fill value (0)
+            self._kept_bytes += self.chunk_nbytes
+            return np.zeros(self.chunk_nbytes, dtype=np.uint8)
         lo, n = int(entry[0]), int(entry[1])
-        if n < self.fmt.chunk_rows * self.row_nbytes:
+        if n < self.chunk_nbytes:
             raise ShardReadError(f"{self._where(info.key)}: chunk {chunk % self.fmt.chunks_per_shard} holds {n} bytes, "
-                                 f"its {self.fmt.chunk_rows} rows need {self.fmt.chunk_rows * self.row_nbytes}: the "
+                                 f"its {self.fmt.chunk_rows} rows need {self.chunk_nbytes}: the "
                                  "cache is damaged", url=self.url, where=self._where(info.key))
         while self._kept_bytes + n > self.max_kept and len(self._kept) > 1:
             old = next(iter(self._kept))
             if not self._kept[old].done():
                 break  # only fetches in flight are left to drop: keep them
             del self._kept[old]
+            self._untouched.discard(old)
             self._kept_bytes -= n  # every chunk of an array has the same size
-        async with limit:
+        async with self._chunk_limit:
             data = np.frombuffer(await self._get(info.key, lo, lo + n, info.etag), dtype=np.uint8)
         with self._lock:
             self.chunk_reads += 1
@@ -258,70 +318,63 @@ class RemoteRowReader:
         if got is not None:
             self._kept_bytes -= int(got.result().nbytes) if got.done() and not got.exception() else 0
 
-    async def _read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
+    async def _read(self, rows: np.ndarray, variants: np.ndarray, flat: np.ndarray, copies: list) -> None:
+        """Fetch what rows ``rows`` (variants ``variants``) need; ``copies`` gets ``(data, dst, src)``: flat[i] =
+        data[s:s + variant_nbytes] for i, s in zip(dst, src), done by :meth:`read` on the calling thread."""
         fmt = self.fmt
         shards, within = np.divmod(rows, fmt.shard_rows)
         chunks, k = np.divmod(within, fmt.chunk_rows)
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        limit = asyncio.Semaphore(self.concurrency)
-        infos = await asyncio.gather(*(self._shard(s) for s in np.unique(shards).tolist()))
-        by_shard = {s: info for s, info in zip(np.unique(shards).tolist(), infos)}
+        pos = np.arange(len(rows))
         if self._planned:  # the block order: planned rows from whole chunks, the rest by range
             whole = np.fromiter((c in self._planned for c in (rows // fmt.chunk_rows).tolist()), dtype=bool,
                                 count=len(rows))
             if whole.any():
-                await self._read_chunks(rows, variants, flat, whole, by_shard, limit)
-                if whole.all():
+                await self._read_chunks(rows, variants, flat, whole, copies)
+                pos = np.flatnonzero(~whole)
+                if not len(pos):
                     return
-                rest = np.flatnonzero(~whole)
-                sub = np.empty((len(rest), *out.shape[1:]), dtype=out.dtype)
-                await self._read(rows[rest], variants[rest], sub)
-                out[rest] = sub
-                return
+        limit = asyncio.Semaphore(self.concurrency)
+        wanted = np.unique(shards[pos]).tolist()
+        infos = await asyncio.gather(*(self._shard(s) for s in wanted))
 
         async def piece(info: _Shard, lo: int, hi: int, members: np.ndarray, starts: np.ndarray) -> None:
             async with limit:
                 data = np.frombuffer(await self._get(info.key, lo, hi, info.etag), dtype=np.uint8)
-            for i, s in zip(members.tolist(), (starts[members] - lo).tolist()):
-                flat[i] = data[s:s + self.variant_nbytes]
+            copies.append((data, members.tolist(), (starts - lo).tolist()))
 
         jobs = []
-        for shard, info in by_shard.items():
-            sel = np.flatnonzero(shards == shard)
-            entries = info.index[chunks[sel], 0]
-            empty = entries == _EMPTY
-            out[sel[empty]] = 0  # a chunk never stored: all fill value (0)
+        for shard, info in zip(wanted, infos):
+            sel = pos[shards[pos] == shard]
+            empty = info.index[chunks[sel], 0] == _EMPTY
+            flat[sel[empty]] = 0  # a chunk never stored: all fill value (0)
             sel = sel[~empty]
             if not len(sel):
                 continue
             starts = (info.index[chunks[sel], 0].astype(np.int64) + k[sel] * self.row_nbytes
                       + variants[sel] * self.variant_nbytes)
-            at = np.zeros(len(rows), dtype=np.int64)  # byte offset of each row of the read in its object
-            at[sel] = starts
             for lo, hi, members in coalesce(starts, self.variant_nbytes, max_gap=self.max_gap,
                                             max_piece=self.max_piece):
-                jobs.append(piece(info, lo, hi, sel[members], at))
+                jobs.append(piece(info, lo, hi, sel[members], starts[members]))
         await asyncio.gather(*jobs)
 
     async def _read_chunks(self, rows: np.ndarray, variants: np.ndarray, flat: np.ndarray, whole: np.ndarray,
-                           by_shard: dict[int, _Shard], limit: asyncio.Semaphore) -> None:
-        """flat[i] = row i's variant, for the rows ``whole`` selects, copied out of their kept chunks."""
+                           copies: list) -> None:
+        """The rows ``whole`` selects, out of their kept chunks (``copies`` as for :meth:`_read`)."""
         fmt = self.fmt
         sel = np.flatnonzero(whole)
         chunk_of = rows[sel] // fmt.chunk_rows
         unique = np.unique(chunk_of).tolist()
+        for c in unique:  # this read's chunks first, then the ones ahead (in the order they are asked for)
+            self._want(c)
+        self._fetch_ahead()
 
         async def one(chunk: int) -> None:
-            info = by_shard[chunk * fmt.chunk_rows // fmt.shard_rows]
             mine = sel[chunk_of == chunk]
-            if info.index[chunk % fmt.chunks_per_shard, 0] == _EMPTY:
-                flat[mine] = 0  # a chunk never stored: all fill value (0)
-            else:
-                data = await self._chunk(chunk, info, limit)
-                at = (rows[mine] % fmt.chunk_rows) * self.row_nbytes + variants[mine] * self.variant_nbytes
-                for i, s in zip(mine.tolist(), at.tolist()):
-                    flat[i] = data[s:s + self.variant_nbytes]
+            data = await self._chunk(chunk)
+            at = (rows[mine] % fmt.chunk_rows) * self.row_nbytes + variants[mine] * self.variant_nbytes
+            copies.append((data, mine.tolist(), at.tolist()))
             self._used(chunk, len(mine))
+            self._fetch_ahead()
 
         await asyncio.gather(*(one(c) for c in unique))
 
@@ -329,7 +382,13 @@ class RemoteRowReader:
         """out[i] = array[rows[i], variants[i]]."""
         if self._fallback is None:
             try:
-                sync(self._read(np.asarray(rows, dtype=np.int64), np.asarray(variants, dtype=np.int64), out))
+                flat = out.reshape(len(out), -1).view(np.uint8)
+                copies: list[tuple[np.ndarray, list[int], list[int]]] = []
+                sync(self._read(np.asarray(rows, dtype=np.int64), np.asarray(variants, dtype=np.int64), flat, copies))
+                n = self.variant_nbytes
+                for data, dst, src in copies:  # here, not on the event loop: the reader threads copy in parallel
+                    for i, s in zip(dst, src):
+                        flat[i] = data[s:s + n]
                 return
             except CacheError:  # damage, a changed object, the store: never papered over
                 raise
