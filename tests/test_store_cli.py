@@ -2,7 +2,7 @@
 tests/test_remote_cli.py: the store settings given as flags instead of the environment; a build killed
 mid-upload and resumed with the same command; ``--overwrite`` deleting only the cache's own objects;
 ``cache.convert`` from and to a store; ``cache.edit`` on a store; a build writing each shard object with
-one PUT."""
+one PUT; a teacher added to a cache in the store."""
 
 from __future__ import annotations
 
@@ -256,3 +256,22 @@ def test_training_with_the_store_settings_as_flags(built_cache, s3_server, tmp_p
     assert record["store_endpoint"] == s3_server.endpoint and record["store_allow_http"]
     written = b"".join(p.read_bytes() for p in (tmp_path / "remote").rglob("*") if p.is_file())
     assert s3_server.secret.encode() not in written and s3_server.key.encode() not in written
+
+
+def test_adding_a_teacher_to_a_store_cache_equals_a_build_with_both(image_folder, s3_server, tmp_path):
+    """The build run again on a finished cache in the bucket with ``--teacher OLD,NEW`` encodes NEW only, keeps
+    every other object's bytes, and ends equal to a local build that had both teachers from the start."""
+    new, new_name = "tiny:vit_small_patch14_reg4_dinov2", "tiny-vit_small_patch14_reg4_dinov2"
+    base = ("--limit", "16", "--shard-rows", "4")
+    url, prefix = s3_server.url("added/c.zarr"), "added/c.zarr"
+    run_build(image_folder, url, *base, env=s3_server.env)
+    before = _shards(_objects(s3_server, prefix))
+    added = run_build(image_folder, url, *base, "--teacher", f"tiny,{new}", env=s3_server.env)
+    assert f"teacher(s) {new_name} only" in added.stderr and "added teacher(s)" in added.stderr
+    after = _shards(_objects(s3_server, prefix))
+    assert {k: after[k] for k in before} == before  # latents, labels and the old teacher: the same bytes
+    assert any(k.startswith(f"features/{new_name}/") for k in after)
+    both = tmp_path / "both.zarr"
+    run_build(image_folder, both, *base, "--teacher", f"tiny,{new}")
+    assert after == _shards(_local_files(both))
+    _cli("cache.inspect", url, "--verify", env=_env(s3_server.env))
