@@ -468,7 +468,7 @@ def test_an_escaping_cache_source_path_is_refused(monkeypatch, tmp_path):
         def source_path(self, row):
             return ["a/x.jpg", "../../etc/passwd"][row]
 
-    monkeypatch.setattr(cache, "open_cache", lambda path: Fake())
+    monkeypatch.setattr(cache, "open_cache", lambda path, **options: Fake())
     with pytest.raises(evaluate.EvalError, match=r"row 1 names the source file '\.\./\.\./etc/passwd', which is not"):
         evaluate._cache_reference("c.zarr", workers=0)
 
