@@ -199,6 +199,8 @@ class RemoteRowReader:
         got = self._shards.get(shard)
         if got is None:
             got = self._shards[shard] = asyncio.ensure_future(self._read_index(shard))
+        elif got.done() and not got.cancelled() and got.exception() is None:
+            return got.result()  # kept: no hop through the loop
         try:
             return await asyncio.shield(got)
         except BaseException:
@@ -368,15 +370,30 @@ class RemoteRowReader:
             self._want(c)
         self._fetch_ahead()
 
-        async def one(chunk: int) -> None:
-            mine = sel[chunk_of == chunk]
-            data = await self._chunk(chunk)
-            at = (rows[mine] % fmt.chunk_rows) * self.row_nbytes + variants[mine] * self.variant_nbytes
-            copies.append((data, mine.tolist(), at.tolist()))
-            self._used(chunk, len(mine))
+        at = (rows[sel] % fmt.chunk_rows) * self.row_nbytes + variants[sel] * self.variant_nbytes
+        order = np.argsort(chunk_of, kind="stable")  # this read's rows grouped by chunk, once
+        bounds = np.searchsorted(chunk_of[order], unique + [unique[-1] + 1]).tolist()
+        dst, src = sel[order].tolist(), at[order].tolist()
+
+        def use(i: int, chunk: int, data: np.ndarray) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            copies.append((data, dst[lo:hi], src[lo:hi]))
+            self._used(chunk, hi - lo)
+
+        async def one(i: int, chunk: int) -> None:
+            use(i, chunk, await self._chunk(chunk))
             self._fetch_ahead()
 
-        await asyncio.gather(*(one(c) for c in unique))
+        waiting = []
+        for i, c in enumerate(unique):
+            got = self._kept[c]
+            if got.done() and not got.cancelled() and got.exception() is None:  # landed already: no coroutine
+                use(i, c, got.result())
+            else:
+                waiting.append(one(i, c))
+        self._fetch_ahead()
+        if waiting:
+            await asyncio.gather(*waiting)
 
     def read(self, rows: np.ndarray, variants: np.ndarray, out: np.ndarray) -> None:
         """out[i] = array[rows[i], variants[i]]."""
