@@ -22,9 +22,12 @@ damaged cache.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -98,6 +101,37 @@ _STORES: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
 _LOCK = threading.Lock()
 
 
+def _settle(timeout: float = 20.0) -> None:
+    """At exit, before zarr closes its event loop (its own atexit hook, registered earlier, so run later): wait,
+    at most ``timeout`` seconds, for the requests still in flight on that loop. The store client completes each
+    request by calling into the loop from its own thread; one that completes into a closed loop while the
+    interpreter shuts down aborts the process (a failed request leaves its siblings running: zarr opens a group
+    by reading four keys at once, and an endpoint that does not answer fails them one by one)."""
+    try:
+        from zarr.core import sync as zsync
+
+        loop = zsync.loop[0]
+    except Exception:  # another zarr: nothing known to wait for
+        return
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def pending() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done())
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not asyncio.run_coroutine_threadsafe(pending(), loop).result(timeout=1):
+                return
+        except Exception:  # the loop stopped meanwhile
+            return
+        time.sleep(0.02)
+
+
+_SETTLE_REGISTERED = False
+
+
 def object_store(url: str, options: Mapping[str, Any] | None = None) -> Any:
     """The obstore store of ``url`` (an ``OBJECT_SCHEMES`` URL; the path is its prefix), settings from the
     environment and ``options``; one per (url, options) in a process, so that its connections are reused."""
@@ -108,6 +142,13 @@ def object_store(url: str, options: Mapping[str, Any] | None = None) -> Any:
         if key in _STORES:
             return _STORES[key]
     stores = _import_obstore(url)
+    global _SETTLE_REGISTERED
+    with _LOCK:
+        if not _SETTLE_REGISTERED:  # after zarr's import, so that it runs before zarr's own exit hook
+            import zarr.core.sync  # noqa: F401
+
+            atexit.register(_settle)
+            _SETTLE_REGISTERED = True
     client = {k: options.pop(k) for k in list(options) if k in _CLIENT_OPTIONS}
     if "allow_http" not in client and os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
         client["allow_http"] = True
@@ -155,6 +196,10 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())[:400] or type(e).__name__
 
 
+#: An HTTP 403 status in a client's message (not the digits of a duration such as "in 403.895638ms").
+_HTTP_403 = re.compile(r"(?<![\d.])403(?![\d.]|\s*ms)")
+
+
 def store_error(url: str, e: BaseException, *, doing: str = "reading") -> StoreError | None:
     """The :class:`StoreError` an exception of the store's client means (unreachable endpoint, refused
     credentials, missing bucket, plain http not allowed), or None when it is not one of those."""
@@ -171,12 +216,13 @@ def store_error(url: str, e: BaseException, *, doing: str = "reading") -> StoreE
                "allow_http)")
     elif "NoSuchBucket" in text:
         why = "the bucket does not exist"
-    elif any(s in text for s in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
-                                 "Unauthenticated", "PermissionDenied")) or type(e).__name__ in (
-            "UnauthenticatedError", "PermissionDeniedError"):
+    elif any(s in text for s in ("error sending request", "Connection refused", "dns error", "timed out")):
+        why = "the endpoint does not answer"  # before the status codes: "in 403.9ms" is a duration, no status
+    elif _HTTP_403.search(text) or any(s in text for s in (
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Unauthenticated", "PermissionDenied")
+    ) or type(e).__name__ in ("UnauthenticatedError", "PermissionDeniedError"):
         why = "the store refused the credentials"
-    elif any(s in text for s in ("error sending request", "Connection refused", "dns error", "timed out",
-                                 "Connect", "connect")):
+    elif "Connect" in text or "connect" in text:
         why = "the endpoint does not answer"
     else:
         return None

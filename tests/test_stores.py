@@ -118,3 +118,34 @@ def test_no_cache_in_an_answering_store(s3_env):
         cache.open_cache(s3_env.url("stores/nothing-here.zarr"))
     assert not isinstance(info.value, stores.StoreError)
 
+
+
+def test_an_unreachable_endpoint_exits_with_its_one_line_every_time():
+    """zarr opens a group by reading four keys at once; against an endpoint that refuses connections the first
+    failure ends the command while the others still run in the client's threads. The process must still end
+    with its one error line and status 2, never abort at exit (it did in about one run in three)."""
+    import subprocess
+
+    from conftest import ROOT, _env
+
+    env = _env({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    for k in ("AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP", "AWS_ENDPOINT_URL_S3"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "cache.inspect", "s3://urepa/c.zarr", "--store-endpoint", "http://127.0.0.1:9",
+           "--store-allow-http"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2, f"exit status {p.returncode}\n{err}"
+        assert err.count("\n") == 1 and err.startswith("error:") and "does not answer" in err, err
+
+
+def test_a_duration_in_a_message_is_no_http_status():
+    """A refused connection whose message says "in 403.9ms" is an endpoint that does not answer, not refused
+    credentials (it was, about one run in ten, by the digits of the duration)."""
+    slow = ConnectionError("Error performing GET http://127.0.0.1:9/b/c.zarr/.zgroup in 403.895638ms, after 3 "
+                           "retries - HTTP error: error sending request")
+    assert "does not answer" in str(stores.store_error("s3://b/c.zarr", slow))
+    refused = ConnectionError("Client error with status 403 Forbidden: SignatureDoesNotMatch")
+    assert "refused the credentials" in str(stores.store_error("s3://b/c.zarr", refused))
