@@ -48,8 +48,11 @@ demo: setup ## images -> tiny-encoder cache -> train the tiny model -> samples -
 	@echo "demo: the encoders have RANDOM weights: the FID above shows that the pipeline runs end to end;"
 	@echo "      it says nothing about sample quality."
 
+# The suite runs on up to 4 worker processes (pytest-xdist; 2 on the 2-core machine), one test module per worker
+# at a time, so that a module's fixtures (its S3 server, its caches) are made once. TEST_JOBS=0: one process.
+TEST_JOBS ?= auto --maxprocesses 4
 test: setup ## the whole test suite (CPU)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadscope $(ARGS)
 
 test-newest: setup ## the whole suite on Python 3.13 as users install it (pip install '.[dev,ffcv]', newest versions in bounds), in a Debian 13 folder (root, network; ~10 GB)
 	bash tools/bench/test_newest.sh $(ARGS)
