@@ -57,6 +57,7 @@ from cache.cli.runtime import (
     single_process,
     write_json,
 )
+from cache.stores import scheme_of
 from pipeline.decode import DecodedImages
 from pipeline.sources import IMAGE_EXTENSIONS, unsafe_source_path
 
@@ -233,7 +234,7 @@ def open_reference(path: str, *, resolution: int, workers: int,
                    storage_options: dict[str, Any] | None = None) -> Reference:
     """The reference at ``path`` (see the module docstring), images cropped to ``resolution`` where needed;
     ``storage_options``: the settings of the object store of a cache reference given by URL."""
-    if "://" in path and not path.startswith("file://"):  # a cache in a store
+    if scheme_of(path) is not None:  # a cache in a store
         return _cache_reference(path, workers=workers, storage_options=storage_options)
     if not os.path.exists(path):
         raise EvalError(f"REFERENCE {path}: no such file or folder")

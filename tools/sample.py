@@ -349,10 +349,11 @@ def resolve_vae(cfg: SampleConfig, run: RunRecord) -> tuple[str, int, str | None
     """(spec, seed, sha256 the latents were encoded with or None) of the VAE to decode with:
     ``--vae``, else the one in the run's cache manifest; SetupError if neither can be had."""
     cache_path = run.train["cache"]
+    try:
+        cfg.check_store(cache_path)  # --store-* given for a run whose cache is local
+    except ConfigError as e:
+        raise SetupError(f"{e} (the run's cache)") from None
     options = cfg.options_for(cache_path)
-    if cfg.storage_options() and not options:
-        raise SetupError(f"the --store-* settings apply to a run whose cache is in an object store; this run's cache is "
-                         f"{cache_path!r}")
     try:
         recorded = cache_lib.open_cache(cache_path, storage_options=options).manifest.vae
         reason = "" if recorded is not None and recorded.spec else "its manifest records no VAE"

@@ -103,8 +103,7 @@ _logger = logging.getLogger("trainer.train")
 #: Settings a rerun may change (they change no result): everything else must match the run it resumes.
 RESUMABLE_CHANGES = frozenset({"steps", "cache", "out", "loader_workers", "device", "tensorboard", "log_every",
                                "ckpt_every", "keep_ckpts", "compile", "skip_nonfinite", "cache_local",
-                               "cache_local_gb", "store_endpoint", "store_region", "store_anonymous",
-                               "store_allow_http"})
+                               "cache_local_gb"}) | {f.name for f in dataclasses.fields(StoreSettings)}
 #: The file that marks a folder as a training run of ours; written before anything else.
 RUN_MARKER = "urepa-run.json"
 #: What :meth:`Trainer.train_step` returns, in this order (a 1-d tensor on device).

@@ -114,7 +114,9 @@ def delete_dir(group: zarr.Group, key: str) -> None:
 
 
 _GROUPS = ("", "features", "feature_scales", "build")  # the cache's groups (cache.layout.SCALES_GROUP among them)
-_ARRAY = re.compile(r"(latents|labels|(features|feature_scales)/[^/]+)")
+_ARRAY_NAME = r"latents|labels|(?:features|feature_scales)/[^/]+"  # the cache's arrays, by key
+_ARRAY = re.compile(_ARRAY_NAME)
+_CHUNK = re.compile(rf"({_ARRAY_NAME})/c")  # the start of a chunk key of one of them
 _RECORDS = (IDENTITY_KEY, SOURCES_KEY, "build/config.json", "build/log.txt")
 
 
@@ -149,7 +151,7 @@ def cache_keys(store: Any, listed: Iterable[str]) -> list[str]:
                                and record_shard(key) is not None):
             ours.append(key)
             continue
-        m = re.match(r"(latents|labels|(?:features|feature_scales)/[^/]+)/c", key)
+        m = _CHUNK.match(key)
         if m is None:
             continue
         if m.group(1) not in grids:
